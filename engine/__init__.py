@@ -1,0 +1,53 @@
+"""tally's aggregate engine: counted B-trees on RocksDB, usable as a library.
+
+Knows nothing about Kafka or HTTP. Start with `Store.open(path)`, then
+`store.aggregate(name)` or a `TableAggregate(...).bind(store)`.
+"""
+
+from .aggregate import Aggregate
+from .btree import Node, Tree, TreeMeta
+from .errors import (
+    AggregateNotReady,
+    InvalidArgument,
+    InvalidKey,
+    ItemExists,
+    ItemNotFound,
+    OffsetOutOfRange,
+    ReadOnlyStore,
+    StoreCorrupted,
+    TallyError,
+)
+from .keys import decode_key, encode_key
+from .store import DEFAULT_CACHE_NODES, DEFAULT_MAX_NODE_SIZE, Batch, Store
+from .table import BoundTableAggregate, RowItem, TableAggregate
+from .types import Bound, Bounds, Item, Order, Page, Query
+
+__all__ = [
+    "DEFAULT_CACHE_NODES",
+    "DEFAULT_MAX_NODE_SIZE",
+    "Aggregate",
+    "AggregateNotReady",
+    "Batch",
+    "Bound",
+    "BoundTableAggregate",
+    "Bounds",
+    "InvalidArgument",
+    "InvalidKey",
+    "Item",
+    "ItemExists",
+    "ItemNotFound",
+    "Node",
+    "OffsetOutOfRange",
+    "Order",
+    "Page",
+    "Query",
+    "ReadOnlyStore",
+    "RowItem",
+    "StoreCorrupted",
+    "TableAggregate",
+    "TallyError",
+    "Tree",
+    "TreeMeta",
+    "decode_key",
+    "encode_key",
+]

@@ -1,0 +1,510 @@
+"""`Aggregate`: the read/write handle of one named aggregate in a `Store`.
+
+An aggregate holds items ``(key, id, sum_value)`` in namespaces, one counted
+B-tree per namespace, plus an id index so any write can address an item by
+id alone. ``n`` below is the number of items in the namespace read.
+"""
+
+from __future__ import annotations
+
+import math
+import random as _random
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .btree import Tree
+from .errors import InvalidArgument, InvalidKey, ItemExists, ItemNotFound, OffsetOutOfRange, StoreCorrupted
+from .keys import decode_keys, encode_key, key_repr
+from .types import Bounds, Item, Order, Page, Query, decode_cursor, encode_cursor, normalize_bounds
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["Aggregate"]
+
+_INT64 = 1 << 63
+
+
+def _check_sum(v: Any) -> int | float:
+    t = type(v)
+    if t is int:
+        if -_INT64 <= v < _INT64:
+            return v
+    elif t is float:
+        if math.isfinite(v):
+            return v
+    elif isinstance(v, bool):
+        return int(v)
+    elif isinstance(v, (int, float)):
+        return _check_sum(int(v) if isinstance(v, int) else float(v))
+    raise InvalidArgument(
+        f"sum_value must be a finite int (64-bit) or float, got {key_repr(v)}"
+    )
+
+
+def _encode_id(id: Any) -> bytes:
+    if id is None:
+        raise InvalidKey("id must not be None: every item needs an id (an int, str, or tuple for composite ids)")
+    return encode_key(id)
+
+
+def _order(order: Any) -> bool:
+    if order == "asc":
+        return False
+    if order == "desc":
+        return True
+    raise InvalidArgument(f"order must be 'asc' or 'desc', got {key_repr(order)}")
+
+
+def _item(ek: bytes, s: int | float, namespace: Any) -> Item:
+    key, j = decode_keys(ek, 0)
+    id_, _ = decode_keys(ek, j)
+    return Item(key, id_, s, namespace)
+
+
+class Aggregate:
+    """Handle of one aggregate. Get it with `Store.aggregate(name)`."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store = store
+        self.name = name
+        self._rng = _random.Random()
+
+    def __repr__(self) -> str:
+        return f"<Aggregate {self.name!r} in {self.store.path!r}>"
+
+    # ---- plumbing -------------------------------------------------------------
+
+    def _tree(self, namespace: Any) -> Tree | None:
+        from .store import tree_key
+
+        aid = self.store._agg_id(self.name, False)
+        if aid is None:
+            return None
+        meta = self.store._tree_meta(tree_key(aid, encode_key(namespace)))
+        return None if meta is None else Tree(self.store, meta)
+
+    def _range(self, namespace: Any, bounds: Any) -> tuple[Tree | None, bytes | None, bytes | None]:
+        lo, hi = normalize_bounds(bounds)
+        tree = self._tree(namespace)
+        if tree is not None and lo is not None and hi is not None and lo >= hi:
+            tree = None
+        return tree, lo, hi
+
+    # ---- writes ---------------------------------------------------------------
+
+    def _write(self, key: Any, id: Any, sum_value: Any, namespace: Any, mode: str) -> bool:
+        """mode: 'insert' (strict), 'replace' (strict), 'upsert'."""
+        from .store import IdEntry, tree_key
+
+        store = self.store
+        ek = encode_key(key)
+        eid = _encode_id(id)
+        ens = encode_key(namespace)
+        s = _check_sum(sum_value)
+        store._begin()
+        ok = False
+        try:
+            aid = store._agg_id(self.name, True)
+            assert aid is not None
+            idk = aid + eid
+            old = store._id_get(idk)
+            if old is None:
+                if mode == "replace":
+                    raise ItemNotFound(f"aggregate {self.name!r} has no item with id {key_repr(id)} to replace")
+            else:
+                if mode == "insert":
+                    raise ItemExists(
+                        f"aggregate {self.name!r} already has an item with id {key_repr(id)}; "
+                        "use replace() or upsert() to change it"
+                    )
+                if old.ns == ens and old.key == ek and old.sum == s and type(old.sum) is type(s):
+                    ok = True
+                    return False
+                otk = tree_key(aid, old.ns)
+                ometa = store._tree_meta(otk)
+                if ometa is None:
+                    raise StoreCorrupted(f"id index names a missing namespace for id {key_repr(id)}")
+                otree = Tree(store, ometa)
+                otree.delete(old.key + eid)
+                store._trees_dirty.add(otk)
+                if ens != old.ns:
+                    self._maybe_drop(otk, otree)
+            tk = tree_key(aid, ens)
+            meta = store._tree_meta(tk)
+            if meta is None:
+                meta = store._new_tree(tk, store.max_node_size)
+            Tree(store, meta).insert(ek + eid, s)
+            store._trees_dirty.add(tk)
+            store._id_over[idk] = IdEntry(ens, ek, s)
+            ok = True
+            return True
+        finally:
+            store._end(ok)
+
+    def _maybe_drop(self, tk: bytes, tree: Tree) -> None:
+        # An emptied namespace disappears, unless it carries its own node size.
+        if tree.meta.height == 1 and tree.count() == 0 and tree.meta.max_node_size == self.store.max_node_size:
+            self.store._drop_tree(tk)
+
+    def _remove(self, id: Any, strict: bool) -> bool:
+        from .store import tree_key
+
+        store = self.store
+        eid = _encode_id(id)
+        store._begin()
+        ok = False
+        try:
+            aid = store._agg_id(self.name, False)
+            old = None if aid is None else store._id_get(aid + eid)
+            if old is None or aid is None:
+                if strict:
+                    raise ItemNotFound(f"aggregate {self.name!r} has no item with id {key_repr(id)} to delete")
+                ok = True
+                return False
+            tk = tree_key(aid, old.ns)
+            meta = store._tree_meta(tk)
+            if meta is None:
+                raise StoreCorrupted(f"id index names a missing namespace for id {key_repr(id)}")
+            tree = Tree(store, meta)
+            tree.delete(old.key + eid)
+            store._trees_dirty.add(tk)
+            self._maybe_drop(tk, tree)
+            store._id_over[aid + eid] = None
+            ok = True
+            return True
+        finally:
+            store._end(ok)
+
+    def insert(self, key: Any, id: Any, sum_value: int | float = 0, namespace: Any = None) -> None:
+        """Add an item; raise `ItemExists` if the id is taken. O(log n)."""
+        self._write(key, id, sum_value, namespace, "insert")
+
+    def replace(self, id: Any, key: Any, sum_value: int | float = 0, namespace: Any = None) -> None:
+        """Change an existing item (maybe across namespaces); `ItemNotFound` if absent. O(log n)."""
+        self._write(key, id, sum_value, namespace, "replace")
+
+    def upsert(self, key: Any, id: Any, sum_value: int | float = 0, namespace: Any = None) -> bool:
+        """Make the item for ``id`` be exactly this; True if anything changed. O(log n)."""
+        return self._write(key, id, sum_value, namespace, "upsert")
+
+    insert_if_does_not_exist = upsert
+    replace_or_insert = upsert
+
+    def delete(self, id: Any) -> None:
+        """Remove the item for ``id``; raise `ItemNotFound` if absent. O(log n)."""
+        self._remove(id, True)
+
+    def delete_if_exists(self, id: Any) -> bool:
+        """Remove the item for ``id`` if present; True if it was. O(log n)."""
+        return self._remove(id, False)
+
+    def get(self, id: Any) -> Item | None:
+        """The item for ``id``, or None. O(1) RocksDB point read."""
+        from .keys import decode_key
+
+        aid = self.store._agg_id(self.name, False)
+        if aid is None:
+            return None
+        e = self.store._id_get(aid + _encode_id(id))
+        if e is None:
+            return None
+        return Item(decode_key(e.key), id, e.sum, decode_key(e.ns))
+
+    # ---- maintenance ------------------------------------------------------------
+
+    def clear(self, namespace: Any = None, max_node_size: int | None = None) -> None:
+        """Remove every item of a namespace; optionally set its node size. O(n)."""
+        from .store import _check_node_size, tree_key
+
+        store = self.store
+        ens = encode_key(namespace)
+        m = store.max_node_size if max_node_size is None else _check_node_size(max_node_size)
+        store._begin()
+        ok = False
+        try:
+            aid = store._agg_id(self.name, True)
+            assert aid is not None
+            self._clear_tree(aid, tree_key(aid, ens))
+            if m != store.max_node_size:
+                store._new_tree(tree_key(aid, ens), m)
+            ok = True
+        finally:
+            store._end(ok)
+
+    def _clear_tree(self, aid: bytes, tk: bytes) -> None:
+        store = self.store
+        meta = store._tree_meta(tk)
+        if meta is None:
+            return
+        tree = Tree(store, meta)
+        for ek, _ in list(tree.items(None, None)):
+            _, j = decode_keys(ek, 0)
+            store._id_over[aid + ek[j:]] = None
+        store._drop_tree(tk)
+
+    def drop_namespace(self, namespace: Any) -> None:
+        """Remove a namespace and its items (and its node-size setting). O(n)."""
+        from .store import tree_key
+
+        store = self.store
+        ens = encode_key(namespace)
+        store._begin()
+        ok = False
+        try:
+            aid = store._agg_id(self.name, False)
+            if aid is not None:
+                self._clear_tree(aid, tree_key(aid, ens))
+            ok = True
+        finally:
+            store._end(ok)
+
+    def clear_all(self) -> None:
+        """Remove every item of every namespace. O(number of namespaces)."""
+        store = self.store
+        store._begin()
+        ok = False
+        try:
+            aid = store._agg_id(self.name, False)
+            if aid is not None:
+                for tk in store._tree_keys(aid):
+                    store._drop_tree(tk)
+                for k in [k for k in store._id_over if k.startswith(aid)]:
+                    del store._id_over[k]
+                store._ids_cleared.append(aid)
+            ok = True
+        finally:
+            store._end(ok)
+
+    def namespaces(self) -> list[Any]:
+        """Namespaces holding at least one item, in key order. O(namespaces)."""
+        from .keys import decode_key
+        from .store import _P_TREE
+
+        aid = self.store._agg_id(self.name, False)
+        if aid is None:
+            return []
+        out = []
+        n = len(_P_TREE) + len(aid)
+        for tk in self.store._tree_keys(aid):
+            meta = self.store._tree_meta(tk)
+            if meta is not None and Tree(self.store, meta).count():
+                out.append(decode_key(tk[n:]))
+        return out
+
+    # ---- reads -----------------------------------------------------------------
+
+    def count(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> int:
+        """Number of items in range. O(log n)."""
+        tree, lo, hi = self._range(namespace, bounds)
+        if tree is None:
+            return 0
+        if lo is None and hi is None:
+            return tree.count()
+        return tree.rank(hi) - (tree.rank(lo) if lo is not None else 0)
+
+    def sum(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> int | float:
+        """Sum of the items' sum values in range. O(log n)."""
+        tree, lo, hi = self._range(namespace, bounds)
+        if tree is None:
+            return 0
+        if lo is None and hi is None:
+            return tree.total()
+        return tree.range_sum(lo, hi)
+
+    def at(
+        self, offset: int, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None
+    ) -> Item:
+        """The item at ``offset`` in (key, id) order; negative counts from the end. O(log n)."""
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            raise InvalidArgument(f"offset must be an int, got {key_repr(offset)}")
+        tree, lo, hi = self._range(namespace, bounds)
+        if tree is None:
+            raise OffsetOutOfRange(f"offset {offset} is out of range: the range holds 0 items")
+        base = tree.rank(lo) if lo is not None else 0
+        n = tree.rank(hi) - base
+        k = offset + n if offset < 0 else offset
+        if not 0 <= k < n:
+            raise OffsetOutOfRange(
+                f"offset {offset} is out of range: the range holds {n} items "
+                f"(valid offsets are {-n}..{n - 1})" if n else f"offset {offset} is out of range: the range holds 0 items"
+            )
+        ek, s = tree.select(base + k)
+        return _item(ek, s, namespace)
+
+    def index_of(
+        self,
+        key: Any,
+        id: Any = None,
+        order: Order = "asc",
+        namespace: Any = None,
+        bounds: Bounds | Mapping[str, Any] | None = None,
+    ) -> int:
+        """Asc: items in range before (key, id). Desc: items in range after it. O(log n).
+
+        Without ``id`` the whole tie group of ``key`` counts as (key): asc gives
+        the index of its first item, desc the rank from the top of its last.
+        """
+        reverse = _order(order)
+        ek = encode_key(key)
+        tree, lo, hi = self._range(namespace, bounds)
+        if tree is None:
+            return 0
+        base = tree.rank(lo) if lo is not None else 0
+        end = tree.rank(hi)
+        if end <= base:
+            return 0
+        if not reverse:
+            x = ek if id is None else ek + _encode_id(id)
+            r = tree.rank(x)
+            return min(max(r, base), end) - base
+        x = ek + b"\xff" if id is None else ek + _encode_id(id) + b"\x00"
+        r = tree.rank(x)
+        return end - min(max(r, base), end)
+
+    def min(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item | None:
+        """The first item in range, or None. O(log n)."""
+        tree, lo, hi = self._range(namespace, bounds)
+        if tree is None:
+            return None
+        for ek, s in tree.items(lo, hi):
+            return _item(ek, s, namespace)
+        return None
+
+    def max(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item | None:
+        """The last item in range, or None. O(log n)."""
+        tree, lo, hi = self._range(namespace, bounds)
+        if tree is None:
+            return None
+        for ek, s in tree.items(lo, hi, reverse=True):
+            return _item(ek, s, namespace)
+        return None
+
+    def random(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item | None:
+        """A uniformly random item in range, or None. O(log n)."""
+        tree, lo, hi = self._range(namespace, bounds)
+        if tree is None:
+            return None
+        got = tree.random_in(lo, hi, self._rng)
+        return None if got is None else _item(got[0], got[1], namespace)
+
+    def paginate(
+        self,
+        cursor: str | None = None,
+        page_size: int = 100,
+        order: Order = "asc",
+        namespace: Any = None,
+        bounds: Bounds | Mapping[str, Any] | None = None,
+    ) -> Page:
+        """One page after ``cursor`` (None: from the start). O(log n + page_size).
+
+        ``is_done`` is exact: True only when no item follows this page.
+        """
+        if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size <= 0:
+            raise InvalidArgument(f"page_size must be a positive int, got {key_repr(page_size)}")
+        reverse = _order(order)
+        tree, lo, hi = self._range(namespace, bounds)
+        if cursor is not None:
+            c = decode_cursor(cursor)
+            if reverse:
+                hi = c if hi is None else min(hi, c)
+            else:
+                c = c + b"\x00"
+                lo = c if lo is None else max(lo, c)
+        if tree is None or (lo is not None and hi is not None and lo >= hi):
+            return Page([], cursor, True)
+        items: list[Item] = []
+        last = None
+        done = True
+        for ek, s in tree.items(lo, hi, reverse):
+            if len(items) == page_size:
+                done = False
+                break
+            items.append(_item(ek, s, namespace))
+            last = ek
+        return Page(items, encode_cursor(last) if last is not None else cursor, done)
+
+    def iter(
+        self,
+        namespace: Any = None,
+        bounds: Bounds | Mapping[str, Any] | None = None,
+        order: Order = "asc",
+    ) -> Iterator[Item]:
+        """Items in range, lazily, in order. O(log n) to start, O(1) amortized per item.
+
+        Writing to the aggregate while iterating gives undefined results; use
+        `paginate` for long walks interleaved with writes.
+        """
+        reverse = _order(order)
+        tree, lo, hi = self._range(namespace, bounds)
+        if tree is None:
+            return iter(())
+        return (_item(ek, s, namespace) for ek, s in tree.items(lo, hi, reverse))
+
+    def _queries(self, queries: Iterable[Any]) -> list[Query]:
+        out = []
+        for q in queries:
+            if isinstance(q, Query):
+                out.append(q)
+            elif isinstance(q, Mapping):
+                unknown = set(q) - {"namespace", "bounds", "offset"}
+                if unknown:
+                    raise InvalidArgument(f"query has unknown field(s) {sorted(unknown)}; use namespace, bounds, offset")
+                out.append(Query(q.get("namespace"), q.get("bounds"), q.get("offset", 0)))
+            else:
+                raise InvalidArgument(f"each query must be a Query or a dict, got {key_repr(q)}")
+        return out
+
+    def count_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[int]:
+        """`count` for each query, in input order."""
+        return [self.count(q.namespace, q.bounds) for q in self._queries(queries)]
+
+    def sum_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[int | float]:
+        """`sum` for each query, in input order."""
+        return [self.sum(q.namespace, q.bounds) for q in self._queries(queries)]
+
+    def at_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[Item]:
+        """`at` for each query (its ``offset``), in input order."""
+        return [self.at(q.offset, q.namespace, q.bounds) for q in self._queries(queries)]
+
+    # ---- checks -----------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check every tree invariant and that the id index agrees with the trees. O(n)."""
+        from .keys import decode_key
+        from .store import _P_TREE
+
+        store = self.store
+        aid = store._agg_id(self.name, False)
+        if aid is None:
+            return
+        seen: dict[bytes, tuple[bytes, bytes, int | float]] = {}
+        n = len(_P_TREE) + len(aid)
+        for tk in store._tree_keys(aid):
+            meta = store._tree_meta(tk)
+            assert meta is not None
+            tree = Tree(store, meta)
+            tree.validate()
+            ens = tk[n:]
+            for ek, s in tree.items(None, None):
+                _, j = decode_keys(ek, 0)
+                eid = ek[j:]
+                if eid in seen:
+                    raise StoreCorrupted(
+                        f"aggregate {self.name!r}: id {key_repr(decode_key(eid))} appears twice in the trees"
+                    )
+                seen[eid] = (ens, ek[:j], s)
+        count = 0
+        for k, e in store._id_scan(aid):
+            eid = k[len(aid) :]
+            t = seen.get(eid)
+            if t is None or t[0] != e.ns or t[1] != e.key or t[2] != e.sum:
+                raise StoreCorrupted(
+                    f"aggregate {self.name!r}: id index entry for {key_repr(decode_key(eid))} "
+                    f"({e!r}) does not match the tree ({t!r})"
+                )
+            count += 1
+        if count != len(seen):
+            raise StoreCorrupted(
+                f"aggregate {self.name!r}: trees hold {len(seen)} items but the id index {count}"
+            )

@@ -1,0 +1,398 @@
+"""Counted B+ tree over encoded item keys, with per-child counts and sums.
+
+Leaves hold item keys (``encode_key(key) + encode_key(id)``) and the items'
+sum values. Internal nodes hold separators (``len(children) - 1``), child
+references, and per child its item count and sum, so rank, select-by-offset
+and range count/sum are O(log n) node visits of O(B) work each.
+
+Separator invariant: every key of child ``i`` < ``keys[i]`` <= every key of
+child ``i + 1``.
+
+Nodes live in a `NodeStore` (the RocksDB-backed cache of `engine.store`); a
+tree only knows its root reference, its height and its max node size. Sums are
+recomputed from the children whenever a node changes (never ``+=``), so float
+sums cannot drift however many updates they see.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
+from itertools import accumulate
+from typing import Protocol
+
+import msgspec
+
+from .errors import StoreCorrupted
+
+__all__ = ["Node", "NodeStore", "Tree", "TreeMeta"]
+
+
+class Node(msgspec.Struct, array_like=True, gc=False):
+    """A tree node. A leaf has no children."""
+
+    keys: list[bytes]
+    sums: list[int | float]
+    children: list[bytes] = msgspec.field(default_factory=list)
+    counts: list[int] = msgspec.field(default_factory=list)
+
+
+class TreeMeta(msgspec.Struct, array_like=True):
+    """Where a tree's root is. Persisted in the meta column family."""
+
+    tid: int
+    root: bytes
+    height: int
+    max_node_size: int
+
+
+class NodeStore(Protocol):
+    def get_node(self, ref: bytes) -> Node: ...
+    def put_node(self, ref: bytes, node: Node) -> None: ...
+    def new_node(self, tid: int, node: Node) -> bytes: ...
+    def free_node(self, ref: bytes) -> None: ...
+
+
+def _count(n: Node) -> int:
+    return sum(n.counts) if n.children else len(n.keys)
+
+
+def _sum(n: Node) -> int | float:
+    return sum(n.sums)
+
+
+class Tree:
+    """Operations on one tree. Cheap to construct; holds no nodes itself."""
+
+    __slots__ = ("meta", "ns")
+
+    def __init__(self, ns: NodeStore, meta: TreeMeta) -> None:
+        self.ns = ns
+        self.meta = meta
+
+    # ---- reads ---------------------------------------------------------------
+
+    def count(self) -> int:
+        """Items in the tree. O(B)."""
+        return _count(self.ns.get_node(self.meta.root))
+
+    def total(self) -> int | float:
+        """Sum of all items. O(B)."""
+        return _sum(self.ns.get_node(self.meta.root))
+
+    def rank(self, x: bytes | None) -> int:
+        """Number of items with key < x (x None = +infinity). O(B log n)."""
+        get = self.ns.get_node
+        node = get(self.meta.root)
+        if x is None:
+            return _count(node)
+        r = 0
+        while node.children:
+            c = bisect_right(node.keys, x)
+            if c:
+                r += sum(node.counts[:c])
+            node = get(node.children[c])
+        return r + bisect_left(node.keys, x)
+
+    def select(self, k: int) -> tuple[bytes, int | float]:
+        """The k-th item (0-based). Caller ensures 0 <= k < count. O(B log n)."""
+        get = self.ns.get_node
+        node = get(self.meta.root)
+        while node.children:
+            acc = list(accumulate(node.counts))
+            c = bisect_right(acc, k)
+            if c:
+                k -= acc[c - 1]
+            node = get(node.children[c])
+        return node.keys[k], node.sums[k]
+
+    def range_sum(self, lo: bytes | None, hi: bytes | None) -> int | float:
+        """Sum of items in [lo, hi), added from whole children where possible."""
+        return self._range_sum(self.meta.root, lo, hi)
+
+    def _range_sum(self, ref: bytes, lo: bytes | None, hi: bytes | None) -> int | float:
+        node = self.ns.get_node(ref)
+        if not node.children:
+            i = 0 if lo is None else bisect_left(node.keys, lo)
+            j = len(node.keys) if hi is None else bisect_left(node.keys, hi)
+            return sum(node.sums[i:j]) if i < j else 0
+        i = 0 if lo is None else bisect_right(node.keys, lo)
+        j = len(node.keys) if hi is None else bisect_left(node.keys, hi)
+        if i == j:
+            return self._range_sum(node.children[i], lo, hi)
+        if i > j:
+            return 0
+        left = self._range_sum(node.children[i], lo, None) if lo is not None else node.sums[i]
+        right = self._range_sum(node.children[j], None, hi) if hi is not None else node.sums[j]
+        return left + sum(node.sums[i + 1 : j]) + right
+
+    def items(
+        self, lo: bytes | None, hi: bytes | None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, int | float]]:
+        """Items with lo <= key < hi, in order. Lazy; O(log n + k)."""
+        return self._walk(self.meta.root, lo, hi, reverse)
+
+    def _walk(
+        self, ref: bytes, lo: bytes | None, hi: bytes | None, reverse: bool
+    ) -> Iterator[tuple[bytes, int | float]]:
+        node = self.ns.get_node(ref)
+        keys = node.keys
+        if not node.children:
+            i = 0 if lo is None else bisect_left(keys, lo)
+            j = len(keys) if hi is None else bisect_left(keys, hi)
+            sums = node.sums
+            rng = range(j - 1, i - 1, -1) if reverse else range(i, j)
+            for k in rng:
+                yield keys[k], sums[k]
+            return
+        i = 0 if lo is None else bisect_right(keys, lo)
+        j = len(keys) if hi is None else bisect_left(keys, hi)
+        children = node.children
+        rng = range(j, i - 1, -1) if reverse else range(i, j + 1)
+        for c in rng:
+            yield from self._walk(
+                children[c], lo if c == i else None, hi if c == j else None, reverse
+            )
+
+    def random_in(self, lo: bytes | None, hi: bytes | None, rng: _random.Random) -> tuple[bytes, int | float] | None:
+        a = self.rank(lo) if lo is not None else 0
+        b = self.rank(hi)
+        if b <= a:
+            return None
+        return self.select(rng.randrange(a, b))
+
+    # ---- writes --------------------------------------------------------------
+
+    def insert(self, key: bytes, value: int | float) -> None:
+        """Insert a key that is not present. O(B log n)."""
+        ns = self.ns
+        get = ns.get_node
+        path: list[tuple[bytes, Node, int]] = []
+        ref = self.meta.root
+        node = get(ref)
+        while node.children:
+            c = bisect_right(node.keys, key)
+            path.append((ref, node, c))
+            ref = node.children[c]
+            node = get(ref)
+        pos = bisect_left(node.keys, key)
+        if pos < len(node.keys) and node.keys[pos] == key:
+            raise StoreCorrupted(f"tree already holds item key {key!r}: the id index is out of step")
+        node.keys.insert(pos, key)
+        node.sums.insert(pos, value)
+        ns.put_node(ref, node)
+        self._fix_up(path, ref, node, 1)
+
+    def delete(self, key: bytes) -> int | float:
+        """Delete a present key; return its sum value. O(B log n)."""
+        ns = self.ns
+        get = ns.get_node
+        path: list[tuple[bytes, Node, int]] = []
+        ref = self.meta.root
+        node = get(ref)
+        while node.children:
+            c = bisect_right(node.keys, key)
+            path.append((ref, node, c))
+            ref = node.children[c]
+            node = get(ref)
+        pos = bisect_left(node.keys, key)
+        if pos >= len(node.keys) or node.keys[pos] != key:
+            raise StoreCorrupted(f"tree lacks item key {key!r}: the id index is out of step")
+        del node.keys[pos]
+        value = node.sums.pop(pos)
+        ns.put_node(ref, node)
+        self._fix_up(path, ref, node, -1)
+        return value
+
+    def _fix_up(self, path: list[tuple[bytes, Node, int]], ref: bytes, node: Node, delta: int) -> None:
+        """Walk from a changed node to the root: counts, sums, splits, merges."""
+        ns = self.ns
+        m = self.meta.max_node_size
+        lo_size = m // 2
+        for pref, parent, c in reversed(path):
+            size = len(node.children) if node.children else len(node.keys)
+            if size > m:
+                self._split(parent, c, ref, node)
+            elif size < lo_size:
+                self._rebalance(parent, c, node)
+            else:
+                parent.counts[c] += delta
+                parent.sums[c] = _sum(node)
+            ns.put_node(pref, parent)
+            ref, node = pref, parent
+        # root
+        if node.children:
+            size = len(node.children)
+            if size == 1:
+                ns.free_node(ref)
+                self.meta.root = node.children[0]
+                self.meta.height -= 1
+                return
+        else:
+            size = len(node.keys)
+        if size > m:
+            new_root = Node([], [_sum(node)], [ref], [_count(node)])
+            self._split(new_root, 0, ref, node)
+            self.meta.root = ns.new_node(self.meta.tid, new_root)
+            self.meta.height += 1
+
+    def _split(self, parent: Node, c: int, ref: bytes, node: Node) -> None:
+        """Split an overfull child ``c`` of ``parent`` into two halves."""
+        ns = self.ns
+        if node.children:
+            h = len(node.children) // 2
+            right = Node(node.keys[h:], node.sums[h:], node.children[h:], node.counts[h:])
+            sep = node.keys[h - 1]
+            del node.keys[h - 1 :]
+            del node.sums[h:], node.children[h:], node.counts[h:]
+        else:
+            h = len(node.keys) // 2
+            right = Node(node.keys[h:], node.sums[h:])
+            sep = right.keys[0]
+            del node.keys[h:], node.sums[h:]
+        rref = ns.new_node(self.meta.tid, right)
+        ns.put_node(ref, node)
+        parent.keys.insert(c, sep)
+        parent.children.insert(c + 1, rref)
+        parent.counts[c] = _count(node)
+        parent.sums[c] = _sum(node)
+        parent.counts.insert(c + 1, _count(right))
+        parent.sums.insert(c + 1, _sum(right))
+
+    def _rebalance(self, parent: Node, c: int, node: Node) -> None:
+        """Fix an underfull child ``c``: borrow from a sibling, else merge."""
+        ns = self.ns
+        get = ns.get_node
+        lo_size = self.meta.max_node_size // 2
+        children = parent.children
+        internal = bool(node.children)
+        if c > 0:
+            lref = children[c - 1]
+            left = get(lref)
+            lsize = len(left.children) if internal else len(left.keys)
+            if lsize > lo_size:
+                if internal:
+                    node.keys.insert(0, parent.keys[c - 1])
+                    parent.keys[c - 1] = left.keys.pop()
+                    node.children.insert(0, left.children.pop())
+                    node.counts.insert(0, left.counts.pop())
+                    node.sums.insert(0, left.sums.pop())
+                else:
+                    node.keys.insert(0, left.keys.pop())
+                    node.sums.insert(0, left.sums.pop())
+                    parent.keys[c - 1] = node.keys[0]
+                ns.put_node(lref, left)
+                ns.put_node(children[c], node)
+                self._refresh(parent, c - 1, left)
+                self._refresh(parent, c, node)
+                return
+        if c + 1 < len(children):
+            rref = children[c + 1]
+            right = get(rref)
+            rsize = len(right.children) if internal else len(right.keys)
+            if rsize > lo_size:
+                if internal:
+                    node.keys.append(parent.keys[c])
+                    parent.keys[c] = right.keys.pop(0)
+                    node.children.append(right.children.pop(0))
+                    node.counts.append(right.counts.pop(0))
+                    node.sums.append(right.sums.pop(0))
+                else:
+                    node.keys.append(right.keys.pop(0))
+                    node.sums.append(right.sums.pop(0))
+                    parent.keys[c] = right.keys[0]
+                ns.put_node(rref, right)
+                ns.put_node(children[c], node)
+                self._refresh(parent, c, node)
+                self._refresh(parent, c + 1, right)
+                return
+            # merge right into node
+            self._merge(parent, c, node, right)
+            return
+        if c > 0:
+            self._merge(parent, c - 1, get(children[c - 1]), node)
+            return
+        # Only child (the parent is the root with one child): just refresh.
+        ns.put_node(children[c], node)
+        self._refresh(parent, c, node)
+
+    def _merge(self, parent: Node, c: int, left: Node, right: Node) -> None:
+        """Merge child ``c + 1`` into child ``c``."""
+        ns = self.ns
+        sep = parent.keys.pop(c)
+        rref = parent.children.pop(c + 1)
+        parent.counts.pop(c + 1)
+        parent.sums.pop(c + 1)
+        if left.children:
+            left.keys.append(sep)
+            left.keys.extend(right.keys)
+            left.children.extend(right.children)
+            left.counts.extend(right.counts)
+        else:
+            left.keys.extend(right.keys)
+        left.sums.extend(right.sums)
+        ns.put_node(parent.children[c], left)
+        ns.free_node(rref)
+        self._refresh(parent, c, left)
+
+    @staticmethod
+    def _refresh(parent: Node, c: int, child: Node) -> None:
+        parent.counts[c] = _count(child)
+        parent.sums[c] = _sum(child)
+
+    # ---- checks --------------------------------------------------------------
+
+    def validate(self) -> int:
+        """Assert every invariant; return the item count. O(n)."""
+        m = self.meta.max_node_size
+        depths: set[int] = set()
+
+        def check(ref: bytes, lo: bytes | None, hi: bytes | None, depth: int, is_root: bool) -> tuple[int, int | float]:
+            node = self.ns.get_node(ref)
+            where = f"node {ref.hex()} (depth {depth})"
+            if node.children:
+                n = len(node.children)
+                if len(node.keys) != n - 1 or len(node.counts) != n or len(node.sums) != n:
+                    raise StoreCorrupted(f"{where}: {n} children but {len(node.keys)} separators, {len(node.counts)} counts, {len(node.sums)} sums")
+                if n > m or (n < m // 2 and not is_root) or (is_root and n < 2):
+                    raise StoreCorrupted(f"{where}: {n} children outside [{m // 2}, {m}]")
+                if any(a >= b for a, b in zip(node.keys, node.keys[1:], strict=False)):
+                    raise StoreCorrupted(f"{where}: separators out of order")
+                total_c = 0
+                total_s: int | float = 0
+                for i, child in enumerate(node.children):
+                    clo = lo if i == 0 else node.keys[i - 1]
+                    chi = hi if i == n - 1 else node.keys[i]
+                    cc, cs = check(child, clo, chi, depth + 1, False)
+                    if cc != node.counts[i]:
+                        raise StoreCorrupted(f"{where}: child {i} holds {cc} items but the count says {node.counts[i]}")
+                    if not _same_sum(cs, node.sums[i]):
+                        raise StoreCorrupted(f"{where}: child {i} sums to {cs} but the sum says {node.sums[i]}")
+                    total_c += cc
+                    total_s += node.sums[i]
+                return total_c, total_s
+            depths.add(depth)
+            n = len(node.keys)
+            if len(node.sums) != n or node.counts:
+                raise StoreCorrupted(f"{where}: leaf with {n} keys, {len(node.sums)} sums, {len(node.counts)} counts")
+            if n > m or (n < m // 2 and not is_root):
+                raise StoreCorrupted(f"{where}: leaf with {n} items outside [{m // 2}, {m}]")
+            if any(a >= b for a, b in zip(node.keys, node.keys[1:], strict=False)):
+                raise StoreCorrupted(f"{where}: leaf keys out of order")
+            if n and ((lo is not None and node.keys[0] < lo) or (hi is not None and node.keys[-1] >= hi)):
+                raise StoreCorrupted(f"{where}: leaf keys outside the separators around it")
+            return n, sum(node.sums)
+
+        count, _ = check(self.meta.root, None, None, 1, True)
+        if len(depths) > 1:
+            raise StoreCorrupted(f"leaves at different depths {sorted(depths)}")
+        if depths and depths != {self.meta.height}:
+            raise StoreCorrupted(f"tree height says {self.meta.height} but leaves are at depth {depths}")
+        return count
+
+
+def _same_sum(a: int | float, b: int | float) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))

@@ -1,0 +1,296 @@
+"""Order-preserving byte encoding of keys, ids and namespaces.
+
+Comparing two encodings with plain bytes comparison gives the documented total
+order of the values::
+
+    None < numbers < False < True < str < bytes < tuple/list
+
+* Numbers compare numerically and exactly across int and float, big ints
+  included; -0.0 == 0.0; NaN is rejected.  An integral number decodes as an
+  int (``1.0`` reads back as ``1``; they are the same key).
+* Strings compare by code point (UTF-8 order is code-point order).
+* Tuples and lists compare element-wise, a shorter prefix first; both decode
+  as tuples.
+
+Every encoding is *prefix-free* (self-delimiting), so ``encode(k) + encode(id)``
+orders exactly like the pair ``(k, id)``.  The tree relies on that.
+
+Layout (first byte is a type tag; ``0x01`` ends a tuple and sorts first)::
+
+    0x02                      None
+    0x03 ~(exp, mantissa)     negative number (bytes inverted)
+    0x04                      zero
+    0x05 exp mantissa         positive number
+    0x06 / 0x07               False / True
+    0x08 escaped-utf8 00 01   str   (0x00 inside is written 00 FF)
+    0x09 escaped 00 01        bytes
+    0x0A elements... 01       tuple / list
+
+A number ``|x| = 2**e * 1.f`` writes ``e`` as an order-preserving signed
+integer and the fraction bits ``f`` in 7-bit groups, each byte ``g<<1 | 1``,
+ended by ``0x00``: a longer fraction with the same prefix is larger.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, TypeAlias
+
+from .errors import InvalidKey
+
+__all__ = ["Key", "decode_key", "decode_keys", "encode_key", "key_repr"]
+
+Key: TypeAlias = Any
+"""None, bool, int, float, str, bytes, or a tuple/list of keys."""
+
+TAG_END = 0x01
+TAG_NONE = 0x02
+TAG_NEG = 0x03
+TAG_ZERO = 0x04
+TAG_POS = 0x05
+TAG_FALSE = 0x06
+TAG_TRUE = 0x07
+TAG_STR = 0x08
+TAG_BYTES = 0x09
+TAG_TUPLE = 0x0A
+
+_NONE = b"\x02"
+_ZERO = b"\x04"
+_FALSE = b"\x06"
+_TRUE = b"\x07"
+_INVERT = bytes(255 - i for i in range(256))
+# Small non-negative ints are by far the most common keys and ids.
+_SMALL_INTS: list[bytes] = []
+
+
+def key_repr(value: object) -> str:
+    """A short repr for error messages."""
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _encode_exp(e: int) -> bytes:
+    if -0x40 <= e < 0x40:
+        return bytes((0x80 + e,))
+    if e >= 0x40:
+        v = e - 0x40
+        n = (v.bit_length() + 7) // 8 or 1
+        return bytes((0xC0 + n,)) + v.to_bytes(n, "big")
+    v = -0x41 - e
+    n = (v.bit_length() + 7) // 8 or 1
+    return bytes((0x3F - n,)) + ((1 << (8 * n)) - 1 - v).to_bytes(n, "big")
+
+
+def _encode_magnitude(n: int, shift: int) -> bytes:
+    """Encode the positive value ``n * 2**-shift`` (n > 0)."""
+    tz = (n & -n).bit_length() - 1
+    if tz:
+        n >>= tz
+        shift -= tz
+    nbits = n.bit_length() - 1  # fraction bits after the leading 1
+    out = _encode_exp(nbits - shift)
+    if nbits:
+        pad = -nbits % 7
+        frac = (n - (1 << nbits)) << pad
+        groups = (nbits + pad) // 7
+        raw = bytearray(groups + 1)
+        for i in range(groups - 1, -1, -1):
+            raw[i] = ((frac & 0x7F) << 1) | 1
+            frac >>= 7
+        return out + bytes(raw)
+    return out + b"\x00"
+
+
+def _encode_number(x: int | float) -> bytes:
+    if type(x) is int or isinstance(x, int):
+        if x > 0:
+            return b"\x05" + _encode_magnitude(x, 0)
+        if x == 0:
+            return _ZERO
+        return b"\x03" + _encode_magnitude(-x, 0).translate(_INVERT)
+    if x != x:
+        raise InvalidKey("NaN cannot be a key, id or namespace: NaN is unordered; use None or a sentinel number")
+    if math.isinf(x):
+        # +/-inf sort beyond every finite number: an exponent no finite value has.
+        return b"\x05\xff" if x > 0 else b"\x03\x00"
+    if x == 0.0:
+        return _ZERO
+    num, den = x.as_integer_ratio()
+    shift = den.bit_length() - 1
+    if num > 0:
+        return b"\x05" + _encode_magnitude(num, shift)
+    return b"\x03" + _encode_magnitude(-num, shift).translate(_INVERT)
+
+
+def _escape(b: bytes) -> bytes:
+    if b"\x00" in b:
+        b = b.replace(b"\x00", b"\x00\xff")
+    return b + b"\x00\x01"
+
+
+def _encode_into(value: Any, out: list[bytes]) -> None:
+    t = type(value)
+    if t is int:
+        if 0 <= value < 1024:
+            out.append(_SMALL_INTS[value])
+        else:
+            out.append(_encode_number(value))
+    elif t is str:
+        out.append(b"\x08" + _escape(value.encode("utf-8", "surrogatepass")))
+    elif value is None:
+        out.append(_NONE)
+    elif t is float:
+        out.append(_encode_number(value))
+    elif t is bool:
+        out.append(_TRUE if value else _FALSE)
+    elif t is tuple or t is list:
+        out.append(b"\x0a")
+        for v in value:
+            _encode_into(v, out)
+        out.append(b"\x01")
+    elif isinstance(value, bool):
+        out.append(_TRUE if value else _FALSE)
+    elif isinstance(value, (int, float)):
+        out.append(_encode_number(value))
+    elif isinstance(value, str):
+        out.append(b"\x08" + _escape(str(value).encode("utf-8", "surrogatepass")))
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        out.append(b"\x09" + _escape(bytes(value)))
+    elif isinstance(value, (tuple, list)):
+        out.append(b"\x0a")
+        for v in value:
+            _encode_into(v, out)
+        out.append(b"\x01")
+    else:
+        raise InvalidKey(
+            f"unsupported key value {key_repr(value)} of type {type(value).__name__}: "
+            "keys, ids and namespaces must be None, bool, int, float, str, bytes, "
+            "or tuples/lists of those"
+        )
+
+
+def encode_key(value: Key) -> bytes:
+    """Encode a key to order-preserving, prefix-free bytes. O(size of the key)."""
+    t = type(value)
+    if t is int:
+        if 0 <= value < 1024:
+            return _SMALL_INTS[value]
+        return _encode_number(value)
+    if t is str:
+        return b"\x08" + _escape(value.encode("utf-8", "surrogatepass"))
+    if value is None:
+        return _NONE
+    if t is float:
+        return _encode_number(value)
+    if t is bytes:
+        return b"\x09" + _escape(value)
+    out: list[bytes] = []
+    _encode_into(value, out)
+    return b"".join(out)
+
+
+_SMALL_INTS.extend(_encode_number(i) for i in range(1024))
+
+
+def _decode_exp(b: bytes, i: int) -> tuple[int, int]:
+    c = b[i]
+    if 0x40 <= c < 0xC0:
+        return c - 0x80, i + 1
+    if c >= 0xC0:
+        n = c - 0xC0
+        return int.from_bytes(b[i + 1 : i + 1 + n], "big") + 0x40, i + 1 + n
+    n = 0x3F - c
+    v = (1 << (8 * n)) - 1 - int.from_bytes(b[i + 1 : i + 1 + n], "big")
+    return -0x41 - v, i + 1 + n
+
+
+def _decode_magnitude(b: bytes, i: int) -> tuple[int | float, int]:
+    e, i = _decode_exp(b, i)
+    n = 1
+    nbits = 0
+    while True:
+        c = b[i]
+        i += 1
+        if c == 0:
+            break
+        n = (n << 7) | (c >> 1)
+        nbits += 7
+    # value = n * 2**(e - nbits)
+    shift = e - nbits
+    if shift >= 0:
+        return n << shift, i
+    # Strip zero padding before deciding integral or not.
+    tz = (n & -n).bit_length() - 1
+    n >>= tz
+    shift += tz
+    if shift >= 0:
+        return n << shift, i
+    return math.ldexp(n, shift), i
+
+
+def _decode_at(b: bytes, i: int) -> tuple[Any, int]:
+    tag = b[i]
+    if tag == TAG_POS:
+        if b[i + 1] == 0xFF:
+            return math.inf, i + 2
+        return _decode_magnitude(b, i + 1)
+    if tag == TAG_STR or tag == TAG_BYTES:
+        j = i + 1
+        parts = []
+        while True:
+            k = b.index(b"\x00", j)
+            parts.append(b[j:k])
+            if b[k + 1] == 0x01:
+                raw = b"\x00".join(parts)
+                j = k + 2
+                break
+            j = k + 2
+        if tag == TAG_STR:
+            return raw.decode("utf-8", "surrogatepass"), j
+        return raw, j
+    if tag == TAG_ZERO:
+        return 0, i + 1
+    if tag == TAG_NONE:
+        return None, i + 1
+    if tag == TAG_NEG:
+        if b[i + 1] == 0x00:
+            return -math.inf, i + 2
+        # Re-invert only this number's bytes: find its end first.
+        j = i + 1
+        c = 255 - b[j]
+        if c >= 0xC0:
+            j += 1 + (c - 0xC0)
+        elif c < 0x40:
+            j += 1 + (0x3F - c)
+        else:
+            j += 1
+        while b[j] != 0xFF:
+            j += 1
+        j += 1
+        mag, _ = _decode_magnitude(b[i + 1 : j].translate(_INVERT), 0)
+        return -mag, j
+    if tag == TAG_FALSE:
+        return False, i + 1
+    if tag == TAG_TRUE:
+        return True, i + 1
+    if tag == TAG_TUPLE:
+        items = []
+        j = i + 1
+        while b[j] != TAG_END:
+            v, j = _decode_at(b, j)
+            items.append(v)
+        return tuple(items), j + 1
+    raise InvalidKey(f"corrupt key encoding: unknown tag 0x{tag:02x} at byte {i} of {b!r}")
+
+
+def decode_key(b: bytes) -> Key:
+    """Decode one encoded key. Inverse of `encode_key` up to numeric equality."""
+    v, j = _decode_at(b, 0)
+    if j != len(b):
+        raise InvalidKey(f"corrupt key encoding: {len(b) - j} trailing bytes in {b!r}")
+    return v
+
+
+def decode_keys(b: bytes, start: int = 0) -> tuple[Key, int]:
+    """Decode the key at ``b[start:]``; return it and the offset just past it."""
+    return _decode_at(b, start)

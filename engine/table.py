@@ -1,0 +1,264 @@
+"""`TableAggregate`: an aggregate defined over the rows of a table.
+
+A definition maps a row (a dict) to an item: ``sort_key`` → key,
+``sum_value`` → sum, ``namespace`` → namespace, ``id_field`` → id, and
+``filter`` decides whether the row belongs at all. Bound to a store it takes
+row-level writes; consumers apply change events through exactly these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .errors import InvalidArgument
+from .keys import key_repr
+
+if TYPE_CHECKING:
+    from .aggregate import Aggregate
+    from .store import Store
+    from .types import Bounds, Item, Order, Page, Query
+
+__all__ = ["BoundTableAggregate", "RowItem", "TableAggregate"]
+
+Row = Mapping[str, Any]
+Extractor = Callable[[Row], Any] | str | Sequence[str] | None
+
+
+class RowItem(NamedTuple):
+    """What a row maps to."""
+
+    namespace: Any
+    key: Any
+    id: Any
+    sum_value: int | float
+
+
+def _extractor(spec: Extractor, what: str, default: Any) -> Callable[[Row], Any]:
+    if spec is None:
+        return lambda row: default
+    if callable(spec):
+        return spec
+    if isinstance(spec, str):
+        field = spec
+
+        def get_field(row: Row) -> Any:
+            try:
+                return row[field]
+            except KeyError:
+                raise InvalidArgument(f"row has no field {field!r} needed for {what}: {key_repr(row)}") from None
+
+        return get_field
+    if isinstance(spec, (tuple, list)) and spec and all(isinstance(f, str) for f in spec):
+        fields = tuple(spec)
+
+        def get_fields(row: Row) -> Any:
+            try:
+                return tuple(row[f] for f in fields)
+            except KeyError as e:
+                raise InvalidArgument(f"row has no field {e.args[0]!r} needed for {what}: {key_repr(row)}") from None
+
+        return get_fields
+    raise InvalidArgument(f"{what} must be a callable(row), a field name, or a tuple of field names, got {spec!r}")
+
+
+def _describe(spec: Any) -> str:
+    """A stable description of an extractor for the definition fingerprint."""
+    if spec is None or isinstance(spec, (str, tuple, list)):
+        return repr(spec)
+    try:
+        return inspect.getsource(spec).strip()
+    except (OSError, TypeError):
+        code = getattr(spec, "__code__", None)
+        if code is not None:
+            return repr((code.co_code, code.co_consts, code.co_names))
+        return repr(spec)
+
+
+class TableAggregate:
+    """Definition of an aggregate over a table's rows.
+
+    ``sort_key``, ``sum_value`` and ``namespace`` are each a callable(row), a
+    field name, or a tuple of field names (a tuple key). ``sum_value`` None
+    sums 0; ``namespace`` None uses the default namespace. ``filter(row)``
+    False keeps the row out (and removes it if it was in). ``id_field`` is a
+    field name or a tuple of names for a composite primary key. ``version`` is
+    yours to bump to force a rebuild when behaviour changes in a way the
+    fingerprint cannot see (e.g. a helper function it calls).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        table: str,
+        sort_key: Extractor,
+        sum_value: Extractor = None,
+        namespace: Extractor = None,
+        filter: Callable[[Row], bool] | None = None,
+        id_field: str | Sequence[str] = "id",
+        version: str | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"aggregate name must be a non-empty string, got {name!r}")
+        if not isinstance(table, str) or not table:
+            raise InvalidArgument(f"table must be a non-empty string, got {table!r}")
+        if sort_key is None:
+            raise InvalidArgument("sort_key is required: a callable(row), a field name, or a tuple of field names")
+        if filter is not None and not callable(filter):
+            raise InvalidArgument(f"filter must be a callable(row) -> bool, got {filter!r}")
+        self.name = name
+        self.table = table
+        self.version = version
+        self.id_field = id_field
+        self._specs = (sort_key, sum_value, namespace, filter, id_field)
+        self._key = _extractor(sort_key, "sort_key", None)
+        self._sum = _extractor(sum_value, "sum_value", 0)
+        self._ns = _extractor(namespace, "namespace", None)
+        self._filter = filter
+        if isinstance(id_field, str):
+            self.id_fields: tuple[str, ...] = (id_field,)
+        elif isinstance(id_field, (tuple, list)) and id_field and all(isinstance(f, str) for f in id_field):
+            self.id_fields = tuple(id_field)
+        else:
+            raise InvalidArgument(f"id_field must be a field name or a tuple of field names, got {id_field!r}")
+        self._id = _extractor(id_field, "id", None)
+
+    def __repr__(self) -> str:
+        return f"TableAggregate({self.name!r}, table={self.table!r})"
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the definition (table, functions' code, version): changes force a rebuild."""
+        h = hashlib.sha256()
+        for part in (self.name, self.table, self.version, *(_describe(s) for s in self._specs)):
+            h.update(repr(part).encode())
+            h.update(b"\x00")
+        return h.hexdigest()[:16]
+
+    def row_id(self, row: Row) -> Any:
+        """The id of a row (a tuple for composite ids)."""
+        return self._id(row)
+
+    def item(self, row: Row, id: Any = None) -> RowItem | None:
+        """The item a row maps to, or None if ``filter`` keeps it out."""
+        if self._filter is not None and not self._filter(row):
+            return None
+        return RowItem(self._ns(row), self._key(row), self._id(row) if id is None else id, self._sum(row))
+
+    def bind(self, store: Store) -> BoundTableAggregate:
+        """This definition's aggregate in ``store``."""
+        return BoundTableAggregate(self, store.aggregate(self.name))
+
+
+class BoundTableAggregate:
+    """A `TableAggregate` bound to a store: row-level writes plus every read."""
+
+    def __init__(self, definition: TableAggregate, aggregate: Aggregate) -> None:
+        self.definition = definition
+        self.aggregate = aggregate
+
+    # ---- row-level writes ----------------------------------------------------
+
+    def insert(self, row: Row) -> None:
+        """Strict: add the row's item; `ItemExists` if its id is taken. A filtered-out row is a no-op."""
+        it = self.definition.item(row)
+        if it is not None:
+            self.aggregate.insert(it.key, it.id, it.sum_value, it.namespace)
+
+    def delete(self, row: Row) -> None:
+        """Strict: remove the row's item; `ItemNotFound` if absent."""
+        self.aggregate.delete(self.definition.row_id(row))
+
+    def replace(self, old: Row, new: Row) -> None:
+        """Strict: the old row must be present; the new one replaces it (or removes it if filtered out)."""
+        old_id = self.definition.row_id(old)
+        if self.aggregate.get(old_id) is None:
+            from .errors import ItemNotFound
+
+            raise ItemNotFound(f"aggregate {self.aggregate.name!r} has no item with id {key_repr(old_id)} to replace")
+        it = self.definition.item(new)
+        with self.aggregate.store.batch():
+            if it is None:
+                self.aggregate.delete(old_id)
+                return
+            if it.id != old_id:
+                self.aggregate.delete(old_id)
+            self.aggregate.upsert(it.key, it.id, it.sum_value, it.namespace)
+
+    def upsert(self, row: Row, id: Any = None) -> bool:
+        """Idempotent: converge to this row's item (removed if filtered out). True if anything changed."""
+        it = self.definition.item(row, id)
+        if it is None:
+            return self.aggregate.delete_if_exists(self.definition.row_id(row) if id is None else id)
+        return self.aggregate.upsert(it.key, it.id, it.sum_value, it.namespace)
+
+    def delete_if_exists(self, row_or_id: Any) -> bool:
+        """Idempotent: remove the item for a row (dict) or an id. True if it was there."""
+        id = self.definition.row_id(row_or_id) if isinstance(row_or_id, Mapping) else row_or_id
+        return self.aggregate.delete_if_exists(id)
+
+    # ---- reads (delegated) -----------------------------------------------------
+
+    def count(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> int:
+        return self.aggregate.count(namespace, bounds)
+
+    def sum(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> int | float:
+        return self.aggregate.sum(namespace, bounds)
+
+    def at(self, offset: int, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item:
+        return self.aggregate.at(offset, namespace, bounds)
+
+    def index_of(
+        self,
+        key: Any,
+        id: Any = None,
+        order: Order = "asc",
+        namespace: Any = None,
+        bounds: Bounds | Mapping[str, Any] | None = None,
+    ) -> int:
+        return self.aggregate.index_of(key, id, order, namespace, bounds)
+
+    def min(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item | None:
+        return self.aggregate.min(namespace, bounds)
+
+    def max(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item | None:
+        return self.aggregate.max(namespace, bounds)
+
+    def random(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item | None:
+        return self.aggregate.random(namespace, bounds)
+
+    def paginate(
+        self,
+        cursor: str | None = None,
+        page_size: int = 100,
+        order: Order = "asc",
+        namespace: Any = None,
+        bounds: Bounds | Mapping[str, Any] | None = None,
+    ) -> Page:
+        return self.aggregate.paginate(cursor, page_size, order, namespace, bounds)
+
+    def iter(
+        self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None, order: Order = "asc"
+    ) -> Iterator[Item]:
+        return self.aggregate.iter(namespace, bounds, order)
+
+    def count_batch(self, queries: Sequence[Query | Mapping[str, Any]]) -> list[int]:
+        return self.aggregate.count_batch(queries)
+
+    def sum_batch(self, queries: Sequence[Query | Mapping[str, Any]]) -> list[int | float]:
+        return self.aggregate.sum_batch(queries)
+
+    def at_batch(self, queries: Sequence[Query | Mapping[str, Any]]) -> list[Item]:
+        return self.aggregate.at_batch(queries)
+
+    def namespaces(self) -> list[Any]:
+        return self.aggregate.namespaces()
+
+    def get(self, id: Any) -> Item | None:
+        return self.aggregate.get(id)
+
+    def validate(self) -> None:
+        self.aggregate.validate()

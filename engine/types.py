@@ -1,0 +1,181 @@
+"""Small value types of the public API, and bounds normalization.
+
+Every read takes ``namespace=`` and ``bounds=``; bounds are normalized once
+into a half-open interval of encoded item keys ``[lo, hi)`` (``None`` for an
+open end), which is all the tree ever compares.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import msgspec
+
+from .errors import InvalidArgument, InvalidKey
+from .keys import decode_keys, encode_key, key_repr
+
+__all__ = [
+    "Bound",
+    "Bounds",
+    "Item",
+    "Order",
+    "Page",
+    "Query",
+    "decode_cursor",
+    "encode_cursor",
+    "normalize_bounds",
+]
+
+Order = Literal["asc", "desc"]
+
+
+class Item(msgspec.Struct, frozen=True):
+    """One item of an aggregate: ordered by ``(key, id)``."""
+
+    key: Any
+    id: Any
+    sum_value: int | float
+    namespace: Any = None
+
+
+class Page(msgspec.Struct, frozen=True):
+    """A page of `paginate`. ``cursor`` is opaque; ``is_done`` is exact."""
+
+    items: list[Item]
+    cursor: str | None
+    is_done: bool
+
+
+class Bound(msgspec.Struct, frozen=True):
+    """One end of a range. ``id`` cuts a tie group of equal keys at that id."""
+
+    key: Any
+    inclusive: bool = True
+    id: Any = None
+
+
+class Bounds(msgspec.Struct, frozen=True):
+    """A key range: ``lower``/``upper``, or ``eq``, or ``prefix`` (tuple keys).
+
+    Several given together intersect.
+    """
+
+    lower: Bound | None = None
+    upper: Bound | None = None
+    eq: Any = msgspec.UNSET
+    prefix: tuple[Any, ...] | list[Any] | None = None
+
+
+class Query(msgspec.Struct, frozen=True):
+    """One entry of `count_batch` / `sum_batch` / `at_batch`."""
+
+    namespace: Any = None
+    bounds: Bounds | None = None
+    offset: int = 0
+
+
+_MAX = b"\xff"
+
+
+def _bound(value: Any, what: str) -> Bound | None:
+    if value is None or isinstance(value, Bound):
+        return value
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"key", "inclusive", "id"}
+        if unknown:
+            raise InvalidArgument(
+                f"{what} bound has unknown field(s) {sorted(unknown)}; "
+                "a bound is {'key': ..., 'inclusive': true|false, 'id': ...}"
+            )
+        if "key" not in value:
+            raise InvalidArgument(f"{what} bound needs a 'key': e.g. {{'key': 10, 'inclusive': False}}")
+        inclusive = value.get("inclusive", True)
+        if not isinstance(inclusive, bool):
+            raise InvalidArgument(f"{what}.inclusive must be true or false, got {key_repr(inclusive)}")
+        return Bound(value["key"], inclusive, value.get("id"))
+    raise InvalidArgument(
+        f"{what} bound must be a Bound or a dict like {{'key': 10, 'inclusive': True}}, got {key_repr(value)}"
+    )
+
+
+def _as_bounds(bounds: Any) -> Bounds:
+    if isinstance(bounds, Bounds):
+        return bounds
+    if isinstance(bounds, Mapping):
+        unknown = set(bounds) - {"lower", "upper", "eq", "prefix"}
+        if unknown:
+            raise InvalidArgument(
+                f"bounds have unknown field(s) {sorted(unknown)}; use lower, upper, eq or prefix"
+            )
+        prefix = bounds.get("prefix")
+        if prefix is not None and not isinstance(prefix, (tuple, list)):
+            raise InvalidArgument(f"bounds.prefix must be a list/tuple of key elements, got {key_repr(prefix)}")
+        return Bounds(
+            _bound(bounds.get("lower"), "lower"),
+            _bound(bounds.get("upper"), "upper"),
+            bounds["eq"] if "eq" in bounds else msgspec.UNSET,
+            prefix,
+        )
+    raise InvalidArgument(
+        f"bounds must be a Bounds or a dict (lower/upper/eq/prefix), got {key_repr(bounds)}"
+    )
+
+
+def normalize_bounds(bounds: Any) -> tuple[bytes | None, bytes | None]:
+    """Turn bounds into an encoded half-open interval ``[lo, hi)``. O(size of the keys)."""
+    if bounds is None:
+        return None, None
+    b = _as_bounds(bounds)
+    lows: list[bytes] = []
+    highs: list[bytes] = []
+    try:
+        if b.lower is not None:
+            k = encode_key(b.lower.key)
+            if b.lower.id is None:
+                lows.append(k if b.lower.inclusive else k + _MAX)
+            else:
+                ki = k + encode_key(b.lower.id)
+                lows.append(ki if b.lower.inclusive else ki + b"\x00")
+        if b.upper is not None:
+            k = encode_key(b.upper.key)
+            if b.upper.id is None:
+                highs.append(k + _MAX if b.upper.inclusive else k)
+            else:
+                ki = k + encode_key(b.upper.id)
+                highs.append(ki + b"\x00" if b.upper.inclusive else ki)
+        if b.eq is not msgspec.UNSET:
+            k = encode_key(b.eq)
+            lows.append(k)
+            highs.append(k + _MAX)
+        if b.prefix is not None:
+            p = encode_key(tuple(b.prefix))[:-1]  # drop the tuple terminator
+            lows.append(p)
+            highs.append(p + _MAX)
+    except InvalidKey as e:
+        raise InvalidKey(f"invalid bounds: {e}") from None
+    return (max(lows) if lows else None), (min(highs) if highs else None)
+
+
+def encode_cursor(item_key: bytes) -> str:
+    """The opaque cursor for a position just after/before an item."""
+    return base64.urlsafe_b64encode(item_key).decode("ascii")
+
+
+def decode_cursor(cursor: Any) -> bytes:
+    """Validate and decode a cursor produced by `encode_cursor`."""
+    if not isinstance(cursor, str):
+        raise InvalidArgument(f"cursor must be a string from a previous page, got {key_repr(cursor)}")
+    try:
+        raw = base64.urlsafe_b64decode(cursor.encode("ascii"))
+        _, j = decode_keys(raw, 0)
+        _, j = decode_keys(raw, j)
+        if j != len(raw):
+            raise ValueError("trailing bytes")
+    except (binascii.Error, ValueError, IndexError, InvalidKey, UnicodeError):
+        raise InvalidArgument(
+            f"malformed cursor {key_repr(cursor)}: pass the cursor of a previous page, or None to start"
+        ) from None
+    return raw

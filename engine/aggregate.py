@@ -14,11 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from .btree import Tree
 from .errors import InvalidArgument, InvalidKey, ItemExists, ItemNotFound, OffsetOutOfRange, StoreCorrupted
-from .keys import decode_keys, encode_key, key_repr
+from .keys import decode_key, decode_keys, encode_key, key_repr
+from .store import _P_TREE, IdEntry, _check_node_size, tree_key
 from .types import Bounds, Item, Order, Page, Query, decode_cursor, encode_cursor, normalize_bounds
 
 if TYPE_CHECKING:
     from .store import Store
+
+_MISSING = object()
 
 __all__ = ["Aggregate"]
 
@@ -69,6 +72,8 @@ class Aggregate:
         self.store = store
         self.name = name
         self._rng = _random.Random()
+        self._trees: dict[bytes, Tree | None] = {}
+        self._epoch = -1
 
     def __repr__(self) -> str:
         return f"<Aggregate {self.name!r} in {self.store.path!r}>"
@@ -76,15 +81,22 @@ class Aggregate:
     # ---- plumbing -------------------------------------------------------------
 
     def _tree(self, namespace: Any) -> Tree | None:
-        from .store import tree_key
-
-        aid = self.store._agg_id(self.name, False)
-        if aid is None:
-            return None
-        meta = self.store._tree_meta(tree_key(aid, encode_key(namespace)))
-        return None if meta is None else Tree(self.store, meta)
+        store = self.store
+        if self._epoch != store._epoch:
+            self._trees.clear()
+            self._epoch = store._epoch
+        ens = encode_key(namespace)
+        tree = self._trees.get(ens, _MISSING)
+        if tree is _MISSING:
+            aid = store._agg_id(self.name, False)
+            meta = None if aid is None else store._tree_meta(tree_key(aid, ens))
+            tree = None if meta is None else Tree(store, meta)
+            self._trees[ens] = tree
+        return tree  # type: ignore[return-value]
 
     def _range(self, namespace: Any, bounds: Any) -> tuple[Tree | None, bytes | None, bytes | None]:
+        if bounds is None:
+            return self._tree(namespace), None, None
         lo, hi = normalize_bounds(bounds)
         tree = self._tree(namespace)
         if tree is not None and lo is not None and hi is not None and lo >= hi:
@@ -95,8 +107,6 @@ class Aggregate:
 
     def _write(self, key: Any, id: Any, sum_value: Any, namespace: Any, mode: str) -> bool:
         """mode: 'insert' (strict), 'replace' (strict), 'upsert'."""
-        from .store import IdEntry, tree_key
-
         store = self.store
         ek = encode_key(key)
         eid = _encode_id(id)
@@ -148,8 +158,6 @@ class Aggregate:
             self.store._drop_tree(tk)
 
     def _remove(self, id: Any, strict: bool) -> bool:
-        from .store import tree_key
-
         store = self.store
         eid = _encode_id(id)
         store._begin()
@@ -201,8 +209,6 @@ class Aggregate:
 
     def get(self, id: Any) -> Item | None:
         """The item for ``id``, or None. O(1) RocksDB point read."""
-        from .keys import decode_key
-
         aid = self.store._agg_id(self.name, False)
         if aid is None:
             return None
@@ -215,8 +221,6 @@ class Aggregate:
 
     def clear(self, namespace: Any = None, max_node_size: int | None = None) -> None:
         """Remove every item of a namespace; optionally set its node size. O(n)."""
-        from .store import _check_node_size, tree_key
-
         store = self.store
         ens = encode_key(namespace)
         m = store.max_node_size if max_node_size is None else _check_node_size(max_node_size)
@@ -245,8 +249,6 @@ class Aggregate:
 
     def drop_namespace(self, namespace: Any) -> None:
         """Remove a namespace and its items (and its node-size setting). O(n)."""
-        from .store import tree_key
-
         store = self.store
         ens = encode_key(namespace)
         store._begin()
@@ -278,9 +280,6 @@ class Aggregate:
 
     def namespaces(self) -> list[Any]:
         """Namespaces holding at least one item, in key order. O(namespaces)."""
-        from .keys import decode_key
-        from .store import _P_TREE
-
         aid = self.store._agg_id(self.name, False)
         if aid is None:
             return []
@@ -471,9 +470,6 @@ class Aggregate:
 
     def validate(self) -> None:
         """Check every tree invariant and that the id index agrees with the trees. O(n)."""
-        from .keys import decode_key
-        from .store import _P_TREE
-
         store = self.store
         aid = store._agg_id(self.name, False)
         if aid is None:

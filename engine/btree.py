@@ -19,7 +19,6 @@ from __future__ import annotations
 import random as _random
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
-from itertools import accumulate
 from typing import Protocol
 
 import msgspec
@@ -34,7 +33,7 @@ class Node(msgspec.Struct, array_like=True, gc=False):
 
     keys: list[bytes]
     sums: list[int | float]
-    children: list[bytes] = msgspec.field(default_factory=list)
+    children: list[int] = msgspec.field(default_factory=list)
     counts: list[int] = msgspec.field(default_factory=list)
 
 
@@ -42,16 +41,19 @@ class TreeMeta(msgspec.Struct, array_like=True):
     """Where a tree's root is. Persisted in the meta column family."""
 
     tid: int
-    root: bytes
+    root: int
     height: int
     max_node_size: int
 
 
 class NodeStore(Protocol):
-    def get_node(self, ref: bytes) -> Node: ...
-    def put_node(self, ref: bytes, node: Node) -> None: ...
-    def new_node(self, tid: int, node: Node) -> bytes: ...
-    def free_node(self, ref: bytes) -> None: ...
+    """Where nodes live. Node ids are unique across trees; ``tid`` locates them on disk."""
+
+    def get_node(self, tid: int, nid: int) -> Node: ...
+    def get_cum(self, nid: int, node: Node) -> list[int]: ...
+    def put_node(self, tid: int, nid: int, node: Node) -> None: ...
+    def new_node(self, tid: int, node: Node) -> int: ...
+    def free_node(self, tid: int, nid: int) -> None: ...
 
 
 def _count(n: Node) -> int:
@@ -65,54 +67,63 @@ def _sum(n: Node) -> int | float:
 class Tree:
     """Operations on one tree. Cheap to construct; holds no nodes itself."""
 
-    __slots__ = ("meta", "ns")
+    __slots__ = ("meta", "ns", "tid")
 
     def __init__(self, ns: NodeStore, meta: TreeMeta) -> None:
         self.ns = ns
         self.meta = meta
+        self.tid = meta.tid
 
     # ---- reads ---------------------------------------------------------------
 
     def count(self) -> int:
         """Items in the tree. O(B)."""
-        return _count(self.ns.get_node(self.meta.root))
+        return _count(self.ns.get_node(self.tid, self.meta.root))
 
     def total(self) -> int | float:
         """Sum of all items. O(B)."""
-        return _sum(self.ns.get_node(self.meta.root))
+        return _sum(self.ns.get_node(self.tid, self.meta.root))
 
     def rank(self, x: bytes | None) -> int:
         """Number of items with key < x (x None = +infinity). O(B log n)."""
         get = self.ns.get_node
-        node = get(self.meta.root)
+        tid = self.tid
+        node = get(tid, self.meta.root)
         if x is None:
             return _count(node)
+        cum = self.ns.get_cum
         r = 0
+        nid = self.meta.root
         while node.children:
             c = bisect_right(node.keys, x)
             if c:
-                r += sum(node.counts[:c])
-            node = get(node.children[c])
+                r += cum(nid, node)[c - 1]
+            nid = node.children[c]
+            node = get(tid, nid)
         return r + bisect_left(node.keys, x)
 
     def select(self, k: int) -> tuple[bytes, int | float]:
         """The k-th item (0-based). Caller ensures 0 <= k < count. O(B log n)."""
         get = self.ns.get_node
-        node = get(self.meta.root)
+        tid = self.tid
+        cum = self.ns.get_cum
+        nid = self.meta.root
+        node = get(tid, nid)
         while node.children:
-            acc = list(accumulate(node.counts))
+            acc = cum(nid, node)
             c = bisect_right(acc, k)
             if c:
                 k -= acc[c - 1]
-            node = get(node.children[c])
+            nid = node.children[c]
+            node = get(tid, nid)
         return node.keys[k], node.sums[k]
 
     def range_sum(self, lo: bytes | None, hi: bytes | None) -> int | float:
         """Sum of items in [lo, hi), added from whole children where possible."""
         return self._range_sum(self.meta.root, lo, hi)
 
-    def _range_sum(self, ref: bytes, lo: bytes | None, hi: bytes | None) -> int | float:
-        node = self.ns.get_node(ref)
+    def _range_sum(self, ref: int, lo: bytes | None, hi: bytes | None) -> int | float:
+        node = self.ns.get_node(self.tid, ref)
         if not node.children:
             i = 0 if lo is None else bisect_left(node.keys, lo)
             j = len(node.keys) if hi is None else bisect_left(node.keys, hi)
@@ -134,9 +145,9 @@ class Tree:
         return self._walk(self.meta.root, lo, hi, reverse)
 
     def _walk(
-        self, ref: bytes, lo: bytes | None, hi: bytes | None, reverse: bool
+        self, ref: int, lo: bytes | None, hi: bytes | None, reverse: bool
     ) -> Iterator[tuple[bytes, int | float]]:
-        node = self.ns.get_node(ref)
+        node = self.ns.get_node(self.tid, ref)
         keys = node.keys
         if not node.children:
             i = 0 if lo is None else bisect_left(keys, lo)
@@ -168,44 +179,46 @@ class Tree:
         """Insert a key that is not present. O(B log n)."""
         ns = self.ns
         get = ns.get_node
-        path: list[tuple[bytes, Node, int]] = []
+        tid = self.tid
+        path: list[tuple[int, Node, int]] = []
         ref = self.meta.root
-        node = get(ref)
+        node = get(tid, ref)
         while node.children:
             c = bisect_right(node.keys, key)
             path.append((ref, node, c))
             ref = node.children[c]
-            node = get(ref)
+            node = get(tid, ref)
         pos = bisect_left(node.keys, key)
         if pos < len(node.keys) and node.keys[pos] == key:
             raise StoreCorrupted(f"tree already holds item key {key!r}: the id index is out of step")
         node.keys.insert(pos, key)
         node.sums.insert(pos, value)
-        ns.put_node(ref, node)
+        ns.put_node(tid, ref, node)
         self._fix_up(path, ref, node, 1)
 
     def delete(self, key: bytes) -> int | float:
         """Delete a present key; return its sum value. O(B log n)."""
         ns = self.ns
         get = ns.get_node
-        path: list[tuple[bytes, Node, int]] = []
+        tid = self.tid
+        path: list[tuple[int, Node, int]] = []
         ref = self.meta.root
-        node = get(ref)
+        node = get(tid, ref)
         while node.children:
             c = bisect_right(node.keys, key)
             path.append((ref, node, c))
             ref = node.children[c]
-            node = get(ref)
+            node = get(tid, ref)
         pos = bisect_left(node.keys, key)
         if pos >= len(node.keys) or node.keys[pos] != key:
             raise StoreCorrupted(f"tree lacks item key {key!r}: the id index is out of step")
         del node.keys[pos]
         value = node.sums.pop(pos)
-        ns.put_node(ref, node)
+        ns.put_node(tid, ref, node)
         self._fix_up(path, ref, node, -1)
         return value
 
-    def _fix_up(self, path: list[tuple[bytes, Node, int]], ref: bytes, node: Node, delta: int) -> None:
+    def _fix_up(self, path: list[tuple[int, Node, int]], ref: int, node: Node, delta: int) -> None:
         """Walk from a changed node to the root: counts, sums, splits, merges."""
         ns = self.ns
         m = self.meta.max_node_size
@@ -219,13 +232,13 @@ class Tree:
             else:
                 parent.counts[c] += delta
                 parent.sums[c] = _sum(node)
-            ns.put_node(pref, parent)
+            ns.put_node(self.tid, pref, parent)
             ref, node = pref, parent
         # root
         if node.children:
             size = len(node.children)
             if size == 1:
-                ns.free_node(ref)
+                ns.free_node(self.tid, ref)
                 self.meta.root = node.children[0]
                 self.meta.height -= 1
                 return
@@ -237,7 +250,7 @@ class Tree:
             self.meta.root = ns.new_node(self.meta.tid, new_root)
             self.meta.height += 1
 
-    def _split(self, parent: Node, c: int, ref: bytes, node: Node) -> None:
+    def _split(self, parent: Node, c: int, ref: int, node: Node) -> None:
         """Split an overfull child ``c`` of ``parent`` into two halves."""
         ns = self.ns
         if node.children:
@@ -249,10 +262,10 @@ class Tree:
         else:
             h = len(node.keys) // 2
             right = Node(node.keys[h:], node.sums[h:])
-            sep = right.keys[0]
+            sep = _separator(node.keys[h - 1], right.keys[0])
             del node.keys[h:], node.sums[h:]
-        rref = ns.new_node(self.meta.tid, right)
-        ns.put_node(ref, node)
+        rref = ns.new_node(self.tid, right)
+        ns.put_node(self.tid, ref, node)
         parent.keys.insert(c, sep)
         parent.children.insert(c + 1, rref)
         parent.counts[c] = _count(node)
@@ -263,13 +276,14 @@ class Tree:
     def _rebalance(self, parent: Node, c: int, node: Node) -> None:
         """Fix an underfull child ``c``: borrow from a sibling, else merge."""
         ns = self.ns
+        tid = self.tid
         get = ns.get_node
         lo_size = self.meta.max_node_size // 2
         children = parent.children
         internal = bool(node.children)
         if c > 0:
             lref = children[c - 1]
-            left = get(lref)
+            left = get(tid, lref)
             lsize = len(left.children) if internal else len(left.keys)
             if lsize > lo_size:
                 if internal:
@@ -281,15 +295,15 @@ class Tree:
                 else:
                     node.keys.insert(0, left.keys.pop())
                     node.sums.insert(0, left.sums.pop())
-                    parent.keys[c - 1] = node.keys[0]
-                ns.put_node(lref, left)
-                ns.put_node(children[c], node)
+                    parent.keys[c - 1] = _separator(left.keys[-1], node.keys[0])
+                ns.put_node(tid, lref, left)
+                ns.put_node(tid, children[c], node)
                 self._refresh(parent, c - 1, left)
                 self._refresh(parent, c, node)
                 return
         if c + 1 < len(children):
             rref = children[c + 1]
-            right = get(rref)
+            right = get(tid, rref)
             rsize = len(right.children) if internal else len(right.keys)
             if rsize > lo_size:
                 if internal:
@@ -301,9 +315,9 @@ class Tree:
                 else:
                     node.keys.append(right.keys.pop(0))
                     node.sums.append(right.sums.pop(0))
-                    parent.keys[c] = right.keys[0]
-                ns.put_node(rref, right)
-                ns.put_node(children[c], node)
+                    parent.keys[c] = _separator(node.keys[-1], right.keys[0])
+                ns.put_node(tid, rref, right)
+                ns.put_node(tid, children[c], node)
                 self._refresh(parent, c, node)
                 self._refresh(parent, c + 1, right)
                 return
@@ -311,10 +325,10 @@ class Tree:
             self._merge(parent, c, node, right)
             return
         if c > 0:
-            self._merge(parent, c - 1, get(children[c - 1]), node)
+            self._merge(parent, c - 1, get(tid, children[c - 1]), node)
             return
         # Only child (the parent is the root with one child): just refresh.
-        ns.put_node(children[c], node)
+        ns.put_node(tid, children[c], node)
         self._refresh(parent, c, node)
 
     def _merge(self, parent: Node, c: int, left: Node, right: Node) -> None:
@@ -332,8 +346,8 @@ class Tree:
         else:
             left.keys.extend(right.keys)
         left.sums.extend(right.sums)
-        ns.put_node(parent.children[c], left)
-        ns.free_node(rref)
+        ns.put_node(self.tid, parent.children[c], left)
+        ns.free_node(self.tid, rref)
         self._refresh(parent, c, left)
 
     @staticmethod
@@ -348,9 +362,9 @@ class Tree:
         m = self.meta.max_node_size
         depths: set[int] = set()
 
-        def check(ref: bytes, lo: bytes | None, hi: bytes | None, depth: int, is_root: bool) -> tuple[int, int | float]:
-            node = self.ns.get_node(ref)
-            where = f"node {ref.hex()} (depth {depth})"
+        def check(ref: int, lo: bytes | None, hi: bytes | None, depth: int, is_root: bool) -> tuple[int, int | float]:
+            node = self.ns.get_node(self.tid, ref)
+            where = f"node {ref} of tree {self.tid} (depth {depth})"
             if node.children:
                 n = len(node.children)
                 if len(node.keys) != n - 1 or len(node.counts) != n or len(node.sums) != n:
@@ -390,6 +404,15 @@ class Tree:
         if depths and depths != {self.meta.height}:
             raise StoreCorrupted(f"tree height says {self.meta.height} but leaves are at depth {depths}")
         return count
+
+
+def _separator(left: bytes, right: bytes) -> bytes:
+    """The shortest s with left < s <= right: keeps internal nodes small."""
+    n = min(len(left), len(right))
+    i = 0
+    while i < n and left[i] == right[i]:
+        i += 1
+    return right[: i + 1]
 
 
 def _same_sum(a: int | float, b: int | float) -> bool:

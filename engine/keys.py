@@ -22,13 +22,14 @@ Layout (first byte is a type tag; ``0x01`` ends a tuple and sorts first)::
     0x04                      zero
     0x05 exp mantissa         positive number
     0x06 / 0x07               False / True
-    0x08 escaped-utf8 00 01   str   (0x00 inside is written 00 FF)
-    0x09 escaped 00 01        bytes
+    0x08 escaped-utf8 00      str   (inside, 01 is written 01 02 and 00 as 01 01)
+    0x09 escaped 00           bytes
     0x0A elements... 01       tuple / list
 
 A number ``|x| = 2**e * 1.f`` writes ``e`` as an order-preserving signed
-integer and the fraction bits ``f`` in 7-bit groups, each byte ``g<<1 | 1``,
-ended by ``0x00``: a longer fraction with the same prefix is larger.
+integer, then the fraction bits ``f`` left-aligned in bytes (trailing zero
+bits dropped), escaped and terminated like a string: a longer fraction with
+the same prefix is larger, exactly as bytes order says.
 """
 
 from __future__ import annotations
@@ -83,22 +84,16 @@ def _encode_exp(e: int) -> bytes:
 
 def _encode_magnitude(n: int, shift: int) -> bytes:
     """Encode the positive value ``n * 2**-shift`` (n > 0)."""
-    tz = (n & -n).bit_length() - 1
-    if tz:
+    if not n & 1:
+        tz = (n & -n).bit_length() - 1
         n >>= tz
         shift -= tz
     nbits = n.bit_length() - 1  # fraction bits after the leading 1
-    out = _encode_exp(nbits - shift)
     if nbits:
-        pad = -nbits % 7
-        frac = (n - (1 << nbits)) << pad
-        groups = (nbits + pad) // 7
-        raw = bytearray(groups + 1)
-        for i in range(groups - 1, -1, -1):
-            raw[i] = ((frac & 0x7F) << 1) | 1
-            frac >>= 7
-        return out + bytes(raw)
-    return out + b"\x00"
+        nbytes = (nbits + 7) >> 3
+        frac = ((n ^ (1 << nbits)) << ((nbytes << 3) - nbits)).to_bytes(nbytes, "big")
+        return _encode_exp(nbits - shift) + _escape(frac)
+    return _encode_exp(-shift) + b"\x00"
 
 
 def _encode_number(x: int | float) -> bytes:
@@ -123,9 +118,17 @@ def _encode_number(x: int | float) -> bytes:
 
 
 def _escape(b: bytes) -> bytes:
+    if b"\x01" in b:
+        b = b.replace(b"\x01", b"\x01\x02")
     if b"\x00" in b:
-        b = b.replace(b"\x00", b"\x00\xff")
-    return b + b"\x00\x01"
+        b = b.replace(b"\x00", b"\x01\x01")
+    return b + b"\x00"
+
+
+def _unescape(b: bytes) -> bytes:
+    if b"\x01" in b:
+        b = b.replace(b"\x01\x01", b"\x00").replace(b"\x01\x02", b"\x01")
+    return b
 
 
 def _encode_into(value: Any, out: list[bytes]) -> None:
@@ -205,27 +208,31 @@ def _decode_exp(b: bytes, i: int) -> tuple[int, int]:
 
 
 def _decode_magnitude(b: bytes, i: int) -> tuple[int | float, int]:
-    e, i = _decode_exp(b, i)
-    n = 1
-    nbits = 0
-    while True:
-        c = b[i]
+    c = b[i]
+    if 0x40 <= c < 0xC0:
+        e = c - 0x80
         i += 1
-        if c == 0:
-            break
-        n = (n << 7) | (c >> 1)
-        nbits += 7
-    # value = n * 2**(e - nbits)
+    else:
+        e, i = _decode_exp(b, i)
+    j = b.index(0, i)  # escaped data never holds a zero byte
+    if j > i:
+        frac = b[i:j]
+        if 1 in frac:
+            frac = _unescape(frac)
+        nbits = len(frac) << 3
+        n = (1 << nbits) | int.from_bytes(frac, "big")
+    else:
+        nbits = 0
+        n = 1
     shift = e - nbits
     if shift >= 0:
-        return n << shift, i
-    # Strip zero padding before deciding integral or not.
+        return n << shift, j + 1
     tz = (n & -n).bit_length() - 1
     n >>= tz
     shift += tz
     if shift >= 0:
-        return n << shift, i
-    return math.ldexp(n, shift), i
+        return n << shift, j + 1
+    return math.ldexp(n, shift), j + 1
 
 
 def _decode_at(b: bytes, i: int) -> tuple[Any, int]:
@@ -235,19 +242,11 @@ def _decode_at(b: bytes, i: int) -> tuple[Any, int]:
             return math.inf, i + 2
         return _decode_magnitude(b, i + 1)
     if tag == TAG_STR or tag == TAG_BYTES:
-        j = i + 1
-        parts = []
-        while True:
-            k = b.index(b"\x00", j)
-            parts.append(b[j:k])
-            if b[k + 1] == 0x01:
-                raw = b"\x00".join(parts)
-                j = k + 2
-                break
-            j = k + 2
+        k = b.index(b"\x00", i + 1)
+        raw = _unescape(b[i + 1 : k])
         if tag == TAG_STR:
-            return raw.decode("utf-8", "surrogatepass"), j
-        return raw, j
+            return raw.decode("utf-8", "surrogatepass"), k + 1
+        return raw, k + 1
     if tag == TAG_ZERO:
         return 0, i + 1
     if tag == TAG_NONE:
@@ -255,7 +254,7 @@ def _decode_at(b: bytes, i: int) -> tuple[Any, int]:
     if tag == TAG_NEG:
         if b[i + 1] == 0x00:
             return -math.inf, i + 2
-        # Re-invert only this number's bytes: find its end first.
+        # Re-invert only this number's bytes: it ends at the inverted terminator FF.
         j = i + 1
         c = 255 - b[j]
         if c >= 0xC0:
@@ -264,9 +263,7 @@ def _decode_at(b: bytes, i: int) -> tuple[Any, int]:
             j += 1 + (0x3F - c)
         else:
             j += 1
-        while b[j] != 0xFF:
-            j += 1
-        j += 1
+        j = b.index(b"\xff", j) + 1
         mag, _ = _decode_magnitude(b[i + 1 : j].translate(_INVERT), 0)
         return -mag, j
     if tag == TAG_FALSE:

@@ -2,9 +2,9 @@
 
 Layout (rocksdict, raw mode, three column families):
 
-* ``nodes``: ``tid(8) + nid(8)`` → msgpack `Node`. A node reference *is* its
-  RocksDB key; prefixing by tree id lets a whole tree be dropped with one
-  range delete.
+* ``nodes``: ``tid(8) + nid(8)`` → msgpack `Node`. Node ids are unique across
+  trees (children point by id); the tree-id prefix lets a whole tree be
+  dropped with one range delete.
 * ``ids``: ``agg_id(4) + encode_key(id)`` → msgpack `IdEntry` (namespace, key,
   sum): the id index that makes ids unique within an aggregate and lets every
   write address an item by id alone.
@@ -27,10 +27,11 @@ import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
 from .btree import Node, Tree, TreeMeta
 from .errors import InvalidArgument, ReadOnlyStore, StoreCorrupted, TallyError
@@ -46,6 +47,9 @@ DEFAULT_MAX_NODE_SIZE = 64
 
 DEFAULT_CACHE_NODES = 20_000
 """Decoded nodes kept in memory (LRU). Roughly 4 KiB each at the default node size."""
+
+BLOCK_CACHE_BYTES = 64 << 20
+"""RocksDB block cache shared by the column families (compressed on-disk blocks)."""
 
 FORMAT_VERSION = b"1"
 _CFS = ("nodes", "ids", "meta")
@@ -71,6 +75,19 @@ _K_NEXT_AGG = b"Cagg"
 _P_AGG = b"A"
 _P_TREE = b"T"
 _P_USER = b"U"
+
+
+def _cf_options(cache: Cache) -> Options:
+    # Bloom filters make the id index's "is this id new?" probe cheap: most
+    # inserts look up an id that is not there.
+    t = BlockBasedOptions()
+    t.set_bloom_filter(10, False)
+    t.set_block_cache(cache)
+    t.set_cache_index_and_filter_blocks(True)
+    t.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    o = Options(raw_mode=True)
+    o.set_block_based_table_factory(t)
+    return o
 
 
 def _options() -> Options:
@@ -122,7 +139,8 @@ class Store:
             raise InvalidArgument(f"cache_nodes must be an int >= 16, got {cache_nodes!r}")
         self.cache_nodes = cache_nodes
         self._secondary_dir: str | None = None
-        cfs = {name: Options(raw_mode=True) for name in _CFS}
+        block_cache = Cache(BLOCK_CACHE_BYTES)
+        cfs = {name: _cf_options(block_cache) for name in _CFS}
         try:
             if read_only:
                 if not os.path.exists(os.path.join(self.path, "CURRENT")):
@@ -133,7 +151,7 @@ class Store:
                 self._secondary_dir = tempfile.mkdtemp(prefix="tally-reader-")
                 self._db = Rdict(
                     self.path,
-                    Options(raw_mode=True),
+                    _cf_options(block_cache),
                     column_families=cfs,
                     access_type=AccessType.secondary(self._secondary_dir),
                 )
@@ -159,12 +177,14 @@ class Store:
         self._h_meta = self._db.get_column_family_handle("meta")
         self._wopt = WriteOptions()
         self._wopt.sync = sync
-        self._cache: OrderedDict[bytes, Node] = OrderedDict()
+        self._cache: OrderedDict[int, Node] = OrderedDict()
+        self._cums: dict[int, list[int]] = {}
         self._trees: dict[bytes, TreeMeta | None] = {}
         self._agg_ids: dict[str, bytes] = {}
         self._handles: dict[str, Aggregate] = {}
         self._reset_batch_state()
         self._depth = 0
+        self._epoch = 0
         self._closed = False
         if not read_only:
             version = self._meta.get(_K_VERSION)
@@ -232,7 +252,9 @@ class Store:
             self._load_counters()
 
     def _drop_caches(self) -> None:
+        self._epoch += 1
         self._cache.clear()
+        self._cums.clear()
         self._trees.clear()
         self._agg_ids.clear()
 
@@ -333,7 +355,7 @@ class Store:
             )
 
     def _reset_batch_state(self) -> None:
-        self._dirty: dict[bytes, Node] = {}
+        self._dirty: dict[int, tuple[int, Node]] = {}
         self._freed: set[bytes] = set()
         self._node_range_dels: list[tuple[bytes, bytes]] = []
         self._id_over: dict[bytes, IdEntry | None] = {}
@@ -373,8 +395,8 @@ class Store:
         for b, e2 in self._node_range_dels:
             wb.delete_range(b, e2, h_nodes)
         enc = _node_enc.encode
-        for ref, node in self._dirty.items():
-            wb.put(ref, enc(node), h_nodes)
+        for nid, (tid, node) in self._dirty.items():
+            wb.put(_node_key(tid, nid), enc(node), h_nodes)
         for ref in self._freed:
             wb.delete(ref, h_nodes)
         for tk in self._trees_dirty:
@@ -414,39 +436,53 @@ class Store:
 
     # ---- node store (the btree.NodeStore protocol) -------------------------------
 
-    def get_node(self, ref: bytes) -> Node:
+    def get_node(self, tid: int, nid: int) -> Node:
         cache = self._cache
-        n = cache.get(ref)
+        n = cache.get(nid)
         if n is not None:
-            cache.move_to_end(ref)
+            cache.move_to_end(nid)
             return n
-        n = self._dirty.get(ref)
-        if n is None:
-            raw = self._nodes.get(ref)
+        d = self._dirty.get(nid)
+        if d is None:
+            raw = self._nodes.get(_node_key(tid, nid))
             if raw is None:
                 raise StoreCorrupted(
-                    f"node {ref.hex()} is missing from {self.path!r}; run validate() and rebuild the aggregate"
+                    f"node {nid} of tree {tid} is missing from {self.path!r}; "
+                    "run validate() and rebuild the aggregate"
                 )
             n = _node_dec.decode(raw)
-        cache[ref] = n
+        else:
+            n = d[1]
+        cache[nid] = n
         if len(cache) > self.cache_nodes:
             cache.popitem(last=False)
         return n
 
-    def put_node(self, ref: bytes, node: Node) -> None:
-        self._dirty[ref] = node
+    def get_cum(self, nid: int, node: Node) -> list[int]:
+        """Prefix sums of an internal node's child counts, cached until it changes."""
+        c = self._cums.get(nid)
+        if c is None:
+            if len(self._cums) >= self.cache_nodes:
+                self._cums.clear()
+            c = self._cums[nid] = list(accumulate(node.counts))
+        return c
 
-    def new_node(self, tid: int, node: Node) -> bytes:
-        ref = tid.to_bytes(8, "big") + self._next_node.to_bytes(8, "big")
+    def put_node(self, tid: int, nid: int, node: Node) -> None:
+        self._dirty[nid] = (tid, node)
+        self._cums.pop(nid, None)
+
+    def new_node(self, tid: int, node: Node) -> int:
+        nid = self._next_node
         self._next_node += 1
-        self._dirty[ref] = node
-        self._cache[ref] = node
-        return ref
+        self._dirty[nid] = (tid, node)
+        self._cache[nid] = node
+        return nid
 
-    def free_node(self, ref: bytes) -> None:
-        self._dirty.pop(ref, None)
-        self._cache.pop(ref, None)
-        self._freed.add(ref)
+    def free_node(self, tid: int, nid: int) -> None:
+        self._dirty.pop(nid, None)
+        self._cums.pop(nid, None)
+        self._cache.pop(nid, None)
+        self._freed.add(_node_key(tid, nid))
 
     # ---- trees -------------------------------------------------------------------
 
@@ -465,6 +501,7 @@ class Store:
         self._next_tree += 1
         root = self.new_node(tid, Node([], []))
         meta = TreeMeta(tid, root, 1, max_node_size)
+        self._epoch += 1
         self._trees[tk] = meta
         self._trees_dirty.add(tk)
         return meta
@@ -475,10 +512,11 @@ class Store:
             return
         begin = meta.tid.to_bytes(8, "big")
         end = (meta.tid + 1).to_bytes(8, "big")
-        for ref in [r for r in self._dirty if r.startswith(begin)]:
-            del self._dirty[ref]
+        for nid in [n for n, (t, _) in self._dirty.items() if t == meta.tid]:
+            del self._dirty[nid]
         self._freed = {r for r in self._freed if not r.startswith(begin)}
         self._node_range_dels.append((begin, end))
+        self._epoch += 1
         self._trees[tk] = None
         self._trees_dirty.add(tk)
 
@@ -554,6 +592,10 @@ class Store:
                 "rocksdb.estimate-live-data-size"
             ),
         }
+
+
+def _node_key(tid: int, nid: int) -> bytes:
+    return tid.to_bytes(8, "big") + nid.to_bytes(8, "big")
 
 
 def _prefix_end(prefix: bytes) -> bytes:

@@ -1,0 +1,138 @@
+"""Engine benchmark: tally on RocksDB vs sortedcontainers.SortedList, side by side.
+
+    .venv/bin/python scripts/bench/engine.py [--items 1000000] [--reads 100000]
+        [--batch 1000] [--node-size N] [--cache-nodes N] [--scale 100000,1000000]
+
+Inserts ``--items`` random (key, id) items committed in batches, then times
+``count`` (random bounds), ``at`` and ``index_of`` on both, and prints ops/s
+and the tally/SortedList ratio. ``--scale`` repeats the read timings at each
+size to show how per-op cost grows with n. Peak RSS is reported at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sortedcontainers import SortedList
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from engine import Store  # noqa: E402
+
+KEY_SPACE = 10**9
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(n: int, batch: int, node_size: int | None, cache: int | None, seed: int = 1):
+    rnd = random.Random(seed)
+    keys = [rnd.randrange(KEY_SPACE) for _ in range(n)]
+    ids = list(range(n))
+    rnd.shuffle(ids)
+    path = tempfile.mkdtemp(prefix="tally-bench-")
+    store = Store.open(path, max_node_size=node_size, cache_nodes=cache)
+    agg = store.aggregate("bench")
+    t = time.perf_counter()
+    for start in range(0, n, batch):
+        with store.batch():
+            for i in range(start, min(n, start + batch)):
+                agg.insert(keys[i], ids[i], 1)
+    t_tally = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sl: SortedList = SortedList()
+    for i in range(n):
+        sl.add((keys[i], ids[i]))
+    t_sl = time.perf_counter() - t
+    return store, agg, sl, path, t_tally, t_sl
+
+
+def time_reads(agg, sl: SortedList, n: int, reads: int, seed: int = 2) -> dict[str, tuple[float, float]]:
+    rnd = random.Random(seed)
+    bounds = []
+    for _ in range(reads):
+        a, b = sorted((rnd.randrange(KEY_SPACE), rnd.randrange(KEY_SPACE)))
+        bounds.append((a, b))
+    offsets = [rnd.randrange(n) for _ in range(reads)]
+    probe = [rnd.randrange(KEY_SPACE) for _ in range(reads)]
+    out: dict[str, tuple[float, float]] = {}
+
+    t = time.perf_counter()
+    for a, b in bounds:
+        agg.count(bounds={"lower": {"key": a}, "upper": {"key": b}})
+    tt = time.perf_counter() - t
+    t = time.perf_counter()
+    for a, b in bounds:
+        # keys between a and b inclusive: (a,) <= item < (b, +inf)
+        sl.bisect_right((b, float("inf"))) - sl.bisect_left((a,))
+    ts = time.perf_counter() - t
+    out["count"] = (reads / tt, reads / ts)
+
+    t = time.perf_counter()
+    for k in offsets:
+        agg.at(k)
+    tt = time.perf_counter() - t
+    t = time.perf_counter()
+    for k in offsets:
+        sl[k]
+    ts = time.perf_counter() - t
+    out["at"] = (reads / tt, reads / ts)
+
+    t = time.perf_counter()
+    for k in probe:
+        agg.index_of(k)
+    tt = time.perf_counter() - t
+    t = time.perf_counter()
+    for k in probe:
+        sl.bisect_left((k,))
+    ts = time.perf_counter() - t
+    out["index_of"] = (reads / tt, reads / ts)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--reads", type=int, default=100_000)
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--node-size", type=int, default=None)
+    ap.add_argument("--cache-nodes", type=int, default=None)
+    ap.add_argument("--scale", default="", help="comma-separated extra sizes for the read-cost scaling table")
+    args = ap.parse_args()
+
+    store, agg, sl, path, t_tally, t_sl = build(args.items, args.batch, args.node_size, args.cache_nodes)
+    n = args.items
+    print(f"items={n:,} batch={args.batch} node_size={store.max_node_size} cache_nodes={store.cache_nodes}")
+    print(f"{'op':<10} {'tally ops/s':>14} {'SortedList ops/s':>18} {'ratio':>7}")
+    print(f"{'insert':<10} {n / t_tally:>14,.0f} {n / t_sl:>18,.0f} {t_sl / t_tally:>7.2f}")
+    for op, (a, b) in time_reads(agg, sl, n, args.reads).items():
+        print(f"{op:<10} {a:>14,.0f} {b:>18,.0f} {a / b:>7.2f}")
+    agg.validate() if n <= 200_000 else None
+    store.close()
+    shutil.rmtree(path, ignore_errors=True)
+    del sl
+
+    if args.scale:
+        print("\nread cost vs size (microseconds per op, tally)")
+        print(f"{'items':>12} {'count':>8} {'at':>8} {'index_of':>9}")
+        for size in [int(s) for s in args.scale.split(",")]:
+            store, agg, sl, path, _, _ = build(size, args.batch, args.node_size, args.cache_nodes)
+            r = time_reads(agg, sl, size, args.reads)
+            print(f"{size:>12,} " + " ".join(f"{1e6 / r[op][0]:>8.2f}" for op in ("count", "at", "index_of")))
+            store.close()
+            shutil.rmtree(path, ignore_errors=True)
+            del sl
+    print(f"\npeak RSS {rss_mib():,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -146,7 +146,7 @@ class Aggregate:
                 meta = store._new_tree(tk, store.max_node_size)
             Tree(store, meta).insert(ek + eid, s)
             store._trees_dirty.add(tk)
-            store._id_over[idk] = IdEntry(ens, ek, s)
+            store._set_id(idk, old, IdEntry(ens, ek, s))
             ok = True
             return True
         finally:
@@ -178,7 +178,7 @@ class Aggregate:
             tree.delete(old.key + eid)
             store._trees_dirty.add(tk)
             self._maybe_drop(tk, tree)
-            store._id_over[aid + eid] = None
+            store._set_id(aid + eid, old, None)
             ok = True
             return True
         finally:

@@ -38,22 +38,30 @@ class Node(msgspec.Struct, array_like=True, gc=False):
 
 
 class TreeMeta(msgspec.Struct, array_like=True):
-    """Where a tree's root is. Persisted in the meta column family."""
+    """Where a tree's root is. Persisted in the meta column family.
+
+    Node ids are local to a tree (``root``, ``children``, ``next_nid``); the
+    store addresses a node globally as ``tid << NID_BITS | local id``.
+    """
 
     tid: int
     root: int
     height: int
     max_node_size: int
+    next_nid: int = 1
+
+
+NID_BITS = 40
 
 
 class NodeStore(Protocol):
-    """Where nodes live. Node ids are unique across trees; ``tid`` locates them on disk."""
+    """Where nodes live, addressed by global node id (``tid << NID_BITS | local``)."""
 
-    def get_node(self, tid: int, nid: int) -> Node: ...
-    def get_cum(self, nid: int, node: Node) -> list[int]: ...
-    def put_node(self, tid: int, nid: int, node: Node) -> None: ...
-    def new_node(self, tid: int, node: Node) -> int: ...
-    def free_node(self, tid: int, nid: int) -> None: ...
+    def get_node(self, gid: int) -> Node: ...
+    def get_cum(self, gid: int, node: Node) -> list[int]: ...
+    def put_node(self, gid: int, node: Node) -> None: ...
+    def add_node(self, gid: int, node: Node) -> None: ...
+    def free_node(self, gid: int) -> None: ...
 
 
 def _count(n: Node) -> int:
@@ -67,28 +75,35 @@ def _sum(n: Node) -> int | float:
 class Tree:
     """Operations on one tree. Cheap to construct; holds no nodes itself."""
 
-    __slots__ = ("meta", "ns", "tid")
+    __slots__ = ("base", "meta", "ns")
 
     def __init__(self, ns: NodeStore, meta: TreeMeta) -> None:
         self.ns = ns
         self.meta = meta
-        self.tid = meta.tid
+        self.base = meta.tid << NID_BITS
+
+    def _new(self, node: Node) -> int:
+        """Allocate a local id for a new node."""
+        n = self.meta.next_nid
+        self.meta.next_nid = n + 1
+        self.ns.add_node(self.base | n, node)
+        return n
 
     # ---- reads ---------------------------------------------------------------
 
     def count(self) -> int:
         """Items in the tree. O(B)."""
-        return _count(self.ns.get_node(self.tid, self.meta.root))
+        return _count(self.ns.get_node(self.base | self.meta.root))
 
     def total(self) -> int | float:
         """Sum of all items. O(B)."""
-        return _sum(self.ns.get_node(self.tid, self.meta.root))
+        return _sum(self.ns.get_node(self.base | self.meta.root))
 
     def rank(self, x: bytes | None) -> int:
         """Number of items with key < x (x None = +infinity). O(B log n)."""
         get = self.ns.get_node
-        tid = self.tid
-        node = get(tid, self.meta.root)
+        base = self.base
+        node = get(base | self.meta.root)
         if x is None:
             return _count(node)
         cum = self.ns.get_cum
@@ -97,25 +112,25 @@ class Tree:
         while node.children:
             c = bisect_right(node.keys, x)
             if c:
-                r += cum(nid, node)[c - 1]
+                r += cum(base | nid, node)[c - 1]
             nid = node.children[c]
-            node = get(tid, nid)
+            node = get(base | nid)
         return r + bisect_left(node.keys, x)
 
     def select(self, k: int) -> tuple[bytes, int | float]:
         """The k-th item (0-based). Caller ensures 0 <= k < count. O(B log n)."""
         get = self.ns.get_node
-        tid = self.tid
+        base = self.base
         cum = self.ns.get_cum
         nid = self.meta.root
-        node = get(tid, nid)
+        node = get(base | nid)
         while node.children:
-            acc = cum(nid, node)
+            acc = cum(base | nid, node)
             c = bisect_right(acc, k)
             if c:
                 k -= acc[c - 1]
             nid = node.children[c]
-            node = get(tid, nid)
+            node = get(base | nid)
         return node.keys[k], node.sums[k]
 
     def range_sum(self, lo: bytes | None, hi: bytes | None) -> int | float:
@@ -123,7 +138,7 @@ class Tree:
         return self._range_sum(self.meta.root, lo, hi)
 
     def _range_sum(self, ref: int, lo: bytes | None, hi: bytes | None) -> int | float:
-        node = self.ns.get_node(self.tid, ref)
+        node = self.ns.get_node(self.base | ref)
         if not node.children:
             i = 0 if lo is None else bisect_left(node.keys, lo)
             j = len(node.keys) if hi is None else bisect_left(node.keys, hi)
@@ -147,7 +162,7 @@ class Tree:
     def _walk(
         self, ref: int, lo: bytes | None, hi: bytes | None, reverse: bool
     ) -> Iterator[tuple[bytes, int | float]]:
-        node = self.ns.get_node(self.tid, ref)
+        node = self.ns.get_node(self.base | ref)
         keys = node.keys
         if not node.children:
             i = 0 if lo is None else bisect_left(keys, lo)
@@ -179,42 +194,42 @@ class Tree:
         """Insert a key that is not present. O(B log n)."""
         ns = self.ns
         get = ns.get_node
-        tid = self.tid
+        base = self.base
         path: list[tuple[int, Node, int]] = []
         ref = self.meta.root
-        node = get(tid, ref)
+        node = get(base | ref)
         while node.children:
             c = bisect_right(node.keys, key)
             path.append((ref, node, c))
             ref = node.children[c]
-            node = get(tid, ref)
+            node = get(base | ref)
         pos = bisect_left(node.keys, key)
         if pos < len(node.keys) and node.keys[pos] == key:
             raise StoreCorrupted(f"tree already holds item key {key!r}: the id index is out of step")
         node.keys.insert(pos, key)
         node.sums.insert(pos, value)
-        ns.put_node(tid, ref, node)
+        ns.put_node(base | ref, node)
         self._fix_up(path, ref, node, 1)
 
     def delete(self, key: bytes) -> int | float:
         """Delete a present key; return its sum value. O(B log n)."""
         ns = self.ns
         get = ns.get_node
-        tid = self.tid
+        base = self.base
         path: list[tuple[int, Node, int]] = []
         ref = self.meta.root
-        node = get(tid, ref)
+        node = get(base | ref)
         while node.children:
             c = bisect_right(node.keys, key)
             path.append((ref, node, c))
             ref = node.children[c]
-            node = get(tid, ref)
+            node = get(base | ref)
         pos = bisect_left(node.keys, key)
         if pos >= len(node.keys) or node.keys[pos] != key:
             raise StoreCorrupted(f"tree lacks item key {key!r}: the id index is out of step")
         del node.keys[pos]
         value = node.sums.pop(pos)
-        ns.put_node(tid, ref, node)
+        ns.put_node(base | ref, node)
         self._fix_up(path, ref, node, -1)
         return value
 
@@ -232,13 +247,13 @@ class Tree:
             else:
                 parent.counts[c] += delta
                 parent.sums[c] = _sum(node)
-            ns.put_node(self.tid, pref, parent)
+            ns.put_node(self.base | pref, parent)
             ref, node = pref, parent
         # root
         if node.children:
             size = len(node.children)
             if size == 1:
-                ns.free_node(self.tid, ref)
+                ns.free_node(self.base | ref)
                 self.meta.root = node.children[0]
                 self.meta.height -= 1
                 return
@@ -247,7 +262,7 @@ class Tree:
         if size > m:
             new_root = Node([], [_sum(node)], [ref], [_count(node)])
             self._split(new_root, 0, ref, node)
-            self.meta.root = ns.new_node(self.meta.tid, new_root)
+            self.meta.root = self._new(new_root)
             self.meta.height += 1
 
     def _split(self, parent: Node, c: int, ref: int, node: Node) -> None:
@@ -264,8 +279,8 @@ class Tree:
             right = Node(node.keys[h:], node.sums[h:])
             sep = _separator(node.keys[h - 1], right.keys[0])
             del node.keys[h:], node.sums[h:]
-        rref = ns.new_node(self.tid, right)
-        ns.put_node(self.tid, ref, node)
+        rref = self._new(right)
+        ns.put_node(self.base | ref, node)
         parent.keys.insert(c, sep)
         parent.children.insert(c + 1, rref)
         parent.counts[c] = _count(node)
@@ -276,14 +291,14 @@ class Tree:
     def _rebalance(self, parent: Node, c: int, node: Node) -> None:
         """Fix an underfull child ``c``: borrow from a sibling, else merge."""
         ns = self.ns
-        tid = self.tid
+        base = self.base
         get = ns.get_node
         lo_size = self.meta.max_node_size // 2
         children = parent.children
         internal = bool(node.children)
         if c > 0:
             lref = children[c - 1]
-            left = get(tid, lref)
+            left = get(base | lref)
             lsize = len(left.children) if internal else len(left.keys)
             if lsize > lo_size:
                 if internal:
@@ -296,14 +311,14 @@ class Tree:
                     node.keys.insert(0, left.keys.pop())
                     node.sums.insert(0, left.sums.pop())
                     parent.keys[c - 1] = _separator(left.keys[-1], node.keys[0])
-                ns.put_node(tid, lref, left)
-                ns.put_node(tid, children[c], node)
+                ns.put_node(base | lref, left)
+                ns.put_node(base | children[c], node)
                 self._refresh(parent, c - 1, left)
                 self._refresh(parent, c, node)
                 return
         if c + 1 < len(children):
             rref = children[c + 1]
-            right = get(tid, rref)
+            right = get(base | rref)
             rsize = len(right.children) if internal else len(right.keys)
             if rsize > lo_size:
                 if internal:
@@ -316,8 +331,8 @@ class Tree:
                     node.keys.append(right.keys.pop(0))
                     node.sums.append(right.sums.pop(0))
                     parent.keys[c] = _separator(node.keys[-1], right.keys[0])
-                ns.put_node(tid, rref, right)
-                ns.put_node(tid, children[c], node)
+                ns.put_node(base | rref, right)
+                ns.put_node(base | children[c], node)
                 self._refresh(parent, c, node)
                 self._refresh(parent, c + 1, right)
                 return
@@ -325,10 +340,10 @@ class Tree:
             self._merge(parent, c, node, right)
             return
         if c > 0:
-            self._merge(parent, c - 1, get(tid, children[c - 1]), node)
+            self._merge(parent, c - 1, get(base | children[c - 1]), node)
             return
         # Only child (the parent is the root with one child): just refresh.
-        ns.put_node(tid, children[c], node)
+        ns.put_node(base | children[c], node)
         self._refresh(parent, c, node)
 
     def _merge(self, parent: Node, c: int, left: Node, right: Node) -> None:
@@ -346,8 +361,8 @@ class Tree:
         else:
             left.keys.extend(right.keys)
         left.sums.extend(right.sums)
-        ns.put_node(self.tid, parent.children[c], left)
-        ns.free_node(self.tid, rref)
+        ns.put_node(self.base | parent.children[c], left)
+        ns.free_node(self.base | rref)
         self._refresh(parent, c, left)
 
     @staticmethod
@@ -363,8 +378,8 @@ class Tree:
         depths: set[int] = set()
 
         def check(ref: int, lo: bytes | None, hi: bytes | None, depth: int, is_root: bool) -> tuple[int, int | float]:
-            node = self.ns.get_node(self.tid, ref)
-            where = f"node {ref} of tree {self.tid} (depth {depth})"
+            node = self.ns.get_node(self.base | ref)
+            where = f"node {ref} of tree {self.meta.tid} (depth {depth})"
             if node.children:
                 n = len(node.children)
                 if len(node.keys) != n - 1 or len(node.counts) != n or len(node.sums) != n:

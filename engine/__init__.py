@@ -4,7 +4,7 @@ Knows nothing about Kafka or HTTP. Start with `Store.open(path)`, then
 `store.aggregate(name)` or a `TableAggregate(...).bind(store)`.
 """
 
-from .aggregate import Aggregate
+from .aggregate import Aggregate, Prepared
 from .btree import Node, Tree, TreeMeta
 from .errors import (
     AggregateNotReady,
@@ -40,9 +40,11 @@ __all__ = [
     "OffsetOutOfRange",
     "Order",
     "Page",
+    "Prepared",
     "Query",
     "ReadOnlyStore",
     "RowItem",
+    "Store",
     "StoreCorrupted",
     "TableAggregate",
     "TallyError",

@@ -10,10 +10,17 @@ from __future__ import annotations
 import math
 import random as _random
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .btree import Tree
-from .errors import InvalidArgument, InvalidKey, ItemExists, ItemNotFound, OffsetOutOfRange, StoreCorrupted
+from .errors import (
+    InvalidArgument,
+    InvalidKey,
+    ItemExists,
+    ItemNotFound,
+    OffsetOutOfRange,
+    StoreCorrupted,
+)
 from .keys import decode_key, decode_keys, encode_key, key_repr
 from .store import _P_TREE, IdEntry, _check_node_size, tree_key
 from .types import Bounds, Item, Order, Page, Query, decode_cursor, encode_cursor, normalize_bounds
@@ -23,7 +30,16 @@ if TYPE_CHECKING:
 
 _MISSING = object()
 
-__all__ = ["Aggregate"]
+
+class Prepared(NamedTuple):
+    """An item validated and encoded by `Aggregate.prepare`."""
+
+    key: bytes
+    id: bytes
+    namespace: bytes
+    sum_value: int | float
+
+__all__ = ["Aggregate", "Prepared"]
 
 _INT64 = 1 << 63
 
@@ -105,13 +121,28 @@ class Aggregate:
 
     # ---- writes ---------------------------------------------------------------
 
+    def prepare(self, key: Any, id: Any, sum_value: Any = 0, namespace: Any = None) -> Prepared:
+        """Validate and encode an item without writing it. O(size of the keys).
+
+        Consumers prepare every item of an event first, so an event either
+        applies to all its aggregates or (bad input) to none.
+        """
+        return Prepared(encode_key(key), _encode_id(id), encode_key(namespace), _check_sum(sum_value))
+
+    def upsert_prepared(self, p: Prepared) -> bool:
+        """`upsert` of a `prepare`d item. O(log n)."""
+        return self._write_enc(p.key, p.id, p.namespace, p.sum_value, "upsert", None)
+
+    def delete_encoded(self, eid: bytes) -> bool:
+        """`delete_if_exists` by an id already encoded with `encode_key`. O(log n)."""
+        return self._remove_enc(eid, False, None)
+
     def _write(self, key: Any, id: Any, sum_value: Any, namespace: Any, mode: str) -> bool:
+        return self._write_enc(encode_key(key), _encode_id(id), encode_key(namespace), _check_sum(sum_value), mode, id)
+
+    def _write_enc(self, ek: bytes, eid: bytes, ens: bytes, s: int | float, mode: str, id: Any) -> bool:
         """mode: 'insert' (strict), 'replace' (strict), 'upsert'."""
         store = self.store
-        ek = encode_key(key)
-        eid = _encode_id(id)
-        ens = encode_key(namespace)
-        s = _check_sum(sum_value)
         store._begin()
         ok = False
         try:
@@ -158,8 +189,10 @@ class Aggregate:
             self.store._drop_tree(tk)
 
     def _remove(self, id: Any, strict: bool) -> bool:
+        return self._remove_enc(_encode_id(id), strict, id)
+
+    def _remove_enc(self, eid: bytes, strict: bool, id: Any) -> bool:
         store = self.store
-        eid = _encode_id(id)
         store._begin()
         ok = False
         try:

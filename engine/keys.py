@@ -241,7 +241,7 @@ def _decode_at(b: bytes, i: int) -> tuple[Any, int]:
         if b[i + 1] == 0xFF:
             return math.inf, i + 2
         return _decode_magnitude(b, i + 1)
-    if tag == TAG_STR or tag == TAG_BYTES:
+    if tag in (TAG_STR, TAG_BYTES):
         k = b.index(b"\x00", i + 1)
         raw = _unescape(b[i + 1 : k])
         if tag == TAG_STR:

@@ -222,6 +222,8 @@ class Store:
         self._depth = 0
         self._epoch = 0
         self._closed = False
+        self._ckpt = 0
+        self._seq = 0
         if not read_only:
             version = self._meta.get(_K_VERSION)
             if version is None:

@@ -116,7 +116,7 @@ def _as_bounds(bounds: Any) -> Bounds:
         return Bounds(
             _bound(bounds.get("lower"), "lower"),
             _bound(bounds.get("upper"), "upper"),
-            bounds["eq"] if "eq" in bounds else msgspec.UNSET,
+            bounds.get("eq", msgspec.UNSET),
             prefix,
         )
     raise InvalidArgument(

@@ -1,0 +1,137 @@
+"""The `tally` command line.
+
+Every subcommand has ``--help`` with an example. Errors are one clear line
+on stderr and a non-zero exit (2: bad usage or configuration, 1: runtime),
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+from collections.abc import Sequence
+
+from engine import Store, TallyError
+
+__all__ = ["build_parser", "main"]
+
+# Subcommand modules: each exposes register(subparsers).
+_SUBCOMMANDS = ("consumers.cli_produce", "consumers.cli_query", "consumers.cli_demo")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override,unused-ignore]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n(run `{self.prog} --help` for options and an example)\n")
+
+
+def _consume_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "consume",
+        help="run a consumer: apply change events from Kafka to the aggregates",
+        description=(
+            "Consume table change events from Kafka and maintain the aggregates defined in "
+            "DEFINITIONS (a Python file or module with module-level TableAggregate objects). "
+            "State and offsets commit together in --data-dir; a restart resumes exactly."
+        ),
+        epilog=(
+            "example:\n"
+            "  tally consume examples/leaderboard.py --topic scores=game.scores --data-dir ./data\n\n"
+            "Each option also reads TALLY_<OPTION> (e.g. TALLY_BOOTSTRAP_SERVERS) and a TOML file\n"
+            "(--config, $TALLY_CONFIG or ./tally.toml). Precedence: flag > environment > file > default."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("definitions", nargs="?", help="Python file or module with TableAggregate definitions")
+    p.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="Kafka brokers (default 127.0.0.1:9092)")
+    p.add_argument("--data-dir", metavar="DIR", help="where state lives (default ./tally-data)")
+    p.add_argument(
+        "--topic",
+        action="append",
+        metavar="TABLE=TOPIC",
+        help="read TABLE's changes from TOPIC (repeatable; default: the topic named like the table)",
+    )
+    p.add_argument("--format", choices=["auto", "native", "debezium"], help="event format (default auto)")
+    p.add_argument("--dlq-topic", metavar="NAME", help="dead-letter topic; {topic} = source topic (default {topic}.dlq)")
+    p.add_argument("--group-id", help="consumer group for lag monitoring (default tally)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="max records per batch/commit (default 5000)")
+    p.add_argument("--config", metavar="FILE", help="TOML settings file")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["auto", "json", "console"])
+    p.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="exit 0 once every partition is consumed up to its end offset",
+    )
+    p.set_defaults(func=_run_consume)
+
+
+def _run_consume(args: argparse.Namespace) -> int:
+    from .definitions import load_definitions
+    from .logs import configure_logging
+    from .runner import ConsumerProcess
+    from .settings import load_settings, parse_topic_map
+
+    cli = {
+        "definitions": args.definitions,
+        "bootstrap_servers": args.bootstrap_servers,
+        "data_dir": args.data_dir,
+        "topics": parse_topic_map(args.topic) if args.topic else None,
+        "format": args.format,
+        "dlq_topic": args.dlq_topic,
+        "group_id": args.group_id,
+        "batch_size": args.batch_size,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
+    settings = load_settings(cli, args.config)
+    if not settings.definitions:
+        raise TallyError("no definitions given: pass a Python file, e.g. `tally consume examples/leaderboard.py`")
+    if settings.batch_size < 1:
+        raise TallyError(f"--batch-size must be at least 1, got {settings.batch_size}")
+    configure_logging(settings.log_level, settings.log_format)
+    defs = load_definitions(settings.definitions)
+    store = Store.open(settings.data_dir, cache_nodes=settings.cache_nodes, max_node_size=settings.max_node_size)
+    try:
+        proc = ConsumerProcess(settings, defs, store)
+        return asyncio.run(proc.run(until_caught_up=args.until_caught_up))
+    finally:
+        store.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tally",
+        description="tally: order-statistic aggregates over Kafka change streams, in RocksDB.",
+        epilog="run `tally COMMAND --help` for a command's options and an example",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    _consume_parser(sub)
+    for mod in _SUBCOMMANDS:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except TallyError as e:
+        print(f"tally: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shapes of the data crossing tally's boundaries (msgspec Structs); imports nothing else of ours.
+
+This module only re-exports; each shape lives in its own submodule.
+"""
+
+from schemas.decode import DEFAULT_ID_FIELDS, DecodeFormat, EventDecoder
+from schemas.errors import BadRecord, ConfigError, TallyError
+from schemas.events import (
+    DEBEZIUM_OPS,
+    NATIVE_OPS,
+    ChangeEvent,
+    ChangeKind,
+    DebeziumEnvelope,
+    DebeziumMessage,
+    DebeziumOp,
+    DebeziumSource,
+    NativeEvent,
+    NativeOp,
+    decode_native,
+    encode_native,
+)
+
+__all__ = [
+    "DEBEZIUM_OPS",
+    "DEFAULT_ID_FIELDS",
+    "NATIVE_OPS",
+    "BadRecord",
+    "ChangeEvent",
+    "ChangeKind",
+    "ConfigError",
+    "DebeziumEnvelope",
+    "DebeziumMessage",
+    "DebeziumOp",
+    "DebeziumSource",
+    "DecodeFormat",
+    "EventDecoder",
+    "NativeEvent",
+    "NativeOp",
+    "TallyError",
+    "decode_native",
+    "encode_native",
+]

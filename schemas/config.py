@@ -1,0 +1,46 @@
+"""Consumer settings: one Struct, filled from defaults < TOML file < environment < CLI flags.
+
+Every field has a TOML key of the same name (in a ``[consume]`` table or at
+top level), an environment variable ``TALLY_<FIELD>`` (upper case), and a
+``--field-name`` flag on `tally consume`. `topics` maps table → topic; in the
+environment it is ``TALLY_TOPICS="scores=pg.public.scores,users=users"``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+__all__ = ["DEFAULT_HTTP", "ConsumerSettings"]
+
+DEFAULT_HTTP = "127.0.0.1:8750"
+
+
+class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What a `tally consume` process needs to know."""
+
+    definitions: str | None = None
+    """Python file or module whose module-level `TableAggregate`s to maintain."""
+    bootstrap_servers: str = "127.0.0.1:9092"
+    data_dir: str = "./tally-data"
+    topics: dict[str, str] = msgspec.field(default_factory=dict)
+    """table → topic. A table without an entry is read from the topic of its own name."""
+    format: Literal["auto", "native", "debezium"] = "auto"
+    dlq_topic: str = "{topic}.dlq"
+    """Dead-letter topic; ``{topic}`` is replaced by the source topic."""
+    group_id: str = "tally"
+    """Consumer group under which offsets are committed to Kafka, for lag monitoring only."""
+    batch_size: int = 5000
+    """Max records per getmany batch = per RocksDB commit. Bigger: faster, longer commits."""
+    poll_timeout_ms: int = 200
+    progress_interval: float = 10.0
+    """Seconds between info-level progress lines."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    http: str | None = DEFAULT_HTTP
+    """HOST:PORT of the HTTP API; None disables it."""
+    token: str | None = None
+    """Bearer token required by state-changing HTTP endpoints (none are served without one)."""
+    cache_nodes: int | None = None
+    max_node_size: int | None = None

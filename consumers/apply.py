@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from engine import Aggregate, Prepared, Store, TableAggregate, TallyError, encode_key
+from engine.aggregate import prepare_encoded_id as prepare
 from schemas import BadRecord, ChangeEvent
 
 __all__ = ["Applier", "ApplyResult", "Op"]
@@ -80,7 +81,7 @@ class Applier:
                         if it is None:
                             planned.append(Op(DELETE, agg, eid))
                         else:
-                            planned.append(Op(UPSERT, agg, agg.prepare(it.key, ev.id, it.sum_value, it.namespace)))
+                            planned.append(Op(UPSERT, agg, prepare(it.key, eid, it.sum_value, it.namespace)))
                 except TallyError as e:
                     bad.append((i, BadRecord("apply", f"{_where(ev)}: {e}")))
                     continue

@@ -13,6 +13,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+import msgspec
+
 from engine import Store, TallyError
 
 __all__ = ["build_parser", "main"]
@@ -60,10 +62,14 @@ def _consume_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML settings file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["auto", "json", "console"])
+    p.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP API here (default 127.0.0.1:8750)")
+    p.add_argument("--no-http", action="store_true", help="do not serve the HTTP API")
+    p.add_argument("--token", help="bearer token for state-changing HTTP endpoints (env TALLY_TOKEN)")
     p.add_argument(
         "--until-caught-up",
         action="store_true",
-        help="exit 0 once every partition is consumed up to its end offset",
+        help="exit 0 once every partition is consumed up to its end offset "
+        "(a batch job: serves HTTP only if --http is given)",
     )
     p.set_defaults(func=_run_consume)
 
@@ -85,8 +91,12 @@ def _run_consume(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "log_level": args.log_level,
         "log_format": args.log_format,
+        "http": args.http,
+        "token": args.token,
     }
     settings = load_settings(cli, args.config)
+    if args.no_http or (args.until_caught_up and not args.http):
+        settings = msgspec.structs.replace(settings, http=None)
     if not settings.definitions:
         raise TallyError("no definitions given: pass a Python file, e.g. `tally consume examples/leaderboard.py`")
     if settings.batch_size < 1:

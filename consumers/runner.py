@@ -120,6 +120,11 @@ class ConsumerProcess:
         self._assigned: list[TopicPartition] = []
         self.caught_up = asyncio.Event()
 
+    @property
+    def assigned(self) -> list[TopicPartition]:
+        """The partitions this process owns (empty until assignment)."""
+        return list(self._assigned)
+
     def request_stop(self) -> None:
         """Finish the current batch, commit, and return from `run`."""
         self._stop.set()
@@ -133,6 +138,11 @@ class ConsumerProcess:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self._on_signal, sig)
+        http = None
+        if self.settings.http:
+            from .http import start_http
+
+            http = await start_http(self, self.settings.http, self.settings.token)
         try:
             if not await self._connect():
                 return 0  # stopped while waiting for the broker
@@ -141,6 +151,8 @@ class ConsumerProcess:
             return 0
         finally:
             await self._close()
+            if http is not None:
+                await http.cleanup()
             if install_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     with contextlib.suppress(NotImplementedError, RuntimeError):

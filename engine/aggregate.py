@@ -61,6 +61,15 @@ def _check_sum(v: Any) -> int | float:
     )
 
 
+_NONE_KEY = encode_key(None)
+
+
+def prepare_encoded_id(key: Any, eid: bytes, sum_value: Any, namespace: Any) -> Prepared:
+    """`Aggregate.prepare` for an id already encoded (one encoding per event, not per aggregate)."""
+    s = sum_value if type(sum_value) is int and -_INT64 <= sum_value < _INT64 else _check_sum(sum_value)
+    return Prepared(encode_key(key), eid, _NONE_KEY if namespace is None else encode_key(namespace), s)
+
+
 def _encode_id(id: Any) -> bytes:
     if id is None:
         raise InvalidKey("id must not be None: every item needs an id (an int, str, or tuple for composite ids)")
@@ -169,8 +178,12 @@ class Aggregate:
                 otree = Tree(store, ometa)
                 otree.delete(old.key + eid)
                 store._trees_dirty.add(otk)
-                if ens != old.ns:
-                    self._maybe_drop(otk, otree)
+                if ens == old.ns:
+                    otree.insert(ek + eid, s)
+                    store._set_id(idk, old, IdEntry(ens, ek, s))
+                    ok = True
+                    return True
+                self._maybe_drop(otk, otree)
             tk = tree_key(aid, ens)
             meta = store._tree_meta(tk)
             if meta is None:

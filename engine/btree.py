@@ -209,7 +209,7 @@ class Tree:
         node.keys.insert(pos, key)
         node.sums.insert(pos, value)
         ns.put_node(base | ref, node)
-        self._fix_up(path, ref, node, 1)
+        self._fix_up(path, ref, node, 1, value)
 
     def delete(self, key: bytes) -> int | float:
         """Delete a present key; return its sum value. O(B log n)."""
@@ -230,11 +230,18 @@ class Tree:
         del node.keys[pos]
         value = node.sums.pop(pos)
         ns.put_node(base | ref, node)
-        self._fix_up(path, ref, node, -1)
+        self._fix_up(path, ref, node, -1, -value)
         return value
 
-    def _fix_up(self, path: list[tuple[int, Node, int]], ref: int, node: Node, delta: int) -> None:
-        """Walk from a changed node to the root: counts, sums, splits, merges."""
+    def _fix_up(
+        self, path: list[tuple[int, Node, int]], ref: int, node: Node, delta: int, dsum: int | float
+    ) -> None:
+        """Walk from a changed node to the root: counts, sums, splits, merges.
+
+        ``dsum`` is the change of the subtree's sum: int sums are adjusted
+        exactly; anything involving a float is recomputed from the children.
+        """
+        exact = type(dsum) is int
         ns = self.ns
         m = self.meta.max_node_size
         lo_size = m // 2
@@ -246,7 +253,10 @@ class Tree:
                 self._rebalance(parent, c, node)
             else:
                 parent.counts[c] += delta
-                parent.sums[c] = _sum(node)
+                if exact and type(parent.sums[c]) is int:
+                    parent.sums[c] += dsum
+                else:
+                    parent.sums[c] = _sum(node)
             ns.put_node(self.base | pref, parent)
             ref, node = pref, parent
         # root

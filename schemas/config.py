@@ -40,6 +40,8 @@ class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     log_format: Literal["auto", "json", "console"] = "auto"
     http: str | None = DEFAULT_HTTP
     """HOST:PORT of the HTTP API; None disables it."""
+    ready_max_lag: int = 1000
+    """/readyz answers 200 while the total lag (events) is at most this."""
     token: str | None = None
     """Bearer token required by state-changing HTTP endpoints (none are served without one)."""
     cache_nodes: int | None = None

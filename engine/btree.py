@@ -19,7 +19,7 @@ from __future__ import annotations
 import random as _random
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -32,7 +32,7 @@ class Node(msgspec.Struct, array_like=True, gc=False):
     """A tree node. A leaf has no children."""
 
     keys: list[bytes]
-    sums: list[int | float]
+    sums: list[Any]  # int | float; ints beyond 64 bits are stored as msgpack ext (see store)
     children: list[int] = msgspec.field(default_factory=list)
     counts: list[int] = msgspec.field(default_factory=list)
 

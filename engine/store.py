@@ -89,7 +89,30 @@ Change = tuple[bytes, IdEntry | None, IdEntry | None]
 """One logged item change: (agg_id + encoded id, old entry, new entry)."""
 
 _enc = msgspec.msgpack.Encoder()
-_node_dec = msgspec.msgpack.Decoder(Node)
+_EXT_BIGINT = 1
+
+
+def _bigint_ext(code: int, data: memoryview) -> Any:
+    if code == _EXT_BIGINT:
+        return int.from_bytes(data, "big", signed=True)
+    raise StoreCorrupted(f"unknown msgpack extension type {code} in a stored node")
+
+
+def _encode_node(node: Node) -> bytes:
+    """msgpack of a node; sums beyond 64 bits (sums of many items) become an ext type."""
+    try:
+        return _enc.encode(node)
+    except OverflowError:
+        sums = [
+            msgspec.msgpack.Ext(_EXT_BIGINT, v.to_bytes((v.bit_length() + 8) // 8, "big", signed=True))
+            if type(v) is int and not -(1 << 63) <= v < (1 << 63)
+            else v
+            for v in node.sums
+        ]
+        return _enc.encode(Node(node.keys, sums, node.children, node.counts))
+
+
+_node_dec = msgspec.msgpack.Decoder(Node, ext_hook=_bigint_ext)
 _tree_dec = msgspec.msgpack.Decoder(TreeMeta)
 _id_dec = msgspec.msgpack.Decoder(IdEntry)
 _log_dec = msgspec.msgpack.Decoder(list[tuple[bytes, IdEntry | None, IdEntry | None]])
@@ -174,16 +197,43 @@ class Store:
             raise InvalidArgument(f"checkpoint_changes must be a positive int, got {cc!r}")
         self.checkpoint_changes = cc
         self._secondary_dir: str | None = None
+        self._open_db()
+        self._wopt = WriteOptions()
+        self._wopt.sync = sync
+        self._cache: OrderedDict[int, Node] = OrderedDict()
+        self._cums: dict[int, list[int]] = {}
+        self._trees: dict[bytes, TreeMeta | None] = {}
+        self._agg_ids: dict[str, bytes] = {}
+        self._handles: dict[str, Aggregate] = {}
+        self._depth = 0
+        self._epoch = 0
+        self._closed = False
+        self._ckpt = 0
+        self._seq = 0
+        if not read_only:
+            version = self._meta.get(_K_VERSION)
+            if version is None:
+                self._meta[_K_VERSION] = FORMAT_VERSION
+            elif version != FORMAT_VERSION:
+                raise TallyError(
+                    f"store at {self.path!r} has format {version!r}, this tally reads "
+                    f"{FORMAT_VERSION!r}: rebuild it by replaying the topics into a new --data-dir"
+                )
+        self._recover()
+
+    def _open_db(self) -> None:
         block_cache = Cache(BLOCK_CACHE_BYTES)
         cfs = {name: _cf_options(block_cache) for name in _CFS}
         try:
-            if read_only:
+            if self.read_only:
                 if not os.path.exists(os.path.join(self.path, "CURRENT")):
                     raise TallyError(
                         f"no tally store at {self.path!r}: check --data-dir, or start a consumer "
                         "there first (read-only opens never create a store)"
                     )
-                self._secondary_dir = tempfile.mkdtemp(prefix="tally-reader-")
+                self._manifest = _read_current(self.path)
+                if self._secondary_dir is None:
+                    self._secondary_dir = tempfile.mkdtemp(prefix="tally-reader-")
                 self._db = Rdict(
                     self.path,
                     _cf_options(block_cache),
@@ -212,28 +262,14 @@ class Store:
         self._h_ids = self._db.get_column_family_handle("ids")
         self._h_log = self._db.get_column_family_handle("log")
         self._h_meta = self._db.get_column_family_handle("meta")
-        self._wopt = WriteOptions()
-        self._wopt.sync = sync
-        self._cache: OrderedDict[int, Node] = OrderedDict()
-        self._cums: dict[int, list[int]] = {}
-        self._trees: dict[bytes, TreeMeta | None] = {}
-        self._agg_ids: dict[str, bytes] = {}
-        self._handles: dict[str, Aggregate] = {}
-        self._depth = 0
-        self._epoch = 0
-        self._closed = False
-        self._ckpt = 0
-        self._seq = 0
-        if not read_only:
-            version = self._meta.get(_K_VERSION)
-            if version is None:
-                self._meta[_K_VERSION] = FORMAT_VERSION
-            elif version != FORMAT_VERSION:
-                raise TallyError(
-                    f"store at {self.path!r} has format {version!r}, this tally reads "
-                    f"{FORMAT_VERSION!r}: rebuild it by replaying the topics into a new --data-dir"
-                )
-        self._recover()
+
+    def _close_db(self) -> None:
+        # Column-family views keep the DB (and its LOCK) alive: drop them first.
+        del self._nodes, self._ids, self._log, self._meta
+        del self._h_nodes, self._h_ids, self._h_log, self._h_meta
+        self._db.close()
+        del self._db
+        gc.collect()
 
     @classmethod
     def open(
@@ -271,15 +307,10 @@ class Store:
         if not self.read_only and self._depth == 0:
             self.checkpoint()
         self._closed = True
-        # Column-family views keep the DB (and its LOCK) alive: drop them first.
         self._drop_caches()
         self._reset_batch_state()
         self._reset_checkpoint_state()
-        del self._nodes, self._ids, self._log, self._meta
-        del self._h_nodes, self._h_ids, self._h_log, self._h_meta
-        self._db.close()
-        del self._db
-        gc.collect()
+        self._close_db()
         if self._secondary_dir:
             shutil.rmtree(self._secondary_dir, ignore_errors=True)
 
@@ -296,6 +327,12 @@ class Store:
         (only new log records are replayed); otherwise reloads.
         """
         if not self.read_only:
+            return
+        if _read_current(self.path) != self._manifest:
+            # The writer restarted (new MANIFEST): a secondary cannot follow that; reopen.
+            self._close_db()
+            self._open_db()
+            self._recover()
             return
         self._db.try_catch_up_with_primary()
         if self._meta_int(_K_CKPT) != self._ckpt:
@@ -521,10 +558,10 @@ class Store:
         if self._changes or self._id_over or self._ids_cleared:
             seq += 1
             wb.put(_K_SEQ, seq.to_bytes(8, "big"), h_meta)
+            if not checkpoint:
+                wb.put(seq.to_bytes(8, "big"), enc(self._changes), self._h_log)
         if checkpoint:
             self._write_checkpoint(wb, seq)
-        else:
-            wb.put(seq.to_bytes(8, "big"), enc(self._changes), self._h_log)
         try:
             self._db.write(wb, self._wopt)
         except Exception:
@@ -546,7 +583,7 @@ class Store:
         for b, e in self._node_range_dels:
             wb.delete_range(b, e, h_nodes)
         for gid, node in self._dirty.items():
-            wb.put(gid.to_bytes(13, "big"), enc(node), h_nodes)
+            wb.put(gid.to_bytes(13, "big"), _encode_node(node), h_nodes)
         for gid in self._freed:
             wb.delete(gid.to_bytes(13, "big"), h_nodes)
         for tk in self._trees_dirty:
@@ -730,6 +767,14 @@ class Store:
                 "rocksdb.estimate-live-data-size"
             ),
         }
+
+
+def _read_current(path: str) -> bytes:
+    try:
+        with open(os.path.join(path, "CURRENT"), "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def _prefix_end(prefix: bytes) -> bytes:

@@ -15,6 +15,7 @@ import argparse
 import random
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ from sortedcontainers import SortedList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine import Store  # noqa: E402
+from engine import Store
 
 KEY_SPACE = 10**9
 
@@ -99,6 +100,41 @@ def time_reads(agg, sl: SortedList, n: int, reads: int, seed: int = 2) -> dict[s
     return out
 
 
+def scale_child(args: argparse.Namespace) -> None:
+    """Build ``n`` items and time reads, tally only (no SortedList in this process's RSS)."""
+    n = args.scale_child
+    rnd = random.Random(1)
+    path = tempfile.mkdtemp(prefix="tally-bench-")
+    store = Store.open(path, max_node_size=args.node_size, cache_nodes=args.cache_nodes)
+    agg = store.aggregate("bench")
+    ids = list(range(n))
+    rnd.shuffle(ids)
+    for start in range(0, n, args.batch):
+        with store.batch():
+            for i in range(start, min(n, start + args.batch)):
+                agg.insert(rnd.randrange(KEY_SPACE), ids[i], 1)
+    store.checkpoint()
+    reads = args.reads
+    qb = [sorted((rnd.randrange(KEY_SPACE), rnd.randrange(KEY_SPACE))) for _ in range(reads)]
+    offs = [rnd.randrange(n) for _ in range(reads)]
+    probes = [rnd.randrange(KEY_SPACE) for _ in range(reads)]
+    t = time.perf_counter()
+    for a, b in qb:
+        agg.count(bounds={"lower": {"key": a}, "upper": {"key": b}})
+    c = (time.perf_counter() - t) / reads * 1e6
+    t = time.perf_counter()
+    for k in offs:
+        agg.at(k)
+    at = (time.perf_counter() - t) / reads * 1e6
+    t = time.perf_counter()
+    for k in probes:
+        agg.index_of(k)
+    io = (time.perf_counter() - t) / reads * 1e6
+    store.close()
+    shutil.rmtree(path, ignore_errors=True)
+    print(f"{n:>12,} {c:>8.2f} {at:>8.2f} {io:>9.2f} {rss_mib():>13,.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=1_000_000)
@@ -107,7 +143,11 @@ def main() -> None:
     ap.add_argument("--node-size", type=int, default=None)
     ap.add_argument("--cache-nodes", type=int, default=None)
     ap.add_argument("--scale", default="", help="comma-separated extra sizes for the read-cost scaling table")
+    ap.add_argument("--scale-child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.scale_child:
+        scale_child(args)
+        return
 
     store, agg, sl, path, t_tally, t_sl = build(args.items, args.batch, args.node_size, args.cache_nodes)
     n = args.items
@@ -122,15 +162,16 @@ def main() -> None:
     del sl
 
     if args.scale:
-        print("\nread cost vs size (microseconds per op, tally)")
-        print(f"{'items':>12} {'count':>8} {'at':>8} {'index_of':>9}")
-        for size in [int(s) for s in args.scale.split(",")]:
-            store, agg, sl, path, _, _ = build(size, args.batch, args.node_size, args.cache_nodes)
-            r = time_reads(agg, sl, size, args.reads)
-            print(f"{size:>12,} " + " ".join(f"{1e6 / r[op][0]:>8.2f}" for op in ("count", "at", "index_of")))
-            store.close()
-            shutil.rmtree(path, ignore_errors=True)
-            del sl
+        print("\nread cost vs size (microseconds per op, tally only; each size in its own process)")
+        print(f"{'items':>12} {'count':>8} {'at':>8} {'index_of':>9} {'peak RSS MiB':>13}")
+        for size in [int(x) for x in args.scale.split(",")]:
+            cmd = [sys.executable, __file__, "--scale-child", str(size), "--reads", str(args.reads),
+                   "--batch", str(args.batch)]
+            if args.node_size:
+                cmd += ["--node-size", str(args.node_size)]
+            if args.cache_nodes:
+                cmd += ["--cache-nodes", str(args.cache_nodes)]
+            print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip(), flush=True)
     print(f"\npeak RSS {rss_mib():,.0f} MiB")
 
 

@@ -6,6 +6,7 @@ Knows nothing about Kafka or HTTP. Start with `Store.open(path)`, then
 
 from .aggregate import Aggregate, Prepared
 from .btree import Node, Tree, TreeMeta
+from .catalog import Generation, physical_name
 from .errors import (
     AggregateNotReady,
     InvalidArgument,
@@ -31,6 +32,7 @@ __all__ = [
     "Bound",
     "BoundTableAggregate",
     "Bounds",
+    "Generation",
     "InvalidArgument",
     "InvalidKey",
     "Item",
@@ -52,4 +54,5 @@ __all__ = [
     "TreeMeta",
     "decode_key",
     "encode_key",
+    "physical_name",
 ]

@@ -93,9 +93,11 @@ def _item(ek: bytes, s: int | float, namespace: Any) -> Item:
 class Aggregate:
     """Handle of one aggregate. Get it with `Store.aggregate(name)`."""
 
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str, *, partial: bool = False) -> None:
         self.store = store
         self.name = name
+        self.partial = partial
+        self._phys = name
         self._rng = _random.Random()
         self._trees: dict[bytes, Tree | None] = {}
         self._epoch = -1
@@ -105,15 +107,24 @@ class Aggregate:
 
     # ---- plumbing -------------------------------------------------------------
 
-    def _tree(self, namespace: Any) -> Tree | None:
+    def _physical(self) -> str:
+        """The physical aggregate this handle reads and writes (see `engine.catalog`)."""
         store = self.store
         if self._epoch != store._epoch:
             self._trees.clear()
+            gen = store.generation(self.name)
+            # Not cached while not ready: the next call asks the catalog again.
+            self._phys = self.name if gen is None else gen.resolve(self.name, self.partial)
             self._epoch = store._epoch
+        return self._phys
+
+    def _tree(self, namespace: Any) -> Tree | None:
+        store = self.store
+        phys = self._physical()
         ens = encode_key(namespace)
         tree = self._trees.get(ens, _MISSING)
         if tree is _MISSING:
-            aid = store._agg_id(self.name, False)
+            aid = store._agg_id(phys, False)
             meta = None if aid is None else store._tree_meta(tree_key(aid, ens))
             tree = None if meta is None else Tree(store, meta)
             self._trees[ens] = tree
@@ -155,7 +166,7 @@ class Aggregate:
         store._begin()
         ok = False
         try:
-            aid = store._agg_id(self.name, True)
+            aid = store._agg_id(self._physical(), True)
             assert aid is not None
             idk = aid + eid
             old = store._id_get(idk)
@@ -209,7 +220,7 @@ class Aggregate:
         store._begin()
         ok = False
         try:
-            aid = store._agg_id(self.name, False)
+            aid = store._agg_id(self._physical(), False)
             old = None if aid is None else store._id_get(aid + eid)
             if old is None or aid is None:
                 if strict:
@@ -255,7 +266,7 @@ class Aggregate:
 
     def get(self, id: Any) -> Item | None:
         """The item for ``id``, or None. O(1) RocksDB point read."""
-        aid = self.store._agg_id(self.name, False)
+        aid = self.store._agg_id(self._physical(), False)
         if aid is None:
             return None
         e = self.store._id_get(aid + _encode_id(id))
@@ -273,7 +284,7 @@ class Aggregate:
         store._begin()
         ok = False
         try:
-            aid = store._agg_id(self.name, True)
+            aid = store._agg_id(self._physical(), True)
             assert aid is not None
             self._clear_tree(aid, tree_key(aid, ens))
             if m != store.max_node_size:
@@ -300,7 +311,7 @@ class Aggregate:
         store._begin()
         ok = False
         try:
-            aid = store._agg_id(self.name, False)
+            aid = store._agg_id(self._physical(), False)
             if aid is not None:
                 self._clear_tree(aid, tree_key(aid, ens))
             ok = True
@@ -313,7 +324,7 @@ class Aggregate:
         store._begin()
         ok = False
         try:
-            aid = store._agg_id(self.name, False)
+            aid = store._agg_id(self._physical(), False)
             if aid is not None:
                 for tk in store._tree_keys(aid):
                     store._drop_tree(tk)
@@ -326,7 +337,7 @@ class Aggregate:
 
     def namespaces(self) -> list[Any]:
         """Namespaces holding at least one item, in key order. O(namespaces)."""
-        aid = self.store._agg_id(self.name, False)
+        aid = self.store._agg_id(self._physical(), False)
         if aid is None:
             return []
         out = []
@@ -517,7 +528,7 @@ class Aggregate:
     def validate(self) -> None:
         """Check every tree invariant and that the id index agrees with the trees. O(n)."""
         store = self.store
-        aid = store._agg_id(self.name, False)
+        aid = store._agg_id(self._physical(), False)
         if aid is None:
             return
         seen: dict[bytes, tuple[bytes, bytes, int | float]] = {}

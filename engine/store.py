@@ -44,6 +44,7 @@ import msgspec
 from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
 from .btree import NID_BITS, Node, Tree, TreeMeta
+from .catalog import GEN_SEP, Generation
 from .errors import InvalidArgument, ReadOnlyStore, StoreCorrupted, TallyError
 from .keys import decode_key
 
@@ -115,6 +116,7 @@ def _encode_node(node: Node) -> bytes:
 _node_dec = msgspec.msgpack.Decoder(Node, ext_hook=_bigint_ext)
 _tree_dec = msgspec.msgpack.Decoder(TreeMeta)
 _id_dec = msgspec.msgpack.Decoder(IdEntry)
+_gen_dec = msgspec.msgpack.Decoder(Generation)
 _log_dec = msgspec.msgpack.Decoder(list[tuple[bytes, IdEntry | None, IdEntry | None]])
 
 _K_VERSION = b"Vformat"
@@ -125,6 +127,7 @@ _K_CKPT = b"Cckpt"
 _P_AGG = b"A"
 _P_TREE = b"T"
 _P_USER = b"U"
+_P_GEN = b"G"
 
 
 def _cf_options(cache: Cache) -> Options:
@@ -204,7 +207,8 @@ class Store:
         self._cums: dict[int, list[int]] = {}
         self._trees: dict[bytes, TreeMeta | None] = {}
         self._agg_ids: dict[str, bytes] = {}
-        self._handles: dict[str, Aggregate] = {}
+        self._handles: dict[tuple[str, bool], Aggregate] = {}
+        self._gens: dict[str, Generation | None] = {}
         self._depth = 0
         self._epoch = 0
         self._closed = False
@@ -339,10 +343,14 @@ class Store:
             self._recover()
             return
         self._next_agg = self._meta_int(_K_NEXT_AGG, 1)
+        self._gens.clear()
+        self._agg_ids.clear()
+        self._epoch += 1
         self._replay_log(self._seq + 1)
 
     def _drop_caches(self) -> None:
         self._epoch += 1
+        self._gens.clear()
         self._cache.clear()
         self._cums.clear()
         self._trees.clear()
@@ -390,22 +398,64 @@ class Store:
 
     # ---- aggregates ------------------------------------------------------------
 
-    def aggregate(self, name: str) -> Aggregate:
-        """The handle of a named aggregate (created on its first write). O(1)."""
+    def aggregate(self, name: str, *, partial: bool = False) -> Aggregate:
+        """The handle of a named aggregate (created on its first write). O(1).
+
+        For an aggregate with generations (see `engine.catalog`), the handle
+        follows the active generation; with none ready its reads raise
+        `AggregateNotReady`, unless ``partial=True`` (read the one being built).
+        """
         from .aggregate import Aggregate
 
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f"aggregate name must be a non-empty string, got {name!r}")
-        h = self._handles.get(name)
+        h = self._handles.get((name, partial))
         if h is None:
-            h = self._handles[name] = Aggregate(self, name)
+            h = self._handles[(name, partial)] = Aggregate(self, name, partial=partial)
         return h
 
     def aggregates(self) -> list[str]:
-        """Names of the aggregates that have ever been written. O(number of aggregates)."""
+        """Logical names of the aggregates in this store. O(number of aggregates)."""
         names = {k[1:].decode() for k, _ in self._scan(self._meta, _P_AGG)}
         names.update(n for n in self._agg_ids)
+        names = {n for n in names if GEN_SEP not in n}
+        names.update(self.generations())
         return sorted(names)
+
+    # ---- generations ---------------------------------------------------------------
+
+    def generation(self, name: str) -> Generation | None:
+        """The catalog entry of ``name`` (sees the open batch), or None. O(1)."""
+        try:
+            return self._gens[name]
+        except KeyError:
+            pass
+        raw = self._meta_get(_P_GEN + name.encode())
+        g = None if raw is None else _gen_dec.decode(raw)
+        self._gens[name] = g
+        return g
+
+    def put_generation(self, name: str, gen: Generation | None) -> None:
+        """Write a catalog entry (inside a batch, atomically with its other writes)."""
+        self._check_writable()
+        key = _P_GEN + name.encode()
+        self._meta_over[key] = None if gen is None else _enc.encode(gen)
+        self._gens[name] = gen
+        self._epoch += 1
+
+    def generations(self) -> dict[str, Generation]:
+        """Every catalog entry, by logical name."""
+        out = {}
+        for k, raw in self._scan(self._meta, _P_GEN):
+            out[k[len(_P_GEN) :].decode()] = _gen_dec.decode(raw)
+        for k, v in self._meta_over.items():
+            if k.startswith(_P_GEN):
+                name = k[len(_P_GEN) :].decode()
+                if v is None:
+                    out.pop(name, None)
+                else:
+                    out[name] = _gen_dec.decode(v)
+        return out
 
     def _agg_id(self, name: str, create: bool) -> bytes | None:
         aid = self._agg_ids.get(name)
@@ -602,6 +652,8 @@ class Store:
             # Nothing touched the trees (e.g. a strict write that raised first).
             if self._meta_over or self._id_over:
                 self._agg_ids.clear()
+                self._gens.clear()
+                self._epoch += 1
                 self._next_agg = self._saved_agg
             self._reset_batch_state()
             return

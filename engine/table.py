@@ -101,8 +101,8 @@ class TableAggregate:
         id_field: str | Sequence[str] = "id",
         version: str | None = None,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise InvalidArgument(f"aggregate name must be a non-empty string, got {name!r}")
+        if not isinstance(name, str) or not name or "#" in name:
+            raise InvalidArgument(f"aggregate name must be a non-empty string without '#', got {name!r}")
         if not isinstance(table, str) or not table:
             raise InvalidArgument(f"table must be a non-empty string, got {table!r}")
         if sort_key is None:

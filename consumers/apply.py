@@ -16,7 +16,7 @@ aggregates and never half of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from engine import Aggregate, Prepared, Store, TableAggregate, TallyError, encode_key
@@ -48,12 +48,20 @@ class ApplyResult(NamedTuple):
 class Applier:
     """Applies change events to the aggregates of their tables."""
 
-    def __init__(self, store: Store, definitions: Iterable[TableAggregate]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        definitions: Iterable[TableAggregate],
+        physical: Mapping[str, str] | None = None,
+    ) -> None:
+        """``physical`` maps a definition's name to the physical aggregate (generation) it writes."""
         self.store = store
         self.definitions = list(definitions)
         self.by_table: dict[str, list[tuple[TableAggregate, Aggregate]]] = {}
+        physical = physical or {}
         for d in self.definitions:
-            self.by_table.setdefault(d.table, []).append((d, store.aggregate(d.name)))
+            agg = store.aggregate(physical.get(d.name, d.name))
+            self.by_table.setdefault(d.table, []).append((d, agg))
 
     @property
     def tables(self) -> set[str]:
@@ -67,8 +75,7 @@ class Applier:
         for i, ev in enumerate(events):
             targets = by_table.get(ev.table)
             if not targets:
-                bad.append((i, BadRecord("unknown-table", f"no aggregate is defined on table {ev.table!r}")))
-                continue
+                continue  # a table whose aggregates another stream feeds
             kind = ev.kind
             if kind == "upsert":
                 try:

@@ -66,6 +66,13 @@ def _consume_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-http", action="store_true", help="do not serve the HTTP API")
     p.add_argument("--token", help="bearer token for state-changing HTTP endpoints (env TALLY_TOKEN)")
     p.add_argument(
+        "--stale",
+        choices=["serve", "drop"],
+        default="serve",
+        help="while a changed definition is rebuilt by replay: keep serving the old generation "
+        "(serve, default) or stop serving it at once (drop)",
+    )
+    p.add_argument(
         "--until-caught-up",
         action="store_true",
         help="exit 0 once every partition is consumed up to its end offset "
@@ -105,10 +112,61 @@ def _run_consume(args: argparse.Namespace) -> int:
     defs = load_definitions(settings.definitions)
     store = Store.open(settings.data_dir, cache_nodes=settings.cache_nodes, max_node_size=settings.max_node_size)
     try:
-        proc = ConsumerProcess(settings, defs, store)
+        proc = ConsumerProcess(settings, defs, store, stale=args.stale)
         return asyncio.run(proc.run(until_caught_up=args.until_caught_up))
     finally:
         store.close()
+
+
+def _rebuild_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "rebuild",
+        help="clear and rebuild an aggregate by replaying its topics",
+        description=(
+            "Rebuild AGGREGATE as a new generation by replaying its topics from the beginning. "
+            "The current generation keeps serving until the new one has caught up; then the "
+            "switch is atomic. With --url the running consumer starts it now (needs its --token); "
+            "with --data-dir (no consumer running) it happens at the consumer's next start."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tally rebuild leaderboard --url http://127.0.0.1:8750 --token $TALLY_TOKEN\n"
+            "  tally rebuild leaderboard --data-dir ./data"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("aggregate")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--url", help="a running consumer's HTTP API (env TALLY_URL)")
+    src.add_argument("--data-dir", help="a data dir no consumer is running on (env TALLY_DATA_DIR)")
+    p.add_argument("--token", help="the consumer's bearer token (env TALLY_TOKEN)")
+    p.set_defaults(func=_run_rebuild)
+
+
+def _run_rebuild(args: argparse.Namespace) -> int:
+    import os
+
+    url = args.url or (None if args.data_dir else os.environ.get("TALLY_URL"))
+    if url:
+        from .client import TallyClient
+
+        token = args.token or os.environ.get("TALLY_TOKEN")
+        result = TallyClient(url, token=token).rebuild(args.aggregate)
+        print(f"rebuild of {args.aggregate!r} started: {result}")
+        return 0
+    data_dir = args.data_dir or os.environ.get("TALLY_DATA_DIR") or "./tally-data"
+    if not os.path.isdir(data_dir):
+        raise TallyError(f"no data dir at {data_dir!r}: pass --data-dir, or --url for a running consumer")
+    with Store.open(data_dir) as store:
+        g = store.generation(args.aggregate)
+        if g is None:
+            known = ", ".join(store.generations()) or "none"
+            raise TallyError(f"no aggregate named {args.aggregate!r} in {data_dir!r} (known: {known})")
+        with store.batch():
+            g.rebuild_requested = True
+            store.put_generation(args.aggregate, g)
+    print(f"rebuild of {args.aggregate!r} requested: it starts with the next `tally consume` on {data_dir}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _consume_parser(sub)
+    _rebuild_parser(sub)
     for mod in _SUBCOMMANDS:
         try:
             module = importlib.import_module(mod)

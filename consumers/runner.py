@@ -7,6 +7,11 @@ writes the next offset of every partition it consumed into the same
 WriteBatch. On start it seeks to those stored offsets (or the beginning).
 Offsets committed to Kafka under ``group_id`` are only for lag monitoring.
 
+Aggregates that have no ready generation for their current definition
+(new ones, changed ones, rebuilds) are built by a replay stream from the
+topics' beginning offsets while the live stream keeps feeding and serving
+every other aggregate (see `consumers.streams`).
+
 A bad record (undecodable, no id, unknown table, a user function raising)
 goes to the dead-letter topic first, with its reason in headers; only once
 the broker has acknowledged it does the batch commit. If the dead-letter
@@ -27,43 +32,32 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from engine import Store, TableAggregate
-from schemas import BadRecord, ChangeEvent, EventDecoder
+from engine import Batch, Generation, Store, TableAggregate
+from schemas import BadRecord, ChangeEvent, ConfigError, EventDecoder
 from schemas.config import ConsumerSettings
 
 from .apply import Applier
 from .definitions import id_fields_by_table
 from .logs import get_logger
+from .streams import LIVE, OFFSETS_ROOT, Stream, offset_key, stored_offsets
 
 __all__ = ["ConsumerProcess", "ConsumerStats", "offset_key", "stored_offsets"]
 
-OFFSETS_PREFIX = b"offsets/live/"
+OFFSETS_PREFIX = OFFSETS_ROOT + LIVE.encode() + b"/"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def offset_key(topic: str, partition: int) -> bytes:
-    """Store metadata key holding the next offset to read of a partition."""
-    return OFFSETS_PREFIX + topic.encode() + b"\x00" + str(partition).encode()
-
-
-def stored_offsets(store: Store) -> dict[TopicPartition, int]:
-    """The committed next offsets of every partition this store has consumed."""
-    out = {}
-    for k, v in store.scan_meta(OFFSETS_PREFIX):
-        topic, _, part = k[len(OFFSETS_PREFIX) :].partition(b"\x00")
-        out[TopicPartition(topic.decode(), int(part))] = int.from_bytes(v, "big")
-    return out
+_REPLAY_SEQ = b"replay-seq"
 
 
 @dataclass
 class ConsumerStats:
-    """Counters for logs, /status and /metrics."""
+    """Counters for logs, /status and /metrics (the live stream's offsets and lag)."""
 
     started: float = field(default_factory=time.time)
     events: int = 0
     batches: int = 0
     dead_letters: int = 0
     changed: int = 0
+    replayed: int = 0
     latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
@@ -79,9 +73,7 @@ class ConsumerStats:
         self.latency_buckets[-1] += 1
 
     def lag(self) -> dict[TopicPartition, int]:
-        return {
-            tp: max(0, end - self.offsets.get(tp, 0)) for tp, end in self.end_offsets.items()
-        }
+        return {tp: max(0, end - self.offsets.get(tp, 0)) for tp, end in self.end_offsets.items()}
 
 
 class ConsumerProcess:
@@ -92,11 +84,16 @@ class ConsumerProcess:
         settings: ConsumerSettings,
         definitions: Sequence[TableAggregate],
         store: Store,
+        *,
+        stale: str = "serve",
     ) -> None:
+        if stale not in ("serve", "drop"):
+            raise ConfigError(f"stale policy must be 'serve' or 'drop', got {stale!r}")
         self.settings = settings
         self.definitions = list(definitions)
+        self.by_name = {d.name: d for d in self.definitions}
         self.store = store
-        self.applier = Applier(store, self.definitions)
+        self.stale_policy = stale
         self.table_topics = {d.table: settings.topics.get(d.table, d.table) for d in self.definitions}
         self.topics = sorted(set(self.table_topics.values()))
         topic_tables: dict[str, str] = {}
@@ -114,20 +111,120 @@ class ConsumerProcess:
         )
         self.stats = ConsumerStats()
         self.log = get_logger(bootstrap=settings.bootstrap_servers, data_dir=settings.data_dir)
+        self.warnings: list[str] = []
         self._stop = asyncio.Event()
-        self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._assigned: list[TopicPartition] = []
+        self.live: Stream = self._stream(LIVE, {})
+        self.replays: list[Stream] = []
+        self._pending_rebuilds: list[str] = []
         self.caught_up = asyncio.Event()
+
+    # ---- public state -------------------------------------------------------------
 
     @property
     def assigned(self) -> list[TopicPartition]:
-        """The partitions this process owns (empty until assignment)."""
-        return list(self._assigned)
+        """The partitions the live stream owns (empty until assignment)."""
+        return list(self.live.tps)
+
+    @property
+    def applier(self) -> Applier:
+        return self.live.applier
+
+    def aggregate_states(self) -> dict[str, dict[str, Any]]:
+        """Per aggregate: state (ready / stale / building) and replay progress."""
+        out: dict[str, dict[str, Any]] = {}
+        for d in self.definitions:
+            g = self.store.generation(d.name)
+            state = "building" if g is None else g.state
+            info: dict[str, Any] = {"state": state, "table": d.table, "fingerprint": d.fingerprint}
+            for r in self.replays:
+                if d.name in r.targets:
+                    info["progress"] = r.progress()
+            out[d.name] = info
+        return out
 
     def request_stop(self) -> None:
         """Finish the current batch, commit, and return from `run`."""
         self._stop.set()
+
+    def request_rebuild(self, name: str) -> None:
+        """Rebuild an aggregate by replay; the current generation serves until the switch."""
+        if name not in self.by_name:
+            raise ConfigError(f"no aggregate named {name!r}; known: {sorted(self.by_name)}")
+        if name not in self._pending_rebuilds:
+            self._pending_rebuilds.append(name)
+
+    # ---- planning generations -----------------------------------------------------------
+
+    def _stream(self, key: str, targets: dict[str, tuple[TableAggregate, str]]) -> Stream:
+        defs = [d for d, _ in targets.values()]
+        physical = {name: phys for name, (_, phys) in targets.items()}
+        topics = sorted({self.table_topics[d.table] for d in defs})
+        return Stream(key, targets, Applier(self.store, defs, physical), topics)
+
+    def _next_replay(self, batch: Batch) -> str:
+        """A new replay stream's key; its counter commits with ``batch``."""
+        raw = self.store.get_meta(_REPLAY_SEQ)
+        n = int(raw) + 1 if raw else 1
+        batch.put_meta(_REPLAY_SEQ, str(n).encode())
+        return f"replay-{n}"
+
+    def _plan_generations(self) -> None:
+        """Decide, per definition, live or replay; persist the catalog. Runs at start."""
+        store = self.store
+        live: dict[str, tuple[TableAggregate, str]] = {}
+        resumed: dict[str, dict[str, tuple[TableAggregate, str]]] = {}
+        fresh: dict[str, tuple[TableAggregate, str]] = {}
+        with store.batch() as b:
+            for d in self.definitions:
+                fp = d.fingerprint
+                g = store.generation(d.name) or Generation()
+                if g.active is not None and g.active_fingerprint == fp and not g.rebuild_requested:
+                    live[d.name] = (d, g.active)
+                    if g.building is not None:  # a rebuild of the same definition was in flight
+                        stream = g.progress.get("stream")
+                        if g.building_fingerprint == fp and isinstance(stream, str):
+                            resumed.setdefault(stream, {})[d.name] = (d, g.building)
+                            continue
+                        self._drop_physical(g.building)
+                        g.building = g.building_fingerprint = None
+                        g.progress = {}
+                        store.put_generation(d.name, g)
+                    continue
+                stream = g.progress.get("stream")
+                if g.building is not None and g.building_fingerprint == fp and isinstance(stream, str):
+                    resumed.setdefault(stream, {})[d.name] = (d, g.building)
+                else:
+                    if g.building is not None:
+                        self._drop_physical(g.building)
+                    g.building = g.new_generation(d.name)
+                    g.building_fingerprint = fp
+                    fresh[d.name] = (d, g.building)
+                g.rebuild_requested = False
+                if g.active is not None and self.stale_policy == "drop":
+                    self._drop_physical(g.active)
+                    g.active = g.active_fingerprint = None
+                store.put_generation(d.name, g)
+            if fresh:
+                key = self._next_replay(b)
+                for name in fresh:
+                    fg = store.generation(name)
+                    assert fg is not None
+                    fg.progress = {"stream": key}
+                    store.put_generation(name, fg)
+                resumed[key] = fresh
+        self.live = self._stream(LIVE, live)
+        self.replays = [self._stream(k, t) for k, t in sorted(resumed.items())]
+        for r in self.replays:
+            self.log.info(
+                "building by replay",
+                stream=r.key,
+                aggregates=sorted(r.targets),
+                stale=[n for n in r.targets if (store.generation(n) or Generation()).active is not None],
+            )
+
+    def _drop_physical(self, phys: str) -> None:
+        self.store.aggregate(phys).clear_all()
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -138,6 +235,7 @@ class ConsumerProcess:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self._on_signal, sig)
+        self._plan_generations()
         http = None
         if self.settings.http:
             from .http import start_http
@@ -146,7 +244,14 @@ class ConsumerProcess:
         try:
             if not await self._connect():
                 return 0  # stopped while waiting for the broker
-            await self._assign()
+            tps_by_topic = await self._wait_for_topics()
+            if tps_by_topic is None:
+                return 0
+            self._tps_by_topic = tps_by_topic
+            await self._start_stream(self.live)
+            for r in self.replays:
+                await self._start_stream(r)
+            await self._check_history([t for r in self.replays for t in r.topics])
             await self._loop(until_caught_up)
             return 0
         finally:
@@ -162,20 +267,23 @@ class ConsumerProcess:
         self.log.info("stopping", signal=sig.name, note="finishing the current batch, then committing")
         self.request_stop()
 
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        s = self.settings
+        return AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers,
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 << 20,
+            fetch_max_bytes=64 << 20,
+            request_timeout_ms=15000,
+        )
+
     async def _connect(self) -> bool:
         s = self.settings
         delay = 1.0
         warned = False
         while not self._stop.is_set():
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=s.bootstrap_servers,
-                group_id=s.group_id,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                max_partition_fetch_bytes=8 << 20,
-                fetch_max_bytes=64 << 20,
-                request_timeout_ms=15000,
-            )
             producer = AIOKafkaProducer(
                 bootstrap_servers=s.bootstrap_servers,
                 acks="all",
@@ -183,11 +291,8 @@ class ConsumerProcess:
                 request_timeout_ms=15000,
             )
             try:
-                await consumer.start()
                 await producer.start()
             except KafkaError as e:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
                 with contextlib.suppress(Exception):
                     await producer.stop()
                 if not warned:
@@ -201,135 +306,315 @@ class ConsumerProcess:
                     await asyncio.wait_for(self._stop.wait(), delay)
                 delay = min(delay * 2, 15.0)
                 continue
-            self._consumer, self._producer = consumer, producer
+            self._producer = producer
             if warned:
                 self.log.info("broker reachable, starting")
             return True
         return False
 
-    async def _assign(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
+    async def _wait_for_topics(self) -> dict[str, list[TopicPartition]] | None:
+        assert self._producer is not None
         waiting_logged: set[str] = set()
         while not self._stop.is_set():
-            # aiokafka keeps metadata only for subscribed topics; with manual
-            # assignment we ask the cluster directly (no public API for it).
-            cluster = await consumer._client.fetch_all_metadata()
-            tps: list[TopicPartition] = []
-            missing: list[str] = []
+            # aiokafka keeps metadata only for topics in use; ask the cluster directly.
+            cluster = await self._producer.client.fetch_all_metadata()
+            found: dict[str, list[TopicPartition]] = {}
+            missing = []
             for topic in self.topics:
                 parts = cluster.partitions_for_topic(topic)
-                if not parts:
+                if parts:
+                    found[topic] = [TopicPartition(topic, p) for p in sorted(parts)]
+                else:
                     missing.append(topic)
-                    continue
-                tps.extend(TopicPartition(topic, p) for p in sorted(parts))
             if not missing:
-                break
+                return found
             new = set(missing) - waiting_logged
             if new:
                 self.log.warning("waiting for topics to exist", topics=sorted(new))
                 waiting_logged |= new
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 2.0)
+        return None
+
+    async def _start_stream(self, stream: Stream) -> None:
+        """Assign a stream's partitions and seek to its stored offsets (or the beginning)."""
+        tps = [tp for t in stream.topics for tp in self._tps_by_topic[t]]
+        if stream.is_live:
+            # Live also owns partitions it already has offsets for (kept across joins).
+            stored = stored_offsets(self.store, LIVE)
+            tps = sorted(set(tps) | {tp for tp in stored if tp.topic in self._tps_by_topic})
         else:
+            stored = stored_offsets(self.store, stream.key)
+        stream.tps = tps
+        if not tps:
             return
+        if stream.consumer is None:
+            stream.consumer = self._new_consumer()
+            await stream.consumer.start()
+        consumer = stream.consumer
         consumer.assign(tps)
-        self._assigned = tps
-        stored = stored_offsets(self.store)
-        fresh = []
+        begin = await consumer.beginning_offsets(tps)
         for tp in tps:
             off = stored.get(tp)
             if off is None:
-                fresh.append(tp)
-            else:
-                consumer.seek(tp, off)
-            self.stats.offsets[tp] = off or 0
-        if fresh:
-            await consumer.seek_to_beginning(*fresh)
-        begin = await consumer.beginning_offsets(tps)
-        for tp in fresh:
-            self.stats.offsets[tp] = begin.get(tp, 0)
-        for tp in tps:
-            off = stored.get(tp)
-            if off is not None and off < begin.get(tp, 0):
+                off = begin.get(tp, 0)
+            elif off < begin.get(tp, 0):
                 self.log.warning(
                     "stored offset is below the topic's first offset: events were deleted "
-                    "before this consumer read them; reconcile this aggregate",
+                    "before this consumer read them; reconcile the aggregates of this topic",
                     topic=tp.topic,
                     partition=tp.partition,
                     stored=off,
                     first=begin[tp],
                 )
-        self.stats.end_offsets.update(await consumer.end_offsets(tps))
+            consumer.seek(tp, off)
+            stream.offsets[tp] = off
+        stream.start_offsets = dict(stream.offsets)
+        ends = await consumer.end_offsets(tps)
+        stream.end_at_start = dict(ends)
+        if stream.is_live:
+            self.stats.offsets.update(stream.offsets)
+            self.stats.end_offsets.update(ends)
         self.log.info(
             "consuming",
-            topics=self.topics,
+            stream=stream.key,
+            topics=stream.topics,
             partitions=len(tps),
-            resumed=len(tps) - len(fresh),
-            aggregates=[d.name for d in self.definitions],
+            aggregates=sorted(stream.targets),
         )
 
+    async def _check_history(self, topics: list[str]) -> None:
+        """Warn when a topic cannot hold every row any more (replay would not be a backfill)."""
+        topics = sorted(set(topics))
+        if not topics:
+            return
+        consumer = self.replays[0].consumer if self.replays else None
+        if consumer is not None:
+            tps = [tp for t in topics for tp in self._tps_by_topic[t]]
+            begin = await consumer.beginning_offsets(tps)
+            for tp, off in sorted(begin.items()):
+                if off > 0:
+                    self._warn(
+                        f"topic {tp.topic!r} partition {tp.partition} starts at offset {off}: earlier events "
+                        "were deleted, so a replay cannot see every row. Use a compacted CDC topic "
+                        "(cleanup.policy=compact), or reconcile the aggregate after the replay."
+                    )
+        try:
+            from aiokafka.admin import AIOKafkaAdminClient
+            from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
+            await admin.start()
+            try:
+                resp = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+            finally:
+                await admin.close()
+        except Exception as e:  # diagnostics only
+            self.log.debug("could not read topic configs", error=str(e))
+            return
+        for r in resp:
+            for res in getattr(r, "resources", []):
+                name = res[3]
+                entries = {e[0]: e[1] for e in res[4]}
+                policy = entries.get("cleanup.policy") or "delete"
+                retention = entries.get("retention.ms")
+                if "compact" not in policy and retention not in ("-1", None):
+                    self._warn(
+                        f"topic {name!r} has cleanup.policy={policy} and retention.ms={retention}: old "
+                        "events expire, so a replay is a backfill only while the topic still holds every "
+                        "row. Use a compacted CDC topic (cleanup.policy=compact), or reconcile."
+                    )
+
+    def _warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            self.log.warning("history", message=message)
+
     async def _close(self) -> None:
-        if self._consumer is not None:
-            await self._commit_kafka()
-            with contextlib.suppress(Exception):
-                await self._consumer.stop()
+        for s in [self.live, *self.replays]:
+            if s.consumer is not None:
+                if s.is_live:
+                    await self._commit_kafka()
+                with contextlib.suppress(Exception):
+                    await s.consumer.stop()
+                s.consumer = None
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
-        self._consumer = self._producer = None
+        self._producer = None
 
     # ---- the loop -----------------------------------------------------------------
 
     async def _loop(self, until_caught_up: bool) -> None:
-        consumer = self._consumer
-        assert consumer is not None
         s = self.settings
         last_progress = time.monotonic()
-        events_at_last = self.stats.events
+        events_at_last = self.stats.events + self.stats.replayed
         while not self._stop.is_set():
-            if self._is_caught_up():
+            if self._pending_rebuilds:
+                await self._start_rebuilds()
+            if not self.replays and self._live_caught_up():
                 self.caught_up.set()
                 if until_caught_up:
-                    self.log.info("caught up", events=self.stats.events, dead_letters=self.stats.dead_letters)
+                    self.log.info(
+                        "caught up",
+                        events=self.stats.events,
+                        replayed=self.stats.replayed,
+                        dead_letters=self.stats.dead_letters,
+                    )
                     break
-            batch = await consumer.getmany(timeout_ms=s.poll_timeout_ms, max_records=s.batch_size)
-            if batch:
-                await self._process(batch)
+            else:
+                self.caught_up.clear()
+            hold_live = False
+            for r in list(self.replays):
+                hold_live |= await self._replay_step(r)
+            if self.live.consumer is not None and not hold_live:
+                timeout = 0 if self.replays else s.poll_timeout_ms
+                batch = await self.live.consumer.getmany(timeout_ms=timeout, max_records=s.batch_size)
+                if batch:
+                    await self._process(self.live, batch)
+            elif self.live.consumer is None and not self.replays:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), s.poll_timeout_ms / 1000)
             now = time.monotonic()
             if now - last_progress >= s.progress_interval:
                 await self._refresh_end_offsets()
-                rate = (self.stats.events - events_at_last) / (now - last_progress)
-                lag = self.stats.lag()
+                total = self.stats.events + self.stats.replayed
                 self.log.info(
                     "progress",
                     events=self.stats.events,
-                    events_per_s=round(rate, 1),
-                    lag=sum(lag.values()),
+                    events_per_s=round((total - events_at_last) / (now - last_progress), 1),
+                    lag=sum(self.stats.lag().values()),
                     dead_letters=self.stats.dead_letters,
+                    replays={r.key: r.progress() for r in self.replays} or None,
                 )
                 await self._commit_kafka()
-                last_progress, events_at_last = now, self.stats.events
-        self.log.info("stopped", events=self.stats.events, batches=self.stats.batches)
+                last_progress, events_at_last = now, total
+        self.log.info(
+            "stopped", events=self.stats.events, replayed=self.stats.replayed, batches=self.stats.batches
+        )
 
-    def _is_caught_up(self) -> bool:
-        if not self._assigned:
-            return False
-        offs = self.stats.offsets
-        for tp in self._assigned:
+    def _live_caught_up(self) -> bool:
+        live = self.live
+        if live.consumer is None:
+            return not self.live.targets and not self.replays
+        for tp in live.tps:
             end = self.stats.end_offsets.get(tp)
-            if end is None or offs.get(tp, 0) < end:
-                if self._consumer is not None:
-                    hw = self._consumer.highwater(tp)
-                    if hw is not None and end is not None and hw > end:
-                        self.stats.end_offsets[tp] = hw
+            hw = live.consumer.highwater(tp)
+            if hw is not None and (end is None or hw > end):
+                self.stats.end_offsets[tp] = end = hw
+            if end is None or live.offsets.get(tp, 0) < end:
                 return False
         return True
 
+    async def _replay_step(self, r: Stream) -> bool:
+        """One replay batch, trimmed at the live position; joins when there. True: hold live."""
+        live = self.live
+        if self._ready_to_join(r):
+            await self._join(r)
+            return False
+        consumer = r.consumer
+        if consumer is None:
+            return False
+        batch = await consumer.getmany(timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_size)
+        trimmed: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
+        reached: dict[TopicPartition, int] = {}
+        for tp, records in batch.items():
+            cap = live.offsets.get(tp)
+            if cap is not None and records and records[-1].offset >= cap:
+                # Live already applies these: the replay stops exactly at the live position.
+                records = [rec for rec in records if rec.offset < cap]
+                consumer.seek(tp, cap)
+                reached[tp] = cap
+            if records:
+                trimmed[tp] = records
+        if trimmed or reached:
+            await self._process(r, trimmed, reached)
+        # Close enough to the live position: let the replay catch it before live moves on.
+        near = all(
+            live.offsets.get(tp) is None or live.offsets[tp] - r.offsets.get(tp, 0) <= self.settings.batch_size
+            for tp in r.tps
+        )
+        return near and self._history_done(r)
+
+    def _history_done(self, r: Stream) -> bool:
+        return all(r.offsets.get(tp, 0) >= end for tp, end in r.end_at_start.items())
+
+    def _ready_to_join(self, r: Stream) -> bool:
+        if not self._history_done(r):
+            return False
+        live = self.live
+        return all(live.offsets.get(tp) is None or live.offsets[tp] == r.offsets.get(tp, 0) for tp in r.tps)
+
+    async def _join(self, r: Stream) -> None:
+        """Switch a replayed generation live: catalog, offsets and old data in one batch."""
+        store = self.store
+        live = self.live
+        adopted = {tp: off for tp, off in r.offsets.items() if tp not in live.offsets}
+        with store.batch() as b:
+            for name in r.targets:
+                g = store.generation(name)
+                assert g is not None
+                old = g.active
+                g.active, g.active_fingerprint = g.building, g.building_fingerprint
+                g.building = g.building_fingerprint = None
+                g.progress = {}
+                store.put_generation(name, g)
+                if old is not None and old != g.active:
+                    self._drop_physical(old)
+            live.put_offsets(b, adopted)
+            for tp in r.tps:
+                b.delete_meta(offset_key(tp.topic, tp.partition, r.key))
+        self.replays.remove(r)
+        if r.consumer is not None:
+            with contextlib.suppress(Exception):
+                await r.consumer.stop()
+        targets = dict(live.targets)
+        targets.update(r.targets)
+        consumer, live.consumer = live.consumer, None
+        self.live = self._stream(LIVE, targets)
+        self.live.consumer = consumer
+        await self._start_stream(self.live)
+        self.log.info("replay joined live; generation switched", stream=r.key, aggregates=sorted(r.targets))
+
+    async def _start_rebuilds(self) -> None:
+        names, self._pending_rebuilds = self._pending_rebuilds, []
+        store = self.store
+        targets: dict[str, tuple[TableAggregate, str]] = {}
+        busy = {n for r in self.replays for n in r.targets}
+        with store.batch() as b:
+            key = self._next_replay(b)
+            for name in names:
+                if name in busy:
+                    continue
+                d = self.by_name[name]
+                g = store.generation(name) or Generation()
+                g.building = g.new_generation(name)
+                g.building_fingerprint = d.fingerprint
+                g.progress = {"stream": key}
+                if g.active is not None and self.stale_policy == "drop":
+                    self._drop_physical(g.active)
+                    g.active = g.active_fingerprint = None
+                store.put_generation(name, g)
+                targets[name] = (d, g.building)
+        if not targets:
+            return
+        if self.stale_policy == "drop":
+            live_targets = {k: v for k, v in self.live.targets.items() if k not in targets}
+            consumer, self.live.consumer = self.live.consumer, None
+            self.live = self._stream(LIVE, live_targets)
+            self.live.consumer = consumer
+            await self._start_stream(self.live)
+        r = self._stream(key, targets)
+        self.replays.append(r)
+        await self._start_stream(r)
+        self.log.info("rebuild started", stream=key, aggregates=sorted(targets))
+
     async def _refresh_end_offsets(self) -> None:
-        assert self._consumer is not None
+        consumer = self.live.consumer
+        if consumer is None or not self.live.tps:
+            return
         try:
-            ends = await asyncio.wait_for(self._consumer.end_offsets(self._assigned), 10)
+            ends = await asyncio.wait_for(consumer.end_offsets(self.live.tps), 10)
         except (TimeoutError, KafkaError) as e:
             if self.stats.broker_ok:
                 self.log.warning(
@@ -343,7 +628,17 @@ class ConsumerProcess:
         self.stats.broker_ok = True
         self.stats.end_offsets.update(ends)
 
-    async def _process(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+    async def _process(
+        self,
+        stream: Stream,
+        batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]],
+        reached: dict[TopicPartition, int] | None = None,
+    ) -> None:
+        """Decode, dead-letter, apply and commit one batch of a stream with its offsets.
+
+        ``reached``: partitions a replay read up to the live position (their
+        next offset is that position, whatever records it skipped).
+        """
         t0 = time.perf_counter()
         decode = self.decoder.decode
         events: list[ChangeEvent] = []
@@ -362,39 +657,56 @@ class ConsumerProcess:
                     bad.append((tp, r, e))
                     continue
                 refs.append((tp, r))
-        ops, bad_events = self.applier.plan(events)
+        if reached:
+            next_offsets.update(reached)
+        ops, bad_events = stream.applier.plan(events)
         for i, why in bad_events:
             bad.append((*refs[i], why))
+        if not stream.is_live:
+            # The live stream already dead-lettered what it read; a replay only reports the rest.
+            seen = self.live.offsets
+            bad = [x for x in bad if x[1].offset >= seen.get(x[0], 0)]
         if bad and not await self._dead_letter(bad):
             # Nothing committed: fetch the same records again after a pause.
             for tp, records in batch.items():
                 if records:
-                    self._consumer.seek(tp, records[0].offset)  # type: ignore[union-attr]
+                    stream.consumer.seek(tp, records[0].offset)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 2.0)
             return
         with self.store.batch() as b:
-            result = self.applier.apply(ops)
-            for tp, off in next_offsets.items():
-                b.put_meta(offset_key(tp.topic, tp.partition), off.to_bytes(8, "big"))
+            result = stream.applier.apply(ops)
+            stream.put_offsets(b, next_offsets)
+            stream.offsets.update(next_offsets)
+            if not stream.is_live:
+                progress = stream.progress()
+                for name in stream.targets:
+                    g = self.store.generation(name)
+                    if g is not None:
+                        g.progress = progress
+                        self.store.put_generation(name, g)
         n = sum(len(r) for r in batch.values())
         st = self.stats
-        st.events += n
+        stream.events += n
+        if stream.is_live:
+            st.events += n
+            st.offsets.update(next_offsets)
+        else:
+            st.replayed += n
         st.batches += 1
         st.changed += result.changed
         st.dead_letters += len(bad)
-        st.offsets.update(next_offsets)
         dt = time.perf_counter() - t0
         st.observe_batch(dt)
         self.log.debug(
             "batch",
+            stream=stream.key,
             events=n,
             upserts=result.upserts,
             deletes=result.deletes,
             clears=result.clears,
             dead_letters=len(bad),
             ms=round(dt * 1000, 2),
-            partitions={f"{tp.topic}/{tp.partition}": off for tp, off in next_offsets.items()},
         )
 
     async def _dead_letter(
@@ -430,10 +742,11 @@ class ConsumerProcess:
         return True
 
     async def _commit_kafka(self) -> None:
-        """Offsets to Kafka under group_id: lag monitoring only, best effort."""
-        if self._consumer is None or not self.stats.offsets:
+        """Live offsets to Kafka under group_id: lag monitoring only, best effort."""
+        consumer = self.live.consumer
+        if consumer is None or not self.live.offsets:
             return
         try:
-            await asyncio.wait_for(self._consumer.commit(dict(self.stats.offsets)), 5)
+            await asyncio.wait_for(consumer.commit(dict(self.live.offsets)), 5)
         except Exception as e:  # monitoring only: never fatal
             self.log.debug("kafka offset commit failed", error=str(e) or type(e).__name__)

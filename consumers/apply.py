@@ -30,12 +30,9 @@ DELETE = 1
 CLEAR = 2
 
 
-class Op(NamedTuple):
-    """One engine write planned from an event."""
-
-    kind: int
-    aggregate: Aggregate
-    arg: Any  # Prepared for UPSERT, encoded id for DELETE, None for CLEAR
+Op = tuple[int, Aggregate, Any]
+"""One engine write planned from an event: (kind, aggregate, arg) where arg is a
+`Prepared` item for UPSERT, an encoded id for DELETE, None for CLEAR."""
 
 
 class ApplyResult(NamedTuple):
@@ -80,15 +77,15 @@ class Applier:
             if kind == "upsert":
                 try:
                     eid = encode_key(ev.id)
-                    planned = []
+                    planned: list[Op] = []
                     row = ev.row
                     assert row is not None
                     for d, agg in targets:
-                        it = d.item(row, ev.id)
+                        it = d.item_tuple(row, ev.id)
                         if it is None:
-                            planned.append(Op(DELETE, agg, eid))
+                            planned.append((DELETE, agg, eid))
                         else:
-                            planned.append(Op(UPSERT, agg, prepare(it.key, eid, it.sum_value, it.namespace)))
+                            planned.append((UPSERT, agg, prepare(it[1], eid, it[2], it[0])))
                 except TallyError as e:
                     bad.append((i, BadRecord("apply", f"{_where(ev)}: {e}")))
                     continue
@@ -102,25 +99,35 @@ class Applier:
                 except TallyError as e:
                     bad.append((i, BadRecord("apply", f"{_where(ev)}: {e}")))
                     continue
-                ops.extend(Op(DELETE, agg, eid) for _, agg in targets)
+                ops.extend((DELETE, agg, eid) for _, agg in targets)
             elif kind == "truncate":
-                ops.extend(Op(CLEAR, agg, None) for _, agg in targets)
+                ops.extend((CLEAR, agg, None) for _, agg in targets)
         return ops, bad
 
     def apply(self, ops: Iterable[Op]) -> ApplyResult:
-        """Run planned ops; call inside `Store.batch()` so they commit with the offsets."""
+        """Run planned ops; call inside `Store.batch()` so they commit with the offsets.
+
+        Ops converge ids to states, so only the last op per (aggregate, id)
+        matters and they are applied together per aggregate (sorted, or as a
+        tree rebuild when they are many — see `Aggregate.apply_many`). A
+        truncate discards the aggregate's earlier ops and clears it in order.
+        """
         upserts = deletes = clears = changed = 0
+        pending: dict[Aggregate, dict[bytes, Prepared | None]] = {}
         for kind, agg, arg in ops:
             if kind == UPSERT:
                 upserts += 1
-                changed += agg.upsert_prepared(arg)
+                pending.setdefault(agg, {})[arg.id] = arg
             elif kind == DELETE:
                 deletes += 1
-                changed += agg.delete_encoded(arg)
+                pending.setdefault(agg, {})[arg] = None
             else:
                 clears += 1
+                pending.pop(agg, None)
                 agg.clear_all()
                 changed += 1
+        for agg, changes in pending.items():
+            changed += agg.apply_many(changes)
         return ApplyResult(upserts, deletes, clears, changed)
 
     def apply_events(self, events: Sequence[ChangeEvent]) -> tuple[ApplyResult, list[tuple[int, BadRecord]]]:
@@ -134,5 +141,3 @@ class Applier:
 def _where(ev: ChangeEvent) -> str:
     return f"table {ev.table!r} id {ev.id!r}"
 
-
-_ = Prepared  # re-exported type used in Op.arg

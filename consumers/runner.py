@@ -515,7 +515,9 @@ class ConsumerProcess:
         consumer = r.consumer
         if consumer is None:
             return False
-        batch = await consumer.getmany(timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_size)
+        batch = await consumer.getmany(
+            timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.replay_batch_size
+        )
         trimmed: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
         reached: dict[TopicPartition, int] = {}
         for tp, records in batch.items():

@@ -380,6 +380,39 @@ class Tree:
         parent.counts[c] = _count(child)
         parent.sums[c] = _sum(child)
 
+    # ---- bulk build ------------------------------------------------------------
+
+    def build(self, entries: list[tuple[bytes, int | float]]) -> None:
+        """Replace this (empty) tree by one built bottom-up from sorted, unique entries. O(n).
+
+        Nodes are filled to 3/4 of the max size, so later inserts rarely split.
+        """
+        ns = self.ns
+        m = self.meta.max_node_size
+        old_root = self.meta.root
+        # level: (first key, last key, local id, count, sum) per node
+        level: list[tuple[bytes, bytes, int, int, int | float]] = []
+        for lo, hi in _chunks(len(entries), m):
+            part = entries[lo:hi]
+            keys = [k for k, _ in part]
+            sums = [v for _, v in part]
+            nid = self._new(Node(keys, sums))
+            level.append((keys[0], keys[-1], nid, len(keys), sum(sums)))
+        height = 1
+        while len(level) > 1:
+            up: list[tuple[bytes, bytes, int, int, int | float]] = []
+            for lo, hi in _chunks(len(level), m):
+                run = level[lo:hi]
+                seps = [_separator(run[i][1], run[i + 1][0]) for i in range(len(run) - 1)]
+                node = Node(seps, [r[4] for r in run], [r[2] for r in run], [r[3] for r in run])
+                up.append((run[0][0], run[-1][1], self._new(node), sum(node.counts), sum(node.sums)))
+            level = up
+            height += 1
+        if level:
+            ns.free_node(self.base | old_root)
+            self.meta.root = level[0][2]
+            self.meta.height = height
+
     # ---- checks --------------------------------------------------------------
 
     def validate(self) -> int:
@@ -429,6 +462,22 @@ class Tree:
         if depths and depths != {self.meta.height}:
             raise StoreCorrupted(f"tree height says {self.meta.height} but leaves are at depth {depths}")
         return count
+
+
+def _chunks(n: int, m: int) -> list[tuple[int, int]]:
+    """Split n items into runs of about 3/4 * m, each within [m // 2, m] (one run if n <= m)."""
+    if n <= m:
+        return [(0, n)] if n else []
+    fill = max(m // 2, (3 * m) // 4)
+    k = -(-n // fill)  # runs
+    base, extra = divmod(n, k)
+    out = []
+    lo = 0
+    for i in range(k):
+        hi = lo + base + (1 if i < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
 
 
 def _separator(left: bytes, right: bytes) -> bytes:

@@ -82,6 +82,9 @@ def _encode_exp(e: int) -> bytes:
     return bytes((0x3F - n,)) + ((1 << (8 * n)) - 1 - v).to_bytes(n, "big")
 
 
+_EXP1 = [bytes((0x80 + e,)) for e in range(-0x40, 0x40)]
+
+
 def _encode_magnitude(n: int, shift: int) -> bytes:
     """Encode the positive value ``n * 2**-shift`` (n > 0)."""
     if not n & 1:
@@ -92,7 +95,12 @@ def _encode_magnitude(n: int, shift: int) -> bytes:
     if nbits:
         nbytes = (nbits + 7) >> 3
         frac = ((n ^ (1 << nbits)) << ((nbytes << 3) - nbits)).to_bytes(nbytes, "big")
-        return _encode_exp(nbits - shift) + _escape(frac)
+        if 1 in frac or 0 in frac:
+            frac = frac.replace(b"\x01", b"\x01\x02").replace(b"\x00", b"\x01\x01")
+        e = nbits - shift
+        if -0x40 <= e < 0x40:
+            return _EXP1[e + 0x40] + frac + b"\x00"
+        return _encode_exp(e) + frac + b"\x00"
     return _encode_exp(-shift) + b"\x00"
 
 
@@ -178,6 +186,16 @@ def encode_key(value: Key) -> bytes:
     if t is int:
         if 0 <= value < 1024:
             return _SMALL_INTS[value]
+        if 0 < value < _2_63:
+            # Inlined _encode_magnitude for the commonest keys: positive ints.
+            # Left-aligning the fraction into bytes and dropping trailing zero
+            # bytes equals stripping trailing zero bits first.
+            nbits = value.bit_length() - 1
+            nbytes = (nbits + 7) >> 3
+            frac = ((value ^ (1 << nbits)) << ((nbytes << 3) - nbits)).to_bytes(nbytes, "big").rstrip(b"\x00")
+            if 1 in frac or 0 in frac:
+                frac = frac.replace(b"\x01", b"\x01\x02").replace(b"\x00", b"\x01\x01")
+            return _POS_EXP[nbits] + frac + b"\x00"
         return _encode_number(value)
     if t is str:
         return b"\x08" + _escape(value.encode("utf-8", "surrogatepass"))
@@ -193,6 +211,8 @@ def encode_key(value: Key) -> bytes:
 
 
 _SMALL_INTS.extend(_encode_number(i) for i in range(1024))
+_2_63 = 1 << 63
+_POS_EXP = [b"\x05" + _encode_exp(e) for e in range(64)]
 
 
 def _decode_exp(b: bytes, i: int) -> tuple[int, int]:

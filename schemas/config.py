@@ -33,6 +33,8 @@ class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     """Consumer group under which offsets are committed to Kafka, for lag monitoring only."""
     batch_size: int = 5000
     """Max records per getmany batch = per RocksDB commit. Bigger: faster, longer commits."""
+    replay_batch_size: int = 50_000
+    """Max records per replay batch/commit. Replays apply big batches as bulk tree rebuilds."""
     poll_timeout_ms: int = 200
     progress_interval: float = 10.0
     """Seconds between info-level progress lines."""

@@ -115,7 +115,7 @@ async def tally(bootstrap: str, topic: str, batch: int) -> tuple[float, int]:
     t = time.perf_counter()
     await proc.run(until_caught_up=True, install_signals=False)
     dt = time.perf_counter() - t
-    events = proc.stats.events
+    events = proc.stats.events + proc.stats.replayed
     store.close()
     shutil.rmtree(data, ignore_errors=True)
     return dt, events

@@ -1,20 +1,55 @@
-"""tally's running processes: Kafka consumption, replay, dead letters, CLI."""
+"""tally's running processes: Kafka consumption, replay, dead letters, HTTP, CLI.
 
-from .apply import Applier, ApplyResult
-from .definitions import load_definitions
-from .producer import ChangeProducer, SyncChangeProducer
-from .runner import ConsumerProcess, ConsumerStats, offset_key, stored_offsets
-from .settings import load_settings
+Names are imported lazily so that `tally query` does not pay for aiokafka.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .apply import Applier, ApplyResult
+    from .client import ClientError, TallyClient
+    from .definitions import load_definitions
+    from .producer import ChangeProducer, SyncChangeProducer
+    from .runner import ConsumerProcess, ConsumerStats
+    from .settings import load_settings
+    from .streams import offset_key, stored_offsets
+
+_WHERE = {
+    "Applier": ".apply",
+    "ApplyResult": ".apply",
+    "ChangeProducer": ".producer",
+    "ClientError": ".client",
+    "ConsumerProcess": ".runner",
+    "ConsumerStats": ".runner",
+    "SyncChangeProducer": ".producer",
+    "TallyClient": ".client",
+    "load_definitions": ".definitions",
+    "load_settings": ".settings",
+    "offset_key": ".streams",
+    "stored_offsets": ".streams",
+}
 
 __all__ = [
     "Applier",
     "ApplyResult",
     "ChangeProducer",
+    "ClientError",
     "ConsumerProcess",
     "ConsumerStats",
     "SyncChangeProducer",
+    "TallyClient",
     "load_definitions",
     "load_settings",
     "offset_key",
     "stored_offsets",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'consumers' has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)

@@ -25,8 +25,7 @@ _SUBCOMMANDS = ("consumers.cli_produce", "consumers.cli_query", "consumers.cli_d
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override,unused-ignore]
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n(run `{self.prog} --help` for options and an example)\n")
+        self.exit(2, f"{self.prog}: error: {message} (run `{self.prog} --help` for options and an example)\n")
 
 
 def _consume_parser(sub: argparse._SubParsersAction) -> None:

@@ -57,7 +57,15 @@ def _consume_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["auto", "native", "debezium"], help="event format (default auto)")
     p.add_argument("--dlq-topic", metavar="NAME", help="dead-letter topic; {topic} = source topic (default {topic}.dlq)")
     p.add_argument("--group-id", help="consumer group for lag monitoring (default tally)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="max records per batch/commit (default 5000)")
+    p.add_argument(
+        "--batch-size", type=int, metavar="N", help="max records per live batch/commit (default 5000)"
+    )
+    p.add_argument(
+        "--replay-batch-size",
+        type=int,
+        metavar="N",
+        help="max records per replay batch/commit (default 50000; larger batches rebuild trees in bulk)",
+    )
     p.add_argument("--config", metavar="FILE", help="TOML settings file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["auto", "json", "console"])
@@ -95,6 +103,7 @@ def _run_consume(args: argparse.Namespace) -> int:
         "dlq_topic": args.dlq_topic,
         "group_id": args.group_id,
         "batch_size": args.batch_size,
+        "replay_batch_size": args.replay_batch_size,
         "log_level": args.log_level,
         "log_format": args.log_format,
         "http": args.http,

@@ -369,7 +369,9 @@ class ConsumerProcess:
                 )
             consumer.seek(tp, off)
             stream.offsets[tp] = off
-        stream.start_offsets = dict(stream.offsets)
+        # Progress counts from the topic's beginning for a replay (a resumed replay
+        # reports the whole history, not what is left), from the resume point for live.
+        stream.start_offsets = dict(stream.offsets) if stream.is_live else {tp: begin.get(tp, 0) for tp in tps}
         ends = await consumer.end_offsets(tps)
         stream.end_at_start = dict(ends)
         if stream.is_live:
@@ -676,10 +678,12 @@ class ConsumerProcess:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 2.0)
             return
+        n = sum(len(r) for r in batch.values())
         with self.store.batch() as b:
             result = stream.applier.apply(ops)
             stream.put_offsets(b, next_offsets)
             stream.offsets.update(next_offsets)
+            stream.events += n
             if not stream.is_live:
                 progress = stream.progress()
                 for name in stream.targets:
@@ -687,9 +691,7 @@ class ConsumerProcess:
                     if g is not None:
                         g.progress = progress
                         self.store.put_generation(name, g)
-        n = sum(len(r) for r in batch.values())
         st = self.stats
-        stream.events += n
         if stream.is_live:
             st.events += n
             st.offsets.update(next_offsets)

@@ -46,6 +46,8 @@ __all__ = ["ConsumerProcess", "ConsumerStats", "offset_key", "stored_offsets"]
 OFFSETS_PREFIX = OFFSETS_ROOT + LIVE.encode() + b"/"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _REPLAY_SEQ = b"replay-seq"
+HEALTH_INTERVAL = 2.0
+"""Seconds between broker probes (end offsets); an outage is logged within about twice this."""
 
 
 @dataclass
@@ -449,9 +451,13 @@ class ConsumerProcess:
 
     async def _loop(self, until_caught_up: bool) -> None:
         s = self.settings
-        last_progress = time.monotonic()
+        last_progress = last_health = time.monotonic()
         events_at_last = self.stats.events + self.stats.replayed
         while not self._stop.is_set():
+            if time.monotonic() - last_health >= HEALTH_INTERVAL:
+                # aiokafka retries a lost broker silently; a short probe makes outages visible.
+                await self._refresh_end_offsets(timeout=HEALTH_INTERVAL)
+                last_health = time.monotonic()
             if self._pending_rebuilds:
                 await self._start_rebuilds()
             if not self.replays and self._live_caught_up():
@@ -613,12 +619,12 @@ class ConsumerProcess:
         await self._start_stream(r)
         self.log.info("rebuild started", stream=key, aggregates=sorted(targets))
 
-    async def _refresh_end_offsets(self) -> None:
+    async def _refresh_end_offsets(self, timeout: float = 10.0) -> None:
         consumer = self.live.consumer
         if consumer is None or not self.live.tps:
             return
         try:
-            ends = await asyncio.wait_for(consumer.end_offsets(self.live.tps), 10)
+            ends = await asyncio.wait_for(consumer.end_offsets(self.live.tps), timeout)
         except (TimeoutError, KafkaError) as e:
             if self.stats.broker_ok:
                 self.log.warning(

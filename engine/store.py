@@ -35,6 +35,7 @@ import gc
 import os
 import shutil
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from itertools import accumulate
@@ -238,12 +239,20 @@ class Store:
                 self._manifest = _read_current(self.path)
                 if self._secondary_dir is None:
                     self._secondary_dir = tempfile.mkdtemp(prefix="tally-reader-")
-                self._db = Rdict(
-                    self.path,
-                    _cf_options(block_cache),
-                    column_families=cfs,
-                    access_type=AccessType.secondary(self._secondary_dir),
-                )
+                for attempt in range(50):
+                    try:
+                        self._db = Rdict(
+                            self.path,
+                            _cf_options(block_cache),
+                            column_families=cfs,
+                            access_type=AccessType.secondary(self._secondary_dir),
+                        )
+                        break
+                    except Exception as e:
+                        # The writer is still creating a brand-new store: give it a moment.
+                        if "Column family not found" not in str(e) or attempt == 49:
+                            raise
+                        time.sleep(0.1)
             else:
                 os.makedirs(self.path, exist_ok=True)
                 self._db = Rdict(self.path, _db_options(block_cache), column_families=cfs)
@@ -802,8 +811,13 @@ class Store:
             it.next()
 
     def validate(self) -> None:
-        """Check every aggregate's invariants (see `Aggregate.validate`). O(n)."""
-        for name in self.aggregates():
+        """Check every stored aggregate and generation (see `Aggregate.validate`). O(n)."""
+        names = {k[1:].decode() for k, _ in self._scan(self._meta, _P_AGG)}
+        names.update(self._agg_ids)
+        gens = self.generations()
+        for name in sorted(names):
+            if name in gens:
+                continue  # a logical name resolves to one of the physical generations below
             self.aggregate(name).validate()
 
     def stats(self) -> dict[str, Any]:

@@ -94,9 +94,10 @@ def _check(value: Any, where: str) -> None:
 class TallyClient:
     """Synchronous client of one consumer's HTTP API."""
 
-    def __init__(self, url: str = DEFAULT_URL, timeout: float = 10.0) -> None:
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 10.0, token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.token = token
 
     def __repr__(self) -> str:
         return f"TallyClient({self.url!r})"
@@ -107,6 +108,8 @@ class TallyClient:
         url = self.url + path
         data = None
         headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         if body is not None:
             data = _encoder.encode(body)
             headers["Content-Type"] = "application/json"
@@ -239,6 +242,14 @@ class TallyClient:
     def status(self) -> dict[str, Any]:
         """/status: aggregates, partitions (offset, end offset, lag), counters, uptime, broker."""
         result: dict[str, Any] = self._json("GET", "/status")
+        return result
+
+    def rebuild(self, aggregate: str) -> dict[str, Any]:
+        """Start a rebuild by replay in the running consumer (needs its token)."""
+        from urllib.parse import quote
+
+        doc = self._json("POST", f"/v1/aggregates/{quote(aggregate, safe='')}/rebuild", {})
+        result: dict[str, Any] = doc.get("result", doc) if isinstance(doc, dict) else {"result": doc}
         return result
 
     def metrics(self) -> str:

@@ -848,3 +848,30 @@ async def start_http(process: Served, address: str, token: str | None) -> web.Ap
         protected_routes=len(PROTECTED_ROUTES) if token else 0,
     )
     return runner
+
+
+# ---- state-changing routes (token only) -----------------------------------------------------
+
+
+@protected_route(
+    "POST",
+    "/v1/aggregates/{name}/rebuild",
+    summary="Clear and rebuild an aggregate by replaying its topics",
+    description=(
+        "Starts a new generation built by replay from the topics' beginning offsets. The current "
+        "generation keeps serving (state `stale`) until the new one has caught up; then the switch "
+        "is atomic. Answers 202 at once; follow progress in /status."
+    ),
+    response_schema={"type": "object", "properties": {"result": {"type": "object"}}},
+)
+async def rebuild(request: web.Request) -> web.StreamResponse:
+    process = request.app[PROCESS]
+    name = request.match_info["name"]
+    known = sorted(d.name for d in process.definitions)
+    if name not in known:
+        raise ApiError(404, "unknown_aggregate", f"no aggregate named {name!r}; known: {', '.join(known)}")
+    request_rebuild = getattr(process, "request_rebuild", None)
+    if request_rebuild is None:
+        raise ApiError(501, "not_supported", "this process cannot rebuild aggregates")
+    request_rebuild(name)
+    return _json({"result": {"aggregate": name, "status": "rebuild requested"}}, 202)

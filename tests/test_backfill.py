@@ -731,3 +731,94 @@ def test_rebuild_gives_exactly_the_same_items_duplicates_included(
         assert_store_matches(store, defs, want)
     for name in before:
         assert after[name] == before[name], f"rebuilding {name} changed its items"
+
+
+# ---------------------------------------------------------------- 7. rebuild over HTTP
+
+
+def test_rebuild_over_http_needs_the_token_and_switches_generation(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    import json
+    import socket
+
+    from consumers.client import ClientError, TallyClient
+
+    topic = unique_topic("backfill-http-rebuild")
+    create_topic(kafka_bootstrap, topic, partitions=2)
+    rows = [
+        {"id": i, "player": f"p{i}", "game": "g", "score": (i * 37) % 1000} for i in range(2000)
+    ]
+    produce(
+        kafka_bootstrap,
+        topic,
+        [
+            (
+                json.dumps(r["id"]).encode(),
+                json.dumps({"table": "scores", "op": "insert", "id": r["id"], "after": r}).encode(),
+            )
+            for r in rows
+        ],
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path / "data"
+    log = tmp_path / "consume.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [
+                TALLY,
+                "consume",
+                "examples/leaderboard.py",
+                "--topic",
+                f"scores={topic}",
+                "--data-dir",
+                str(data),
+                "--http",
+                f"127.0.0.1:{port}",
+                "--token",
+                "sekret",
+                "--log-format",
+                "json",
+                "--bootstrap-servers",
+                kafka_bootstrap,
+            ],
+            stderr=err,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def states() -> dict[str, str]:
+            try:
+                return {a["name"]: a["state"] for a in TallyClient(url).status()["aggregates"]}
+            except ClientError:
+                return {}
+
+        wait_for(lambda: set(states().values()) == {"ready"}, "the consumer to be ready")
+        assert TallyClient(url).count("leaderboard") == len(rows)
+        with pytest.raises(ClientError) as e:
+            TallyClient(url).rebuild("leaderboard")
+        assert e.value.status == 401
+        with pytest.raises(ClientError) as e:
+            TallyClient(url, token="wrong").rebuild("leaderboard")
+        assert e.value.status == 401
+        assert (
+            TallyClient(url, token="sekret").rebuild("leaderboard")["status"] == "rebuild requested"
+        )
+        seen: set[str] = set()
+
+        def switched() -> bool:
+            st = states().get("leaderboard", "")
+            seen.add(st)
+            return st == "ready" and "stale" in seen
+
+        wait_for(switched, "the rebuilt generation to switch in")
+        assert TallyClient(url).count("leaderboard") == len(rows)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, tail(log)
+    with reader(data) as store:
+        assert store.generation("leaderboard").active == "leaderboard#2"
+        assert store.aggregate("leaderboard#1").count() == 0

@@ -429,7 +429,16 @@ def test_sigkill_during_replay_resumes_from_the_replay_offsets(
                 done = sum(stored_offsets(store, g.progress["stream"]).values())
                 return done > previous and done >= target * total
 
-            wait_for(far_enough, f"replay to pass {target:.0%} {note}", timeout=60, every=0.01)
+            # Step the consumer in short slices (SIGSTOP/SIGCONT) so the kill lands mid-replay
+            # however fast the machine is: a reader poll cannot lag behind a running replay.
+            deadline = time.monotonic() + 60
+            while True:
+                os.kill(proc.pid, signal.SIGSTOP)
+                if far_enough():
+                    break
+                assert time.monotonic() < deadline, f"replay never passed {target:.0%} {note}"
+                os.kill(proc.pid, signal.SIGCONT)
+                time.sleep(0.01)
             proc.kill()  # SIGKILL: no cleanup, no final commit
             proc.wait()
         what = f"kill {i} at {target:.0%} {note}"

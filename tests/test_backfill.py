@@ -816,12 +816,10 @@ def test_rebuild_over_http_needs_the_token_and_switches_generation(
         assert (
             TallyClient(url, token="sekret").rebuild("leaderboard")["status"] == "rebuild requested"
         )
-        seen: set[str] = set()
-
         def switched() -> bool:
-            st = states().get("leaderboard", "")
-            seen.add(st)
-            return st == "ready" and "stale" in seen
+            with reader(data) as store:
+                g = store.generation("leaderboard")
+                return g is not None and g.active == "leaderboard#2" and g.building is None
 
         wait_for(switched, "the rebuilt generation to switch in")
         assert TallyClient(url).count("leaderboard") == len(rows)

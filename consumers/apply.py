@@ -35,6 +35,17 @@ Op = tuple[int, Aggregate, Any]
 `Prepared` item for UPSERT, an encoded id for DELETE, None for CLEAR."""
 
 
+class Pending:
+    """Ops folded per aggregate, waiting for one commit (replays gather many batches)."""
+
+    __slots__ = ("changes", "cleared", "clears", "deletes", "events", "upserts")
+
+    def __init__(self) -> None:
+        self.changes: dict[Aggregate, dict[bytes, Prepared | None]] = {}
+        self.cleared: set[Aggregate] = set()
+        self.upserts = self.deletes = self.clears = self.events = 0
+
+
 class ApplyResult(NamedTuple):
     upserts: int
     deletes: int
@@ -112,23 +123,36 @@ class Applier:
         tree rebuild when they are many — see `Aggregate.apply_many`). A
         truncate discards the aggregate's earlier ops and clears it in order.
         """
-        upserts = deletes = clears = changed = 0
-        pending: dict[Aggregate, dict[bytes, Prepared | None]] = {}
+        pending = Pending()
+        self.collect(ops, pending)
+        return self.flush(pending)
+
+    @staticmethod
+    def collect(ops: Iterable[Op], pending: Pending) -> None:
+        """Fold ops into ``pending`` (last state per id; a truncate resets the aggregate)."""
+        changes = pending.changes
         for kind, agg, arg in ops:
             if kind == UPSERT:
-                upserts += 1
-                pending.setdefault(agg, {})[arg.id] = arg
+                pending.upserts += 1
+                changes.setdefault(agg, {})[arg.id] = arg
             elif kind == DELETE:
-                deletes += 1
-                pending.setdefault(agg, {})[arg] = None
+                pending.deletes += 1
+                changes.setdefault(agg, {})[arg] = None
             else:
-                clears += 1
-                pending.pop(agg, None)
-                agg.clear_all()
-                changed += 1
-        for agg, changes in pending.items():
+                pending.clears += 1
+                changes.pop(agg, None)
+                pending.cleared.add(agg)
+
+    @staticmethod
+    def flush(pending: Pending) -> ApplyResult:
+        """Write what ``pending`` holds (inside `Store.batch()`)."""
+        changed = 0
+        for agg in pending.cleared:
+            agg.clear_all()
+            changed += 1
+        for agg, changes in pending.changes.items():
             changed += agg.apply_many(changes)
-        return ApplyResult(upserts, deletes, clears, changed)
+        return ApplyResult(pending.upserts, pending.deletes, pending.clears, changed)
 
     def apply_events(self, events: Sequence[ChangeEvent]) -> tuple[ApplyResult, list[tuple[int, BadRecord]]]:
         """Plan and apply in one batch (no offsets): handy for tests and scripts."""

@@ -36,7 +36,7 @@ from engine import Batch, Generation, Store, TableAggregate
 from schemas import BadRecord, ChangeEvent, ConfigError, EventDecoder
 from schemas.config import ConsumerSettings
 
-from .apply import Applier
+from .apply import Applier, Pending
 from .definitions import id_fields_by_table
 from .logs import get_logger
 from .streams import LIVE, OFFSETS_ROOT, Stream, offset_key, stored_offsets
@@ -96,7 +96,9 @@ class ConsumerProcess:
         self.by_name = {d.name: d for d in self.definitions}
         self.store = store
         self.stale_policy = stale
-        self.table_topics = {d.table: settings.topics.get(d.table, d.table) for d in self.definitions}
+        self.table_topics = {
+            d.table: settings.topics.get(d.table, d.table) for d in self.definitions
+        }
         self.topics = sorted(set(self.table_topics.values()))
         topic_tables: dict[str, str] = {}
         per_topic: dict[str, set[str]] = {}
@@ -194,7 +196,11 @@ class ConsumerProcess:
                         store.put_generation(d.name, g)
                     continue
                 stream = g.progress.get("stream")
-                if g.building is not None and g.building_fingerprint == fp and isinstance(stream, str):
+                if (
+                    g.building is not None
+                    and g.building_fingerprint == fp
+                    and isinstance(stream, str)
+                ):
                     resumed.setdefault(stream, {})[d.name] = (d, g.building)
                 else:
                     if g.building is not None:
@@ -222,7 +228,9 @@ class ConsumerProcess:
                 "building by replay",
                 stream=r.key,
                 aggregates=sorted(r.targets),
-                stale=[n for n in r.targets if (store.generation(n) or Generation()).active is not None],
+                stale=[
+                    n for n in r.targets if (store.generation(n) or Generation()).active is not None
+                ],
             )
 
     def _drop_physical(self, phys: str) -> None:
@@ -266,7 +274,9 @@ class ConsumerProcess:
                         loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        self.log.info("stopping", signal=sig.name, note="finishing the current batch, then committing")
+        self.log.info(
+            "stopping", signal=sig.name, note="finishing the current batch, then committing"
+        )
         self.request_stop()
 
     def _new_consumer(self) -> AIOKafkaConsumer:
@@ -373,7 +383,9 @@ class ConsumerProcess:
             stream.offsets[tp] = off
         # Progress counts from the topic's beginning for a replay (a resumed replay
         # reports the whole history, not what is left), from the resume point for live.
-        stream.start_offsets = dict(stream.offsets) if stream.is_live else {tp: begin.get(tp, 0) for tp in tps}
+        stream.start_offsets = (
+            dict(stream.offsets) if stream.is_live else {tp: begin.get(tp, 0) for tp in tps}
+        )
         ends = await consumer.end_offsets(tps)
         stream.end_at_start = dict(ends)
         if stream.is_live:
@@ -410,7 +422,9 @@ class ConsumerProcess:
             admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
             await admin.start()
             try:
-                resp = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+                resp = await admin.describe_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+                )
             finally:
                 await admin.close()
         except Exception as e:  # diagnostics only
@@ -477,7 +491,9 @@ class ConsumerProcess:
                 hold_live |= await self._replay_step(r)
             if self.live.consumer is not None and not hold_live:
                 timeout = 0 if self.replays else s.poll_timeout_ms
-                batch = await self.live.consumer.getmany(timeout_ms=timeout, max_records=s.batch_size)
+                batch = await self.live.consumer.getmany(
+                    timeout_ms=timeout, max_records=s.batch_size
+                )
                 if batch:
                     await self._process(self.live, batch)
             elif self.live.consumer is None and not self.replays:
@@ -497,8 +513,13 @@ class ConsumerProcess:
                 )
                 await self._commit_kafka()
                 last_progress, events_at_last = now, total
+        for r in self.replays:
+            self._flush_replay(r)  # a clean stop keeps the replay's gathered work
         self.log.info(
-            "stopped", events=self.stats.events, replayed=self.stats.replayed, batches=self.stats.batches
+            "stopped",
+            events=self.stats.events,
+            replayed=self.stats.replayed,
+            batches=self.stats.batches,
         )
 
     def _live_caught_up(self) -> bool:
@@ -539,21 +560,28 @@ class ConsumerProcess:
                 trimmed[tp] = records
         if trimmed or reached:
             await self._process(r, trimmed, reached)
+        elif r.pending is not None:
+            self._flush_replay(r)  # nothing more to read right now: commit what we have
         # Close enough to the live position: let the replay catch it before live moves on.
         near = all(
-            live.offsets.get(tp) is None or live.offsets[tp] - r.offsets.get(tp, 0) <= self.settings.batch_size
+            live.offsets.get(tp) is None
+            or live.offsets[tp] - r.offsets.get(tp, 0) <= self.settings.batch_size
             for tp in r.tps
         )
         return near and self._history_done(r)
 
-    def _history_done(self, r: Stream) -> bool:
-        return all(r.offsets.get(tp, 0) >= end for tp, end in r.end_at_start.items())
+    def _history_done(self, r: Stream, ahead: dict[TopicPartition, int] | None = None) -> bool:
+        """The replay read everything that was in its topics when it started."""
+        ahead = ahead or {}
+        return all(ahead.get(tp, r.offsets.get(tp, 0)) >= end for tp, end in r.end_at_start.items())
 
     def _ready_to_join(self, r: Stream) -> bool:
         if not self._history_done(r):
             return False
         live = self.live
-        return all(live.offsets.get(tp) is None or live.offsets[tp] == r.offsets.get(tp, 0) for tp in r.tps)
+        return all(
+            live.offsets.get(tp) is None or live.offsets[tp] == r.offsets.get(tp, 0) for tp in r.tps
+        )
 
     async def _join(self, r: Stream) -> None:
         """Switch a replayed generation live: catalog, offsets and old data in one batch."""
@@ -584,7 +612,9 @@ class ConsumerProcess:
         self.live = self._stream(LIVE, targets)
         self.live.consumer = consumer
         await self._start_stream(self.live)
-        self.log.info("replay joined live; generation switched", stream=r.key, aggregates=sorted(r.targets))
+        self.log.info(
+            "replay joined live; generation switched", stream=r.key, aggregates=sorted(r.targets)
+        )
 
     async def _start_rebuilds(self) -> None:
         names, self._pending_rebuilds = self._pending_rebuilds, []
@@ -685,27 +715,31 @@ class ConsumerProcess:
                 await asyncio.wait_for(self._stop.wait(), 2.0)
             return
         n = sum(len(r) for r in batch.values())
+        st = self.stats
+        st.dead_letters += len(bad)
+        if not stream.is_live:
+            # A replay gathers batches and commits them as one chunk (one bulk build).
+            if stream.pending is None:
+                stream.pending = Pending()
+            stream.applier.collect(ops, stream.pending)
+            stream.pending.events += n
+            stream.pending_offsets.update(next_offsets)
+            if (
+                reached
+                or stream.pending.events >= self.settings.replay_chunk
+                or self._history_done(stream, stream.pending_offsets)
+            ):
+                self._flush_replay(stream)
+            return
         with self.store.batch() as b:
             result = stream.applier.apply(ops)
             stream.put_offsets(b, next_offsets)
             stream.offsets.update(next_offsets)
             stream.events += n
-            if not stream.is_live:
-                progress = stream.progress()
-                for name in stream.targets:
-                    g = self.store.generation(name)
-                    if g is not None:
-                        g.progress = progress
-                        self.store.put_generation(name, g)
-        st = self.stats
-        if stream.is_live:
-            st.events += n
-            st.offsets.update(next_offsets)
-        else:
-            st.replayed += n
+        st.events += n
+        st.offsets.update(next_offsets)
         st.batches += 1
         st.changed += result.changed
-        st.dead_letters += len(bad)
         dt = time.perf_counter() - t0
         st.observe_batch(dt)
         self.log.debug(
@@ -718,6 +752,39 @@ class ConsumerProcess:
             dead_letters=len(bad),
             ms=round(dt * 1000, 2),
         )
+
+    def _flush_replay(self, stream: Stream) -> None:
+        """Commit what a replay gathered: its changes, offsets and progress in one batch."""
+        pending = stream.pending
+        if pending is None:
+            return
+        t0 = time.perf_counter()
+        with self.store.batch() as b:
+            result = stream.applier.flush(pending)
+            stream.put_offsets(b, stream.pending_offsets)
+            stream.offsets.update(stream.pending_offsets)
+            stream.events += pending.events
+            progress = stream.progress()
+            for name in stream.targets:
+                g = self.store.generation(name)
+                if g is not None:
+                    g.progress = progress
+                    self.store.put_generation(name, g)
+        st = self.stats
+        st.replayed += pending.events
+        st.batches += 1
+        st.changed += result.changed
+        dt = time.perf_counter() - t0
+        st.observe_batch(dt)
+        self.log.debug(
+            "replay chunk",
+            stream=stream.key,
+            events=pending.events,
+            changed=result.changed,
+            ms=round(dt * 1000, 2),
+        )
+        stream.pending = None
+        stream.pending_offsets = {}
 
     async def _dead_letter(
         self, bad: list[tuple[TopicPartition, ConsumerRecord[Any, Any], BadRecord]]
@@ -747,7 +814,12 @@ class ConsumerProcess:
             return False
         for tp, r, why in bad[:5]:
             self.log.warning(
-                "dead letter", topic=tp.topic, partition=tp.partition, offset=r.offset, reason=why.reason, error=str(why)
+                "dead letter",
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=r.offset,
+                reason=why.reason,
+                error=str(why),
             )
         return True
 

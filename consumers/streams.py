@@ -63,6 +63,8 @@ class Stream:
     started: float = field(default_factory=time.monotonic)
     events: int = 0
     consumer: Any = None
+    pending: Any = None  # apply.Pending gathered by a replay, committed as one chunk
+    pending_offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
     @property
     def is_live(self) -> bool:

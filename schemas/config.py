@@ -35,6 +35,9 @@ class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     """Max records per getmany batch = per RocksDB commit. Bigger: faster, longer commits."""
     replay_batch_size: int = 50_000
     """Max records per replay batch/commit. Replays apply big batches as bulk tree rebuilds."""
+    replay_chunk: int = 500_000
+    """Events a replay gathers (last state per id) before one commit and bulk tree build.
+    Bigger: fewer rebuilds and faster replays; a crash redoes at most this many events."""
     poll_timeout_ms: int = 200
     progress_interval: float = 10.0
     """Seconds between info-level progress lines."""

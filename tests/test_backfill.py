@@ -123,9 +123,9 @@ def expected_snapshot(want: dict[Any, list[Any]]) -> dict[Any, list[tuple[Any, A
 
 def small_batches(n: int) -> dict[str, Any]:
     """Keyword arguments for `start_consume`/`run_consume` (next to ``--batch-size N``) that
-    cap replay batches at ``n`` records too, where the settings have a separate
-    ``replay_batch_size`` (TALLY_REPLAY_BATCH_SIZE; settings ignore unknown variables)."""
-    return {"env": child_env(TALLY_REPLAY_BATCH_SIZE=str(n))}
+    cap replay batches and replay chunks (commits) at ``n`` records too
+    (TALLY_REPLAY_BATCH_SIZE, TALLY_REPLAY_CHUNK)."""
+    return {"env": child_env(TALLY_REPLAY_BATCH_SIZE=str(n), TALLY_REPLAY_CHUNK=str(n))}
 
 
 def tail(log: Path, n: int = 3000) -> str:
@@ -502,7 +502,9 @@ def test_replay_progress_does_not_go_back_after_a_restart(
             "25",
             log=log,
             # Progress lines every 10 ms too, so a fast second run still shows its progress.
-            env=child_env(TALLY_REPLAY_BATCH_SIZE="25", TALLY_PROGRESS_INTERVAL="0.01"),
+            env=child_env(
+                TALLY_REPLAY_BATCH_SIZE="25", TALLY_REPLAY_CHUNK="25", TALLY_PROGRESS_INTERVAL="0.01"
+            ),
         )
         with running(proc):
             wait_for(

@@ -95,11 +95,12 @@ def test_sigkill_at_random_instants_keeps_state_and_offsets_together(
             assert len(parsed) == len(records)
         batch = rng.choice(("20", "50", "200"))
         cache = rng.choice((None, "16", "64"))
-        # Replays commit per replay batch (bulk tree rebuilds when big): small ones
+        # Replays commit per chunk (bulk tree rebuilds when big): small ones
         # so kills land inside the build, now and then the default (one commit).
         replay_batch = "500" if i == 0 else rng.choice(("500", "5000", None))
         env = child_env(**{k: v for k, v in (("TALLY_CACHE_NODES", cache),
-                                             ("TALLY_REPLAY_BATCH_SIZE", replay_batch)) if v})
+                                             ("TALLY_REPLAY_BATCH_SIZE", replay_batch),
+                                             ("TALLY_REPLAY_CHUNK", replay_batch)) if v})
         # Most kills: a random instant after the consumer starts consuming; some: a
         # random instant after the spawn (so also during start-up and recovery).
         after_start = i == 0 or rng.random() < 0.75
@@ -113,7 +114,24 @@ def test_sigkill_at_random_instants_keeps_state_and_offsets_together(
                 assert proc.poll() is None, f"consumer exited (rc {proc.returncode}):\n{log.read_text()[-3000:]}"
                 assert time.monotonic() < deadline, f"consumer did not start in 20 s:\n{log.read_text()[-3000:]}"
                 time.sleep(0.02)
-            time.sleep(delay)
+            if after_start:
+                # Step the consumer in short slices (SIGSTOP/SIGCONT) until its stored position
+                # passes a random point of what is left, so the kill lands mid-stream however
+                # fast this machine consumes.
+                goal = sum(previous.values()) + rng.uniform(0.05, 0.9) * (
+                    sum(ends.values()) - sum(previous.values())
+                )
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    with open_store(data) as store:
+                        done = sum(position(store, topic, defs).offsets.values())
+                    if done >= goal:
+                        break
+                    os.kill(proc.pid, signal.SIGCONT)
+                    time.sleep(0.01)
+            else:
+                time.sleep(delay)
             assert proc.poll() is None, f"consumer exited by itself (rc {proc.returncode}):\n{log.read_text()[-3000:]}"
         finally:
             proc.kill()  # SIGKILL: no cleanup, no final commit

@@ -53,6 +53,17 @@ class TreeMeta(msgspec.Struct, array_like=True):
 
 NID_BITS = 40
 
+INTERNAL_FACTOR = 8
+"""Internal nodes hold up to ``INTERNAL_FACTOR * max_node_size`` children (for node sizes of 16
+and up): their entries are small (short separators, ids, counts, sums), so wide internal nodes
+keep trees shallow and per-op read cost grows little from 100k to 10M items. Tiny node sizes
+(tests) keep internal nodes as small as leaves, so internal splits and merges stay frequent."""
+
+
+def internal_max(m: int) -> int:
+    """Max children of an internal node for leaves of at most ``m`` items."""
+    return m * INTERNAL_FACTOR if m >= 16 else m
+
 
 class NodeStore(Protocol):
     """Where nodes live, addressed by global node id (``tid << NID_BITS | local``)."""
@@ -243,13 +254,16 @@ class Tree:
         """
         exact = type(dsum) is int
         ns = self.ns
-        m = self.meta.max_node_size
-        lo_size = m // 2
+        ml = self.meta.max_node_size
+        mi = internal_max(ml)
         for pref, parent, c in reversed(path):
-            size = len(node.children) if node.children else len(node.keys)
+            if node.children:
+                size, m = len(node.children), mi
+            else:
+                size, m = len(node.keys), ml
             if size > m:
                 self._split(parent, c, ref, node)
-            elif size < lo_size:
+            elif size < m // 2:
                 self._rebalance(parent, c, node)
             else:
                 parent.counts[c] += delta
@@ -261,14 +275,14 @@ class Tree:
             ref, node = pref, parent
         # root
         if node.children:
-            size = len(node.children)
+            size, m = len(node.children), mi
             if size == 1:
                 ns.free_node(self.base | ref)
                 self.meta.root = node.children[0]
                 self.meta.height -= 1
                 return
         else:
-            size = len(node.keys)
+            size, m = len(node.keys), ml
         if size > m:
             new_root = Node([], [_sum(node)], [ref], [_count(node)])
             self._split(new_root, 0, ref, node)
@@ -303,9 +317,10 @@ class Tree:
         ns = self.ns
         base = self.base
         get = ns.get_node
-        lo_size = self.meta.max_node_size // 2
         children = parent.children
         internal = bool(node.children)
+        m = self.meta.max_node_size
+        lo_size = (internal_max(m) if internal else m) // 2
         if c > 0:
             lref = children[c - 1]
             left = get(base | lref)
@@ -401,7 +416,7 @@ class Tree:
         height = 1
         while len(level) > 1:
             up: list[tuple[bytes, bytes, int, int, int | float]] = []
-            for lo, hi in _chunks(len(level), m):
+            for lo, hi in _chunks(len(level), internal_max(m)):
                 run = level[lo:hi]
                 seps = [_separator(run[i][1], run[i + 1][0]) for i in range(len(run) - 1)]
                 node = Node(seps, [r[4] for r in run], [r[2] for r in run], [r[3] for r in run])
@@ -427,8 +442,9 @@ class Tree:
                 n = len(node.children)
                 if len(node.keys) != n - 1 or len(node.counts) != n or len(node.sums) != n:
                     raise StoreCorrupted(f"{where}: {n} children but {len(node.keys)} separators, {len(node.counts)} counts, {len(node.sums)} sums")
-                if n > m or (n < m // 2 and not is_root) or (is_root and n < 2):
-                    raise StoreCorrupted(f"{where}: {n} children outside [{m // 2}, {m}]")
+                mi = internal_max(m)
+                if n > mi or (n < mi // 2 and not is_root) or (is_root and n < 2):
+                    raise StoreCorrupted(f"{where}: {n} children outside [{mi // 2}, {mi}]")
                 if any(a >= b for a, b in zip(node.keys, node.keys[1:], strict=False)):
                     raise StoreCorrupted(f"{where}: separators out of order")
                 total_c = 0

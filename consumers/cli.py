@@ -20,7 +20,12 @@ from engine import Store, TallyError
 __all__ = ["build_parser", "main"]
 
 # Subcommand modules: each exposes register(subparsers).
-_SUBCOMMANDS = ("consumers.cli_produce", "consumers.cli_query", "consumers.cli_demo")
+_SUBCOMMANDS = (
+    "consumers.cli_produce",
+    "consumers.cli_query",
+    "consumers.cli_demo",
+    "consumers.cli_reconcile",
+)
 
 
 class _Parser(argparse.ArgumentParser):

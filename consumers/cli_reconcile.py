@@ -1,0 +1,252 @@
+"""`tally reconcile`: diff an aggregate against its source of truth, and optionally patch it.
+
+    tally reconcile AGGREGATE --source SOURCE --definitions FILE --data-dir DIR
+                    [--table T] [--id-column C ...] [--dry-run | --patch] [--json]
+
+SOURCE is a ``postgresql://`` URL (read the table ``--table``, default the
+definition's table, ordered by ``--id-column``, default the definition's
+``id_field``), ``kafka:TOPIC`` (a compacted change topic read to its end,
+latest row per id; ``--bootstrap-servers``) or a JSON Lines / CSV snapshot
+file. See `engine.reconcile` for
+the classes (missing / extra / wrong) and `consumers.reconcile_sources` for
+the ordering assumptions.
+
+``--dry-run`` (the default) opens the data dir read-only (a RocksDB
+secondary instance): safe while a consumer runs, and it writes nothing.
+``--patch`` opens it for writing, so no consumer may run on it (RocksDB's
+lock refuses, and we say so); fixes go through the consumer's write path
+(`Aggregate.apply_many`) in batches. Patching a live consumer is not done
+here (see the module `engine.reconcile` notes and the reply of the change).
+
+Exit status: 0 in sync (or patched), 2 bad usage / unreadable source /
+unknown aggregate / locked data dir, 3 differences found with
+``--fail-on-drift`` on a dry run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import msgspec
+
+from engine import Store, TallyError
+
+__all__ = ["register", "run_reconcile"]
+
+EXIT_DRIFT = 3
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``reconcile`` to the `tally` CLI."""
+    p = subparsers.add_parser(
+        "reconcile",
+        help="diff an aggregate against its source of truth (Postgres table or snapshot file); optionally patch",
+        description=(
+            "Compare AGGREGATE with the rows of its source of truth in one streaming merge by id, "
+            "and report missing, extra and wrong items. With --patch, fix them through the "
+            "consumer's write path (no consumer may be running on the data dir)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tally reconcile scores --source postgresql://app@db/app --definitions defs.py --data-dir ./data\n"
+            "  tally reconcile scores --source snapshot.jsonl --definitions defs.py --data-dir ./data --patch\n"
+            "  tally reconcile scores --source kafka:game.scores --definitions defs.py --data-dir ./data\n"
+            "\nexit status: 0 in sync or patched, 2 error, 3 drift found (with --fail-on-drift)"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("aggregate", help="logical aggregate name (as in the definitions)")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="postgresql://... URL, kafka:TOPIC (a compacted change topic read to its end), "
+        "or a .jsonl / .csv snapshot file",
+    )
+    p.add_argument(
+        "--bootstrap-servers",
+        metavar="HOST:PORT",
+        help="Kafka for a kafka: source (default 127.0.0.1:9092)",
+    )
+    p.add_argument(
+        "--table",
+        help="Postgres table / the topic's table (default: the definition's table); schema.table allowed",
+    )
+    p.add_argument(
+        "--id-column",
+        action="append",
+        metavar="C",
+        help="id column (repeat for a composite id; default: the definition's id_field)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["jsonl", "csv"],
+        help="snapshot file format (default: from the extension)",
+    )
+    p.add_argument(
+        "--definitions",
+        help="Python file or module with the TableAggregate (env TALLY_DEFINITIONS)",
+    )
+    p.add_argument(
+        "--data-dir", help="the store directory (env TALLY_DATA_DIR, default ./tally-data)"
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only report (default; read-only, safe while a consumer runs)",
+    )
+    mode.add_argument(
+        "--patch",
+        action="store_true",
+        help="fix the differences (no consumer may run on --data-dir)",
+    )
+    p.add_argument(
+        "--examples", type=int, default=10, metavar="N", help="examples kept per class (default 10)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="ids per patch commit (default 10000)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    p.add_argument(
+        "--fail-on-drift", action="store_true", help="exit 3 when a dry run finds differences"
+    )
+    p.set_defaults(func=run_reconcile)
+
+
+def _open_source(args: argparse.Namespace, definition: Any) -> Any:
+    from .reconcile_sources import SourceError, postgres_source, snapshot_source, topic_source
+
+    src: str = args.source
+    ids = args.id_column or list(definition.id_fields)
+    if src.startswith(("postgresql://", "postgres://")):
+        return postgres_source(src, args.table or definition.table, ids)
+    if src.startswith("kafka:"):
+        topic = src[len("kafka:") :].lstrip("/")
+        if not topic:
+            raise SourceError("a topic source is kafka:TOPIC, e.g. --source kafka:game.scores")
+        bootstrap = (
+            args.bootstrap_servers or os.environ.get("TALLY_BOOTSTRAP_SERVERS") or "127.0.0.1:9092"
+        )
+        return topic_source(bootstrap, topic, args.table or definition.table, ids)
+    if "://" in src:
+        raise SourceError(
+            f"unsupported source {src!r}: use a postgresql:// URL or a .jsonl/.csv file"
+        )
+    if args.table:
+        raise SourceError("--table only applies to a postgresql:// or kafka: source")
+    return snapshot_source(src, ids, fmt=args.format)
+
+
+def _open_store(data_dir: str, write: bool) -> Store:
+    if not os.path.isdir(data_dir):
+        raise TallyError(f"no data dir at {data_dir!r}: pass --data-dir")
+    try:
+        return Store.open(data_dir, read_only=not write)
+    except TallyError as e:
+        if write and "another process" in str(e):
+            raise TallyError(
+                f"data dir {data_dir!r} is locked: a consumer is running on it; stop it before --patch "
+                "(or run a dry run, which is read-only)"
+            ) from None
+        raise
+    except Exception as e:
+        msg = str(e)
+        if write and ("lock" in msg.lower() or "Resource temporarily unavailable" in msg):
+            raise TallyError(
+                f"data dir {data_dir!r} is locked: a consumer is running on it; stop it before --patch "
+                "(or run a dry run, which is read-only)"
+            ) from None
+        raise TallyError(
+            f"cannot open data dir {data_dir!r}: {msg.splitlines()[0] if msg else type(e).__name__}"
+        ) from None
+
+
+def run_reconcile(args: argparse.Namespace) -> int:
+    from engine.reconcile import reconcile
+
+    from .definitions import load_definitions
+
+    spec = args.definitions or os.environ.get("TALLY_DEFINITIONS")
+    if not spec:
+        raise TallyError("reconcile needs the aggregate's definition: pass --definitions FILE")
+    if args.examples < 0 or args.batch_size < 1:
+        raise TallyError("--examples must be >= 0 and --batch-size >= 1")
+    defs = {d.name: d for d in load_definitions(spec)}
+    definition = defs.get(args.aggregate)
+    if definition is None:
+        raise TallyError(
+            f"no aggregate named {args.aggregate!r} in {spec!r} (defined: {', '.join(defs) or 'none'})"
+        )
+    data_dir = args.data_dir or os.environ.get("TALLY_DATA_DIR") or "./tally-data"
+    source = _open_source(
+        args, definition
+    )  # connects now: an unreachable source fails before the store opens
+    store = _open_store(data_dir, args.patch)
+    try:
+        gen = store.generation(args.aggregate)
+        if gen is not None and gen.active is None:
+            raise TallyError(
+                f"aggregate {args.aggregate!r} has no ready generation yet (it is being built by replay)"
+            )
+        if args.patch and gen is not None and gen.building is not None:
+            raise TallyError(
+                f"aggregate {args.aggregate!r} is being rebuilt (generation {gen.building!r}); "
+                "patch after the rebuild finishes"
+            )
+        agg = store.aggregate(args.aggregate)
+        report = reconcile(
+            agg,
+            definition,
+            source,
+            apply=args.patch,
+            examples=args.examples,
+            batch_size=args.batch_size,
+        )
+    finally:
+        store.close()
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+    else:
+        _print_report(report)
+    if args.fail_on_drift and report.patched is None and not report.in_sync:
+        return EXIT_DRIFT
+    return 0
+
+
+def _fmt(side: dict[str, Any] | None) -> str:
+    if side is None:
+        return "—"
+    ns = side["namespace"]
+    s = f"key={side['key']!r} sum={side['sum']!r}"
+    return s if ns is None else f"ns={ns!r} {s}"
+
+
+def _print_report(r: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    state = "in sync" if r.in_sync else f"{r.differences} difference(s)"
+    if r.patched is not None:
+        state += f", {r.patched} id(s) patched"
+    con.print(
+        f"[bold]{r.aggregate}[/bold] ({r.physical}): {state} — "
+        f"{r.rows_scanned} source rows ({r.rows_filtered} filtered out), {r.items_scanned} items, {r.elapsed_s}s"
+    )
+    t = Table("class", "count")
+    for c in ("missing", "extra", "wrong"):
+        t.add_row(c, str(getattr(r, c)))
+    con.print(t)
+    if not r.in_sync:
+        ex = Table("class", "id", "expected (source)", "actual (aggregate)", title="examples")
+        for c in ("missing", "extra", "wrong"):
+            for e in r.examples[c]:
+                ex.add_row(c, repr(e.id), _fmt(e.expected), _fmt(e.actual))
+        con.print(ex)

@@ -1,0 +1,439 @@
+"""Sources of truth for `engine.reconcile`: iterators of ``(encoded id, row)`` in encoded-id order.
+
+* `postgres_source` — a PostgreSQL table through a server-side cursor,
+  ``ORDER BY`` the id column(s). Ordering assumption: PostgreSQL's order
+  equals `engine.encode_key` order for integer columns (smallint, integer,
+  bigint: numerically) and for text columns compared with ``COLLATE "C"``
+  (UTF-8 byte order = code point order, which is encode_key's string order);
+  composite ids sort column by column like encoded tuples. Other id types
+  (uuid, numeric, timestamps...) are refused with a clear error rather than
+  trusted. The merge in `engine.reconcile.diff` also checks the order and
+  stops with `SourceOrderError` if it is ever violated.
+* `snapshot_source` — a JSON Lines (one object per line) or CSV file (header
+  row; a cell that parses as a JSON number / true / false / null is that
+  value, anything else is the string). Files need not be sorted: they are
+  sorted by encoded id with an external merge sort (sorted runs of
+  ``run_rows`` rows spilled to temporary files), so memory stays bounded.
+* `topic_source` — a compacted change topic read to its end offsets, the
+  latest row per id (decoded like the consumer decodes), spilled to a
+  temporary SQLite file and read back ordered by encoded id.
+
+Errors are `SourceError` (a `TallyError`) with a one-line message.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+from engine import TallyError, decode_key, encode_key
+from engine.keys import key_repr
+from schemas import DecodeFormat
+
+__all__ = ["SourceError", "postgres_source", "snapshot_source", "topic_source"]
+
+Keyed = Iterator[tuple[bytes, Mapping[str, Any]]]
+
+# PostgreSQL type oids
+_INT_OIDS = {20, 21, 23}  # int8, int2, int4
+_TEXT_OIDS = {25, 1043, 1042, 19}  # text, varchar, bpchar, name
+
+
+class SourceError(TallyError):
+    """A source that cannot be read (unreachable, malformed, unsupported)."""
+
+
+def _ident(name: str) -> str:
+    """A quoted SQL identifier; ``schema.table`` is split on the dot."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+def _plain(v: Any) -> Any:
+    if type(v) is Decimal:
+        return int(v) if v == v.to_integral_value() else float(v)
+    return v
+
+
+def postgres_source(
+    url: str,
+    table: str,
+    id_columns: Sequence[str],
+    *,
+    fetch_size: int = 10_000,
+    connect_timeout: float = 10.0,
+) -> Keyed:
+    """Rows of ``table`` ordered by ``id_columns``, streamed by a server-side cursor.
+
+    ``numeric`` values become int (integral) or float. Runs in one read-only
+    REPEATABLE READ transaction: a consistent snapshot of the table.
+    """
+    try:
+        import psycopg
+        from psycopg.rows import dict_row
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise SourceError(
+            "reading a Postgres source needs psycopg: pip install 'psycopg[binary]'"
+        ) from e
+    if not id_columns:
+        raise SourceError("a Postgres source needs at least one id column")
+    try:
+        conn = psycopg.connect(url, connect_timeout=int(max(1, connect_timeout)), autocommit=False)
+    except psycopg.Error as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"cannot connect to Postgres at {_redact(url)}: {msg}") from None
+    return _pg_rows(conn, table, list(id_columns), fetch_size, dict_row, psycopg)
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        return f"{scheme}://{cred.split(':', 1)[0]}@{host}"
+    return url
+
+
+def _pg_rows(
+    conn: Any, table: str, ids: list[str], fetch_size: int, dict_row: Any, psycopg: Any
+) -> Keyed:
+    try:
+        with conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            try:
+                probe = conn.execute(
+                    f"SELECT {', '.join(_ident(c) for c in ids)} FROM {_ident(table)} LIMIT 0"
+                )
+            except psycopg.Error as e:
+                raise SourceError(
+                    f"cannot read table {table!r}: {str(e).strip().splitlines()[0]}"
+                ) from None
+            order = []
+            for col, d in zip(ids, probe.description or (), strict=True):
+                if d.type_code in _INT_OIDS:
+                    order.append(_ident(col))
+                elif d.type_code in _TEXT_OIDS:
+                    order.append(f'{_ident(col)} COLLATE "C"')
+                else:
+                    raise SourceError(
+                        f"id column {col!r} of {table!r} has a type (oid {d.type_code}) whose Postgres order is "
+                        "not known to match tally's id order: only integer and text id columns are supported"
+                    )
+            sql = f"SELECT * FROM {_ident(table)} ORDER BY {', '.join(order)}"
+            with conn.cursor(name="tally_reconcile", row_factory=dict_row) as cur:
+                cur.itersize = fetch_size
+                cur.execute(sql)
+                single = ids[0] if len(ids) == 1 else None
+                while True:
+                    batch = cur.fetchmany(fetch_size)
+                    if not batch:
+                        break
+                    for row in batch:
+                        for k, v in row.items():
+                            if type(v) is Decimal:
+                                row[k] = _plain(v)
+                        rid = row[single] if single is not None else tuple(row[c] for c in ids)
+                        try:
+                            eid = encode_key(rid)
+                        except TallyError as e:
+                            raise SourceError(
+                                f"row of {table!r} has an invalid id {rid!r}: {e}"
+                            ) from None
+                        yield eid, row
+    except psycopg.OperationalError as e:
+        raise SourceError(
+            f"Postgres connection failed while reading {table!r}: {str(e).strip()}"
+        ) from None
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ snapshot files
+
+
+def _cell(s: str) -> Any:
+    if s == "":
+        return None
+    c = s[0]
+    if c in "-0123456789tfn":
+        try:
+            v = json.loads(s)
+        except ValueError:
+            return s
+        if v is None or isinstance(v, (int, float, bool)):
+            return v
+    return s
+
+
+def _file_rows(path: str, fmt: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    try:
+        f = open(path, newline="" if fmt == "csv" else None, encoding="utf-8")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise SourceError(f"cannot open snapshot file {path!r}: {e.strerror}") from None
+    with f:
+        if fmt == "csv":
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:
+                raise SourceError(
+                    f"snapshot file {path!r} is empty: a CSV snapshot needs a header row"
+                )
+            for row in reader:
+                if None in row:
+                    raise SourceError(f"{path}:{reader.line_num}: more cells than header columns")
+                yield (
+                    reader.line_num,
+                    {k: _cell(v) if v is not None else None for k, v in row.items()},
+                )
+        else:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise SourceError(f"{path}:{n}: not valid JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise SourceError(
+                        f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}"
+                    )
+                yield n, row
+
+
+def snapshot_source(
+    path: str,
+    id_fields: Sequence[str],
+    *,
+    fmt: str | None = None,
+    run_rows: int = 200_000,
+) -> Keyed:
+    """Rows of a JSON Lines or CSV snapshot, sorted by encoded id (external sort; bounded memory).
+
+    ``fmt``: ``jsonl`` or ``csv`` (default: from the extension, ``.csv`` → csv,
+    anything else → JSON Lines). A duplicated id is an error.
+    """
+    if fmt is None:
+        fmt = "csv" if path.lower().endswith(".csv") else "jsonl"
+    if fmt not in ("csv", "jsonl"):
+        raise SourceError(f"snapshot format must be csv or jsonl, got {fmt!r}")
+    if not os.path.isfile(path):
+        raise SourceError(f"snapshot file {path!r} does not exist")
+    fields = list(id_fields)
+    return _sorted(path, fmt, fields, run_rows)
+
+
+def _sorted(path: str, fmt: str, fields: list[str], run_rows: int) -> Keyed:
+    single = fields[0] if len(fields) == 1 else None
+    runs: list[str] = []
+    buf: list[tuple[bytes, int, Mapping[str, Any]]] = []
+    tmpdir = tempfile.mkdtemp(prefix="tally-reconcile-")
+
+    def spill() -> None:
+        buf.sort(key=lambda t: t[0])
+        fd, name = tempfile.mkstemp(dir=tmpdir)
+        with os.fdopen(fd, "wb") as out:
+            p = pickle.Pickler(out, protocol=pickle.HIGHEST_PROTOCOL)
+            for t in buf:
+                p.dump(t)
+        runs.append(name)
+        buf.clear()
+
+    def read_run(name: str) -> Iterator[tuple[bytes, int, Mapping[str, Any]]]:
+        with open(name, "rb") as f:
+            u = pickle.Unpickler(f)
+            while True:
+                try:
+                    yield u.load()
+                except EOFError:
+                    return
+
+    try:
+        for line, row in _file_rows(path, fmt):
+            try:
+                rid = row[single] if single is not None else tuple(row[c] for c in fields)
+            except KeyError as e:
+                raise SourceError(f"{path}:{line}: row has no id field {e.args[0]!r}") from None
+            try:
+                eid = encode_key(rid)
+            except TallyError as e:
+                raise SourceError(f"{path}:{line}: invalid id {rid!r}: {e}") from None
+            buf.append((eid, line, row))
+            if len(buf) >= run_rows:
+                spill()
+        if runs:
+            if buf:
+                spill()
+            merged: Iterator[tuple[bytes, int, Mapping[str, Any]]] = heapq.merge(
+                *(read_run(r) for r in runs), key=lambda t: t[0]
+            )
+        else:
+            buf.sort(key=lambda t: t[0])
+            merged = iter(buf)
+        prev: tuple[bytes, int] | None = None
+        for eid, line, row in merged:
+            if prev is not None and prev[0] == eid:
+                raise SourceError(
+                    f"{path}: id {key_repr(decode_key(eid))} appears twice (lines {prev[1]} and {line})"
+                )
+            prev = (eid, line)
+            yield eid, row
+    finally:
+        import shutil
+
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ compacted topic
+
+
+def topic_source(
+    bootstrap: str,
+    topic: str,
+    table: str,
+    id_fields: Sequence[str],
+    *,
+    format: DecodeFormat = "auto",
+    timeout: float = 60.0,
+) -> Keyed:
+    """The latest row per id of a (compacted) change topic, read to its end offsets as of the call.
+
+    Records are decoded exactly like the consumer decodes them (`EventDecoder`):
+    an upsert sets the id's row, a delete or tombstone removes it, a truncate
+    removes every row; records of other tables and undecodable records are
+    skipped (the consumer dead-letters those). The latest state per id is
+    spilled to a temporary SQLite file keyed by encoded id (a BLOB: SQLite
+    compares BLOBs with memcmp, i.e. encoded-id order), so memory stays
+    bounded however many ids the topic holds. The topic is read completely
+    when the iterator is first advanced.
+    """
+    import asyncio
+
+    from schemas import BadRecord, EventDecoder
+
+    decoder = EventDecoder(
+        format=format, id_fields={table: tuple(id_fields)}, topic_tables={topic: table}
+    )
+    return _topic_rows(bootstrap, topic, table, decoder, timeout, asyncio, BadRecord)
+
+
+def _topic_rows(
+    bootstrap: str, topic: str, table: str, decoder: Any, timeout: float, asyncio: Any, bad: Any
+) -> Keyed:
+    import sqlite3
+    import time
+
+    import msgspec
+
+    tmpdir = tempfile.mkdtemp(prefix="tally-reconcile-topic-")
+    db = sqlite3.connect(os.path.join(tmpdir, "latest.sqlite"))
+    db.execute("PRAGMA journal_mode=OFF")
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("CREATE TABLE latest (eid BLOB PRIMARY KEY, row BLOB) WITHOUT ROWID")
+    enc = msgspec.msgpack.Encoder()
+    dec = msgspec.msgpack.Decoder()
+
+    async def read() -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka.errors import KafkaError
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            request_timeout_ms=int(timeout * 1000),
+        )
+        try:
+            await asyncio.wait_for(consumer.start(), timeout)
+        except (KafkaError, OSError, asyncio.TimeoutError) as e:
+            await consumer.stop()
+            raise SourceError(
+                f"cannot reach Kafka at {bootstrap}: {e or type(e).__name__}"
+            ) from None
+        try:
+            parts = await _partitions(bootstrap, topic, timeout)
+            if not parts:
+                await consumer.stop()
+                raise SourceError(f"topic {topic!r} does not exist on {bootstrap}")
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            pending = {tp for tp in tps if ends[tp] > 0}
+            deadline = time.monotonic() + timeout
+            while pending:
+                for tp in list(pending):
+                    if await consumer.position(tp) >= ends[tp]:
+                        pending.discard(tp)
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    raise SourceError(
+                        f"reading topic {topic!r} to its end took more than {timeout:.0f}s"
+                    )
+                got = await consumer.getmany(*pending, timeout_ms=1000)
+                ups: list[tuple[bytes, bytes | None]] = []
+                for tp, msgs in got.items():
+                    for m in msgs:
+                        if m.offset >= ends[tp]:
+                            continue
+                        try:
+                            ev = decoder.decode(m.key, m.value, topic)
+                        except bad:
+                            continue
+                        if ev.table != table:
+                            continue
+                        if ev.kind == "truncate":
+                            _write(ups)
+                            ups = []
+                            db.execute("DELETE FROM latest")
+                        elif ev.kind == "upsert":
+                            ups.append((encode_key(ev.id), enc.encode(ev.row)))
+                        elif ev.kind == "delete":
+                            ups.append((encode_key(ev.id), None))
+                _write(ups)
+        finally:
+            await consumer.stop()
+
+    async def _partitions(bootstrap: str, topic: str, timeout: float) -> list[int]:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000)
+        )
+        await admin.start()
+        try:
+            if topic not in await admin.list_topics():
+                return []
+            (meta,) = await admin.describe_topics([topic])
+            return [p["partition"] for p in meta["partitions"]]
+        finally:
+            await admin.close()
+
+    def _write(ups: list[tuple[bytes, bytes | None]]) -> None:
+        # in order: a later record for the same id wins
+        for eid, row in ups:
+            if row is None:
+                db.execute("DELETE FROM latest WHERE eid = ?", (eid,))
+            else:
+                db.execute("INSERT OR REPLACE INTO latest VALUES (?, ?)", (eid, row))
+
+    try:
+        asyncio.run(read())
+        db.commit()
+        cur = db.execute("SELECT eid, row FROM latest ORDER BY eid")
+        while True:
+            chunk = cur.fetchmany(10_000)
+            if not chunk:
+                break
+            for eid, row in chunk:
+                yield bytes(eid), dec.decode(row)
+    finally:
+        db.close()
+        import shutil
+
+        shutil.rmtree(tmpdir, ignore_errors=True)

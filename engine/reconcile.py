@@ -1,0 +1,297 @@
+"""Diff-and-patch repair: compare a source of truth with an aggregate's id index.
+
+The source is an iterator of ``(encoded id, row)`` pairs **sorted by encoded
+id** (`engine.encode_key` order: numbers numerically, strings by code point,
+tuples element-wise) with each id at most once. `diff` walks it and the
+aggregate's id index (also in encoded-id order) in ONE streaming merge, so
+memory stays bounded by the number of examples kept (and, with a patch sink,
+by the patch batch size), never by the size of the aggregate or the source.
+
+Every id falls in one class:
+
+* **missing** — the source has a row that maps to an item, the aggregate has
+  no item for that id;
+* **extra** — the aggregate has an item whose id the source lacks, or whose
+  source row the definition's ``filter`` keeps out (a filtered row is absent);
+* **wrong** — both have it but namespace, key or sum differ. Sums compare by
+  value (``5 == 5.0``): a source that types a column differently from the
+  change events does not make every item "wrong".
+
+The expected item of a row is computed exactly like the consumer does
+(`TableAggregate.item_tuple` then `prepare_encoded_id`), and a patch is
+written through the consumer's write path (`Aggregate.apply_many`), so a
+repaired aggregate is byte-for-byte what a replay would have built.
+
+An out-of-order or duplicated source id raises `SourceOrderError` at once
+(rather than reporting nonsense): the caller must sort by encoded id.
+
+No Kafka, HTTP or Postgres here: sources live in ``consumers.reconcile_sources``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .aggregate import Prepared, prepare_encoded_id
+from .errors import InvalidArgument, TallyError
+from .keys import decode_key, encode_key, key_repr
+from .store import IdEntry, _id_dec
+
+if TYPE_CHECKING:
+    from .aggregate import Aggregate
+    from .table import TableAggregate
+
+__all__ = [
+    "CLASSES",
+    "Example",
+    "Patcher",
+    "Report",
+    "SourceOrderError",
+    "diff",
+    "keyed",
+    "patch",
+    "reconcile",
+]
+
+CLASSES = ("missing", "extra", "wrong")
+
+Change = tuple[bytes, Prepared | None]
+"""One fix: encoded id → the item it must be (None: absent)."""
+
+
+class SourceOrderError(InvalidArgument):
+    """The source did not yield strictly increasing encoded ids."""
+
+
+class Example(msgspec.Struct, kw_only=True):
+    """One difference: ``expected`` (from the source) vs ``actual`` (in the aggregate).
+
+    Each side is ``{"namespace": ..., "key": ..., "sum": ...}`` or None (absent).
+    """
+
+    id: Any
+    expected: dict[str, Any] | None
+    actual: dict[str, Any] | None
+
+
+class Report(msgspec.Struct, kw_only=True):
+    """Outcome of a `diff` (and of a patch, if one was applied)."""
+
+    aggregate: str
+    physical: str
+    rows_scanned: int = 0
+    """Rows read from the source."""
+    rows_filtered: int = 0
+    """Source rows the definition's filter keeps out (they count as absent)."""
+    items_scanned: int = 0
+    """Entries read from the aggregate's id index."""
+    missing: int = 0
+    extra: int = 0
+    wrong: int = 0
+    examples: dict[str, list[Example]] = msgspec.field(
+        default_factory=lambda: {c: [] for c in CLASSES}
+    )
+    """The first N differences of each class, in id order."""
+    patched: int | None = None
+    """Ids the patch changed (None: dry run)."""
+    elapsed_s: float = 0.0
+
+    @property
+    def differences(self) -> int:
+        return self.missing + self.extra + self.wrong
+
+    @property
+    def in_sync(self) -> bool:
+        return self.differences == 0
+
+
+def keyed(
+    definition: TableAggregate, rows: Iterable[Mapping[str, Any]]
+) -> Iterator[tuple[bytes, Mapping[str, Any]]]:
+    """``(encode_key(row id), row)`` for rows in any order that already follows encoded-id order."""
+    row_id = definition.row_id
+    for row in rows:
+        yield encode_key(row_id(row)), row
+
+
+def _side(ns: bytes, key: bytes, s: int | float) -> dict[str, Any]:
+    return {"namespace": decode_key(ns), "key": decode_key(key), "sum": s}
+
+
+def _index_scan(aggregate: Aggregate) -> Iterator[tuple[bytes, IdEntry]]:
+    """(encoded id, entry) of the aggregate's id index in encoded-id order, streamed.
+
+    `Store._id_scan` materializes the whole index to overlay an open batch;
+    outside a batch (the normal case) the RocksDB column family is streamed
+    directly, so memory stays constant. A RocksDB iterator reads the state as
+    of its creation, so patch batches committed during the walk (always at or
+    behind its position) do not disturb it.
+    """
+    store = aggregate.store
+    aid = store._agg_id(aggregate._physical(), False)
+    if aid is None:
+        return
+    n = len(aid)
+    if store._depth or store._id_over or store._ids_cleared:
+        for k, e in store._id_scan(aid):
+            yield k[n:], e
+        return
+    dec = _id_dec.decode
+    for k, raw in store._scan(store._ids, aid):
+        yield k[n:], dec(raw)
+
+
+def _expected(definition: TableAggregate, eid: bytes, row: Mapping[str, Any]) -> Prepared | None:
+    id_ = decode_key(eid)
+    try:
+        it = definition.item_tuple(row, id_)
+        if it is None:
+            return None
+        return prepare_encoded_id(it[1], eid, it[2], it[0])
+    except TallyError as e:
+        raise InvalidArgument(
+            f"source row with id {key_repr(id_)} does not map to an item: {e}"
+        ) from e
+    except Exception as e:  # user code in sort_key / filter / ...
+        raise InvalidArgument(
+            f"source row with id {key_repr(id_)}: the definition raised {type(e).__name__}: {e}"
+        ) from e
+
+
+def diff(
+    aggregate: Aggregate,
+    definition: TableAggregate,
+    source: Iterable[tuple[bytes, Mapping[str, Any]]],
+    *,
+    examples: int = 10,
+    on_change: Callable[[bytes, Prepared | None], None] | None = None,
+) -> Report:
+    """Compare ``source`` (sorted ``(encoded id, row)``) with ``aggregate``; one streaming merge.
+
+    ``on_change(eid, item_or_None)`` is called for every difference, in id
+    order, with the item the id must become (a `Patcher` applies them in
+    batches). Nothing is written by `diff` itself.
+    """
+    t0 = time.perf_counter()
+    rep = Report(aggregate=aggregate.name, physical=aggregate._physical())
+    ex = rep.examples
+    counts = {"missing": 0, "extra": 0, "wrong": 0}
+
+    def note(cls: str, eid: bytes, exp: Prepared | None, act: IdEntry | None) -> None:
+        counts[cls] += 1
+        lst = ex[cls]
+        if len(lst) < examples:
+            lst.append(
+                Example(
+                    id=decode_key(eid),
+                    expected=None if exp is None else _side(exp[2], exp[0], exp[3]),
+                    actual=None if act is None else _side(act.ns, act.key, act.sum),
+                )
+            )
+        if on_change is not None:
+            on_change(eid, exp)
+
+    idx = _index_scan(aggregate)
+    cur = next(idx, None)
+    prev: bytes | None = None
+    rows = filtered = items = 0
+    for eid, row in source:
+        if prev is not None and eid <= prev:
+            what = "twice" if eid == prev else f"after {key_repr(decode_key(prev))}"
+            raise SourceOrderError(
+                f"source yields id {key_repr(decode_key(eid))} {what}: a reconcile source must be sorted "
+                "by encoded id (numbers numerically, strings by code point) with unique ids"
+            )
+        prev = eid
+        rows += 1
+        # aggregate ids before this row's id are not in the source: extra
+        while cur is not None and cur[0] < eid:
+            items += 1
+            note("extra", cur[0], None, cur[1])
+            cur = next(idx, None)
+        exp = _expected(definition, eid, row)
+        if exp is None:
+            filtered += 1
+        if cur is not None and cur[0] == eid:
+            items += 1
+            act = cur[1]
+            cur = next(idx, None)
+            if exp is None:
+                note("extra", eid, None, act)
+            elif not (act.ns == exp[2] and act.key == exp[0] and act.sum == exp[3]):
+                note("wrong", eid, exp, act)
+        elif exp is not None:
+            note("missing", eid, exp, None)
+    while cur is not None:
+        items += 1
+        note("extra", cur[0], None, cur[1])
+        cur = next(idx, None)
+    rep.rows_scanned, rep.rows_filtered, rep.items_scanned = rows, filtered, items
+    rep.missing, rep.extra, rep.wrong = counts["missing"], counts["extra"], counts["wrong"]
+    rep.elapsed_s = round(time.perf_counter() - t0, 3)
+    return rep
+
+
+def patch(aggregate: Aggregate, changes: Iterable[Change], batch_size: int = 10_000) -> int:
+    """Apply fixes through the consumer's write path (`apply_many`), ``batch_size`` ids per commit.
+
+    Returns the number of ids changed. Each batch is atomic; a crash between
+    batches leaves a partly repaired aggregate that a new diff finishes.
+    """
+    p = Patcher(aggregate, batch_size)
+    for eid, item in changes:
+        p(eid, item)
+    return p.close()
+
+
+class Patcher:
+    """A `diff` ``on_change`` sink that applies fixes in batches while the diff streams."""
+
+    def __init__(self, aggregate: Aggregate, batch_size: int = 10_000) -> None:
+        if batch_size < 1:
+            raise InvalidArgument(f"batch_size must be at least 1, got {batch_size}")
+        self.aggregate = aggregate
+        self.batch_size = batch_size
+        self.pending: dict[bytes, Prepared | None] = {}
+        self.changed = 0
+
+    def __call__(self, eid: bytes, item: Prepared | None) -> None:
+        self.pending[eid] = item
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        store = self.aggregate.store
+        with store.batch():
+            self.changed += self.aggregate.apply_many(self.pending)
+        self.pending = {}
+
+    def close(self) -> int:
+        self.flush()
+        return self.changed
+
+
+def reconcile(
+    aggregate: Aggregate,
+    definition: TableAggregate,
+    source: Iterable[tuple[bytes, Mapping[str, Any]]],
+    *,
+    apply: bool = False,
+    examples: int = 10,
+    batch_size: int = 10_000,
+) -> Report:
+    """`diff`, and with ``apply=True`` patch every difference while streaming (``report.patched``)."""
+    if not apply:
+        return diff(aggregate, definition, source, examples=examples)
+    p = Patcher(aggregate, batch_size)
+    t0 = time.perf_counter()
+    rep = diff(aggregate, definition, source, examples=examples, on_change=p)
+    rep.patched = p.close()
+    rep.elapsed_s = round(time.perf_counter() - t0, 3)
+    return rep

@@ -187,13 +187,7 @@ class Aggregate:
                 if old.ns == ens and old.key == ek and old.sum == s and type(old.sum) is type(s):
                     ok = True
                     return False
-                otk = tree_key(aid, old.ns)
-                ometa = store._tree_meta(otk)
-                if ometa is None:
-                    raise StoreCorrupted(f"id index names a missing namespace for id {key_repr(id)}")
-                otree = Tree(store, ometa)
-                otree.delete(old.key + eid)
-                store._trees_dirty.add(otk)
+                otk, otree = self._take_out(aid, eid, old, id)
                 if ens == old.ns:
                     otree.insert(ek + eid, s)
                     store._set_id(idk, old, IdEntry(ens, ek, s))
@@ -295,6 +289,18 @@ class Aggregate:
         Tree(store, new).build(entries)
         store._structural = True  # a rebuilt tree is written whole at this commit's checkpoint
 
+    def _take_out(self, aid: bytes, eid: bytes, old: IdEntry, id: Any) -> tuple[bytes, Tree]:
+        """Remove an id's current item from its namespace's tree; return that tree."""
+        store = self.store
+        tk = tree_key(aid, old.ns)
+        meta = store._tree_meta(tk)
+        if meta is None:
+            raise StoreCorrupted(f"id index names a missing namespace for id {key_repr(id)}")
+        tree = Tree(store, meta)
+        tree.delete(old.key + eid)
+        store._trees_dirty.add(tk)
+        return tk, tree
+
     def _maybe_drop(self, tk: bytes, tree: Tree) -> None:
         # An emptied namespace disappears, unless it carries its own node size.
         if tree.meta.height == 1 and tree.count() == 0 and tree.meta.max_node_size == self.store.max_node_size:
@@ -315,13 +321,7 @@ class Aggregate:
                     raise ItemNotFound(f"aggregate {self.name!r} has no item with id {key_repr(id)} to delete")
                 ok = True
                 return False
-            tk = tree_key(aid, old.ns)
-            meta = store._tree_meta(tk)
-            if meta is None:
-                raise StoreCorrupted(f"id index names a missing namespace for id {key_repr(id)}")
-            tree = Tree(store, meta)
-            tree.delete(old.key + eid)
-            store._trees_dirty.add(tk)
+            tk, tree = self._take_out(aid, eid, old, id)
             self._maybe_drop(tk, tree)
             store._set_id(aid + eid, old, None)
             ok = True

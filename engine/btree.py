@@ -201,10 +201,9 @@ class Tree:
 
     # ---- writes --------------------------------------------------------------
 
-    def insert(self, key: bytes, value: int | float) -> None:
-        """Insert a key that is not present. O(B log n)."""
-        ns = self.ns
-        get = ns.get_node
+    def _descend(self, key: bytes) -> tuple[list[tuple[int, Node, int]], int, Node]:
+        """The path (node id, node, child index) from the root to the leaf for ``key``."""
+        get = self.ns.get_node
         base = self.base
         path: list[tuple[int, Node, int]] = []
         ref = self.meta.root
@@ -214,33 +213,28 @@ class Tree:
             path.append((ref, node, c))
             ref = node.children[c]
             node = get(base | ref)
+        return path, ref, node
+
+    def insert(self, key: bytes, value: int | float) -> None:
+        """Insert a key that is not present. O(B log n)."""
+        path, ref, node = self._descend(key)
         pos = bisect_left(node.keys, key)
         if pos < len(node.keys) and node.keys[pos] == key:
             raise StoreCorrupted(f"tree already holds item key {key!r}: the id index is out of step")
         node.keys.insert(pos, key)
         node.sums.insert(pos, value)
-        ns.put_node(base | ref, node)
+        self.ns.put_node(self.base | ref, node)
         self._fix_up(path, ref, node, 1, value)
 
     def delete(self, key: bytes) -> int | float:
         """Delete a present key; return its sum value. O(B log n)."""
-        ns = self.ns
-        get = ns.get_node
-        base = self.base
-        path: list[tuple[int, Node, int]] = []
-        ref = self.meta.root
-        node = get(base | ref)
-        while node.children:
-            c = bisect_right(node.keys, key)
-            path.append((ref, node, c))
-            ref = node.children[c]
-            node = get(base | ref)
+        path, ref, node = self._descend(key)
         pos = bisect_left(node.keys, key)
         if pos >= len(node.keys) or node.keys[pos] != key:
             raise StoreCorrupted(f"tree lacks item key {key!r}: the id index is out of step")
         del node.keys[pos]
         value = node.sums.pop(pos)
-        ns.put_node(base | ref, node)
+        self.ns.put_node(self.base | ref, node)
         self._fix_up(path, ref, node, -1, -value)
         return value
 

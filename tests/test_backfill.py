@@ -515,6 +515,8 @@ def test_replay_progress_does_not_go_back_after_a_restart(
                 deadline = time.monotonic() + 60
                 while True:
                     assert time.monotonic() < deadline, tail(log)
+                    if run == 0:
+                        os.kill(proc.pid, signal.SIGSTOP)  # step: the kill lands where we look
                     store.refresh()
                     g = store.generation("A")
                     if g is not None and g.state == "ready":
@@ -525,6 +527,8 @@ def test_replay_progress_does_not_go_back_after_a_restart(
                         elif g.progress["percent"] >= 60:
                             break  # SIGKILL (leaving `running`), mid-replay
                     assert proc.poll() is None, tail(log)
+                    if run == 0:
+                        os.kill(proc.pid, signal.SIGCONT)
                     time.sleep(0.01)
         if run == 1:
             for line in log_events(log.read_text(), "progress"):

@@ -49,7 +49,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 _REPLAY_SEQ = b"replay-seq"
 GC_THRESHOLD = 200_000
 """Allocations between young-generation GC runs while consuming (Python's default is 700)."""
-HEALTH_INTERVAL = 2.0
+HEALTH_INTERVAL = 1.0
 """Seconds between broker probes (end offsets); an outage is logged within about twice this."""
 
 

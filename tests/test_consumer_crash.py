@@ -257,9 +257,13 @@ def broker_restart_run(private_broker: str, tmp_path_factory: pytest.TempPathFac
         assert proc.poll() is None, log.read_text()
 
         t0 = time.monotonic()
-        res = kafka_script("restart", "--port", bootstrap.rsplit(":", 1)[1])
+        port = bootstrap.rsplit(":", 1)[1]
+        res = kafka_script("stop", "--port", port)
+        assert res.returncode == 0, f"broker stop failed: {res.stdout}{res.stderr}"
+        time.sleep(4)  # an outage long enough to be noticed, however fast the restart
+        res = kafka_script("start", "--port", port)
         restart_s = time.monotonic() - t0
-        assert res.returncode == 0, f"broker restart failed: {res.stdout}{res.stderr}"
+        assert res.returncode == 0, f"broker start failed: {res.stdout}{res.stderr}"
         assert proc.poll() is None, f"consumer died with the broker:\n{log.read_text()}"
 
         feeder = Feeder(bootstrap, topic, stream, rate=1000)

@@ -40,11 +40,10 @@ from schemas.config import ConsumerSettings
 from .apply import Applier, Pending
 from .definitions import id_fields_by_table
 from .logs import get_logger
-from .streams import LIVE, OFFSETS_ROOT, Stream, offset_key, stored_offsets
+from .streams import LIVE, Stream, offset_key, stored_offsets
 
 __all__ = ["ConsumerProcess", "ConsumerStats", "offset_key", "stored_offsets"]
 
-OFFSETS_PREFIX = OFFSETS_ROOT + LIVE.encode() + b"/"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _REPLAY_SEQ = b"replay-seq"
 GC_THRESHOLD = 200_000

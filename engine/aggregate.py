@@ -146,22 +146,6 @@ class Aggregate:
 
     # ---- writes ---------------------------------------------------------------
 
-    def prepare(self, key: Any, id: Any, sum_value: Any = 0, namespace: Any = None) -> Prepared:
-        """Validate and encode an item without writing it. O(size of the keys).
-
-        Consumers prepare every item of an event first, so an event either
-        applies to all its aggregates or (bad input) to none.
-        """
-        return Prepared(encode_key(key), _encode_id(id), encode_key(namespace), _check_sum(sum_value))
-
-    def upsert_prepared(self, p: Prepared) -> bool:
-        """`upsert` of a `prepare`d item. O(log n)."""
-        return self._write_enc(p.key, p.id, p.namespace, p.sum_value, "upsert", None)
-
-    def delete_encoded(self, eid: bytes) -> bool:
-        """`delete_if_exists` by an id already encoded with `encode_key`. O(log n)."""
-        return self._remove_enc(eid, False, None)
-
     def _write(self, key: Any, id: Any, sum_value: Any, namespace: Any, mode: str) -> bool:
         return self._write_enc(encode_key(key), _encode_id(id), encode_key(namespace), _check_sum(sum_value), mode, id)
 
@@ -307,10 +291,8 @@ class Aggregate:
             self.store._drop_tree(tk)
 
     def _remove(self, id: Any, strict: bool) -> bool:
-        return self._remove_enc(_encode_id(id), strict, id)
-
-    def _remove_enc(self, eid: bytes, strict: bool, id: Any) -> bool:
         store = self.store
+        eid = _encode_id(id)
         store._begin()
         ok = False
         try:

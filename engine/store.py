@@ -47,7 +47,6 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 from .btree import NID_BITS, Node, Tree, TreeMeta
 from .catalog import GEN_SEP, Generation
 from .errors import InvalidArgument, ReadOnlyStore, StoreCorrupted, TallyError
-from .keys import decode_key
 
 if TYPE_CHECKING:
     from .aggregate import Aggregate
@@ -863,6 +862,3 @@ def _check_node_size(m: Any) -> int:
 def tree_key(agg_id: bytes, ens: bytes) -> bytes:
     return _P_TREE + agg_id + ens
 
-
-def tree_namespace(agg_id: bytes, tk: bytes) -> Any:
-    return decode_key(tk[len(_P_TREE) + len(agg_id) :])

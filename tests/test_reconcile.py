@@ -3,7 +3,7 @@
 PostgreSQL is run by scripts/postgres (Debian packages, installed with apt-get
 if missing; a throwaway cluster under $TALLY_CACHE_DIR/pg-PORT). The tests skip
 with the reason when it cannot be installed or started. Port:
-$TALLY_TEST_PG_PORT (default 55432).
+$TALLY_TEST_PG_PORT (default 25432).
 
 The aggregate is built the way a consumer builds it (`Applier`, the trigger
 logic, from change events of the table's rows); drift is then injected the
@@ -47,7 +47,7 @@ scores = TableAggregate(
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A running server's URL; stopped at the end only if started here (like the Kafka fixture)."""
-    port = os.environ.get("TALLY_TEST_PG_PORT") or "55432"
+    port = os.environ.get("TALLY_TEST_PG_PORT") or "25432"
     script = [sys.executable, str(ROOT / "scripts" / "postgres")]
     try:
         res = subprocess.run(

@@ -1,6 +1,6 @@
 """Reconcile benchmark: diff (and patch) N rows of a real Postgres table against an aggregate.
 
-    .venv/bin/python scripts/bench/reconcile.py [--rows 1000000] [--drift 0.01] [--port 55432]
+    .venv/bin/python scripts/bench/reconcile.py [--rows 1000000] [--drift 0.01] [--port 25432]
 
 Starts Postgres with scripts/postgres, fills a table ``bench_reconcile`` with
 N rows (id bigint, game text, score int), builds the aggregate through the
@@ -74,7 +74,7 @@ def main() -> int:
     )
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--drift", type=float, default=0.01)
-    ap.add_argument("--port", type=int, default=55432)
+    ap.add_argument("--port", type=int, default=25432)
     ap.add_argument("--child", choices=["diff", "patch"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     a = ap.parse_args()

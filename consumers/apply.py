@@ -8,6 +8,18 @@ Per event and per aggregate bound to the event's table:
 * truncate → clear every aggregate of that table;
 * logical messages (``ignore``) → nothing.
 
+**Drift signals** (``Applier(drift=True)``, the live stream only): an event
+whose *source op* contradicts what the aggregate holds says the aggregate was
+out of step with its table before that event — an update (``u``) or delete
+(``d``) of an id the aggregate does not hold, or an insert (``c``) of an id it
+already holds with other values. They are counted per aggregate and kind
+(``update_unknown``, ``delete_unknown``, ``create_existing``) in
+`ApplyResult.drift`. The prior state of an id is what the batch saw before the
+event (earlier events of the same batch included). Update/delete checks are
+skipped for aggregates with a ``filter`` (a filtered-out row is legitimately
+absent), as are snapshot reads (``r``: a re-snapshot re-emits held rows) and
+events whose op is unknown (tombstones, unwrapped rows without ``__op``).
+
 Every trigger converges to a state, so duplicates and replays change nothing.
 An event is *planned* first (user functions run, keys are validated and
 encoded) and only then applied, so a bad event applies to none of its
@@ -19,31 +31,50 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from engine import Aggregate, Prepared, Store, TableAggregate, TallyError, encode_key
+from engine import Aggregate, Prepared, Store, TableAggregate, TallyError, decode_key, encode_key
 from engine.aggregate import prepare_encoded_id as prepare
+from engine.store import IdEntry
 from schemas import BadRecord, ChangeEvent
 
-__all__ = ["Applier", "ApplyResult", "Op"]
+__all__ = ["DRIFT_KINDS", "Applier", "ApplyResult", "Op"]
 
 UPSERT = 0
 DELETE = 1
 CLEAR = 2
 
 
-Op = tuple[int, Aggregate, Any]
-"""One engine write planned from an event: (kind, aggregate, arg) where arg is a
-`Prepared` item for UPSERT, an encoded id for DELETE, None for CLEAR."""
+Op = tuple[int, Aggregate, Any, "str | None"]
+"""One engine write planned from an event: (kind, aggregate, arg, source op) where
+arg is a `Prepared` item for UPSERT, an encoded id for DELETE, None for CLEAR, and
+the source op is the event's ``op`` (c/u/d/r or None)."""
+
+DRIFT_KINDS = ("update_unknown", "delete_unknown", "create_existing")
+"""Kinds of drift signal, see the module notes."""
+DRIFT_EXAMPLES = 5
+"""Ids kept per (aggregate, kind) and batch for the log line."""
+
+_MISSING: Any = object()
+_UNKNOWN_KIND = {"u": "update_unknown", "d": "delete_unknown"}
 
 
 class Pending:
-    """Ops folded per aggregate, waiting for one commit (replays gather many batches)."""
+    """Ops folded per aggregate, waiting for one commit (replays gather many batches).
 
-    __slots__ = ("changes", "cleared", "clears", "deletes", "events", "upserts")
+    ``checks`` (drift tracking only): per aggregate, the first (source op, item)
+    of each id whose prior state is in the store, judged at `Applier.flush`.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("changes", "checks", "cleared", "clears", "deletes", "drift", "drift_ids", "events", "upserts")
+
+    def __init__(self, track_drift: bool = False) -> None:
         self.changes: dict[Aggregate, dict[bytes, Prepared | None]] = {}
         self.cleared: set[Aggregate] = set()
         self.upserts = self.deletes = self.clears = self.events = 0
+        self.checks: dict[Aggregate, dict[bytes, tuple[str, Prepared | None]]] | None = (
+            {} if track_drift else None
+        )
+        self.drift: dict[tuple[str, str], int] = {}
+        self.drift_ids: dict[tuple[str, str], list[Any]] = {}
 
 
 class ApplyResult(NamedTuple):
@@ -51,6 +82,10 @@ class ApplyResult(NamedTuple):
     deletes: int
     clears: int
     changed: int
+    drift: dict[tuple[str, str], int]
+    """(aggregate name, drift kind) → events (drift tracking only)."""
+    drift_ids: dict[tuple[str, str], list[Any]]
+    """(aggregate name, drift kind) → the first few ids."""
 
 
 class Applier:
@@ -61,15 +96,24 @@ class Applier:
         store: Store,
         definitions: Iterable[TableAggregate],
         physical: Mapping[str, str] | None = None,
+        *,
+        drift: bool = False,
     ) -> None:
-        """``physical`` maps a definition's name to the physical aggregate (generation) it writes."""
+        """``physical`` maps a definition's name to the physical aggregate (generation) it writes;
+        ``drift`` turns on drift signals (`ApplyResult.drift`)."""
         self.store = store
         self.definitions = list(definitions)
+        self.track_drift = drift
         self.by_table: dict[str, list[tuple[TableAggregate, Aggregate]]] = {}
+        self.names: dict[Aggregate, str] = {}
+        self.filtered: set[Aggregate] = set()
         physical = physical or {}
         for d in self.definitions:
             agg = store.aggregate(physical.get(d.name, d.name))
             self.by_table.setdefault(d.table, []).append((d, agg))
+            self.names[agg] = d.name
+            if d.has_filter:
+                self.filtered.add(agg)
 
     @property
     def tables(self) -> set[str]:
@@ -85,6 +129,7 @@ class Applier:
             if not targets:
                 continue  # a table whose aggregates another stream feeds
             kind = ev.kind
+            evop = ev.op
             if kind == "upsert":
                 try:
                     eid = encode_key(ev.id)
@@ -94,9 +139,9 @@ class Applier:
                     for d, agg in targets:
                         it = d.item_tuple(row, ev.id)
                         if it is None:
-                            planned.append((DELETE, agg, eid))
+                            planned.append((DELETE, agg, eid, evop))
                         else:
-                            planned.append((UPSERT, agg, prepare(it[1], eid, it[2], it[0])))
+                            planned.append((UPSERT, agg, prepare(it[1], eid, it[2], it[0]), evop))
                 except TallyError as e:
                     bad.append((i, BadRecord("apply", f"{_where(ev)}: {e}")))
                     continue
@@ -110,9 +155,9 @@ class Applier:
                 except TallyError as e:
                     bad.append((i, BadRecord("apply", f"{_where(ev)}: {e}")))
                     continue
-                ops.extend((DELETE, agg, eid) for _, agg in targets)
+                ops.extend((DELETE, agg, eid, evop) for _, agg in targets)
             elif kind == "truncate":
-                ops.extend((CLEAR, agg, None) for _, agg in targets)
+                ops.extend((CLEAR, agg, None, None) for _, agg in targets)
         return ops, bad
 
     def apply(self, ops: Iterable[Op]) -> ApplyResult:
@@ -123,36 +168,106 @@ class Applier:
         tree rebuild when they are many — see `Aggregate.apply_many`). A
         truncate discards the aggregate's earlier ops and clears it in order.
         """
-        pending = Pending()
+        pending = self.new_pending()
         self.collect(ops, pending)
         return self.flush(pending)
 
-    @staticmethod
-    def collect(ops: Iterable[Op], pending: Pending) -> None:
+    def new_pending(self) -> Pending:
+        return Pending(self.track_drift)
+
+    def collect(self, ops: Iterable[Op], pending: Pending) -> None:
         """Fold ops into ``pending`` (last state per id; a truncate resets the aggregate)."""
         changes = pending.changes
-        for kind, agg, arg in ops:
-            if kind == UPSERT:
-                pending.upserts += 1
-                changes.setdefault(agg, {})[arg.id] = arg
-            elif kind == DELETE:
-                pending.deletes += 1
-                changes.setdefault(agg, {})[arg] = None
-            else:
+        checks = pending.checks
+        if checks is None:
+            for kind, agg, arg, _ in ops:
+                if kind == UPSERT:
+                    pending.upserts += 1
+                    changes.setdefault(agg, {})[arg.id] = arg
+                elif kind == DELETE:
+                    pending.deletes += 1
+                    changes.setdefault(agg, {})[arg] = None
+                else:
+                    pending.clears += 1
+                    changes.pop(agg, None)
+                    pending.cleared.add(agg)
+            return
+        for kind, agg, arg, evop in ops:
+            if kind == CLEAR:
                 pending.clears += 1
                 changes.pop(agg, None)
+                first = checks.pop(agg, None)
+                if first:  # judge them now, against the state the truncate discards
+                    for eid, prior in agg.entries(first).items():
+                        self._judge(pending, agg, eid, *first[eid], prior)
                 pending.cleared.add(agg)
+                continue
+            if kind == UPSERT:
+                pending.upserts += 1
+                eid, new = arg.id, arg
+            else:
+                pending.deletes += 1
+                eid, new = arg, None
+            per = changes.get(agg)
+            if per is None:
+                per = changes[agg] = {}
+            if evop is not None and evop != "r":
+                prior = per.get(eid, _MISSING)
+                if prior is _MISSING and agg not in pending.cleared:
+                    checks.setdefault(agg, {})[eid] = (evop, new)  # first sight: judged at flush
+                else:
+                    self._judge(pending, agg, eid, evop, new, None if prior is _MISSING else prior)
+            per[eid] = new
 
-    @staticmethod
-    def flush(pending: Pending) -> ApplyResult:
+    def _judge(
+        self,
+        pending: Pending,
+        agg: Aggregate,
+        eid: bytes,
+        evop: str,
+        new: Prepared | None,
+        prior: Prepared | IdEntry | None,
+    ) -> None:
+        if evop == "c":
+            if prior is None:
+                return
+            if new is not None:
+                if isinstance(prior, IdEntry):
+                    same = prior.ns == new[2] and prior.key == new[0] and prior.sum == new[3]
+                else:
+                    same = prior[2] == new[2] and prior[0] == new[0] and prior[3] == new[3]
+                if same:
+                    return
+            kind = "create_existing"
+        else:
+            kind = _UNKNOWN_KIND.get(evop, "")
+            if not kind or prior is not None or agg in self.filtered:
+                return
+        key = (self.names.get(agg, agg.name), kind)
+        pending.drift[key] = pending.drift.get(key, 0) + 1
+        ids = pending.drift_ids.setdefault(key, [])
+        if len(ids) < DRIFT_EXAMPLES:
+            ids.append(decode_key(eid))
+
+    def flush(self, pending: Pending) -> ApplyResult:
         """Write what ``pending`` holds (inside `Store.batch()`)."""
         changed = 0
         for agg in pending.cleared:
             agg.clear_all()
             changed += 1
+        checks = pending.checks or {}
         for agg, changes in pending.changes.items():
-            changed += agg.apply_many(changes)
-        return ApplyResult(pending.upserts, pending.deletes, pending.clears, changed)
+            first = checks.get(agg)
+            if not first:
+                changed += agg.apply_many(changes)
+                continue
+            before: dict[bytes, IdEntry | None] = {}
+            changed += agg.apply_many(changes, before=before)
+            for eid, (evop, new) in first.items():
+                self._judge(pending, agg, eid, evop, new, before.get(eid))
+        return ApplyResult(
+            pending.upserts, pending.deletes, pending.clears, changed, pending.drift, pending.drift_ids
+        )
 
     def apply_events(self, events: Sequence[ChangeEvent]) -> tuple[ApplyResult, list[tuple[int, BadRecord]]]:
         """Plan and apply in one batch (no offsets): handy for tests and scripts."""

@@ -74,6 +74,7 @@ from engine import (
 from schemas import ConfigError
 from schemas.config import ConsumerSettings
 
+from .apply import DRIFT_KINDS
 from .logs import get_logger
 from .openapi import OP_DOCS, RouteDoc, build_openapi, openapi_path
 from .runner import LATENCY_BUCKETS
@@ -374,6 +375,7 @@ def aggregate_statuses(process: Served) -> list[dict[str, Any]]:
     """
     hook = getattr(process, "aggregate_states", None)
     states: dict[str, dict[str, Any]] = hook() if callable(hook) else {}
+    drift: dict[tuple[str, str], int] = getattr(process.stats, "drift", {})
     out = []
     for d in process.definitions:
         info = states.get(d.name) or {}
@@ -385,6 +387,8 @@ def aggregate_statuses(process: Served) -> list[dict[str, Any]]:
             "items": None,
             "namespaces": None,
             "progress": info.get("progress"),
+            "fingerprint": d.fingerprint,
+            "drift": {k: drift.get((d.name, k), 0) for k in DRIFT_KINDS},
         }
         agg = process.store.aggregate(d.name)
         try:
@@ -494,6 +498,16 @@ def render_metrics(process: Served) -> str:
     sample("tally_items_changed_total", st.changed)
     family("tally_dead_letters_total", "counter", "Records sent to a dead-letter topic.")
     sample("tally_dead_letters_total", st.dead_letters)
+    family(
+        "tally_drift_events_total",
+        "counter",
+        "Live events implying the aggregate was out of step with its table (kind: update_unknown, "
+        "delete_unknown, create_existing); reconcile when it grows.",
+    )
+    drift: dict[tuple[str, str], int] = getattr(st, "drift", {})
+    for d in process.definitions:
+        for kind in DRIFT_KINDS:
+            sample("tally_drift_events_total", drift.get((d.name, kind), 0), aggregate=d.name, kind=kind)
 
     name = "tally_batch_apply_seconds"
     family(name, "histogram", "Seconds to decode, apply and commit one consumer batch.")

@@ -219,6 +219,19 @@ _COMPONENT_SCHEMAS: dict[str, Schema] = {
             "items": {"type": ["integer", "null"], "description": "Items over all namespaces."},
             "namespaces": {"type": ["integer", "null"]},
             "progress": {"description": "Build progress while not ready, else null."},
+            "fingerprint": {
+                "type": "string",
+                "description": "Hash of the definition this process runs (table, functions' source, version).",
+            },
+            "drift": {
+                "type": "object",
+                "description": (
+                    "Live events that imply the aggregate was out of step with its table, per kind: "
+                    "update_unknown / delete_unknown (an id it does not hold; not counted with a filter), "
+                    "create_existing (an insert of an id it holds with other values). Reconcile when they grow."
+                ),
+                "additionalProperties": {"type": "integer"},
+            },
         },
     },
     "PartitionStatus": {

@@ -37,7 +37,7 @@ from engine import Batch, Generation, Store, TableAggregate
 from schemas import BadRecord, ChangeEvent, ConfigError, EventDecoder
 from schemas.config import ConsumerSettings
 
-from .apply import Applier, Pending
+from .apply import Applier
 from .definitions import id_fields_by_table
 from .logs import get_logger
 from .streams import LIVE, Stream, offset_key, stored_offsets
@@ -67,6 +67,8 @@ class ConsumerStats:
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     end_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     broker_ok: bool = True
+    drift: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(aggregate, kind) → live events that imply the aggregate was out of step (see `consumers.apply`)."""
 
     def observe_batch(self, seconds: float) -> None:
         self.latency_sum += seconds
@@ -166,7 +168,7 @@ class ConsumerProcess:
         defs = [d for d, _ in targets.values()]
         physical = {name: phys for name, (_, phys) in targets.items()}
         topics = sorted({self.table_topics[d.table] for d in defs})
-        return Stream(key, targets, Applier(self.store, defs, physical), topics)
+        return Stream(key, targets, Applier(self.store, defs, physical, drift=key == LIVE), topics)
 
     def _next_replay(self, batch: Batch) -> str:
         """A new replay stream's key; its counter commits with ``batch``."""
@@ -730,7 +732,7 @@ class ConsumerProcess:
         if not stream.is_live:
             # A replay gathers batches and commits them as one chunk (one bulk build).
             if stream.pending is None:
-                stream.pending = Pending()
+                stream.pending = stream.applier.new_pending()
             stream.applier.collect(ops, stream.pending)
             stream.pending.events += n
             stream.pending_offsets.update(next_offsets)
@@ -750,6 +752,8 @@ class ConsumerProcess:
         st.offsets.update(next_offsets)
         st.batches += 1
         st.changed += result.changed
+        if result.drift:
+            self._report_drift(result.drift, result.drift_ids)
         dt = time.perf_counter() - t0
         st.observe_batch(dt)
         self.log.debug(
@@ -762,6 +766,22 @@ class ConsumerProcess:
             dead_letters=len(bad),
             ms=round(dt * 1000, 2),
         )
+
+    def _report_drift(self, drift: dict[tuple[str, str], int], ids: dict[tuple[str, str], list[Any]]) -> None:
+        """Count drift signals and log one line per aggregate for the batch."""
+        counts = self.stats.drift
+        per_agg: dict[str, dict[str, int]] = {}
+        for key, n in drift.items():
+            counts[key] = counts.get(key, 0) + n
+            per_agg.setdefault(key[0], {})[key[1]] = n
+        for name, kinds in sorted(per_agg.items()):
+            self.log.warning(
+                "drift: events imply the aggregate was out of step with its table",
+                aggregate=name,
+                **kinds,
+                example_ids={k: ids.get((name, k), []) for k in kinds},
+                hint=f"compare and repair with `tally reconcile {name} --source ...`",
+            )
 
     def _flush_replay(self, stream: Stream) -> None:
         """Commit what a replay gathered: its changes, offsets and progress in one batch."""

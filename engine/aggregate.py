@@ -190,7 +190,13 @@ class Aggregate:
         finally:
             store._end(ok)
 
-    def apply_many(self, changes: Mapping[bytes, Prepared | None], rebuild_ratio: float = 0.25) -> int:
+    def apply_many(
+        self,
+        changes: Mapping[bytes, Prepared | None],
+        rebuild_ratio: float = 0.25,
+        *,
+        before: dict[bytes, IdEntry | None] | None = None,
+    ) -> int:
         """Converge many ids at once: encoded id → its final `Prepared` item, or None (absent).
 
         Per namespace, small change sets are applied as sorted incremental
@@ -198,6 +204,7 @@ class Aggregate:
         size, its tree is rebuilt bottom-up from a merge of the old items and
         the new ones (O(n + k log k) instead of k random writes). This is how
         replays and large batches load fast. Returns the number of ids changed.
+        ``before`` (if given) receives each id's entry as it was (None: absent).
         """
         store = self.store
         store._begin()
@@ -211,6 +218,8 @@ class Aggregate:
             for eid, new in changes.items():
                 idk = aid + eid
                 old = store._id_get(idk)
+                if before is not None:
+                    before[eid] = old
                 if new is None:
                     if old is None:
                         continue
@@ -333,6 +342,14 @@ class Aggregate:
     def delete_if_exists(self, id: Any) -> bool:
         """Remove the item for ``id`` if present; True if it was. O(log n)."""
         return self._remove(id, False)
+
+    def entries(self, eids: Iterable[bytes]) -> dict[bytes, IdEntry | None]:
+        """Id-index entries (namespace, key, sum; encoded) of encoded ids, None if absent. O(k) point reads."""
+        aid = self.store._agg_id(self._physical(), False)
+        if aid is None:
+            return dict.fromkeys(eids)
+        get = self.store._id_get
+        return {eid: get(aid + eid) for eid in eids}
 
     def get(self, id: Any) -> Item | None:
         """The item for ``id``, or None. O(1) RocksDB point read."""

@@ -138,6 +138,11 @@ class TableAggregate:
             h.update(b"\x00")
         return h.hexdigest()[:16]
 
+    @property
+    def has_filter(self) -> bool:
+        """True when a ``filter`` can keep rows out (so an absent id may be legitimate)."""
+        return self._filter is not None
+
     def row_id(self, row: Row) -> Any:
         """The id of a row (a tuple for composite ids)."""
         return self._id(row)

@@ -121,6 +121,7 @@ _KEY_JSON: Final = msgspec.json.Decoder()  # keys are any JSON value
 _NO_ID: Final = object()  # "this source gave no id; try the next one"
 _MISSING: Final = object()
 _NON_UPSERT_UNWRAPPED_OPS: Final = frozenset(("d", "t", "m"))
+_UPSERT_OPS: Final = frozenset(("c", "u", "r"))
 _OP_PATHS: Final = ("`$.op`", "`$.payload.op`", "`$.__op`", "`$.payload.__op`")
 _MAX_LISTED_TABLES: Final = 20
 _AFTER: Final = "the 'after' image"
@@ -296,13 +297,13 @@ class EventDecoder:
             rid = event.id
             if rid.__class__ is not int and rid.__class__ is not str:
                 rid = self._native_id(rid, key, after, table, topic, _AFTER)
-            return ChangeEvent(table, "upsert", rid, after, event.position, event.ts_ms)
+            return ChangeEvent(table, "upsert", rid, after, event.position, event.ts_ms, "c" if op == "insert" else "u")
         if op == "delete":
             rid = event.id
             if rid.__class__ is not int and rid.__class__ is not str:
                 image = event.before if event.before is not None else event.after
                 rid = self._native_id(rid, key, image, table, topic, _BEFORE)
-            return ChangeEvent(table, "delete", rid, None, event.position, event.ts_ms)
+            return ChangeEvent(table, "delete", rid, None, event.position, event.ts_ms, "d")
         return ChangeEvent(table, "truncate", None, None, event.position, event.ts_ms)
 
     def _native_id(
@@ -343,7 +344,7 @@ class EventDecoder:
             if rid is _NO_ID:
                 image = env.before if env.before is not None else env.after
                 rid = self._row_id(image, table, topic, _BEFORE)
-            return ChangeEvent(table, "delete", rid, None, position, ts_ms)
+            return ChangeEvent(table, "delete", rid, None, position, ts_ms, "d")
         after = env.after
         if after is None:
             raise BadRecord(
@@ -354,7 +355,7 @@ class EventDecoder:
         rid = self._key_id(key, table, topic)
         if rid is _NO_ID:
             rid = self._row_id(after, table, topic, _AFTER)
-        return ChangeEvent(table, "upsert", rid, after, position, ts_ms)
+        return ChangeEvent(table, "upsert", rid, after, position, ts_ms, op)
 
     def _unwrapped(
         self, row: dict[str, Any], probe: _Probe, data: bytes | Raw, key: bytes | None, topic: str
@@ -414,8 +415,8 @@ class EventDecoder:
         if rid is _NO_ID:
             rid = self._row_id(row, table, topic, _ROW)
         if deleted is True or deleted == "true":
-            return ChangeEvent(table, "delete", rid, None, position, ts_ms)
-        return ChangeEvent(table, "upsert", rid, row, position, ts_ms)
+            return ChangeEvent(table, "delete", rid, None, position, ts_ms, "d")
+        return ChangeEvent(table, "upsert", rid, row, position, ts_ms, op if op in _UPSERT_OPS else None)
 
     def _tombstone(self, key: bytes | None, topic: str) -> ChangeEvent:
         """A null value after a delete: the key is the id, the topic gives the table."""

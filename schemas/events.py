@@ -132,6 +132,12 @@ class ChangeEvent(msgspec.Struct, frozen=True):
     `id` is hashable: composite ids are tuples. `position` is the source
     position when the record carries one (an LSN, ``(binlog file, pos, row)``
     for MySQL …); `ts_ms` is when the change happened, when known.
+
+    `op` is what happened at the source, when the record says so: ``"c"``
+    (insert), ``"u"`` (update), ``"d"`` (delete), ``"r"`` (snapshot read), or
+    None (a tombstone, a truncate, an unwrapped row without ``__op``). The
+    trigger does not depend on it (an upsert converges either way); the
+    consumer uses it for drift signals (an update of an id it never saw).
     """
 
     table: str
@@ -140,6 +146,7 @@ class ChangeEvent(msgspec.Struct, frozen=True):
     row: dict[str, Any] | None
     position: Any = None
     ts_ms: int | None = None
+    op: str | None = None
 
 
 _NATIVE_JSON_ENCODER: Final = msgspec.json.Encoder()

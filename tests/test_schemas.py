@@ -183,7 +183,7 @@ def test_native_json_round_trip_decodes_to_the_same_event() -> None:
     assert data.startswith(b"{")
     assert decode_native(data) == event
     out = EventDecoder().decode(None, data, "scores")
-    assert out == ChangeEvent("scores", "upsert", 7, {"id": 7, "score": 67.5}, "0/16B3748", 1700000000000)
+    assert out == ChangeEvent("scores", "upsert", 7, {"id": 7, "score": 67.5}, "0/16B3748", 1700000000000, "u")
 
 
 def test_native_msgpack_round_trip_decodes_to_the_same_event() -> None:
@@ -192,7 +192,7 @@ def test_native_msgpack_round_trip_decodes_to_the_same_event() -> None:
     assert data[0] >= 0x80  # a msgpack map, never mistaken for JSON text
     assert decode_native(data) == event
     out = EventDecoder().decode(None, data, "scores")
-    assert out == ChangeEvent("scores", "upsert", b"\x00raw-id", {"id": 1, "tags": ["a", "b"]}, 99, None)
+    assert out == ChangeEvent("scores", "upsert", b"\x00raw-id", {"id": 1, "tags": ["a", "b"]}, 99, None, "c")
 
 
 def test_native_encoding_omits_unset_fields() -> None:
@@ -301,7 +301,7 @@ def test_native_format_rejects_json_null_and_debezium_envelopes() -> None:
 
 def test_postgres_create_envelope_is_an_upsert_with_lsn_and_source_time(dec: EventDecoder) -> None:
     out = dec.decode(key(1), enc(pg_envelope("c")), PG_TOPIC)
-    assert out == ChangeEvent("customers", "upsert", 1, PG_ROW, 24023128, 1559033904863)
+    assert out == ChangeEvent("customers", "upsert", 1, PG_ROW, 24023128, 1559033904863, "c")
 
 
 @pytest.mark.parametrize("op", ["c", "u", "r"])
@@ -313,7 +313,7 @@ def test_debezium_create_update_read_are_upserts(dec: EventDecoder, op: str) -> 
 
 def test_mysql_delete_envelope_is_a_delete_at_binlog_position(dec: EventDecoder) -> None:
     out = dec.decode(enc({"id": 1004}), enc(MYSQL_DELETE), MYSQL_TOPIC)
-    assert out == ChangeEvent("customers", "delete", 1004, None, ("mysql-bin.000003", 805, 0), 1465581029100)
+    assert out == ChangeEvent("customers", "delete", 1004, None, ("mysql-bin.000003", 805, 0), 1465581029100, "d")
 
 
 def test_debezium_delete_without_key_reads_the_before_image(dec: EventDecoder) -> None:
@@ -466,13 +466,16 @@ def test_json_null_value_and_null_payload_act_as_tombstones() -> None:
 def test_unwrapped_rewrite_delete_is_a_delete() -> None:
     d = EventDecoder(topic_tables={"dbserver1.public.t": "t"})
     out = d.decode(enc({"pk": 2}), enc({"pk": 2, "cola": None, "__deleted": "true"}), "dbserver1.public.t")
-    assert (out.table, out.kind, out.id, out.row) == ("t", "delete", 2, None)
+    assert (out.table, out.kind, out.id, out.row, out.op) == ("t", "delete", 2, None, "d")
+    # without __op an unwrapped row does not say whether it was an insert or an update
+    out = d.decode(enc({"pk": 2}), enc({"pk": 2, "cola": 1}), "dbserver1.public.t")
+    assert (out.kind, out.op) == ("upsert", None)
 
 
 def test_unwrapped_row_metadata_fields_are_read_and_stripped(dec: EventDecoder) -> None:
     value = {**PG_ROW, "__op": "u", "__table": "customers", "__lsn": 24023128, "__source_ts_ms": 1559033904863, "__deleted": "false"}
     out = dec.decode(key(1), enc(value), PG_TOPIC)
-    assert out == ChangeEvent("customers", "upsert", 1, PG_ROW, 24023128, 1559033904863)
+    assert out == ChangeEvent("customers", "upsert", 1, PG_ROW, 24023128, 1559033904863, "u")
     assert not any(name.startswith("__") for name in out.row or {})
 
 

@@ -13,10 +13,18 @@ the ordering assumptions.
 
 ``--dry-run`` (the default) opens the data dir read-only (a RocksDB
 secondary instance): safe while a consumer runs, and it writes nothing.
-``--patch`` opens it for writing, so no consumer may run on it (RocksDB's
-lock refuses, and we say so); fixes go through the consumer's write path
-(`Aggregate.apply_many`) in batches. Patching a live consumer is not done
-here (see the module `engine.reconcile` notes and the reply of the change).
+``--patch`` without ``--url`` opens it for writing, so no consumer may run on
+it (RocksDB's lock refuses, and we say so); fixes go through the consumer's
+write path (`Aggregate.apply_many`) in batches.
+
+``--patch --url URL --token T`` patches a *running* consumer: the diff reads
+the data dir read-only and each fix is applied inside the consumer between
+two live batches, skipping ids the live stream wrote since the reconcile
+began (see `consumers.live_patch` for why this never overwrites a newer live
+change with an older source read). Snapshot files are refused there.
+
+A progress bar (rows, rows/s, differences) goes to stderr on a terminal; a
+line every 10 s otherwise.
 
 Exit status: 0 in sync (or patched), 2 bad usage / unreadable source /
 unknown aggregate / locked data dir, 3 differences found with
@@ -28,6 +36,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgspec
@@ -54,6 +65,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "  tally reconcile scores --source postgresql://app@db/app --definitions defs.py --data-dir ./data\n"
             "  tally reconcile scores --source snapshot.jsonl --definitions defs.py --data-dir ./data --patch\n"
             "  tally reconcile scores --source kafka:game.scores --definitions defs.py --data-dir ./data\n"
+            "  tally reconcile scores --source postgresql://app@db/app --definitions defs.py --data-dir ./data \\\n"
+            "      --patch --url http://127.0.0.1:8750 --token $TALLY_TOKEN    # while the consumer runs\n"
             "\nexit status: 0 in sync or patched, 2 error, 3 drift found (with --fail-on-drift)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,7 +114,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mode.add_argument(
         "--patch",
         action="store_true",
-        help="fix the differences (no consumer may run on --data-dir)",
+        help="fix the differences: offline (no consumer on --data-dir), or through the running consumer with --url",
+    )
+    p.add_argument(
+        "--url",
+        help="with --patch: the running consumer's HTTP API; fixes are applied inside it, never over a newer "
+        "live change (env TALLY_URL)",
+    )
+    p.add_argument("--token", help="the consumer's --token, for --url (env TALLY_TOKEN)")
+    p.add_argument(
+        "--progress",
+        choices=["auto", "bar", "lines", "none"],
+        default="auto",
+        help="progress on stderr: a bar on a terminal, a line every 10 s otherwise (default auto)",
     )
     p.add_argument(
         "--examples", type=int, default=10, metavar="N", help="examples kept per class (default 10)"
@@ -152,16 +177,18 @@ def _open_store(data_dir: str, write: bool) -> Store:
     except TallyError as e:
         if write and "another process" in str(e):
             raise TallyError(
-                f"data dir {data_dir!r} is locked: a consumer is running on it; stop it before --patch "
-                "(or run a dry run, which is read-only)"
+                f"data dir {data_dir!r} is locked: a consumer is running on it; patch through it with "
+                "--url http://HOST:PORT --token TOKEN (its HTTP API), or stop it first (a dry run is read-only "
+                "and works either way)"
             ) from None
         raise
     except Exception as e:
         msg = str(e)
         if write and ("lock" in msg.lower() or "Resource temporarily unavailable" in msg):
             raise TallyError(
-                f"data dir {data_dir!r} is locked: a consumer is running on it; stop it before --patch "
-                "(or run a dry run, which is read-only)"
+                f"data dir {data_dir!r} is locked: a consumer is running on it; patch through it with "
+                "--url http://HOST:PORT --token TOKEN (its HTTP API), or stop it first (a dry run is read-only "
+                "and works either way)"
             ) from None
         raise TallyError(
             f"cannot open data dir {data_dir!r}: {msg.splitlines()[0] if msg else type(e).__name__}"
@@ -185,32 +212,48 @@ def run_reconcile(args: argparse.Namespace) -> int:
             f"no aggregate named {args.aggregate!r} in {spec!r} (defined: {', '.join(defs) or 'none'})"
         )
     data_dir = args.data_dir or os.environ.get("TALLY_DATA_DIR") or "./tally-data"
+    url = args.url or os.environ.get("TALLY_URL")
+    if args.url and not args.patch:
+        raise TallyError("--url is for --patch through a running consumer; a dry run reads --data-dir directly")
+    live = bool(args.patch and url)
+    if live and not _reads_at_run_time(args.source):
+        raise TallyError(
+            "a snapshot file cannot patch a running consumer: its moment is unknown, so fixes could undo "
+            "newer live changes. Reconcile against the table (postgresql://...) or topic (kafka:...), or "
+            "stop the consumer and --patch offline"
+        )
     source = _open_source(
         args, definition
     )  # connects now: an unreachable source fails before the store opens
-    store = _open_store(data_dir, args.patch)
-    try:
-        gen = store.generation(args.aggregate)
-        if gen is not None and gen.active is None:
-            raise TallyError(
-                f"aggregate {args.aggregate!r} has no ready generation yet (it is being built by replay)"
-            )
-        if args.patch and gen is not None and gen.building is not None:
-            raise TallyError(
-                f"aggregate {args.aggregate!r} is being rebuilt (generation {gen.building!r}); "
-                "patch after the rebuild finishes"
-            )
-        agg = store.aggregate(args.aggregate)
-        report = reconcile(
-            agg,
-            definition,
-            source,
-            apply=args.patch,
-            examples=args.examples,
-            batch_size=args.batch_size,
-        )
-    finally:
-        store.close()
+    estimate = _estimate(args, definition)
+    if live:
+        report = _live_patch(args, definition, source, data_dir, url or "", estimate)
+    else:
+        store = _open_store(data_dir, args.patch)
+        try:
+            gen = store.generation(args.aggregate)
+            if gen is not None and gen.active is None:
+                raise TallyError(
+                    f"aggregate {args.aggregate!r} has no ready generation yet (it is being built by replay)"
+                )
+            if args.patch and gen is not None and gen.building is not None:
+                raise TallyError(
+                    f"aggregate {args.aggregate!r} is being rebuilt (generation {gen.building!r}); "
+                    "patch after the rebuild finishes"
+                )
+            agg = store.aggregate(args.aggregate)
+            with _progress(args.progress, estimate) as progress:
+                report = reconcile(
+                    agg,
+                    definition,
+                    source,
+                    apply=args.patch,
+                    examples=args.examples,
+                    batch_size=args.batch_size,
+                    progress=progress,
+                )
+        finally:
+            store.close()
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
     else:
@@ -218,6 +261,121 @@ def run_reconcile(args: argparse.Namespace) -> int:
     if args.fail_on_drift and report.patched is None and not report.in_sync:
         return EXIT_DRIFT
     return 0
+
+
+def _reads_at_run_time(src: str) -> bool:
+    return src.startswith(("postgresql://", "postgres://", "kafka:"))
+
+
+def _estimate(args: argparse.Namespace, definition: Any) -> int | None:
+    if args.source.startswith(("postgresql://", "postgres://")):
+        from .reconcile_sources import postgres_row_estimate
+
+        return postgres_row_estimate(args.source, args.table or definition.table)
+    return None
+
+
+def _live_patch(
+    args: argparse.Namespace, definition: Any, source: Any, data_dir: str, url: str, estimate: int | None
+) -> Any:
+    """Diff read-only here; fixes applied inside the running consumer (`consumers.live_patch`)."""
+    from engine.reconcile import diff
+
+    from .client import TallyClient
+    from .live_patch import RemotePatcher
+
+    token = args.token or os.environ.get("TALLY_TOKEN")
+    client = TallyClient(url, timeout=60.0, token=token)
+    name = args.aggregate
+    served = {a["name"]: a for a in client.status()["aggregates"]}
+    if name not in served:
+        raise TallyError(f"the consumer at {url} serves no aggregate {name!r} (it serves: {', '.join(served)})")
+    theirs = served[name].get("fingerprint")
+    if theirs is not None and theirs != definition.fingerprint:
+        raise TallyError(
+            f"the consumer at {url} runs another definition of {name!r} (fingerprint {theirs} vs "
+            f"{definition.fingerprint} in {args.definitions or os.environ.get('TALLY_DEFINITIONS')}): "
+            "reconcile with the definitions file the consumer runs"
+        )
+    patcher = RemotePatcher(client, name, batch_size=min(args.batch_size, 5_000))
+    session = patcher.begin()  # before the source is read: see consumers.live_patch
+    try:
+        store = _open_store(data_dir, False)
+        try:
+            agg = store.aggregate(name)
+            if agg._physical() != session["generation"]:
+                raise TallyError(
+                    f"{name!r} in {data_dir!r} is generation {agg._physical()!r} but the consumer at {url} "
+                    f"writes {session['generation']!r}: is --data-dir the consumer's data dir?"
+                )
+            t0 = time.perf_counter()
+            with _progress(args.progress, estimate) as progress:
+                report = diff(
+                    agg, definition, source, examples=args.examples, on_change=patcher, progress=progress
+                )
+        finally:
+            store.close()
+        report.patched = patcher.close()
+    except BaseException:
+        patcher.abort()
+        raise
+    report.skipped_live = patcher.skipped_live
+    report.elapsed_s = round(time.perf_counter() - t0, 3)
+    return report
+
+
+@contextmanager
+def _progress(mode: str, total: int | None) -> Iterator[Callable[[int, int], None] | None]:
+    """A ``progress(rows, differences)`` callback for `engine.reconcile.diff`, drawing on stderr."""
+    if mode == "none":
+        yield None
+        return
+    if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        with Progress(
+            TextColumn("reconcile"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rows · {task.fields[rate]} rows/s · {task.fields[diffs]} differences"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as bar:
+            task = bar.add_task("rows", total=total, rate="-", diffs=0)
+            t0 = time.perf_counter()
+
+            def draw(rows: int, diffs: int) -> None:
+                rate = rows / max(1e-9, time.perf_counter() - t0)
+                if total is not None and rows > total:
+                    bar.update(task, total=rows)
+                bar.update(task, completed=rows, rate=f"{rate:,.0f}", diffs=diffs)
+
+            yield draw
+        return
+    t0 = last = time.perf_counter()
+
+    def line(rows: int, diffs: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last < 10.0:
+            return
+        last = now
+        rate = rows / max(1e-9, now - t0)
+        of = f"/{total} (estimated)" if total else ""
+        sys.stderr.write(f"reconcile: {rows}{of} rows, {rate:,.0f} rows/s, {diffs} differences\n")
+        sys.stderr.flush()
+
+    yield line
 
 
 def _fmt(side: dict[str, Any] | None) -> str:
@@ -236,6 +394,8 @@ def _print_report(r: Any) -> None:
     state = "in sync" if r.in_sync else f"{r.differences} difference(s)"
     if r.patched is not None:
         state += f", {r.patched} id(s) patched"
+    if r.skipped_live:
+        state += f", {r.skipped_live} left to the live stream (written live during the reconcile)"
     con.print(
         f"[bold]{r.aggregate}[/bold] ({r.physical}): {state} — "
         f"{r.rows_scanned} source rows ({r.rows_filtered} filtered out), {r.items_scanned} items, {r.elapsed_s}s"

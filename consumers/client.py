@@ -104,13 +104,25 @@ class TallyClient:
 
     # ---- transport ----------------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: Any = None, ok: Iterable[int] = ()) -> tuple[int, bytes]:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        ok: Iterable[int] = (),
+        *,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, bytes]:
         url = self.url + path
         data = None
         headers = {"Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        if body is not None:
+        if raw is not None:
+            data = raw
+            headers["Content-Type"] = content_type
+        elif body is not None:
             data = _encoder.encode(body)
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(url, data=data, method=method, headers=headers)
@@ -250,6 +262,30 @@ class TallyClient:
 
         doc = self._json("POST", f"/v1/aggregates/{quote(aggregate, safe='')}/rebuild", {})
         result: dict[str, Any] = doc.get("result", doc) if isinstance(doc, dict) else {"result": doc}
+        return result
+
+    # ---- live patch sessions (`tally reconcile --patch --url`; need the token) ---------
+
+    def _session_path(self, aggregate: str, session: str | None = None) -> str:
+        path = f"/v1/aggregates/{urllib.parse.quote(aggregate, safe='')}/patch-sessions"
+        return path if session is None else f"{path}/{urllib.parse.quote(session, safe='')}"
+
+    def patch_begin(self, aggregate: str) -> dict[str, Any]:
+        """Open a patch session; ``{"session", "aggregate", "generation", "fingerprint"}``."""
+        result: dict[str, Any] = self._json("POST", self._session_path(aggregate), {})["result"]
+        return result
+
+    def patch_chunk(self, aggregate: str, session: str, body: bytes) -> dict[str, Any]:
+        """Send one msgpack chunk (`consumers.live_patch.encode_changes`); its counts."""
+        _, raw = self._request(
+            "POST", self._session_path(aggregate, session), raw=body, content_type="application/msgpack"
+        )
+        result: dict[str, Any] = _decoder.decode(raw)["result"]
+        return result
+
+    def patch_end(self, aggregate: str, session: str) -> dict[str, Any]:
+        """Close a patch session; its totals."""
+        result: dict[str, Any] = self._json("DELETE", self._session_path(aggregate, session))["result"]
         return result
 
     def metrics(self) -> str:

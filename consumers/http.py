@@ -889,3 +889,123 @@ async def rebuild(request: web.Request) -> web.StreamResponse:
         raise ApiError(501, "not_supported", "this process cannot rebuild aggregates")
     request_rebuild(name)
     return _json({"result": {"aggregate": name, "status": "rebuild requested"}}, 202)
+
+
+def _patch_sessions(request: web.Request) -> Any:
+    sessions = getattr(request.app[PROCESS], "patches", None)
+    if sessions is None:
+        raise ApiError(501, "not_supported", "this process cannot patch aggregates")
+    return sessions
+
+
+def _patch_error(e: Exception) -> ApiError:
+    from .live_patch import PatchError
+
+    if isinstance(e, PatchError):
+        return ApiError(e.status, e.code, str(e), **e.details)
+    raise e
+
+
+_SESSION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "result": {
+            "type": "object",
+            "properties": {
+                "session": {"type": "string"},
+                "aggregate": {"type": "string"},
+                "generation": {"type": "string"},
+                "fingerprint": {"type": "string"},
+            },
+        }
+    },
+}
+
+
+@protected_route(
+    "POST",
+    "/v1/aggregates/{name}/patch-sessions",
+    summary="Open a patch session (live reconcile)",
+    description=(
+        "From now on the consumer records every id its live stream writes to the aggregate; fixes sent to "
+        "the session skip those ids (the live change is newer than any source read after this call). "
+        "Used by `tally reconcile --patch --url`; see consumers/live_patch.py for the rule."
+    ),
+    response_schema=_SESSION_SCHEMA,
+)
+async def patch_begin(request: web.Request) -> web.StreamResponse:
+    sessions = _patch_sessions(request)
+    try:
+        s = await sessions.begin(request.match_info["name"])
+    except Exception as e:
+        raise _patch_error(e) from None
+    return _json(
+        {
+            "result": {
+                "session": s.id,
+                "aggregate": s.aggregate,
+                "generation": s.physical,
+                "fingerprint": s.fingerprint,
+            }
+        },
+        201,
+    )
+
+
+@protected_route(
+    "POST",
+    "/v1/aggregates/{name}/patch-sessions/{session}",
+    summary="Apply a chunk of fixes in a patch session",
+    description=(
+        "Body: application/msgpack {\"changes\": [[id, key, namespace, sum] | [id]]} with keys as "
+        "engine.encode_key bytes ([id] alone: the id must be absent). Applied between two live batches "
+        "through the events' write path, skipping ids written live since the session opened. 503 "
+        "`catching_up` when the live stream has not yet read up to the offsets of the session's start: "
+        "send the chunk again."
+    ),
+    response_schema={
+        "type": "object",
+        "properties": {
+            "result": {
+                "type": "object",
+                "properties": {
+                    "received": {"type": "integer"},
+                    "changed": {"type": "integer"},
+                    "skipped_live": {"type": "integer"},
+                },
+            }
+        },
+    },
+)
+async def patch_chunk(request: web.Request) -> web.StreamResponse:
+    from .live_patch import decode_changes
+
+    sessions = _patch_sessions(request)
+    ctype = request.content_type
+    if ctype != "application/msgpack":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"a patch chunk is application/msgpack (got {ctype!r}); `tally reconcile --patch --url` sends them",
+        )
+    changes = decode_changes(await request.read())
+    try:
+        result = await sessions.apply(request.match_info["name"], request.match_info["session"], changes)
+    except Exception as e:
+        raise _patch_error(e) from None
+    return _json({"result": result})
+
+
+@protected_route(
+    "DELETE",
+    "/v1/aggregates/{name}/patch-sessions/{session}",
+    summary="Close a patch session; answers its totals",
+    response_schema={"type": "object", "properties": {"result": {"type": "object"}}},
+)
+async def patch_end(request: web.Request) -> web.StreamResponse:
+    sessions = _patch_sessions(request)
+    try:
+        totals = sessions.end(request.match_info["name"], request.match_info["session"])
+    except Exception as e:
+        raise _patch_error(e) from None
+    return _json({"result": totals})

@@ -37,7 +37,7 @@ from engine import TallyError, decode_key, encode_key
 from engine.keys import key_repr
 from schemas import DecodeFormat
 
-__all__ = ["SourceError", "postgres_source", "snapshot_source", "topic_source"]
+__all__ = ["SourceError", "postgres_row_estimate", "postgres_source", "snapshot_source", "topic_source"]
 
 Keyed = Iterator[tuple[bytes, Mapping[str, Any]]]
 
@@ -89,6 +89,21 @@ def postgres_source(
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SourceError(f"cannot connect to Postgres at {_redact(url)}: {msg}") from None
     return _pg_rows(conn, table, list(id_columns), fetch_size, dict_row, psycopg)
+
+
+def postgres_row_estimate(url: str, table: str, connect_timeout: float = 5.0) -> int | None:
+    """The planner's row estimate of ``table`` (``pg_class.reltuples``), for a progress bar; None if unknown."""
+    try:
+        import psycopg
+
+        with psycopg.connect(url, connect_timeout=int(max(1, connect_timeout))) as conn:
+            row = conn.execute(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)", (_ident(table),)
+            ).fetchone()
+    except Exception:
+        return None
+    n = None if row is None else row[0]
+    return int(n) if n is not None and n > 0 else None
 
 
 def _redact(url: str) -> str:

@@ -39,6 +39,7 @@ from schemas.config import ConsumerSettings
 
 from .apply import Applier
 from .definitions import id_fields_by_table
+from .live_patch import PatchSessions
 from .logs import get_logger
 from .streams import LIVE, Stream, offset_key, stored_offsets
 
@@ -126,6 +127,7 @@ class ConsumerProcess:
         self.replays: list[Stream] = []
         self._pending_rebuilds: list[str] = []
         self.caught_up = asyncio.Event()
+        self.patches = PatchSessions(self)
 
     # ---- public state -------------------------------------------------------------
 
@@ -745,6 +747,8 @@ class ConsumerProcess:
             return
         with self.store.batch() as b:
             result = stream.applier.apply(ops)
+            if self.patches.active:
+                self.patches.note(ops)
             stream.put_offsets(b, next_offsets)
             stream.offsets.update(next_offsets)
             stream.events += n

@@ -98,6 +98,9 @@ class Report(msgspec.Struct, kw_only=True):
     """The first N differences of each class, in id order."""
     patched: int | None = None
     """Ids the patch changed (None: dry run)."""
+    skipped_live: int | None = None
+    """Live patch only: fixes not applied because a live event wrote the id after the
+    reconcile began (the live stream is authoritative for those ids)."""
     elapsed_s: float = 0.0
 
     @property
@@ -169,12 +172,16 @@ def diff(
     *,
     examples: int = 10,
     on_change: Callable[[bytes, Prepared | None], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    progress_every: int = 10_000,
 ) -> Report:
     """Compare ``source`` (sorted ``(encoded id, row)``) with ``aggregate``; one streaming merge.
 
     ``on_change(eid, item_or_None)`` is called for every difference, in id
     order, with the item the id must become (a `Patcher` applies them in
-    batches). Nothing is written by `diff` itself.
+    batches). ``progress(rows, differences)`` is called every
+    ``progress_every`` source rows and at the end. Nothing is written by
+    `diff` itself.
     """
     t0 = time.perf_counter()
     rep = Report(aggregate=aggregate.name, physical=aggregate._physical())
@@ -208,6 +215,8 @@ def diff(
             )
         prev = eid
         rows += 1
+        if progress is not None and rows % progress_every == 0:
+            progress(rows, counts["missing"] + counts["extra"] + counts["wrong"])
         # aggregate ids before this row's id are not in the source: extra
         while cur is not None and cur[0] < eid:
             items += 1
@@ -232,6 +241,8 @@ def diff(
         cur = next(idx, None)
     rep.rows_scanned, rep.rows_filtered, rep.items_scanned = rows, filtered, items
     rep.missing, rep.extra, rep.wrong = counts["missing"], counts["extra"], counts["wrong"]
+    if progress is not None:
+        progress(rows, rep.differences)
     rep.elapsed_s = round(time.perf_counter() - t0, 3)
     return rep
 
@@ -285,13 +296,14 @@ def reconcile(
     apply: bool = False,
     examples: int = 10,
     batch_size: int = 10_000,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     """`diff`, and with ``apply=True`` patch every difference while streaming (``report.patched``)."""
     if not apply:
-        return diff(aggregate, definition, source, examples=examples)
+        return diff(aggregate, definition, source, examples=examples, progress=progress)
     p = Patcher(aggregate, batch_size)
     t0 = time.perf_counter()
-    rep = diff(aggregate, definition, source, examples=examples, on_change=p)
+    rep = diff(aggregate, definition, source, examples=examples, on_change=p, progress=progress)
     rep.patched = p.close()
     rep.elapsed_s = round(time.perf_counter() - t0, 3)
     return rep

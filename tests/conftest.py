@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from kafka_util import kafka_script
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ============================================================== Kafka broker
 # A real single-node broker run by scripts/kafka (no Docker). The session
@@ -36,6 +41,33 @@ def kafka_bootstrap(kafka_port: int) -> Iterator[str]:
     yield f"127.0.0.1:{port}"
     if started_here:
         kafka_script("stop", "--port", port)
+
+
+# ============================================================== PostgreSQL
+# A real server run by scripts/postgres (Debian's packages, installed with
+# apt-get if missing; a throwaway cluster under $TALLY_CACHE_DIR/pg-PORT).
+# Tests skip with the reason when it cannot be installed or started.
+# Port: $TALLY_TEST_PG_PORT (default 25432).
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A running server's URL; stopped at the end only if started here (like the Kafka fixture)."""
+    port = os.environ.get("TALLY_TEST_PG_PORT") or "25432"
+    script = [sys.executable, str(ROOT / "scripts" / "postgres")]
+    try:
+        res = subprocess.run([*script, "start", "--port", port], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        pytest.skip("scripts/postgres start timed out (apt-get or initdb too slow?)")
+    if res.returncode != 0:
+        msg = (res.stderr or res.stdout).strip()
+        if "apt-get" in msg or "not installed" in msg:
+            pytest.skip(f"PostgreSQL unavailable (cannot install it here): {msg}")
+        pytest.fail(f"scripts/postgres start failed (exit {res.returncode}): {msg}", pytrace=False)
+    started_here = "reusing" not in res.stdout
+    yield f"postgresql://postgres@127.0.0.1:{port}/tally"
+    if started_here:
+        subprocess.run([*script, "stop", "--port", port], capture_output=True, text=True, timeout=120)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,30 +39,6 @@ scores = TableAggregate(
     filter=lambda r: r["score"] >= 0,
 )
 """
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A running server's URL; stopped at the end only if started here (like the Kafka fixture)."""
-    port = os.environ.get("TALLY_TEST_PG_PORT") or "25432"
-    script = [sys.executable, str(ROOT / "scripts" / "postgres")]
-    try:
-        res = subprocess.run(
-            [*script, "start", "--port", port], capture_output=True, text=True, timeout=600
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip("scripts/postgres start timed out (apt-get or initdb too slow?)")
-    if res.returncode != 0:
-        msg = (res.stderr or res.stdout).strip()
-        if "apt-get" in msg or "not installed" in msg:
-            pytest.skip(f"PostgreSQL unavailable (cannot install it here): {msg}")
-        pytest.fail(f"scripts/postgres start failed (exit {res.returncode}): {msg}", pytrace=False)
-    started_here = "reusing" not in res.stdout
-    yield f"postgresql://postgres@127.0.0.1:{port}/tally"
-    if started_here:
-        subprocess.run(
-            [*script, "stop", "--port", port], capture_output=True, text=True, timeout=120
-        )
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from .apply import Applier, ApplyResult
     from .client import ClientError, TallyClient
     from .definitions import load_definitions
+    from .live_patch import PatchSessions, RemotePatcher
     from .producer import ChangeProducer, SyncChangeProducer
     from .runner import ConsumerProcess, ConsumerStats
     from .settings import load_settings
@@ -26,6 +27,8 @@ _WHERE = {
     "ConsumerStats": ".runner",
     "SyncChangeProducer": ".producer",
     "TallyClient": ".client",
+    "PatchSessions": ".live_patch",
+    "RemotePatcher": ".live_patch",
     "load_definitions": ".definitions",
     "load_settings": ".settings",
     "offset_key": ".streams",
@@ -39,6 +42,8 @@ __all__ = [
     "ClientError",
     "ConsumerProcess",
     "ConsumerStats",
+    "PatchSessions",
+    "RemotePatcher",
     "SyncChangeProducer",
     "TallyClient",
     "load_definitions",

@@ -264,7 +264,10 @@ class Applier:
             before: dict[bytes, IdEntry | None] = {}
             changed += agg.apply_many(changes, before=before)
             for eid, (evop, new) in first.items():
-                self._judge(pending, agg, eid, evop, new, before.get(eid))
+                prior = before.get(eid)
+                if (prior is None) is (evop == "c"):
+                    continue  # the common, consistent case: an insert of a new id, an update of a held one
+                self._judge(pending, agg, eid, evop, new, prior)
         return ApplyResult(
             pending.upserts, pending.deletes, pending.clears, changed, pending.drift, pending.drift_ids
         )

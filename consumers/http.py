@@ -11,6 +11,13 @@ Routes (``GET /openapi.json`` describes them all, with schemas)::
     GET  /readyz                            200 when assigned, broker up and lag <= ready_max_lag
     GET  /openapi.json                      OpenAPI 3.1 document
 
+With ``--token``, also (``Authorization: Bearer <token>``)::
+
+    POST   /v1/aggregates/{name}/rebuild                   rebuild by replay
+    POST   /v1/aggregates/{name}/patch-sessions            open a live patch session
+    POST   /v1/aggregates/{name}/patch-sessions/{session}  apply a chunk of fixes (msgpack)
+    DELETE /v1/aggregates/{name}/patch-sessions/{session}  close it; its totals
+
 ``op`` is one of count, sum, at, index_of, min, max, random, paginate,
 count_batch, sum_batch, at_batch, namespaces, taking the arguments of the
 `engine.Aggregate` method of the same name: ``namespace``, ``bounds``

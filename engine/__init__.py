@@ -19,7 +19,7 @@ from .errors import (
     TallyError,
 )
 from .keys import decode_key, encode_key
-from .store import DEFAULT_CACHE_NODES, DEFAULT_MAX_NODE_SIZE, Batch, Store
+from .store import DEFAULT_CACHE_NODES, DEFAULT_MAX_NODE_SIZE, Batch, IdEntry, Store
 from .table import BoundTableAggregate, RowItem, TableAggregate
 from .types import Bound, Bounds, Item, Order, Page, Query
 
@@ -33,6 +33,7 @@ __all__ = [
     "BoundTableAggregate",
     "Bounds",
     "Generation",
+    "IdEntry",
     "InvalidArgument",
     "InvalidKey",
     "Item",

@@ -2,11 +2,16 @@
 
     .venv/bin/python scripts/bench/engine.py [--items 1000000] [--reads 100000]
         [--batch 1000] [--node-size N] [--cache-nodes N] [--scale 100000,1000000]
+        [--scale-build insert|bulk]
 
 Inserts ``--items`` random (key, id) items committed in batches, then times
 ``count`` (random bounds), ``at`` and ``index_of`` on both, and prints ops/s
 and the tally/SortedList ratio. ``--scale`` repeats the read timings at each
 size to show how per-op cost grows with n. Peak RSS is reported at the end.
+``--scale-build bulk`` builds each size with `Aggregate.apply_many` in
+growing chunks (bottom-up merge rebuilds) instead of ``--batch``-sized random
+inserts: the same items, built in minutes instead of hours at 10M; the RSS
+column then shows the RSS after the build (the build's own peak is larger).
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from engine import Store
 
 KEY_SPACE = 10**9
+
+
+def rss_now_mib() -> float:
+    """Current RSS of this process (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def rss_mib() -> float:
@@ -115,11 +129,27 @@ def scale_child(args: argparse.Namespace) -> None:
     path = tempfile.mkdtemp(prefix="tally-bench-")
     store = Store.open(path, max_node_size=args.node_size, cache_nodes=args.cache_nodes)
     agg = store.aggregate("bench")
-    for start in range(0, n, args.batch):
-        with store.batch():
-            for i in range(start, min(n, start + args.batch)):
-                # i * prime mod n: a permutation of ids without holding a list of n ints
-                agg.insert(rnd.randrange(KEY_SPACE), i * 1_000_003 % n, 1)
+    if args.scale_build == "bulk":
+        from engine import encode_key
+        from engine.aggregate import prepare_encoded_id
+
+        start = 0
+        while start < n:
+            end = min(n, start + max(100_000, start))  # each chunk >= 25% of the tree: a merge rebuild
+            changes = {}
+            for i in range(start, end):
+                eid = encode_key(i * 1_000_003 % n)
+                changes[eid] = prepare_encoded_id(rnd.randrange(KEY_SPACE), eid, 1, None)
+            with store.batch():
+                agg.apply_many(changes)
+            del changes
+            start = end
+    else:
+        for start in range(0, n, args.batch):
+            with store.batch():
+                for i in range(start, min(n, start + args.batch)):
+                    # i * prime mod n: a permutation of ids without holding a list of n ints
+                    agg.insert(rnd.randrange(KEY_SPACE), i * 1_000_003 % n, 1)
     store.checkpoint()
     reads = args.reads
     qb = [sorted((rnd.randrange(KEY_SPACE), rnd.randrange(KEY_SPACE))) for _ in range(reads)]
@@ -142,7 +172,8 @@ def scale_child(args: argparse.Namespace) -> None:
     io = (time.perf_counter() - t) / reads * 1e6
     store.close()
     shutil.rmtree(path, ignore_errors=True)
-    print(f"{n:>12,} {c:>8.2f} {at:>8.2f} {io:>9.2f} {rss_mib():>13,.0f}")
+    rss = rss_now_mib() if args.scale_build == "bulk" else rss_mib()
+    print(f"{n:>12,} {c:>8.2f} {at:>8.2f} {io:>9.2f} {rss:>13,.0f}")
 
 
 def main() -> None:
@@ -154,6 +185,12 @@ def main() -> None:
     ap.add_argument("--cache-nodes", type=int, default=None)
     ap.add_argument("--scale", default="", help="comma-separated extra sizes for the read-cost scaling table")
     ap.add_argument("--scale-child", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--scale-build",
+        choices=["insert", "bulk"],
+        default="insert",
+        help="how --scale builds each size: random inserts in --batch commits, or bulk merge rebuilds",
+    )
     args = ap.parse_args()
     if args.scale_child:
         scale_child(args)
@@ -173,10 +210,11 @@ def main() -> None:
 
     if args.scale:
         print("\nread cost vs size (microseconds per op, tally only; each size in its own process)")
-        print(f"{'items':>12} {'count':>8} {'at':>8} {'index_of':>9} {'peak RSS MiB':>13}")
+        rss_label = "RSS MiB" if args.scale_build == "bulk" else "peak RSS MiB"
+        print(f"{'items':>12} {'count':>8} {'at':>8} {'index_of':>9} {rss_label:>13}")
         for size in [int(x) for x in args.scale.split(",")]:
             cmd = [sys.executable, __file__, "--scale-child", str(size), "--reads", str(args.reads),
-                   "--batch", str(args.batch)]
+                   "--batch", str(args.batch), "--scale-build", args.scale_build]
             if args.node_size:
                 cmd += ["--node-size", str(args.node_size)]
             if args.cache_nodes:

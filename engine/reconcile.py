@@ -215,8 +215,6 @@ def diff(
             )
         prev = eid
         rows += 1
-        if progress is not None and rows % progress_every == 0:
-            progress(rows, counts["missing"] + counts["extra"] + counts["wrong"])
         # aggregate ids before this row's id are not in the source: extra
         while cur is not None and cur[0] < eid:
             items += 1
@@ -235,6 +233,8 @@ def diff(
                 note("wrong", eid, exp, act)
         elif exp is not None:
             note("missing", eid, exp, None)
+        if progress is not None and rows % progress_every == 0:
+            progress(rows, counts["missing"] + counts["extra"] + counts["wrong"])
     while cur is not None:
         items += 1
         note("extra", cur[0], None, cur[1])

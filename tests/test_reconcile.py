@@ -214,6 +214,18 @@ def test_patch_function_and_source_order_check(tmp_path: Path) -> None:
         assert [e for e, _ in keyed(d, src2)] == sorted(encode_key(i) for i in ids)
 
 
+def test_progress_reports_rows_and_differences(tmp_path: Path) -> None:
+    d = TableAggregate("t", table="t", sort_key="k")
+    with Store.open(tmp_path / "s") as store:
+        agg = store.aggregate("t")
+        src = [{"id": i, "k": i} for i in range(1, 251)]
+        seen: list[tuple[int, int]] = []
+        rep = diff(agg, d, keyed(d, src), progress=lambda r, n: seen.append((r, n)), progress_every=100)
+        # every 100 rows, then once at the end with the final counts
+        assert seen == [(100, 100), (200, 200), (250, 250)]
+        assert rep.differences == 250
+
+
 def test_text_ids_with_c_collation(tmp_path: Path, pg_url: str) -> None:
     from consumers.reconcile_sources import postgres_source
 

@@ -37,7 +37,7 @@ from engine import Batch, Generation, Store, TableAggregate
 from schemas import BadRecord, ChangeEvent, ConfigError, EventDecoder
 from schemas.config import ConsumerSettings
 
-from .apply import Applier
+from .apply import DRIFT_EXAMPLES, Applier
 from .definitions import id_fields_by_table
 from .live_patch import PatchSessions
 from .logs import get_logger
@@ -49,6 +49,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 _REPLAY_SEQ = b"replay-seq"
 GC_THRESHOLD = 200_000
 """Allocations between young-generation GC runs while consuming (Python's default is 700)."""
+DRIFT_LOG_INTERVAL = 10.0
+"""Seconds between drift warnings (signals in between are summed into the next one)."""
 HEALTH_INTERVAL = 1.0
 """Seconds between broker probes (end offsets); an outage is logged within about twice this."""
 
@@ -128,6 +130,9 @@ class ConsumerProcess:
         self._pending_rebuilds: list[str] = []
         self.caught_up = asyncio.Event()
         self.patches = PatchSessions(self)
+        self._drift_window: dict[tuple[str, str], int] = {}
+        self._drift_examples: dict[tuple[str, str], list[Any]] = {}
+        self._drift_logged_at = -DRIFT_LOG_INTERVAL
 
     # ---- public state -------------------------------------------------------------
 
@@ -513,6 +518,8 @@ class ConsumerProcess:
             elif self.live.consumer is None and not self.replays:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), s.poll_timeout_ms / 1000)
+            if self._drift_window:
+                self._log_drift()
             now = time.monotonic()
             if now - last_progress >= s.progress_interval:
                 await self._refresh_end_offsets()
@@ -529,6 +536,7 @@ class ConsumerProcess:
                 last_progress, events_at_last = now, total
         for r in self.replays:
             self._flush_replay(r)  # a clean stop keeps the replay's gathered work
+        self._log_drift(force=True)
         self.log.info(
             "stopped",
             events=self.stats.events,
@@ -772,20 +780,40 @@ class ConsumerProcess:
         )
 
     def _report_drift(self, drift: dict[tuple[str, str], int], ids: dict[tuple[str, str], list[Any]]) -> None:
-        """Count drift signals and log one line per aggregate for the batch."""
+        """Count drift signals; the log gets them at most every `DRIFT_LOG_INTERVAL` (see `_log_drift`)."""
         counts = self.stats.drift
-        per_agg: dict[str, dict[str, int]] = {}
+        window = self._drift_window
         for key, n in drift.items():
             counts[key] = counts.get(key, 0) + n
-            per_agg.setdefault(key[0], {})[key[1]] = n
+            window[key] = window.get(key, 0) + n
+            ex = self._drift_examples.setdefault(key, [])
+            ex.extend(ids.get(key, [])[: max(0, DRIFT_EXAMPLES - len(ex))])
+        self._log_drift()
+
+    def _log_drift(self, force: bool = False) -> None:
+        """One warning per aggregate with the signals since the last one: the first at once,
+        then at most every `DRIFT_LOG_INTERVAL` s (a table that drifts all the time must
+        not flood the log), and whatever is left at stop."""
+        if not self._drift_window:
+            return
+        now = time.monotonic()
+        if not force and now - self._drift_logged_at < DRIFT_LOG_INTERVAL:
+            return
+        per_agg: dict[str, dict[str, int]] = {}
+        for (name, kind), n in self._drift_window.items():
+            per_agg.setdefault(name, {})[kind] = n
         for name, kinds in sorted(per_agg.items()):
             self.log.warning(
                 "drift: events imply the aggregate was out of step with its table",
                 aggregate=name,
                 **kinds,
-                example_ids={k: ids.get((name, k), []) for k in kinds},
+                example_ids={k: self._drift_examples.get((name, k), []) for k in kinds},
+                total=sum(n for (a, _), n in self.stats.drift.items() if a == name),
                 hint=f"compare and repair with `tally reconcile {name} --source ...`",
             )
+        self._drift_window = {}
+        self._drift_examples = {}
+        self._drift_logged_at = now
 
     def _flush_replay(self, stream: Stream) -> None:
         """Commit what a replay gathered: its changes, offsets and progress in one batch."""

@@ -180,11 +180,12 @@ def test_ops_and_ids_round_trip_on_three_partitions(kafka_bootstrap: str, fmt: s
     events = by_id(records)
 
     for i in range(30):
-        expect: list[ChangeEvent] = [ChangeEvent("scores", "upsert", i, {"id": i, "score": i * 10})]
+        # the source op travels too: insert → "c", update → "u", delete → "d"
+        expect: list[ChangeEvent] = [ChangeEvent("scores", "upsert", i, {"id": i, "score": i * 10}, op="c")]
         if i % 3 == 0:
-            expect.append(ChangeEvent("scores", "upsert", i, {"id": i, "score": -i}))
+            expect.append(ChangeEvent("scores", "upsert", i, {"id": i, "score": -i}, op="u"))
         if i % 5 == 0:
-            expect.append(ChangeEvent("scores", "delete", i, None))
+            expect.append(ChangeEvent("scores", "delete", i, None, op="d"))
         assert events[i] == expect
         name = f"p{i}"
         assert [(e.table, e.kind, e.row) for e in events[name]] == [
@@ -194,13 +195,13 @@ def test_ops_and_ids_round_trip_on_three_partitions(kafka_bootstrap: str, fmt: s
         ]
         composite = events[(i, "s1")]
         assert composite[0] == ChangeEvent(
-            "seasons", "upsert", (i, "s1"), {"player": i, "season": "s1", "w": 0}
+            "seasons", "upsert", (i, "s1"), {"player": i, "season": "s1", "w": 0}, op="c"
         )
         assert [e.kind for e in composite] == ["upsert"] + ["upsert"] * (i % 3 == 0) + [
             "delete"
         ] * (i % 5 == 0)
     assert events[None] == [ChangeEvent("other", "truncate", None, None, 42)]
-    assert events[1000] == [ChangeEvent("scores", "upsert", 1000, {"id": 1000, "score": 1})]
+    assert events[1000] == [ChangeEvent("scores", "upsert", 1000, {"id": 1000, "score": 1}, op="c")]
     # The keys are the JSON-encoded ids.
     keys = {ev.id: k for _p, k, ev in records}
     assert keys[7] == b"7" and keys["p7"] == b'"p7"' and keys[(7, "s1")] == b'[7,"s1"]'
@@ -410,13 +411,13 @@ def test_cli_jsonl_rows_and_events(
     assert len(records) == 54
     assert_one_partition_per_key(records)
     events = by_id(records)
-    assert events[0] == [ChangeEvent("scores", "upsert", 0, {"id": 0, "name": "n0", "score": 0.0})]
+    assert events[0] == [ChangeEvent("scores", "upsert", 0, {"id": 0, "name": "n0", "score": 0.0}, op="c")]
     assert [e.row for e in events[3]] == [
         {"id": 3, "name": "n3", "score": 1.5},
         {"id": 3, "name": "n3", "score": 99},
     ]
     assert [e.kind for e in events[4]] == ["upsert", "delete"]
-    assert events["x"] == [ChangeEvent("other", "delete", "x", None)]
+    assert events["x"] == [ChangeEvent("other", "delete", "x", None, op="d")]
     assert events[None] == [ChangeEvent("other", "truncate", None, None)]
 
 

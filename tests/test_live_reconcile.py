@@ -154,7 +154,7 @@ class Live:
         if any(a["state"] != "ready" for a in st["aggregates"]):
             return False
         done = {p["partition"]: p["offset"] for p in st["partitions"] if p["topic"] == self.topic}
-        return all(done.get(p, 0) >= end for p, end in ends.items())
+        return all((done.get(p) or 0) >= end for p, end in ends.items())  # offset is null before the first batch
 
     def wait_caught_up(self) -> None:
         wait_for(self.caught_up, "the consumer to apply every event")

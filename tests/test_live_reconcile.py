@@ -2,7 +2,10 @@
 
 The "application" writes a row to Postgres and produces its change event, the
 way a service with an outbox (or Debezium) does. Drift is injected by writing
-Postgres without producing (lost events, manual fixes) and by buggy events.
+Postgres without producing (lost events, manual fixes), by buggy events, and by
+deleting records from the topic before a backfill (events lost from the topic).
+Direct engine writes are covered offline in test_reconcile.py (a running
+consumer holds the data dir's lock).
 Then `tally reconcile --patch --url` runs against the running consumer.
 
 The race the live patch must win: the source is read, then a live event
@@ -359,3 +362,51 @@ def test_store_reads_of_the_fixture_are_real(pg_app: tuple[Live, App], pg_url: s
     lv, app = seeded(pg_app, n=10)
     app.write([("update", 3, "a", 123)], emit=False)
     assert lv.contents() != app.rows()
+
+
+def test_events_lost_from_the_topic_are_found_and_patched(
+    pg_url: str, table: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Records deleted from the topic (retention, an operator's delete-records) before a backfill."""
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+    from aiokafka.structs import TopicPartition
+
+    topic = unique_topic("live-reconcile-lost")
+    create_topic(kafka_bootstrap, topic, partitions=1)
+    app = App(pg_url, table, kafka_bootstrap, topic)
+    lv: Live | None = None
+    try:
+        app.write([("insert", i, "a", i) for i in range(1, 101)])  # offsets 0-99
+        app.write([("update", i, "b", 1000 + i) for i in range(1, 51)])  # offsets 100-149: id = offset - 99
+
+        async def lose_first(n: int) -> None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+            await admin.start()
+            try:
+                await admin.delete_records({TopicPartition(topic, 0): RecordsToDelete(n)})
+            finally:
+                await admin.close()
+
+        asyncio.run(lose_first(120))  # every insert and the updates of ids 1-20 are gone
+        lv = Live(tmp_path, table, topic, kafka_bootstrap)  # a fresh data dir: a backfill by replay
+        lv.wait_caught_up()
+        assert sorted(lv.contents()) == list(range(21, 51))
+        assert "starts at offset 120: earlier events were deleted" in lv.log.read_text()
+
+        res = lv.reconcile(pg_url)
+        assert res.returncode == 0, res.stderr
+        report = json.loads(res.stdout)
+        assert (report["missing"], report["extra"], report["wrong"]) == (70, 0, 0)
+        assert [e["id"] for e in report["examples"]["missing"]] == list(range(1, 11))
+        assert sorted(lv.contents()) == list(range(21, 51))  # a dry run changes nothing
+
+        res = lv.reconcile(pg_url, "--patch", "--url", lv.url, "--token", TOKEN)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["patched"] == 70
+        assert lv.contents() == app.rows()
+    finally:
+        if lv is not None:
+            lv.stop()
+        app.close()

@@ -1,6 +1,6 @@
 """HTTP API throughput: ``count`` requests/s with concurrent aiohttp clients.
 
-    .venv/bin/python scripts/bench/http.py [--items 100000] [--clients 8]
+    .venv/bin/python scripts/bench/http_api.py [--items 100000] [--clients 8]
         [--seconds 5] [--inprocess]
 
 Builds a store of ``--items`` random items, serves it with

@@ -426,27 +426,14 @@ async def read_topic_rows(consumer: Any, topic: str, tps: list[Any]) -> tuple[di
     """The rows the topic holds now (latest image per id, deletes applied) and its record count."""
     from schemas import BadRecord, EventDecoder
 
+    from .topic_read import read_to_end
+
     decoder = EventDecoder(topic_tables={topic: TABLE}, known_tables={TABLE})
     rows: dict[Any, dict[str, Any]] = {}
-    consumer.assign(tps)
-    await consumer.seek_to_beginning(*tps)
-    ends = await consumer.end_offsets(tps)
-    pending = {tp for tp in tps if ends[tp] > 0}
     records = 0
-    deadline = time.monotonic() + 120
-    while pending:
-        for tp in list(pending):
-            if await consumer.position(tp) >= ends[tp]:
-                pending.discard(tp)
-        if not pending:
-            break
-        if time.monotonic() > deadline:
-            raise DemoError(f"reading the existing records of {topic!r} timed out")
-        batch = await consumer.getmany(*pending, timeout_ms=500, max_records=20000)
-        for tp, msgs in batch.items():
+    try:
+        async for _tp, msgs in read_to_end(consumer, tps, 120.0, max_records=20000):
             for m in msgs:
-                if m.offset >= ends[tp]:
-                    continue
                 records += 1
                 try:
                     ev = decoder.decode(m.key, m.value, topic)
@@ -458,6 +445,8 @@ async def read_topic_rows(consumer: Any, topic: str, tps: list[Any]) -> tuple[di
                     rows.pop(ev.id, None)
                 elif ev.kind == "truncate":
                     rows.clear()
+    except TimeoutError:
+        raise DemoError(f"reading the existing records of {topic!r} timed out") from None
     return rows, records
 
 

@@ -339,9 +339,10 @@ def _topic_rows(
     bootstrap: str, topic: str, table: str, decoder: Any, timeout: float, asyncio: Any, bad: Any
 ) -> Keyed:
     import sqlite3
-    import time
 
     import msgspec
+
+    from .topic_read import read_to_end
 
     tmpdir = tempfile.mkdtemp(prefix="tally-reconcile-topic-")
     db = sqlite3.connect(os.path.join(tmpdir, "latest.sqlite"))
@@ -372,30 +373,12 @@ def _topic_rows(
         try:
             parts = await _partitions(bootstrap, topic, timeout)
             if not parts:
-                await consumer.stop()
                 raise SourceError(f"topic {topic!r} does not exist on {bootstrap}")
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            pending = {tp for tp in tps if ends[tp] > 0}
-            deadline = time.monotonic() + timeout
-            while pending:
-                for tp in list(pending):
-                    if await consumer.position(tp) >= ends[tp]:
-                        pending.discard(tp)
-                if not pending:
-                    break
-                if time.monotonic() > deadline:
-                    raise SourceError(
-                        f"reading topic {topic!r} to its end took more than {timeout:.0f}s"
-                    )
-                got = await consumer.getmany(*pending, timeout_ms=1000)
-                ups: list[tuple[bytes, bytes | None]] = []
-                for tp, msgs in got.items():
+            ups: list[tuple[bytes, bytes | None]] = []
+            try:
+                async for _tp, msgs in read_to_end(consumer, tps, timeout):
                     for m in msgs:
-                        if m.offset >= ends[tp]:
-                            continue
                         try:
                             ev = decoder.decode(m.key, m.value, topic)
                         except bad:
@@ -410,7 +393,10 @@ def _topic_rows(
                             ups.append((encode_key(ev.id), enc.encode(ev.row)))
                         elif ev.kind == "delete":
                             ups.append((encode_key(ev.id), None))
-                _write(ups)
+                    _write(ups)
+                    ups = []
+            except TimeoutError:
+                raise SourceError(f"reading topic {topic!r} to its end took more than {timeout:.0f}s") from None
         finally:
             await consumer.stop()
 

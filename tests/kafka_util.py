@@ -22,6 +22,8 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from consumers.topic_read import read_to_end
+
 TOPIC_ALREADY_EXISTS = 36
 KAFKA_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "kafka"
 
@@ -142,30 +144,8 @@ async def aread_all(bootstrap: str, topic: str, timeout: float = 30.0) -> list[R
     await consumer.start()
     out: list[ReadRecord] = []
     try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        pending = {tp for tp in tps if ends[tp] > 0}
-        deadline = time.monotonic() + timeout
-        while pending:
-            # Position, not the last offset seen: compaction/transactions leave gaps.
-            for tp in list(pending):
-                if await consumer.position(tp) >= ends[tp]:
-                    pending.discard(tp)
-            if not pending:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                got = {tp.partition: await consumer.position(tp) for tp in tps}
-                raise TimeoutError(
-                    f"read_all({topic!r}) timed out after {timeout}s: positions {got}, "
-                    f"end offsets { {tp.partition: o for tp, o in ends.items()} }"
-                )
-            batch = await consumer.getmany(*pending, timeout_ms=int(min(left, 1.0) * 1000))
-            for tp, msgs in batch.items():
-                for m in msgs:
-                    if m.offset < ends[tp]:
-                        out.append((tp.partition, m.offset, m.key, m.value, list(m.headers or ())))
+        async for tp, msgs in read_to_end(consumer, tps, timeout):
+            out.extend((tp.partition, m.offset, m.key, m.value, list(m.headers or ())) for m in msgs)
     finally:
         await consumer.stop()
     out.sort(key=lambda r: (r[0], r[1]))

@@ -115,10 +115,6 @@ class Applier:
             if d.has_filter:
                 self.filtered.add(agg)
 
-    @property
-    def tables(self) -> set[str]:
-        return set(self.by_table)
-
     def plan(self, events: Sequence[ChangeEvent]) -> tuple[list[Op], list[tuple[int, BadRecord]]]:
         """Ops for ``events`` in order, and (index, reason) of the events that cannot apply."""
         ops: list[Op] = []
@@ -131,6 +127,7 @@ class Applier:
             kind = ev.kind
             evop = ev.op
             if kind == "upsert":
+                d = None
                 try:
                     eid = encode_key(ev.id)
                     planned: list[Op] = []
@@ -143,10 +140,10 @@ class Applier:
                         else:
                             planned.append((UPSERT, agg, prepare(it[1], eid, it[2], it[0]), evop))
                 except TallyError as e:
-                    bad.append((i, BadRecord("apply", f"{_where(ev)}: {e}")))
+                    bad.append((i, BadRecord("apply", f"{_where(ev, d)}: {e}")))
                     continue
                 except Exception as e:  # user code in sort_key/filter/... raised
-                    bad.append((i, BadRecord("apply", f"{_where(ev)}: {type(e).__name__}: {e}")))
+                    bad.append((i, BadRecord("apply", f"{_where(ev, d)}: {type(e).__name__}: {e}")))
                     continue
                 ops.extend(planned)
             elif kind == "delete":
@@ -181,16 +178,20 @@ class Applier:
         checks = pending.checks
         if checks is None:
             for kind, agg, arg, _ in ops:
-                if kind == UPSERT:
-                    pending.upserts += 1
-                    changes.setdefault(agg, {})[arg.id] = arg
-                elif kind == DELETE:
-                    pending.deletes += 1
-                    changes.setdefault(agg, {})[arg] = None
-                else:
+                if kind == CLEAR:
                     pending.clears += 1
                     changes.pop(agg, None)
                     pending.cleared.add(agg)
+                    continue
+                per = changes.get(agg)
+                if per is None:
+                    per = changes[agg] = {}
+                if kind == UPSERT:
+                    pending.upserts += 1
+                    per[arg.id] = arg
+                else:
+                    pending.deletes += 1
+                    per[arg] = None
             return
         for kind, agg, arg, evop in ops:
             if kind == CLEAR:
@@ -280,6 +281,7 @@ class Applier:
         return result, bad
 
 
-def _where(ev: ChangeEvent) -> str:
-    return f"table {ev.table!r} id {ev.id!r}"
+def _where(ev: ChangeEvent, definition: TableAggregate | None = None) -> str:
+    where = f"table {ev.table!r} id {ev.id!r}"
+    return where if definition is None else f"{where}, aggregate {definition.name!r}"
 

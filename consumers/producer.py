@@ -539,7 +539,7 @@ class ChangeProducer:
         position: str | int | None = None,
         ts_ms: int | None = None,
     ) -> asyncio.Future[RecordMetadata]:
-        """Enqueue an update: `row` is the full new row image (consumers treat it like an insert)."""
+        """Enqueue an update: `row` is the full new row image (the trigger treats it like an insert; the op only feeds drift signals)."""
         return await self._row_event(topic, "update", table, row, id, id_field, position, ts_ms)
 
     async def delete(

@@ -835,3 +835,41 @@ def test_rebuild_over_http_needs_the_token_and_switches_generation(
     with reader(data) as store:
         assert store.generation("leaderboard").active == "leaderboard#2"
         assert store.aggregate("leaderboard#1").count() == 0
+
+
+# ---------------------------------------------------------------- 8. dead letters of a replay
+
+
+def test_replay_dead_letters_rows_its_new_definition_cannot_apply(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Live never planned a new aggregate, so the replay must report the rows it cannot apply."""
+    from consumer_util import dlq_records
+
+    from schemas import BadRecord, EventDecoder
+
+    topic, data, _ = deployment(kafka_bootstrap, tmp_path, "backfill-dlq", "A", events=3000, n_ids=300)
+    assert dlq_records(kafka_bootstrap, topic) == []  # A applies every row
+    path = tmp_path / "v2.py"
+    path.write_text(
+        "from engine import TableAggregate\n\n" + _AGGS["A"]
+        + 'C = TableAggregate("C", table="players", sort_key=lambda r: 1 // (r["level"] - 3))\n'
+    )
+    run_consume(str(path), topic, data, kafka_bootstrap)
+    dec = EventDecoder(topic_tables={topic: TABLE})
+    failing = set()
+    for p, off, key, value, _h in read_all(kafka_bootstrap, topic):
+        try:
+            ev = dec.decode(key, value, topic)
+        except BadRecord:
+            continue
+        if ev.kind == "upsert" and ev.row is not None and ev.row["level"] == 3:
+            failing.add((p, off))
+    assert len(failing) > 50
+    dead = dlq_records(kafka_bootstrap, topic)
+    got = {
+        (int(h["tally.source.partition"]), int(h["tally.source.offset"]))
+        for h in ({k: v.decode() for k, v in r[4]} for r in dead)
+    }
+    assert got == failing and len(dead) == len(failing)
+    for r in dead:
+        error = dict(r[4])["tally.error"].decode()
+        assert "aggregate 'C'" in error and "ZeroDivisionError" in error, error

@@ -287,19 +287,16 @@ def _live_patch(
     token = args.token or os.environ.get("TALLY_TOKEN")
     client = TallyClient(url, timeout=60.0, token=token)
     name = args.aggregate
-    served = {a["name"]: a for a in client.status()["aggregates"]}
-    if name not in served:
-        raise TallyError(f"the consumer at {url} serves no aggregate {name!r} (it serves: {', '.join(served)})")
-    theirs = served[name].get("fingerprint")
-    if theirs is not None and theirs != definition.fingerprint:
-        raise TallyError(
-            f"the consumer at {url} runs another definition of {name!r} (fingerprint {theirs} vs "
-            f"{definition.fingerprint} in {args.definitions or os.environ.get('TALLY_DEFINITIONS')}): "
-            "reconcile with the definitions file the consumer runs"
-        )
     patcher = RemotePatcher(client, name, batch_size=min(args.batch_size, 5_000))
     session = patcher.begin()  # before the source is read: see consumers.live_patch
     try:
+        if session["fingerprint"] != definition.fingerprint:
+            raise TallyError(
+                f"the consumer at {url} runs another definition of {name!r} (fingerprint "
+                f"{session['fingerprint']} vs {definition.fingerprint} in "
+                f"{args.definitions or os.environ.get('TALLY_DEFINITIONS')}): "
+                "reconcile with the definitions file the consumer runs"
+            )
         store = _open_store(data_dir, False)
         try:
             agg = store.aggregate(name)

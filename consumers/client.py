@@ -154,8 +154,17 @@ class TallyClient:
         details = {k: v for k, v in err.items() if k not in ("code", "message")}
         return ClientError(f"{message} (HTTP {status} {code})", status, code, details)
 
-    def _json(self, method: str, path: str, body: Any = None, ok: Iterable[int] = ()) -> Any:
-        status, raw = self._request(method, path, body, ok)
+    def _json(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        ok: Iterable[int] = (),
+        *,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        status, raw = self._request(method, path, body, ok, raw=raw, content_type=content_type)
         try:
             return _decoder.decode(raw)
         except msgspec.DecodeError:
@@ -277,10 +286,10 @@ class TallyClient:
 
     def patch_chunk(self, aggregate: str, session: str, body: bytes) -> dict[str, Any]:
         """Send one msgpack chunk (`consumers.live_patch.encode_changes`); its counts."""
-        _, raw = self._request(
+        doc = self._json(
             "POST", self._session_path(aggregate, session), raw=body, content_type="application/msgpack"
         )
-        result: dict[str, Any] = _decoder.decode(raw)["result"]
+        result: dict[str, Any] = doc["result"]
         return result
 
     def patch_end(self, aggregate: str, session: str) -> dict[str, Any]:

@@ -82,8 +82,9 @@ from schemas import ConfigError
 from schemas.config import ConsumerSettings
 
 from .apply import DRIFT_KINDS
+from .live_patch import PatchError
 from .logs import get_logger
-from .openapi import OP_DOCS, RouteDoc, build_openapi, openapi_path
+from .openapi import OP_DOCS, RouteDoc, build_openapi
 from .runner import LATENCY_BUCKETS
 
 __all__ = [
@@ -598,16 +599,18 @@ class ProtectedRoute:
     description: str = ""
     request_schema: dict[str, Any] | None = None
     response_schema: dict[str, Any] | None = None
+    status: int = 200
+    """The success status the handler answers."""
 
     def doc(self) -> RouteDoc:
         return RouteDoc(
             self.method,
-            openapi_path(self.path),
+            self.path,
             self.summary,
             self.description,
             self.request_schema,
             self.response_schema or {"type": "object"},
-            protected=True,
+            status=self.status,
         )
 
 
@@ -623,6 +626,7 @@ def protected_route(
     description: str = "",
     request_schema: dict[str, Any] | None = None,
     response_schema: dict[str, Any] | None = None,
+    status: int = 200,
 ) -> Callable[[Handler], Handler]:
     """Declare a state-changing route (e.g. rebuild, reconcile, clear).
 
@@ -632,7 +636,9 @@ def protected_route(
 
     def register(handler: Handler) -> Handler:
         PROTECTED_ROUTES.append(
-            ProtectedRoute(method.upper(), path, handler, summary, description, request_schema, response_schema)
+            ProtectedRoute(
+                method.upper(), path, handler, summary, description, request_schema, response_schema, status
+            )
         )
         return handler
 
@@ -728,6 +734,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return e.response()
     except web.HTTPException as e:
         return _from_http_exception(request, e)
+    except PatchError as e:
+        return ApiError(e.status, e.code, str(e), **e.details).response()
     except AggregateNotReady as e:
         return ApiError(
             503,
@@ -880,17 +888,16 @@ async def start_http(process: Served, address: str, token: str | None) -> web.Ap
     summary="Clear and rebuild an aggregate by replaying its topics",
     description=(
         "Starts a new generation built by replay from the topics' beginning offsets. The current "
-        "generation keeps serving (state `stale`) until the new one has caught up; then the switch "
-        "is atomic. Answers 202 at once; follow progress in /status."
+        "generation keeps serving (state `stale`; with `--stale drop` it stops at once) until the new "
+        "one has caught up; then the switch is atomic. Answers 202 at once; follow progress in /status."
     ),
+    status=202,
     response_schema={"type": "object", "properties": {"result": {"type": "object"}}},
 )
 async def rebuild(request: web.Request) -> web.StreamResponse:
     process = request.app[PROCESS]
     name = request.match_info["name"]
-    known = sorted(d.name for d in process.definitions)
-    if name not in known:
-        raise ApiError(404, "unknown_aggregate", f"no aggregate named {name!r}; known: {', '.join(known)}")
+    _check_aggregate(request, name)
     request_rebuild = getattr(process, "request_rebuild", None)
     if request_rebuild is None:
         raise ApiError(501, "not_supported", "this process cannot rebuild aggregates")
@@ -903,14 +910,6 @@ def _patch_sessions(request: web.Request) -> Any:
     if sessions is None:
         raise ApiError(501, "not_supported", "this process cannot patch aggregates")
     return sessions
-
-
-def _patch_error(e: Exception) -> ApiError:
-    from .live_patch import PatchError
-
-    if isinstance(e, PatchError):
-        return ApiError(e.status, e.code, str(e), **e.details)
-    raise e
 
 
 _SESSION_SCHEMA: dict[str, Any] = {
@@ -939,13 +938,10 @@ _SESSION_SCHEMA: dict[str, Any] = {
         "Used by `tally reconcile --patch --url`; see consumers/live_patch.py for the rule."
     ),
     response_schema=_SESSION_SCHEMA,
+    status=201,
 )
 async def patch_begin(request: web.Request) -> web.StreamResponse:
-    sessions = _patch_sessions(request)
-    try:
-        s = await sessions.begin(request.match_info["name"])
-    except Exception as e:
-        raise _patch_error(e) from None
+    s = await _patch_sessions(request).begin(request.match_info["name"])
     return _json(
         {
             "result": {
@@ -996,10 +992,7 @@ async def patch_chunk(request: web.Request) -> web.StreamResponse:
             f"a patch chunk is application/msgpack (got {ctype!r}); `tally reconcile --patch --url` sends them",
         )
     changes = decode_changes(await request.read())
-    try:
-        result = await sessions.apply(request.match_info["name"], request.match_info["session"], changes)
-    except Exception as e:
-        raise _patch_error(e) from None
+    result = await sessions.apply(request.match_info["name"], request.match_info["session"], changes)
     return _json({"result": result})
 
 
@@ -1010,9 +1003,5 @@ async def patch_chunk(request: web.Request) -> web.StreamResponse:
     response_schema={"type": "object", "properties": {"result": {"type": "object"}}},
 )
 async def patch_end(request: web.Request) -> web.StreamResponse:
-    sessions = _patch_sessions(request)
-    try:
-        totals = sessions.end(request.match_info["name"], request.match_info["session"])
-    except Exception as e:
-        raise _patch_error(e) from None
+    totals = _patch_sessions(request).end(request.match_info["name"], request.match_info["session"])
     return _json({"result": totals})

@@ -40,8 +40,8 @@ an idle session expires after `SESSION_TTL` seconds.
 Wire format of a chunk: ``application/msgpack``, ``{"changes": [[eid, key,
 namespace, sum] | [eid], ...]}`` — encoded id, key and namespace bytes as
 produced by `engine.encode_key` (the client computes them with the same
-definition; the session checks the definition's fingerprint), ``[eid]`` alone
-meaning "absent".
+definition: it refuses to send when its definition's fingerprint differs from
+the one the session reports), ``[eid]`` alone meaning "absent".
 """
 
 from __future__ import annotations
@@ -105,7 +105,6 @@ class PatchSession:
     physical: str
     fingerprint: str
     wait_for: dict[TopicPartition, int]
-    started: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     touched: set[bytes] = field(default_factory=set)
     truncated: bool = False

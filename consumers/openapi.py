@@ -54,7 +54,8 @@ class RouteDoc:
     description: str = ""
     request_schema: Schema | None = None
     response_schema: Schema = field(default_factory=lambda: {"type": "object"})
-    protected: bool = True
+    status: int = 200
+    """The success status."""
 
 
 _ITEM_OR_NULL: Schema = {"oneOf": [_ref("Item"), {"type": "null"}]}
@@ -192,7 +193,10 @@ _COMPONENT_SCHEMAS: dict[str, Schema] = {
                             "Machine-readable: not_found, unknown_aggregate, unknown_op, "
                             "method_not_allowed, bad_json, bad_request, unknown_field, missing_field, "
                             "invalid_argument, invalid_key, offset_out_of_range, payload_too_large, "
-                            "unauthorized, not_ready, internal."
+                            "unauthorized, not_ready, internal; on the token routes also not_supported, "
+                            "unsupported_media_type and the patch-session codes not_live, rebuilding, "
+                            "too_many_sessions, broker_unreachable, unknown_session, catching_up, truncated, "
+                            "generation_switched, busy."
                         ),
                     },
                     "message": {"type": "string", "description": "What was wrong and what to do."},
@@ -469,7 +473,6 @@ def build_openapi(
             "responses": {"200": _ok("OpenAPI 3.1 document", {"type": "object"})},
         }
     }
-    protected = False
     for r in routes:
         operation: Schema = {
             "operationId": f"{r.method.lower()}_{r.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
@@ -477,17 +480,15 @@ def build_openapi(
             "description": r.description,
             "tags": ["maintenance"],
             "responses": {
-                "200": _ok(r.summary, r.response_schema),
+                str(r.status): _ok(r.summary, r.response_schema),
                 "400": _error("Bad arguments."),
                 "500": _error("Unexpected server error (logged by the consumer)."),
             },
         }
         if r.request_schema is not None:
             operation["requestBody"] = {"required": True, "content": {JSON: {"schema": r.request_schema}}}
-        if r.protected:
-            protected = True
-            operation["security"] = [{"bearer": []}]
-            operation["responses"]["401"] = _error("Missing or wrong `Authorization: Bearer <token>`.")
+        operation["security"] = [{"bearer": []}]
+        operation["responses"]["401"] = _error("Missing or wrong `Authorization: Bearer <token>`.")
         path = openapi_path(r.path)
         params = [
             {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
@@ -527,7 +528,7 @@ def build_openapi(
         "paths": paths,
         "components": {"schemas": schemas},
     }
-    if protected:
+    if routes:
         doc["components"]["securitySchemes"] = {
             "bearer": {
                 "type": "http",

@@ -29,7 +29,11 @@ def kafka_port() -> int:
 def kafka_bootstrap(kafka_port: int) -> Iterator[str]:
     """Bootstrap address ("127.0.0.1:PORT") of a running broker, started if needed."""
     port = str(kafka_port)
-    res = kafka_script("start", "--port", port)
+    try:
+        res = kafka_script("start", "--port", port)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"scripts/kafka start --port {port} took over {e.timeout:.0f}s (fetching Kafka from "
+                    "Maven Central on first use?); run it once by hand to see where it stops", pytrace=False)
     if res.returncode != 0:
         pytest.fail(
             f"scripts/kafka start --port {port} failed (exit {res.returncode}):\n"
@@ -50,6 +54,13 @@ def kafka_bootstrap(kafka_port: int) -> Iterator[str]:
 # Port: $TALLY_TEST_PG_PORT (default 25432).
 
 
+def unavailable(reason: str) -> None:
+    """Skip on a developer machine without Postgres; fail under CI, where skipping would hide tests."""
+    if os.environ.get("CI"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A running server's URL; stopped at the end only if started here (like the Kafka fixture)."""
@@ -58,11 +69,11 @@ def pg_url() -> Iterator[str]:
     try:
         res = subprocess.run([*script, "start", "--port", port], capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
-        pytest.skip("scripts/postgres start timed out (apt-get or initdb too slow?)")
+        unavailable("scripts/postgres start timed out (apt-get or initdb too slow?)")
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip()
         if "apt-get" in msg or "not installed" in msg:
-            pytest.skip(f"PostgreSQL unavailable (cannot install it here): {msg}")
+            unavailable(f"PostgreSQL unavailable (cannot install it here): {msg}")
         pytest.fail(f"scripts/postgres start failed (exit {res.returncode}): {msg}", pytrace=False)
     started_here = "reusing" not in res.stdout
     yield f"postgresql://postgres@127.0.0.1:{port}/tally"

@@ -108,7 +108,11 @@ def test_off_by_default(store: Store) -> None:
 
 def test_two_aggregates_count_separately(store: Store) -> None:
     a = Applier(store, [PLAIN, FILTERED], drift=True)
+    # only the unfiltered one counts an update of an unknown id
     assert drift_of(a, [up(1, -3, "u")]) == {("plain", "update_unknown"): 1}
+    # both hold id 2: an insert with other values counts once for each
+    assert drift_of(a, [up(2, 4, "c")]) == {}
+    assert drift_of(a, [up(2, 5, "c")]) == {("plain", "create_existing"): 1, ("positive", "create_existing"): 1}
 
 
 # ---- property: any sequence, any batching, against a sequential oracle -------------------------

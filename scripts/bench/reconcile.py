@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -37,13 +36,23 @@ def definition():
     )
 
 
+def _status_mib(field: str) -> float:
+    """VmRSS / VmHWM of this process. Not ru_maxrss: a child started by subprocess inherits
+    the parent's peak there (the parent has just built the whole aggregate)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def child(url: str, data: str, apply: bool) -> None:
     from consumers.reconcile_sources import postgres_source
     from engine import Store
     from engine.reconcile import reconcile
 
     store = Store.open(data, read_only=not apply)
-    rss_open = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_open = _status_mib("VmRSS")
     t0 = time.perf_counter()
     rep = reconcile(
         store.aggregate("scores"), definition(), postgres_source(url, TABLE, ["id"]), apply=apply
@@ -62,7 +71,7 @@ def child(url: str, data: str, apply: bool) -> None:
                 "seconds": round(dt, 2),
                 "rows_per_s": round(rep.rows_scanned / dt),
                 "rss_after_open_mib": round(rss_open, 1),
-                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "peak_rss_mib": round(_status_mib("VmHWM"), 1),
             }
         )
     )

@@ -42,7 +42,6 @@ import contextlib
 import csv
 import io
 import logging
-import math
 import os
 import re
 import sys
@@ -68,6 +67,8 @@ from consumers.producer import (
 )
 from schemas.events import NativeEvent, NativeOp
 
+from .csv_cells import infer_value
+
 __all__ = ["infer_value", "main", "register", "run"]
 
 PROG: Final = "tally produce"
@@ -82,7 +83,6 @@ _QUEUE_CHUNKS: Final = 8  # chunks parsed ahead of the publisher (back-pressure 
 _IDLE_SUBMIT_S: Final = 0.05  # source quiet this long: send the partly filled batches
 _PROGRESS_INTERVAL_S: Final = 0.1
 _TOPIC_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,249}\Z")
-_NUMBER_RE: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?\Z")
 _JSON_EXTENSIONS: Final = (".jsonl", ".ndjson", ".json")
 _CSV_EXTENSIONS: Final = (".csv",)
 
@@ -376,21 +376,6 @@ class _Lines:
             self.number += 1
             self.pos += len(tail)
             yield tail
-
-
-def infer_value(text: str) -> Any:
-    """The CSV inference rule: JSON numbers become int/float, ``""`` becomes None, else the string."""
-    if not text:
-        return None
-    if text[0] in "-0123456789":
-        m = _NUMBER_RE.match(text)
-        if m is not None:
-            if m.group(1) is None and m.group(2) is None:
-                return int(text)
-            value = float(text)
-            if math.isfinite(value):
-                return value
-    return text
 
 
 class _RecordParser:

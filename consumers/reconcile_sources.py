@@ -10,8 +10,9 @@
   trusted. The merge in `engine.reconcile.diff` also checks the order and
   stops with `SourceOrderError` if it is ever violated.
 * `snapshot_source` — a JSON Lines (one object per line) or CSV file (header
-  row; a cell that parses as a JSON number / true / false / null is that
-  value, anything else is the string). Files need not be sorted: they are
+  row; cells read by `consumers.csv_cells.infer_value`, the rule `tally
+  produce` uses: a JSON number is that number, an empty cell None, anything
+  else the string). Files need not be sorted: they are
   sorted by encoded id with an external merge sort (sorted runs of
   ``run_rows`` rows spilled to temporary files), so memory stays bounded.
 * `topic_source` — a compacted change topic read to its end offsets, the
@@ -36,6 +37,8 @@ from typing import Any
 from engine import TallyError, decode_key, encode_key
 from engine.keys import key_repr
 from schemas import DecodeFormat
+
+from .csv_cells import infer_value
 
 __all__ = ["SourceError", "postgres_row_estimate", "postgres_source", "snapshot_source", "topic_source"]
 
@@ -171,20 +174,6 @@ def _pg_rows(
 # ------------------------------------------------------------------ snapshot files
 
 
-def _cell(s: str) -> Any:
-    if s == "":
-        return None
-    c = s[0]
-    if c in "-0123456789tfn":
-        try:
-            v = json.loads(s)
-        except ValueError:
-            return s
-        if v is None or isinstance(v, (int, float, bool)):
-            return v
-    return s
-
-
 def _file_rows(path: str, fmt: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
     try:
         f = open(path, newline="" if fmt == "csv" else None, encoding="utf-8")  # noqa: SIM115 (closed below)
@@ -202,7 +191,7 @@ def _file_rows(path: str, fmt: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
                     raise SourceError(f"{path}:{reader.line_num}: more cells than header columns")
                 yield (
                     reader.line_num,
-                    {k: _cell(v) if v is not None else None for k, v in row.items()},
+                    {k: infer_value(v) if v is not None else None for k, v in row.items()},
                 )
         else:
             for n, line in enumerate(f, 1):

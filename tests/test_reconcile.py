@@ -414,3 +414,16 @@ def test_cli_compacted_topic_source(
         kafka_bootstrap,
     )
     assert code == 2 and "does not exist" in err and err.count("\n") == 1, err
+
+
+def test_csv_snapshot_cells_follow_tally_produce_rule(tmp_path: Path) -> None:
+    """A CSV file produced with `tally produce` and reconciled against must read the same both ways."""
+    from consumers import cli_produce
+    from consumers.reconcile_sources import snapshot_source
+
+    path = tmp_path / "snap.csv"
+    path.write_text("id,a,b,c,d,e\n1,true,,1e400,7,2.5\n")
+    ((_, row),) = list(snapshot_source(str(path), ["id"]))
+    assert row == {"id": 1, "a": "true", "b": None, "c": "1e400", "d": 7, "e": 2.5}
+    cells = {"id": "1", "a": "true", "b": "", "c": "1e400", "d": "7", "e": "2.5"}
+    assert row == {k: cli_produce.infer_value(v) for k, v in cells.items()}

@@ -43,7 +43,7 @@ from typing import Any
 
 import msgspec
 
-from engine import Store, TallyError
+from engine import Store, StoreLocked, TallyError
 
 __all__ = ["register", "run_reconcile"]
 
@@ -174,24 +174,11 @@ def _open_store(data_dir: str, write: bool) -> Store:
         raise TallyError(f"no data dir at {data_dir!r}: pass --data-dir")
     try:
         return Store.open(data_dir, read_only=not write)
-    except TallyError as e:
-        if write and "another process" in str(e):
-            raise TallyError(
-                f"data dir {data_dir!r} is locked: a consumer is running on it; patch through it with "
-                "--url http://HOST:PORT --token TOKEN (its HTTP API), or stop it first (a dry run is read-only "
-                "and works either way)"
-            ) from None
-        raise
-    except Exception as e:
-        msg = str(e)
-        if write and ("lock" in msg.lower() or "Resource temporarily unavailable" in msg):
-            raise TallyError(
-                f"data dir {data_dir!r} is locked: a consumer is running on it; patch through it with "
-                "--url http://HOST:PORT --token TOKEN (its HTTP API), or stop it first (a dry run is read-only "
-                "and works either way)"
-            ) from None
+    except StoreLocked:
         raise TallyError(
-            f"cannot open data dir {data_dir!r}: {msg.splitlines()[0] if msg else type(e).__name__}"
+            f"data dir {data_dir!r} is locked: a consumer is running on it; patch through it with "
+            "--url http://HOST:PORT --token TOKEN (its HTTP API), or stop it first (a dry run is read-only "
+            "and works either way)"
         ) from None
 
 

@@ -16,6 +16,7 @@ from .errors import (
     OffsetOutOfRange,
     ReadOnlyStore,
     StoreCorrupted,
+    StoreLocked,
     TallyError,
 )
 from .keys import decode_key, encode_key
@@ -49,6 +50,7 @@ __all__ = [
     "RowItem",
     "Store",
     "StoreCorrupted",
+    "StoreLocked",
     "TableAggregate",
     "TallyError",
     "Tree",

@@ -16,6 +16,7 @@ __all__ = [
     "OffsetOutOfRange",
     "ReadOnlyStore",
     "StoreCorrupted",
+    "StoreLocked",
     "TallyError",
 ]
 
@@ -48,6 +49,10 @@ class OffsetOutOfRange(TallyError, IndexError):
 
 class ReadOnlyStore(TallyError):
     """A write was attempted on a store opened with read_only=True."""
+
+
+class StoreLocked(TallyError):
+    """Another process holds the store open for writing (RocksDB's lock)."""
 
 
 class StoreCorrupted(TallyError):

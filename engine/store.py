@@ -46,7 +46,7 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 
 from .btree import NID_BITS, Node, Tree, TreeMeta
 from .catalog import GEN_SEP, Generation
-from .errors import InvalidArgument, ReadOnlyStore, StoreCorrupted, TallyError
+from .errors import InvalidArgument, ReadOnlyStore, StoreCorrupted, StoreLocked, TallyError
 
 if TYPE_CHECKING:
     from .aggregate import Aggregate
@@ -259,13 +259,12 @@ class Store:
             raise
         except Exception as e:
             msg = str(e)
-            hint = ""
             if "lock" in msg.lower():
-                hint = (
-                    " — another process is writing this store; open it with read_only=True "
-                    "(or `tally query --data-dir`), or stop the other writer"
-                )
-            raise TallyError(f"cannot open store at {self.path!r}: {msg}{hint}") from e
+                raise StoreLocked(
+                    f"cannot open store at {self.path!r}: {msg} — another process is writing this store; "
+                    "open it with read_only=True (or `tally query --data-dir`), or stop the other writer"
+                ) from e
+            raise TallyError(f"cannot open store at {self.path!r}: {msg}") from e
         self._nodes = self._db.get_column_family("nodes")
         self._ids = self._db.get_column_family("ids")
         self._log = self._db.get_column_family("log")

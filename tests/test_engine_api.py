@@ -987,3 +987,14 @@ def test_keys_with_long_common_prefixes(store: Any) -> None:
         agg.delete(i)
     agg.validate()
     assert [it.id for it in agg.iter()] == [i for i in order if i % 3]
+
+
+def test_a_second_writer_gets_store_locked(tmp_path: Path) -> None:
+    from engine import StoreLocked
+
+    with Store.open(tmp_path / "s") as first:
+        first.aggregate("a").insert(1, 1)
+        with pytest.raises(StoreLocked, match="another process is writing this store"):
+            Store.open(tmp_path / "s")
+        with Store.open(tmp_path / "s", read_only=True) as reader:  # readers are never locked out
+            assert reader.aggregate("a").count() == 1

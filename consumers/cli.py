@@ -119,8 +119,6 @@ def _run_consume(args: argparse.Namespace) -> int:
         settings = msgspec.structs.replace(settings, http=None)
     if not settings.definitions:
         raise TallyError("no definitions given: pass a Python file, e.g. `tally consume examples/leaderboard.py`")
-    if settings.batch_size < 1:
-        raise TallyError(f"--batch-size must be at least 1, got {settings.batch_size}")
     configure_logging(settings.log_level, settings.log_format)
     defs = load_definitions(settings.definitions)
     store = Store.open(settings.data_dir, cache_nodes=settings.cache_nodes, max_node_size=settings.max_node_size)

@@ -1,20 +1,23 @@
 """Consumer settings: one Struct, filled from defaults < TOML file < environment < CLI flags.
 
 Every field has a TOML key of the same name (in a ``[consume]`` table or at
-top level), an environment variable ``TALLY_<FIELD>`` (upper case), and a
-``--field-name`` flag on `tally consume`. `topics` maps table → topic; in the
+top level) and an environment variable ``TALLY_<FIELD>`` (upper case); most
+have a ``--field-name`` flag on `tally consume` too. `topics` maps table → topic; in the
 environment it is ``TALLY_TOPICS="scores=pg.public.scores,users=users"``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 __all__ = ["DEFAULT_HTTP", "ConsumerSettings"]
 
 DEFAULT_HTTP = "127.0.0.1:8750"
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -31,21 +34,21 @@ class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     """Dead-letter topic; ``{topic}`` is replaced by the source topic."""
     group_id: str = "tally"
     """Consumer group under which offsets are committed to Kafka, for lag monitoring only."""
-    batch_size: int = 5000
+    batch_size: Positive = 5000
     """Max records per getmany batch = per RocksDB commit. Bigger: faster, longer commits."""
-    replay_batch_size: int = 50_000
+    replay_batch_size: Positive = 50_000
     """Max records per replay batch/commit. Replays apply big batches as bulk tree rebuilds."""
-    replay_chunk: int = 500_000
+    replay_chunk: Positive = 500_000
     """Events a replay gathers (last state per id) before one commit and bulk tree build.
     Bigger: fewer rebuilds and faster replays; a crash redoes at most this many events."""
-    poll_timeout_ms: int = 200
+    poll_timeout_ms: NonNegative = 200
     progress_interval: float = 10.0
     """Seconds between info-level progress lines."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     http: str | None = DEFAULT_HTTP
     """HOST:PORT of the HTTP API; None disables it."""
-    ready_max_lag: int = 1000
+    ready_max_lag: NonNegative = 1000
     """/readyz answers 200 while the total lag (events) is at most this."""
     token: str | None = None
     """Bearer token required by state-changing HTTP endpoints (none are served without one)."""

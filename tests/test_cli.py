@@ -545,3 +545,21 @@ def test_demo_short_verifies(kafka_bootstrap: str, tmp_path: Path) -> None:
 def test_demo_bad_usage() -> None:
     _one_line_error(tally("demo", "--events", "0"), 2, "--events")
     _one_line_error(tally("demo", "--no-http", "--http", "127.0.0.1:1"), 2, "not both")
+
+
+@pytest.mark.parametrize(
+    ("cli", "env", "field"),
+    [
+        ({"batch_size": 0}, {}, "batch_size"),
+        ({}, {"TALLY_REPLAY_CHUNK": "0"}, "replay_chunk"),
+        ({}, {"TALLY_REPLAY_BATCH_SIZE": "-5"}, "replay_batch_size"),
+        ({}, {"TALLY_POLL_TIMEOUT_MS": "-1"}, "poll_timeout_ms"),
+    ],
+)
+def test_settings_out_of_range_are_refused_from_any_layer(cli: dict[str, Any], env: dict[str, str], field: str) -> None:
+    from consumers.settings import load_settings
+    from schemas import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"invalid setting: .*\$\.{field}"):
+        load_settings(cli, None, env)
+    assert load_settings({}, None, {}).batch_size == 5000  # the defaults themselves are valid

@@ -157,6 +157,7 @@ class EventDecoder:
         "_id_fields",
         "_known",
         "_native_only",
+        "_qualified",
         "_topic_guess",
         "_topic_tables",
     )
@@ -185,6 +186,8 @@ class EventDecoder:
                 )
         self._known: frozenset[str] | None = None if known_tables is None else frozenset(known_tables)
         self._topic_guess: dict[str, str | None] = {}
+        # (table, schema, db) of a record → the schema- or db-qualified known table it names
+        self._qualified: dict[tuple[str, str | None, str | None], str] = {}
 
     @property
     def format(self) -> DecodeFormat:
@@ -443,9 +446,14 @@ class EventDecoder:
             if known is None or named in known:
                 return named
             if src is not None:
+                key = (named, src.schema, src.db)
+                hit = self._qualified.get(key)
+                if hit is not None:
+                    return hit
                 for qualifier in (src.schema, src.db):
                     if qualifier and f"{qualifier}.{named}" in known:
-                        return f"{qualifier}.{named}"
+                        self._qualified[key] = hit = f"{qualifier}.{named}"
+                        return hit
             raise self._unknown_table(named, topic)
         table = self._topic_table(topic)
         if table is None:

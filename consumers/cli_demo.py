@@ -51,6 +51,7 @@ from typing import Any, Final
 import msgspec
 
 from engine import AggregateNotReady, Store, TallyError
+from schemas import ConfigError
 from schemas.config import DEFAULT_HTTP, ConsumerSettings
 
 __all__ = ["Answers", "ScoreStream", "engine_answers", "oracle_answers", "register"]
@@ -483,10 +484,9 @@ class Progress:
 class View:
     """Turns answers into text: a rich Live panel on a terminal, plain lines otherwise."""
 
-    def __init__(self, stream: ScoreStream, topic: str, live: bool) -> None:
+    def __init__(self, stream: ScoreStream, topic: str) -> None:
         self.stream = stream
         self.topic = topic
-        self.live = live
 
     def who(self, rid: Any) -> str:
         row = self.stream.rows.get(rid)
@@ -645,7 +645,6 @@ class Options:
     seed: int | None
     interval: float
     live: bool
-    short: bool
 
 
 def _options(args: argparse.Namespace) -> Options:
@@ -685,7 +684,6 @@ def _options(args: argparse.Namespace) -> Options:
         seed=args.seed,
         interval=interval,
         live=live,
-        short=short,
     )
 
 
@@ -767,7 +765,7 @@ async def _demo(opts: Options) -> int:
         if task.done():
             _raise_task_error(task)
 
-        view = View(stream, opts.topic, opts.live)
+        view = View(stream, opts.topic)
         prog = Progress(target=opts.events)
 
         def lag_now() -> int | None:
@@ -909,7 +907,7 @@ async def _demo(opts: Options) -> int:
             "verified against an in-memory oracle: ✓ (every answer above, and every item of "
             "leaderboard, by_game and high_scores)"
         )
-        _print_next(data_dir, opts, final, stream)
+        _print_next(data_dir, opts, stream)
         if opts.serve:
             _say(
                 f"\nserving: the consumer keeps reading {opts.topic}"
@@ -957,11 +955,11 @@ def _raise_task_error(task: asyncio.Task[int]) -> None:
     if exc is None:
         raise DemoError(f"the consumer stopped early (exit {task.result()})")
     if isinstance(exc, TallyError):
-        raise DemoError(f"the consumer failed: {exc}", EXIT_USAGE if type(exc).__name__ == "ConfigError" else EXIT_FAIL)
+        raise DemoError(f"the consumer failed: {exc}", EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAIL)
     raise DemoError(f"the consumer failed: {type(exc).__name__}: {exc}")
 
 
-def _print_next(data_dir: str, opts: Options, a: Answers, stream: ScoreStream) -> None:
+def _print_next(data_dir: str, opts: Options, stream: ScoreStream) -> None:
     q = shlex.quote
     src = f"--data-dir {q(data_dir)}"
     tracked = stream.rows.get(stream.tracked_id())

@@ -54,11 +54,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add ``reconcile`` to the `tally` CLI."""
     p = subparsers.add_parser(
         "reconcile",
-        help="diff an aggregate against its source of truth (Postgres table or snapshot file); optionally patch",
+        help="diff an aggregate against its source of truth (Postgres table, compacted topic or snapshot file); optionally patch",
         description=(
             "Compare AGGREGATE with the rows of its source of truth in one streaming merge by id, "
             "and report missing, extra and wrong items. With --patch, fix them through the "
-            "consumer's write path (no consumer may be running on the data dir)."
+            "consumer's write path: offline (no consumer on the data dir), or inside the running "
+            "consumer with --url."
         ),
         epilog=(
             "examples:\n"
@@ -162,7 +163,7 @@ def _open_source(args: argparse.Namespace, definition: Any) -> Any:
         return topic_source(bootstrap, topic, args.table or definition.table, ids)
     if "://" in src:
         raise SourceError(
-            f"unsupported source {src!r}: use a postgresql:// URL or a .jsonl/.csv file"
+            f"unsupported source {src!r}: use a postgresql:// URL, kafka:TOPIC or a .jsonl/.csv file"
         )
     if args.table:
         raise SourceError("--table only applies to a postgresql:// or kafka: source")
@@ -209,9 +210,9 @@ def run_reconcile(args: argparse.Namespace) -> int:
             "newer live changes. Reconcile against the table (postgresql://...) or topic (kafka:...), or "
             "stop the consumer and --patch offline"
         )
-    source = _open_source(
-        args, definition
-    )  # connects now: an unreachable source fails before the store opens
+    # Postgres connects and snapshot files are checked here, before the store opens;
+    # a kafka: source connects when it is first read.
+    source = _open_source(args, definition)
     estimate = _estimate(args, definition)
     if live:
         report = _live_patch(args, definition, source, data_dir, url or "", estimate)

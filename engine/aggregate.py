@@ -254,7 +254,12 @@ class Aggregate:
         meta = store._tree_meta(tk)
         n = 0 if meta is None else Tree(store, meta).count()
         k = len(dels) + len(ins)
-        if meta is not None and k < rebuild_ratio * n:
+        m = store.max_node_size if meta is None else meta.max_node_size
+        if (meta is not None and k < rebuild_ratio * n) or n + k <= m:
+            # Incremental: few changes, or a namespace that fits one leaf (a new or tiny one).
+            # A rebuild is structural and forces a checkpoint; this only logs the changes.
+            if meta is None:
+                meta = store._new_tree(tk, m)
             tree = Tree(store, meta)
             for ek in sorted(dels):
                 tree.delete(ek)
@@ -265,9 +270,7 @@ class Aggregate:
             self._maybe_drop(tk, tree)
             return
         # Rebuild: merge the surviving old items with the new ones, build bottom-up.
-        m = store.max_node_size
         if meta is not None:
-            m = meta.max_node_size
             gone = set(dels)
             entries = [e for e in Tree(store, meta).items(None, None) if e[0] not in gone]
             store._drop_tree(tk)

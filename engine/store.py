@@ -562,7 +562,8 @@ class Store:
         """State carried across commits until the next checkpoint writes it."""
         self._dirty: dict[int, Node] = {}
         self._freed: set[int] = set()
-        self._node_range_dels: list[tuple[bytes, bytes]] = []
+        self._dropped_tids: set[int] = set()
+        """Trees dropped since the last checkpoint: their node ranges are deleted there."""
         self._trees_dirty: set[bytes] = set()
         self._logged = 0
 
@@ -586,7 +587,7 @@ class Store:
             self._dirty
             or self._freed
             or self._trees_dirty
-            or self._node_range_dels
+            or self._dropped_tids
             or self._changes
             or self._meta_over
             or self._id_over
@@ -637,10 +638,12 @@ class Store:
     def _write_checkpoint(self, wb: WriteBatch, seq: int) -> None:
         h_nodes, h_meta = self._h_nodes, self._h_meta
         enc = _enc.encode
-        for b, e in self._node_range_dels:
-            wb.delete_range(b, e, h_nodes)
+        dropped = self._dropped_tids
+        for tid in sorted(dropped):
+            wb.delete_range((tid << NID_BITS).to_bytes(13, "big"), ((tid + 1) << NID_BITS).to_bytes(13, "big"), h_nodes)
         for gid, node in self._dirty.items():
-            wb.put(gid.to_bytes(13, "big"), _encode_node(node), h_nodes)
+            if not dropped or gid >> NID_BITS not in dropped:  # a dropped tree's nodes stay deleted
+                wb.put(gid.to_bytes(13, "big"), _encode_node(node), h_nodes)
         for gid in self._freed:
             wb.delete(gid.to_bytes(13, "big"), h_nodes)
         for tk in self._trees_dirty:
@@ -741,11 +744,8 @@ class Store:
         meta = self._tree_meta(tk)
         if meta is None:
             return
-        tid = meta.tid
-        for gid in [g for g in self._dirty if g >> NID_BITS == tid]:
-            del self._dirty[gid]
-        self._freed = {g for g in self._freed if g >> NID_BITS != tid}
-        self._node_range_dels.append(((tid << NID_BITS).to_bytes(13, "big"), ((tid + 1) << NID_BITS).to_bytes(13, "big")))
+        # O(1): the checkpoint deletes the tree's node range and skips its dirty nodes
+        self._dropped_tids.add(meta.tid)
         self._epoch += 1
         self._trees[tk] = None
         self._trees_dirty.add(tk)

@@ -134,7 +134,7 @@ class Applier:
                     row = ev.row
                     assert row is not None
                     for d, agg in targets:
-                        it = d.item_tuple(row, ev.id)
+                        it = d.item_tuple(row)
                         if it is None:
                             planned.append((DELETE, agg, eid, evop))
                         else:

@@ -9,9 +9,9 @@ Separator invariant: every key of child ``i`` < ``keys[i]`` <= every key of
 child ``i + 1``.
 
 Nodes live in a `NodeStore` (the RocksDB-backed cache of `engine.store`); a
-tree only knows its root reference, its height and its max node size. Sums are
-recomputed from the children whenever a node changes (never ``+=``), so float
-sums cannot drift however many updates they see.
+tree only knows its root reference, its height and its max node size. Float
+sums are recomputed from the children whenever a node changes, so they cannot
+drift however many updates they see; int sums are adjusted by exact deltas.
 """
 
 from __future__ import annotations

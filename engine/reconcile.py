@@ -39,7 +39,7 @@ import msgspec
 from .aggregate import Prepared, prepare_encoded_id
 from .errors import InvalidArgument, TallyError
 from .keys import decode_key, encode_key, key_repr
-from .store import IdEntry, _id_dec
+from .store import IdEntry
 
 if TYPE_CHECKING:
     from .aggregate import Aggregate
@@ -126,42 +126,30 @@ def _side(ns: bytes, key: bytes, s: int | float) -> dict[str, Any]:
 
 
 def _index_scan(aggregate: Aggregate) -> Iterator[tuple[bytes, IdEntry]]:
-    """(encoded id, entry) of the aggregate's id index in encoded-id order, streamed.
-
-    `Store._id_scan` materializes the whole index to overlay an open batch;
-    outside a batch (the normal case) the RocksDB column family is streamed
-    directly, so memory stays constant. A RocksDB iterator reads the state as
-    of its creation, so patch batches committed during the walk (always at or
-    behind its position) do not disturb it.
-    """
+    """(encoded id, entry) of the aggregate's id index in encoded-id order, streamed
+    (`Store._id_scan`): patch batches committed during the walk do not disturb it."""
     store = aggregate.store
     aid = store._agg_id(aggregate._physical(), False)
     if aid is None:
         return
     n = len(aid)
-    if store._depth or store._id_over or store._ids_cleared:
-        for k, e in store._id_scan(aid):
-            yield k[n:], e
-        return
-    dec = _id_dec.decode
-    for k, raw in store._scan(store._ids, aid):
-        yield k[n:], dec(raw)
+    for k, e in store._id_scan(aid):
+        yield k[n:], e
 
 
 def _expected(definition: TableAggregate, eid: bytes, row: Mapping[str, Any]) -> Prepared | None:
-    id_ = decode_key(eid)
     try:
-        it = definition.item_tuple(row, id_)
+        it = definition.item_tuple(row)
         if it is None:
             return None
         return prepare_encoded_id(it[1], eid, it[2], it[0])
     except TallyError as e:
         raise InvalidArgument(
-            f"source row with id {key_repr(id_)} does not map to an item: {e}"
+            f"source row with id {key_repr(decode_key(eid))} does not map to an item: {e}"
         ) from e
     except Exception as e:  # user code in sort_key / filter / ...
         raise InvalidArgument(
-            f"source row with id {key_repr(id_)}: the definition raised {type(e).__name__}: {e}"
+            f"source row with id {key_repr(decode_key(eid))}: the definition raised {type(e).__name__}: {e}"
         ) from e
 
 

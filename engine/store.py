@@ -61,11 +61,10 @@ __all__ = [
 ]
 
 DEFAULT_MAX_NODE_SIZE = 64
-"""Max items per leaf / children per internal node. See README "Tunables"."""
+"""Max items per leaf; internal nodes hold up to 8× as many children for sizes >= 16 (`btree.internal_max`). See README "Tunables"."""
 
 DEFAULT_CACHE_NODES = 32_768
-"""Decoded nodes kept in memory (LRU), ~3 KiB each at the default node size.
-A checkpoint is taken when half of this many nodes are dirty."""
+"""Decoded nodes kept in memory (LRU). A checkpoint is taken when half of this many nodes are dirty."""
 
 DEFAULT_CHECKPOINT_CHANGES = 100_000
 """Item changes logged since the last checkpoint that force a new one (bounds replay on open)."""
@@ -776,7 +775,18 @@ class Store:
         return None if raw is None else _id_dec.decode(raw)
 
     def _id_scan(self, agg_id: bytes) -> Iterator[tuple[bytes, IdEntry]]:
-        """Id index entries of an aggregate in id order, overlaid with the open batch."""
+        """Id index entries of an aggregate in id order, overlaid with the open batch.
+
+        Without pending id changes (the normal case outside a batch) the column
+        family is streamed: constant memory. With some, the aggregate's index is
+        merged in memory. A RocksDB iterator reads the state as of its creation,
+        so batches committed while a scan runs do not disturb it.
+        """
+        if not self._id_over and not self._ids_cleared:
+            dec = _id_dec.decode
+            for k, raw in self._scan(self._ids, agg_id):
+                yield k, dec(raw)
+            return
         over = {k: v for k, v in self._id_over.items() if k.startswith(agg_id)}
         cleared = any(agg_id.startswith(p) for p in self._ids_cleared)
         merged: dict[bytes, IdEntry | None] = {}

@@ -153,10 +153,10 @@ class TableAggregate:
             return None
         return RowItem(self._ns(row), self._key(row), self._id(row) if id is None else id, self._sum(row))
 
-    def item_tuple(self, row: Row, id: Any) -> tuple[Any, Any, Any] | None:
-        """(namespace, key, sum_value) of a row with a known id, or None if filtered out.
+    def item_tuple(self, row: Row) -> tuple[Any, Any, Any] | None:
+        """(namespace, key, sum_value) of a row, or None if filtered out.
 
-        The consumer's hot path: a plain tuple, no id extraction.
+        The consumer's hot path: a plain tuple, no id extraction (the caller has the id).
         """
         if self._filter is not None and not self._filter(row):
             return None

@@ -89,6 +89,16 @@ def _order(order: Any) -> bool:
     raise InvalidArgument(f"order must be 'asc' or 'desc', got {key_repr(order)}")
 
 
+def _unchanged(old: IdEntry, ens: bytes, ek: bytes, s: int | float) -> bool:
+    """The id already holds exactly this item (a sum of another type, 5 vs 5.0, is a change)."""
+    return old.ns == ens and old.key == ek and old.sum == s and type(old.sum) is type(s)
+
+
+def _drops_when_empty(store: Store, max_node_size: int) -> bool:
+    """An emptied namespace disappears, unless it carries its own node size (`Aggregate.clear`)."""
+    return max_node_size == store.max_node_size
+
+
 def _item(ek: bytes, s: int | float, namespace: Any) -> Item:
     key, j = decode_keys(ek, 0)
     id_, _ = decode_keys(ek, j)
@@ -168,7 +178,7 @@ class Aggregate:
                         f"aggregate {self.name!r} already has an item with id {key_repr(id)}; "
                         "use replace() or upsert() to change it"
                     )
-                if old.ns == ens and old.key == ek and old.sum == s and type(old.sum) is type(s):
+                if _unchanged(old, ens, ek, s):
                     ok = True
                     return False
                 otk, otree = self._take_out(aid, eid, old, id)
@@ -228,7 +238,7 @@ class Aggregate:
                 else:
                     nkey, _, nns, nsum = new
                     if old is not None:
-                        if old.ns == nns and old.key == nkey and old.sum == nsum and type(old.sum) is type(nsum):
+                        if _unchanged(old, nns, nkey, nsum):
                             continue
                         dels.setdefault(old.ns, []).append(old.key + eid)
                     ins.setdefault(nns, []).append((nkey + eid, nsum))
@@ -278,7 +288,7 @@ class Aggregate:
             entries = []
         entries.extend(ins)
         entries.sort(key=_first)
-        if not entries and m == store.max_node_size:
+        if not entries and _drops_when_empty(store, m):
             store._structural = True
             return
         new = store._new_tree(tk, m)
@@ -298,8 +308,7 @@ class Aggregate:
         return tk, tree
 
     def _maybe_drop(self, tk: bytes, tree: Tree) -> None:
-        # An emptied namespace disappears, unless it carries its own node size.
-        if tree.meta.height == 1 and tree.count() == 0 and tree.meta.max_node_size == self.store.max_node_size:
+        if tree.meta.height == 1 and tree.count() == 0 and _drops_when_empty(self.store, tree.meta.max_node_size):
             self.store._drop_tree(tk)
 
     def _remove(self, id: Any, strict: bool) -> bool:

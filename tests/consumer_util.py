@@ -16,12 +16,13 @@ import contextlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,6 +36,39 @@ ROOT = Path(__file__).resolve().parent.parent
 TALLY = str(ROOT / ".venv" / "bin" / "tally")
 if not os.path.exists(TALLY):  # a venv elsewhere: the interpreter running the tests
     TALLY = str(Path(sys.executable).parent / "tally")
+
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    cond: Callable[[], Any], what: str, timeout: float = 60.0, every: float = 0.05,
+    swallow: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Poll ``cond`` until it returns something truthy (returned); fail naming ``what`` after
+    ``timeout`` s. Exceptions of the ``swallow`` types count as "not yet"."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = cond()
+            if last:
+                return last
+        except swallow as e:
+            last = e
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what} (last: {last!r})"
+        time.sleep(every)
+
+
+def tail(log: Path, n: int = 3000) -> str:
+    """The end of a log file, for assertion messages."""
+    return log.read_text()[-n:] if log.exists() else "(no log)"
+
 
 TABLE = "players"
 TEAMS = ("red", "blue", "green", "gold", "white")

@@ -13,7 +13,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,9 @@ from consumer_util import (
     open_store,
     run_consume,
     start_consume,
+    tail,
     topic_end_offsets,
+    wait_for,
 )
 from kafka_util import create_topic, produce, read_all, unique_topic
 from oracle import (
@@ -128,29 +130,6 @@ def small_batches(n: int) -> dict[str, Any]:
     return {"env": child_env(TALLY_REPLAY_BATCH_SIZE=str(n), TALLY_REPLAY_CHUNK=str(n))}
 
 
-def tail(log: Path, n: int = 3000) -> str:
-    return log.read_text()[-n:] if log.exists() else "(no log)"
-
-
-def wait_for(
-    cond: Callable[[], bool], what: str, timeout: float = 60.0, every: float = 0.05
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(every)
-
-
-@contextmanager
-def reader(data: Path) -> Iterator[Store]:
-    """A read-only store next to the running writer; callers `refresh()` it."""
-    store = Store.open(str(data), read_only=True)
-    try:
-        yield store
-    finally:
-        store.close()
-
-
 @contextmanager
 def running(proc: subprocess.Popen[bytes], *feeders: Feeder) -> Iterator[subprocess.Popen[bytes]]:
     """Never leave a consumer or a producer thread behind, whatever fails."""
@@ -217,7 +196,7 @@ def test_new_aggregate_is_built_by_replay_while_the_others_serve(
     proc = start_consume(
         v2, topic, data, kafka_bootstrap, "--batch-size", "200", log=log, **small_batches(200)
     )
-    with running(proc, feeder), reader(data) as store:
+    with running(proc, feeder), open_store(data) as store:
         a_counts: list[int] = []
         percents: list[float] = []
         partial_counts: list[int] = []
@@ -302,7 +281,7 @@ def test_changed_definition_serves_old_answers_until_the_switch_then_new(
         until_caught_up=True,
     )
     stale_reads = 0
-    with running(proc), reader(data) as store:
+    with running(proc), open_store(data) as store:
         deadline = time.monotonic() + 60
         while True:
             assert time.monotonic() < deadline, f"A never switched:\n{tail(log)}"
@@ -352,7 +331,7 @@ def test_changed_definition_serves_old_answers_until_the_switch_then_new(
         until_caught_up=True,
     )
     dropped_reads = 0
-    with running(proc), reader(data) as store:
+    with running(proc), open_store(data) as store:
         deadline = time.monotonic() + 60
         while True:
             assert time.monotonic() < deadline, f"A never became ready again:\n{tail(log4)}"
@@ -410,7 +389,7 @@ def test_sigkill_during_replay_resumes_from_the_replay_offsets(
         proc = start_consume(
             v2, topic, data, kafka_bootstrap, "--batch-size", "25", log=log, **small_batches(25)
         )
-        with running(proc), reader(data) as store:
+        with running(proc), open_store(data) as store:
 
             def far_enough(
                 proc: subprocess.Popen[bytes] = proc,
@@ -511,7 +490,7 @@ def test_replay_progress_does_not_go_back_after_a_restart(
                 lambda log=log: bool(log_events(log.read_text(), "consuming")),
                 "the consumer to start",
             )
-            with reader(data) as store:
+            with open_store(data) as store:
                 deadline = time.monotonic() + 60
                 while True:
                     assert time.monotonic() < deadline, tail(log)
@@ -594,7 +573,7 @@ def test_rebuild_while_live_events_flow_serves_stale_then_switches(
         v2, topic, data, kafka_bootstrap, "--batch-size", "200", log=log, **small_batches(200)
     )
     stale_reads = 0
-    with running(proc, feeder), reader(data) as store:
+    with running(proc, feeder), open_store(data) as store:
         deadline = time.monotonic() + 60
         while True:
             assert proc.poll() is None, f"consumer exited ({proc.returncode}):\n{tail(log)}"
@@ -823,7 +802,7 @@ def test_rebuild_over_http_needs_the_token_and_switches_generation(
             TallyClient(url, token="sekret").rebuild("leaderboard")["status"] == "rebuild requested"
         )
         def switched() -> bool:
-            with reader(data) as store:
+            with open_store(data) as store:
                 g = store.generation("leaderboard")
                 return g is not None and g.active == "leaderboard#2" and g.building is None
 
@@ -832,7 +811,7 @@ def test_rebuild_over_http_needs_the_token_and_switches_generation(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, tail(log)
-    with reader(data) as store:
+    with open_store(data) as store:
         assert store.generation("leaderboard").active == "leaderboard#2"
         assert store.aggregate("leaderboard#1").count() == 0
 

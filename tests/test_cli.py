@@ -15,11 +15,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -28,14 +25,12 @@ from typing import Any
 
 import msgspec
 import pytest
+from consumer_util import TALLY, child_env, free_port
 from kafka_util import create_topic, unique_topic
 
 from engine import Store
 
 ROOT = Path(__file__).resolve().parent.parent
-TALLY = str(ROOT / ".venv" / "bin" / "tally")
-if not os.path.exists(TALLY):  # a venv elsewhere: the interpreter running the tests
-    TALLY = str(Path(sys.executable).parent / "tally")
 DEFINITIONS = str(ROOT / "examples" / "leaderboard.py")
 GAMES = ("chess", "go", "poker")
 
@@ -46,11 +41,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    for k in ("TALLY_URL", "TALLY_DATA_DIR", "TALLY_CONFIG"):
-        env.pop(k, None)
-    env["COLUMNS"] = "160"
-    return env
+    return child_env(COLUMNS="160")  # no TALLY_* of the developer's shell leaks in
 
 
 def tally(*args: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -117,12 +108,6 @@ async def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         return {tp.partition: off for tp, off in ends.items()}
     finally:
         await c.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Built:

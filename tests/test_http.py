@@ -17,12 +17,10 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 import types
 import urllib.parse
 import urllib.request
@@ -30,10 +28,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import consumer_util
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.structs import TopicPartition
+from consumer_util import free_port
 from kafka_util import create_topic, produce, unique_topic
 
 from consumers.client import ClientError, TallyClient
@@ -77,12 +77,6 @@ PAIRS = TableAggregate(
 )
 RATINGS = TableAggregate("ratings", table=TABLE, namespace=("game", "tier"), sort_key="rating", sum_value="rating")
 DEFINITIONS = [BY_GAME, PAIRS, RATINGS]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def row(i: int, bump: int = 0) -> dict[str, Any]:
@@ -148,17 +142,7 @@ class Served:
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except ClientError as e:
-            last = e
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+    return consumer_util.wait_for(cond, what, timeout, swallow=(ClientError,))
 
 
 @pytest.fixture(scope="module")

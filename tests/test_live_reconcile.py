@@ -18,18 +18,16 @@ from __future__ import annotations
 import json
 import random
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from consumer_util import child_env, open_store, topic_end_offsets
+from consumer_util import TALLY, child_env, free_port, open_store, tail, topic_end_offsets, wait_for
 from kafka_util import create_topic, unique_topic
 
 from consumers.client import ClientError, TallyClient
@@ -43,7 +41,6 @@ from schemas import NativeEvent
 psycopg = pytest.importorskip("psycopg", reason="psycopg (psycopg[binary]) is not installed in this venv")
 
 ROOT = Path(__file__).resolve().parents[1]
-TALLY = str(Path(sys.executable).with_name("tally"))
 TOKEN = "sekret"
 
 DEFS = """
@@ -54,13 +51,6 @@ scores = TableAggregate("scores", table={table!r}, sort_key="score", sum_value="
 
 def definition(table: str) -> TableAggregate:
     return TableAggregate("scores", table=table, sort_key="score", sum_value="score", namespace="game")
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
 
 
 class App:
@@ -131,9 +121,7 @@ class Live:
         self.data = tmp / "data"
         self.log = tmp / "consume.log"
         self.topic, self.bootstrap = topic, bootstrap
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         with open(self.log, "wb") as err:
             self.proc = subprocess.Popen(
@@ -145,7 +133,7 @@ class Live:
         self.client = TallyClient(self.url, token=TOKEN)
 
     def tail(self) -> str:
-        return self.log.read_text()[-4000:] if self.log.exists() else "(no log)"
+        return tail(self.log, 4000)
 
     def caught_up(self) -> bool:
         assert self.proc.poll() is None, f"consumer exited {self.proc.returncode}:\n{self.tail()}"

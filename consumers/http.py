@@ -518,7 +518,7 @@ def render_metrics(process: Served) -> str:
             sample("tally_drift_events_total", drift.get((d.name, kind), 0), aggregate=d.name, kind=kind)
 
     name = "tally_batch_apply_seconds"
-    family(name, "histogram", "Seconds to decode, apply and commit one consumer batch.")
+    family(name, "histogram", "Seconds to decode, apply and commit one live batch (for a replay: to apply and commit one gathered chunk).")
     cumulative = 0
     for le, n in zip(LATENCY_BUCKETS, st.latency_buckets, strict=False):
         cumulative += n

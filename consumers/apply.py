@@ -31,9 +31,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from engine import Aggregate, Prepared, Store, TableAggregate, TallyError, decode_key, encode_key
+from engine import (
+    Aggregate,
+    IdEntry,
+    Prepared,
+    Store,
+    TableAggregate,
+    TallyError,
+    decode_key,
+    encode_key,
+)
 from engine.aggregate import prepare_encoded_id as prepare
-from engine.store import IdEntry
 from schemas import BadRecord, ChangeEvent
 
 __all__ = ["DRIFT_KINDS", "Applier", "ApplyResult", "Op"]

@@ -288,9 +288,9 @@ def _live_patch(
         store = _open_store(data_dir, False)
         try:
             agg = store.aggregate(name)
-            if agg._physical() != session["generation"]:
+            if agg.physical != session["generation"]:
                 raise TallyError(
-                    f"{name!r} in {data_dir!r} is generation {agg._physical()!r} but the consumer at {url} "
+                    f"{name!r} in {data_dir!r} is generation {agg.physical!r} but the consumer at {url} "
                     f"writes {session['generation']!r}: is --data-dir the consumer's data dir?"
                 )
             t0 = time.perf_counter()

@@ -260,7 +260,7 @@ class PatchSessions:
         if self._live_physical(name) != s.physical:
             raise PatchError(409, "generation_switched", f"{name!r} switched generations during the reconcile: run it again")
         store = self.process.store
-        if store._depth:  # never: batches commit without awaiting; guard the invariant anyway
+        if store.in_batch:  # never: batches commit without awaiting; guard the invariant anyway
             raise PatchError(503, "busy", "a batch is being committed; send the chunk again")
         touched = s.touched
         todo = {eid: item for eid, item in changes if eid not in touched}

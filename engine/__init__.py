@@ -20,7 +20,7 @@ from .errors import (
     TallyError,
 )
 from .keys import decode_key, encode_key
-from .store import DEFAULT_CACHE_NODES, DEFAULT_MAX_NODE_SIZE, Batch, IdEntry, Store
+from .state import DEFAULT_CACHE_NODES, DEFAULT_MAX_NODE_SIZE, Batch, IdEntry, Store
 from .table import BoundTableAggregate, RowItem, TableAggregate
 from .types import Bound, Bounds, Item, Order, Page, Query
 

@@ -22,11 +22,12 @@ from .errors import (
     StoreCorrupted,
 )
 from .keys import decode_key, decode_keys, encode_key, key_repr
-from .store import _P_TREE, IdEntry, _check_node_size, tree_key
+from .state import IdEntry, check_node_size
+from .state.metadata import P_TREE, tree_key
 from .types import Bounds, Item, Order, Page, Query, decode_cursor, encode_cursor, normalize_bounds
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .state import Store
 
 _MISSING = object()
 
@@ -122,26 +123,30 @@ class Aggregate:
 
     # ---- plumbing -------------------------------------------------------------
 
-    def _physical(self) -> str:
-        """The physical aggregate this handle reads and writes (see `engine.catalog`)."""
+    @property
+    def physical(self) -> str:
+        """The physical aggregate (generation) this handle reads and writes (`engine.catalog`).
+
+        Raises `AggregateNotReady` while no generation is ready (unless ``partial``).
+        """
         store = self.store
-        if self._epoch != store._epoch:
+        if self._epoch != store.epoch:
             self._trees.clear()
             gen = store.generation(self.name)
             # Not cached while not ready: the next call asks the catalog again.
             self._phys = self.name if gen is None else gen.resolve(self.name, self.partial)
-            self._epoch = store._epoch
+            self._epoch = store.epoch
         return self._phys
 
     def _tree(self, namespace: Any) -> Tree | None:
         store = self.store
-        phys = self._physical()
+        phys = self.physical
         ens = encode_key(namespace)
         tree = self._trees.get(ens, _MISSING)
         if tree is _MISSING:
-            aid = store._agg_id(phys, False)
-            meta = None if aid is None else store._tree_meta(tree_key(aid, ens))
-            tree = None if meta is None else Tree(store, meta)
+            aid = store.agg_id(phys, False)
+            meta = None if aid is None else store.tree_meta(tree_key(aid, ens))
+            tree = None if meta is None else Tree(store.nodes, meta)
             self._trees[ens] = tree
         return tree  # type: ignore[return-value]
 
@@ -154,21 +159,29 @@ class Aggregate:
             tree = None
         return tree, lo, hi
 
+    def _tree_at(self, tk: bytes, max_node_size: int | None = None) -> Tree:
+        """The tree registered under ``tk``, created (empty) if there is none."""
+        store = self.store
+        meta = store.tree_meta(tk)
+        if meta is None:
+            meta = store.new_tree(tk, store.max_node_size if max_node_size is None else max_node_size)
+        return Tree(store.nodes, meta)
+
     # ---- writes ---------------------------------------------------------------
 
     def _write(self, key: Any, id: Any, sum_value: Any, namespace: Any, mode: str) -> bool:
-        return self._write_enc(encode_key(key), _encode_id(id), encode_key(namespace), _check_sum(sum_value), mode, id)
+        return self._write_enc(
+            encode_key(key), _encode_id(id), encode_key(namespace), _check_sum(sum_value), mode, id
+        )
 
     def _write_enc(self, ek: bytes, eid: bytes, ens: bytes, s: int | float, mode: str, id: Any) -> bool:
         """mode: 'insert' (strict), 'replace' (strict), 'upsert'."""
         store = self.store
-        store._begin()
-        ok = False
-        try:
-            aid = store._agg_id(self._physical(), True)
+        with store.transaction() as tx:
+            aid = store.agg_id(self.physical, True)
             assert aid is not None
             idk = aid + eid
-            old = store._id_get(idk)
+            old = tx.get_id(idk)
             if old is None:
                 if mode == "replace":
                     raise ItemNotFound(f"aggregate {self.name!r} has no item with id {key_repr(id)} to replace")
@@ -179,26 +192,18 @@ class Aggregate:
                         "use replace() or upsert() to change it"
                     )
                 if _unchanged(old, ens, ek, s):
-                    ok = True
                     return False
                 otk, otree = self._take_out(aid, eid, old, id)
                 if ens == old.ns:
                     otree.insert(ek + eid, s)
-                    store._set_id(idk, old, IdEntry(ens, ek, s))
-                    ok = True
+                    tx.set_id(idk, old, IdEntry(ens, ek, s))
                     return True
                 self._maybe_drop(otk, otree)
             tk = tree_key(aid, ens)
-            meta = store._tree_meta(tk)
-            if meta is None:
-                meta = store._new_tree(tk, store.max_node_size)
-            Tree(store, meta).insert(ek + eid, s)
-            store._trees_dirty.add(tk)
-            store._set_id(idk, old, IdEntry(ens, ek, s))
-            ok = True
+            self._tree_at(tk).insert(ek + eid, s)
+            store.touch_tree(tk)
+            tx.set_id(idk, old, IdEntry(ens, ek, s))
             return True
-        finally:
-            store._end(ok)
 
     def apply_many(
         self,
@@ -217,24 +222,23 @@ class Aggregate:
         ``before`` (if given) receives each id's entry as it was (None: absent).
         """
         store = self.store
-        store._begin()
-        ok = False
-        try:
-            aid = store._agg_id(self._physical(), True)
+        with store.transaction() as tx:
+            aid = store.agg_id(self.physical, True)
             assert aid is not None
+            get_id, set_id = tx.get_id, tx.set_id
             dels: dict[bytes, list[bytes]] = {}
             ins: dict[bytes, list[tuple[bytes, int | float]]] = {}
             changed = 0
             for eid, new in changes.items():
                 idk = aid + eid
-                old = store._id_get(idk)
+                old = get_id(idk)
                 if before is not None:
                     before[eid] = old
                 if new is None:
                     if old is None:
                         continue
                     dels.setdefault(old.ns, []).append(old.key + eid)
-                    store._set_id(idk, old, None)
+                    set_id(idk, old, None)
                 else:
                     nkey, _, nns, nsum = new
                     if old is not None:
@@ -242,14 +246,11 @@ class Aggregate:
                             continue
                         dels.setdefault(old.ns, []).append(old.key + eid)
                     ins.setdefault(nns, []).append((nkey + eid, nsum))
-                    store._set_id(idk, old, IdEntry(nns, nkey, nsum))
+                    set_id(idk, old, IdEntry(nns, nkey, nsum))
                 changed += 1
             for ens in sorted(set(dels) | set(ins)):
                 self._apply_tree(aid, ens, dels.get(ens, []), ins.get(ens, []), rebuild_ratio)
-            ok = True
             return changed
-        finally:
-            store._end(ok)
 
     def _apply_tree(
         self,
@@ -261,76 +262,70 @@ class Aggregate:
     ) -> None:
         store = self.store
         tk = tree_key(aid, ens)
-        meta = store._tree_meta(tk)
-        n = 0 if meta is None else Tree(store, meta).count()
+        meta = store.tree_meta(tk)
+        n = 0 if meta is None else Tree(store.nodes, meta).count()
         k = len(dels) + len(ins)
         m = store.max_node_size if meta is None else meta.max_node_size
         if (meta is not None and k < rebuild_ratio * n) or n + k <= m:
             # Incremental: few changes, or a namespace that fits one leaf (a new or tiny one).
             # A rebuild is structural and forces a checkpoint; this only logs the changes.
-            if meta is None:
-                meta = store._new_tree(tk, m)
-            tree = Tree(store, meta)
+            tree = self._tree_at(tk, m)
             for ek in sorted(dels):
                 tree.delete(ek)
             ins.sort(key=_first)
             for ek, v in ins:
                 tree.insert(ek, v)
-            store._trees_dirty.add(tk)
+            store.touch_tree(tk)
             self._maybe_drop(tk, tree)
             return
         # Rebuild: merge the surviving old items with the new ones, build bottom-up.
         if meta is not None:
             gone = set(dels)
-            entries = [e for e in Tree(store, meta).items(None, None) if e[0] not in gone]
-            store._drop_tree(tk)
+            entries = [e for e in Tree(store.nodes, meta).items(None, None) if e[0] not in gone]
+            store.drop_tree(tk)
         else:
             entries = []
         entries.extend(ins)
         entries.sort(key=_first)
+        store.tx.structural = True  # a rebuilt tree is written whole at this commit's checkpoint
         if not entries and _drops_when_empty(store, m):
-            store._structural = True
             return
-        new = store._new_tree(tk, m)
-        Tree(store, new).build(entries)
-        store._structural = True  # a rebuilt tree is written whole at this commit's checkpoint
+        Tree(store.nodes, store.new_tree(tk, m)).build(entries)
 
     def _take_out(self, aid: bytes, eid: bytes, old: IdEntry, id: Any) -> tuple[bytes, Tree]:
         """Remove an id's current item from its namespace's tree; return that tree."""
         store = self.store
         tk = tree_key(aid, old.ns)
-        meta = store._tree_meta(tk)
+        meta = store.tree_meta(tk)
         if meta is None:
             raise StoreCorrupted(f"id index names a missing namespace for id {key_repr(id)}")
-        tree = Tree(store, meta)
+        tree = Tree(store.nodes, meta)
         tree.delete(old.key + eid)
-        store._trees_dirty.add(tk)
+        store.touch_tree(tk)
         return tk, tree
 
     def _maybe_drop(self, tk: bytes, tree: Tree) -> None:
-        if tree.meta.height == 1 and tree.count() == 0 and _drops_when_empty(self.store, tree.meta.max_node_size):
-            self.store._drop_tree(tk)
+        if (
+            tree.meta.height == 1
+            and tree.count() == 0
+            and _drops_when_empty(self.store, tree.meta.max_node_size)
+        ):
+            self.store.drop_tree(tk)
 
     def _remove(self, id: Any, strict: bool) -> bool:
         store = self.store
         eid = _encode_id(id)
-        store._begin()
-        ok = False
-        try:
-            aid = store._agg_id(self._physical(), False)
-            old = None if aid is None else store._id_get(aid + eid)
+        with store.transaction() as tx:
+            aid = store.agg_id(self.physical, False)
+            old = None if aid is None else tx.get_id(aid + eid)
             if old is None or aid is None:
                 if strict:
                     raise ItemNotFound(f"aggregate {self.name!r} has no item with id {key_repr(id)} to delete")
-                ok = True
                 return False
             tk, tree = self._take_out(aid, eid, old, id)
             self._maybe_drop(tk, tree)
-            store._set_id(aid + eid, old, None)
-            ok = True
+            tx.set_id(aid + eid, old, None)
             return True
-        finally:
-            store._end(ok)
 
     def insert(self, key: Any, id: Any, sum_value: int | float = 0, namespace: Any = None) -> None:
         """Add an item; raise `ItemExists` if the id is taken. O(log n)."""
@@ -357,18 +352,28 @@ class Aggregate:
 
     def entries(self, eids: Iterable[bytes]) -> dict[bytes, IdEntry | None]:
         """Id-index entries (namespace, key, sum; encoded) of encoded ids, None if absent. O(k) point reads."""
-        aid = self.store._agg_id(self._physical(), False)
+        aid = self.store.agg_id(self.physical, False)
         if aid is None:
             return dict.fromkeys(eids)
-        get = self.store._id_get
+        get = self.store.tx.get_id
         return {eid: get(aid + eid) for eid in eids}
+
+    def id_entries(self) -> Iterator[tuple[bytes, IdEntry]]:
+        """(encoded id, entry) of every item, in id order, streamed (constant memory outside
+        a batch; batches committed meanwhile do not disturb it). O(n)."""
+        aid = self.store.agg_id(self.physical, False)
+        if aid is None:
+            return
+        n = len(aid)
+        for k, e in self.store.id_scan(aid):
+            yield k[n:], e
 
     def get(self, id: Any) -> Item | None:
         """The item for ``id``, or None. O(1) RocksDB point read."""
-        aid = self.store._agg_id(self._physical(), False)
+        aid = self.store.agg_id(self.physical, False)
         if aid is None:
             return None
-        e = self.store._id_get(aid + _encode_id(id))
+        e = self.store.tx.get_id(aid + _encode_id(id))
         if e is None:
             return None
         return Item(decode_key(e.key), id, e.sum, decode_key(e.ns))
@@ -379,71 +384,55 @@ class Aggregate:
         """Remove every item of a namespace; optionally set its node size. O(n)."""
         store = self.store
         ens = encode_key(namespace)
-        m = store.max_node_size if max_node_size is None else _check_node_size(max_node_size)
-        store._begin()
-        ok = False
-        try:
-            aid = store._agg_id(self._physical(), True)
+        m = store.max_node_size if max_node_size is None else check_node_size(max_node_size)
+        with store.transaction():
+            aid = store.agg_id(self.physical, True)
             assert aid is not None
             self._clear_tree(aid, tree_key(aid, ens))
             if m != store.max_node_size:
-                store._new_tree(tree_key(aid, ens), m)
-            ok = True
-        finally:
-            store._end(ok)
+                store.new_tree(tree_key(aid, ens), m)
 
     def _clear_tree(self, aid: bytes, tk: bytes) -> None:
         store = self.store
-        meta = store._tree_meta(tk)
+        meta = store.tree_meta(tk)
         if meta is None:
             return
-        tree = Tree(store, meta)
-        for ek, _ in list(tree.items(None, None)):
+        tx = store.tx
+        for ek, _ in list(Tree(store.nodes, meta).items(None, None)):
             _, j = decode_keys(ek, 0)
-            store._id_over[aid + ek[j:]] = None
-        store._drop_tree(tk)
+            tx.forget_id(aid + ek[j:])
+        store.drop_tree(tk)
 
     def drop_namespace(self, namespace: Any) -> None:
         """Remove a namespace and its items (and its node-size setting). O(n)."""
         store = self.store
         ens = encode_key(namespace)
-        store._begin()
-        ok = False
-        try:
-            aid = store._agg_id(self._physical(), False)
+        with store.transaction():
+            aid = store.agg_id(self.physical, False)
             if aid is not None:
                 self._clear_tree(aid, tree_key(aid, ens))
-            ok = True
-        finally:
-            store._end(ok)
 
     def clear_all(self) -> None:
         """Remove every item of every namespace. O(number of namespaces)."""
         store = self.store
-        store._begin()
-        ok = False
-        try:
-            aid = store._agg_id(self._physical(), False)
+        with store.transaction() as tx:
+            aid = store.agg_id(self.physical, False)
             if aid is not None:
-                for tk in store._tree_keys(aid):
-                    store._drop_tree(tk)
-                for k in [k for k in store._id_over if k.startswith(aid)]:
-                    del store._id_over[k]
-                store._ids_cleared.append(aid)
-            ok = True
-        finally:
-            store._end(ok)
+                for tk in store.tree_keys(aid):
+                    store.drop_tree(tk)
+                tx.clear_ids(aid)
 
     def namespaces(self) -> list[Any]:
         """Namespaces holding at least one item, in key order. O(namespaces)."""
-        aid = self.store._agg_id(self._physical(), False)
+        store = self.store
+        aid = store.agg_id(self.physical, False)
         if aid is None:
             return []
         out = []
-        n = len(_P_TREE) + len(aid)
-        for tk in self.store._tree_keys(aid):
-            meta = self.store._tree_meta(tk)
-            if meta is not None and Tree(self.store, meta).count():
+        n = len(P_TREE) + len(aid)
+        for tk in store.tree_keys(aid):
+            meta = store.tree_meta(tk)
+            if meta is not None and Tree(store.nodes, meta).count():
                 out.append(decode_key(tk[n:]))
         return out
 
@@ -627,15 +616,15 @@ class Aggregate:
     def validate(self) -> None:
         """Check every tree invariant and that the id index agrees with the trees. O(n)."""
         store = self.store
-        aid = store._agg_id(self._physical(), False)
+        aid = store.agg_id(self.physical, False)
         if aid is None:
             return
         seen: dict[bytes, tuple[bytes, bytes, int | float]] = {}
-        n = len(_P_TREE) + len(aid)
-        for tk in store._tree_keys(aid):
-            meta = store._tree_meta(tk)
+        n = len(P_TREE) + len(aid)
+        for tk in store.tree_keys(aid):
+            meta = store.tree_meta(tk)
             assert meta is not None
-            tree = Tree(store, meta)
+            tree = Tree(store.nodes, meta)
             tree.validate()
             ens = tk[n:]
             for ek, s in tree.items(None, None):
@@ -647,8 +636,7 @@ class Aggregate:
                     )
                 seen[eid] = (ens, ek[:j], s)
         count = 0
-        for k, e in store._id_scan(aid):
-            eid = k[len(aid) :]
+        for eid, e in self.id_entries():
             t = seen.get(eid)
             if t is None or t[0] != e.ns or t[1] != e.key or t[2] != e.sum:
                 raise StoreCorrupted(

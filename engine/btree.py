@@ -8,7 +8,7 @@ and range count/sum are O(log n) node visits of O(B) work each.
 Separator invariant: every key of child ``i`` < ``keys[i]`` <= every key of
 child ``i + 1``.
 
-Nodes live in a `NodeStore` (the RocksDB-backed cache of `engine.store`); a
+Nodes live in a `NodeStore` (the node cache of `engine.state.cache`); a
 tree only knows its root reference, its height and its max node size. Float
 sums are recomputed from the children whenever a node changes, so they cannot
 drift however many updates they see; int sums are adjusted by exact deltas.

@@ -39,7 +39,7 @@ import msgspec
 from .aggregate import Prepared, prepare_encoded_id
 from .errors import InvalidArgument, TallyError
 from .keys import decode_key, encode_key, key_repr
-from .store import IdEntry
+from .state import IdEntry
 
 if TYPE_CHECKING:
     from .aggregate import Aggregate
@@ -125,18 +125,6 @@ def _side(ns: bytes, key: bytes, s: int | float) -> dict[str, Any]:
     return {"namespace": decode_key(ns), "key": decode_key(key), "sum": s}
 
 
-def _index_scan(aggregate: Aggregate) -> Iterator[tuple[bytes, IdEntry]]:
-    """(encoded id, entry) of the aggregate's id index in encoded-id order, streamed
-    (`Store._id_scan`): patch batches committed during the walk do not disturb it."""
-    store = aggregate.store
-    aid = store._agg_id(aggregate._physical(), False)
-    if aid is None:
-        return
-    n = len(aid)
-    for k, e in store._id_scan(aid):
-        yield k[n:], e
-
-
 def _expected(definition: TableAggregate, eid: bytes, row: Mapping[str, Any]) -> Prepared | None:
     try:
         it = definition.item_tuple(row)
@@ -172,7 +160,7 @@ def diff(
     `diff` itself.
     """
     t0 = time.perf_counter()
-    rep = Report(aggregate=aggregate.name, physical=aggregate._physical())
+    rep = Report(aggregate=aggregate.name, physical=aggregate.physical)
     ex = rep.examples
     counts = {"missing": 0, "extra": 0, "wrong": 0}
 
@@ -190,7 +178,7 @@ def diff(
         if on_change is not None:
             on_change(eid, exp)
 
-    idx = _index_scan(aggregate)
+    idx = aggregate.id_entries()
     cur = next(idx, None)
     prev: bytes | None = None
     rows = filtered = items = 0

@@ -9,7 +9,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .apply import Applier, ApplyResult
     from .client import ClientError, TallyClient
     from .definitions import load_definitions
     from .live_patch import PatchSessions, RemotePatcher
@@ -19,8 +18,6 @@ if TYPE_CHECKING:
     from .streams import offset_key, stored_offsets
 
 _WHERE = {
-    "Applier": ".apply",
-    "ApplyResult": ".apply",
     "ChangeProducer": ".producer",
     "ClientError": ".client",
     "ConsumerProcess": ".runner",
@@ -36,8 +33,6 @@ _WHERE = {
 }
 
 __all__ = [
-    "Applier",
-    "ApplyResult",
     "ChangeProducer",
     "ClientError",
     "ConsumerProcess",

@@ -78,10 +78,10 @@ from engine import (
     TableAggregate,
     TallyError,
 )
+from engine.triggers import DRIFT_KINDS
 from schemas import ConfigError
 from schemas.config import ConsumerSettings
 
-from .apply import DRIFT_KINDS
 from .live_patch import PatchError
 from .logs import get_logger
 from .openapi import OP_DOCS, RouteDoc, build_openapi

@@ -59,8 +59,7 @@ from aiokafka.structs import TopicPartition
 
 from engine import InvalidArgument, Prepared, TallyError, decode_key, encode_key
 from engine.aggregate import prepare_encoded_id
-
-from .apply import CLEAR, UPSERT, Op
+from engine.triggers import CLEAR, UPSERT, Op
 
 if TYPE_CHECKING:
     from .client import TallyClient

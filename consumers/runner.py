@@ -34,10 +34,10 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from engine import Batch, Generation, Store, TableAggregate
+from engine.triggers import DRIFT_EXAMPLES, Applier
 from schemas import BadRecord, ChangeEvent, ConfigError, EventDecoder
 from schemas.config import ConsumerSettings
 
-from .apply import DRIFT_EXAMPLES, Applier
 from .definitions import id_fields_by_table
 from .live_patch import PatchSessions
 from .logs import get_logger
@@ -71,7 +71,7 @@ class ConsumerStats:
     end_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     broker_ok: bool = True
     drift: dict[tuple[str, str], int] = field(default_factory=dict)
-    """(aggregate, kind) → live events that imply the aggregate was out of step (see `consumers.apply`)."""
+    """(aggregate, kind) → live events that imply the aggregate was out of step (see `engine.triggers`)."""
 
     def observe_batch(self, seconds: float) -> None:
         self.latency_sum += seconds

@@ -20,8 +20,7 @@ from typing import Any
 from aiokafka.structs import TopicPartition
 
 from engine import Store, TableAggregate
-
-from .apply import Applier
+from engine.triggers import Applier
 
 __all__ = ["LIVE", "OFFSETS_ROOT", "Stream", "offset_key", "stored_offsets"]
 

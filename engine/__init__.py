@@ -22,13 +22,17 @@ from .errors import (
 from .keys import decode_key, encode_key
 from .state import DEFAULT_CACHE_NODES, DEFAULT_MAX_NODE_SIZE, Batch, IdEntry, Store
 from .table import BoundTableAggregate, RowItem, TableAggregate
+from .triggers import DRIFT_KINDS, Applier, ApplyResult
 from .types import Bound, Bounds, Item, Order, Page, Query
 
 __all__ = [
     "DEFAULT_CACHE_NODES",
     "DEFAULT_MAX_NODE_SIZE",
+    "DRIFT_KINDS",
     "Aggregate",
     "AggregateNotReady",
+    "Applier",
+    "ApplyResult",
     "Batch",
     "Bound",
     "BoundTableAggregate",

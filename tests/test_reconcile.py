@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from consumers.apply import Applier
 from engine import Store, TableAggregate, TallyError, encode_key
 from engine.reconcile import SourceOrderError, diff, keyed, patch, reconcile
+from engine.triggers import Applier
 from schemas import ChangeEvent
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from consumers.apply import Applier  # noqa: E402
 from engine import Store, TableAggregate  # noqa: E402
+from engine.triggers import Applier  # noqa: E402
 from schemas import ChangeEvent  # noqa: E402
 
 DEFINITIONS = [

@@ -1,4 +1,4 @@
-"""Change events → engine writes: the trigger logic, with no Kafka in sight.
+"""Triggers: change events → engine writes, per aggregate bound to the event's table.
 
 Per event and per aggregate bound to the event's table:
 
@@ -31,18 +31,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from engine import (
-    Aggregate,
-    IdEntry,
-    Prepared,
-    Store,
-    TableAggregate,
-    TallyError,
-    decode_key,
-    encode_key,
-)
-from engine.aggregate import prepare_encoded_id as prepare
 from schemas import BadRecord, ChangeEvent
+
+from .aggregate import Aggregate, Prepared
+from .aggregate import prepare_encoded_id as prepare
+from .errors import TallyError
+from .keys import decode_key, encode_key
+from .state import IdEntry, Store
+from .table import TableAggregate
 
 __all__ = ["DRIFT_KINDS", "Applier", "ApplyResult", "Op"]
 

@@ -59,13 +59,11 @@ from consumers.producer import (
     DEFAULT_CONNECT_TIMEOUT,
     BrokerUnavailable,
     ChangeProducer,
-    InvalidEvent,
     ProduceError,
-    ProduceFormat,
-    encode_event,
-    row_id,
 )
+from schemas.errors import InvalidEvent
 from schemas.events import NativeEvent, NativeOp
+from schemas.keys import ProduceFormat, encode_event, row_id
 
 from .csv_cells import infer_value
 

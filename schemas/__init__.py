@@ -4,7 +4,7 @@ This module only re-exports; each shape lives in its own submodule.
 """
 
 from schemas.decode import DEFAULT_ID_FIELDS, DecodeFormat, EventDecoder
-from schemas.errors import BadRecord, ConfigError, TallyError
+from schemas.errors import BadRecord, ConfigError, InvalidEvent, TallyError
 from schemas.events import (
     DEBEZIUM_OPS,
     NATIVE_OPS,
@@ -19,6 +19,7 @@ from schemas.events import (
     decode_native,
     encode_native,
 )
+from schemas.keys import IdField, encode_event, key_for_id, row_id, truncate_key
 
 __all__ = [
     "DEBEZIUM_OPS",
@@ -34,9 +35,15 @@ __all__ = [
     "DebeziumSource",
     "DecodeFormat",
     "EventDecoder",
+    "IdField",
+    "InvalidEvent",
     "NativeEvent",
     "NativeOp",
     "TallyError",
     "decode_native",
+    "encode_event",
     "encode_native",
+    "key_for_id",
+    "row_id",
+    "truncate_key",
 ]

@@ -6,7 +6,7 @@ nothing else of ours), so every package can derive from the same base.
 
 from __future__ import annotations
 
-__all__ = ["BadRecord", "ConfigError", "TallyError"]
+__all__ = ["BadRecord", "ConfigError", "InvalidEvent", "TallyError"]
 
 
 class TallyError(Exception):
@@ -28,3 +28,7 @@ class BadRecord(TallyError, ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class InvalidEvent(TallyError, ValueError):
+    """An event cannot be published as given: no row id, no row image, an unknown op, a bad id …"""

@@ -23,16 +23,13 @@ from consumers import cli_produce
 from consumers.producer import (
     BrokerUnavailable,
     ChangeProducer,
-    InvalidEvent,
     ProduceError,
     SyncChangeProducer,
-    encode_event,
-    key_for_id,
-    row_id,
-    truncate_key,
 )
 from schemas.decode import EventDecoder
+from schemas.errors import InvalidEvent
 from schemas.events import ChangeEvent, NativeEvent
+from schemas.keys import encode_event, key_for_id, row_id, truncate_key
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

@@ -9,27 +9,27 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .client import ClientError, TallyClient
-    from .definitions import load_definitions
-    from .live_patch import PatchSessions, RemotePatcher
-    from .producer import ChangeProducer, SyncChangeProducer
-    from .runner import ConsumerProcess, ConsumerStats
-    from .settings import load_settings
-    from .streams import offset_key, stored_offsets
+    from consumers.cli.settings import load_settings
+    from consumers.client.client import ClientError, TallyClient
+    from consumers.producer.producer import ChangeProducer, SyncChangeProducer
+    from consumers.runtime.definitions import load_definitions
+    from consumers.runtime.patches import PatchSessions, RemotePatcher
+    from consumers.runtime.process import ConsumerProcess, ConsumerStats
+    from consumers.runtime.streams import offset_key, stored_offsets
 
 _WHERE = {
     "ChangeProducer": ".producer",
     "ClientError": ".client",
-    "ConsumerProcess": ".runner",
-    "ConsumerStats": ".runner",
+    "ConsumerProcess": ".runtime",
+    "ConsumerStats": ".runtime",
     "SyncChangeProducer": ".producer",
     "TallyClient": ".client",
-    "PatchSessions": ".live_patch",
-    "RemotePatcher": ".live_patch",
-    "load_definitions": ".definitions",
-    "load_settings": ".settings",
-    "offset_key": ".streams",
-    "stored_offsets": ".streams",
+    "PatchSessions": ".runtime.patches",
+    "RemotePatcher": ".runtime.patches",
+    "load_definitions": ".runtime",
+    "load_settings": ".cli.settings",
+    "offset_key": ".runtime",
+    "stored_offsets": ".runtime",
 }
 
 __all__ = [

@@ -25,7 +25,7 @@ repaired aggregate is byte-for-byte what a replay would have built.
 An out-of-order or duplicated source id raises `SourceOrderError` at once
 (rather than reporting nonsense): the caller must sort by encoded id.
 
-No Kafka, HTTP or Postgres here: sources live in ``consumers.reconcile_sources``.
+No Kafka, HTTP or Postgres here: sources live in ``consumers.reconcile.sources``.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ from oracle import (
 )
 
 from consumers import load_definitions, stored_offsets
-from consumers.runner import ConsumerProcess
+from consumers.runtime.process import ConsumerProcess
 from engine import AggregateNotReady, Store
 from schemas.config import ConsumerSettings
 
@@ -764,7 +764,7 @@ def test_rebuild_over_http_needs_the_token_and_switches_generation(
             [
                 TALLY,
                 "consume",
-                "examples/leaderboard.py",
+                "consumers/demo/leaderboard.py",
                 "--topic",
                 f"scores={topic}",
                 "--data-dir",

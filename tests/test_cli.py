@@ -31,7 +31,7 @@ from kafka_util import create_topic, unique_topic
 from engine import Store
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFINITIONS = str(ROOT / "examples" / "leaderboard.py")
+DEFINITIONS = str(ROOT / "consumers" / "demo" / "leaderboard.py")
 GAMES = ("chess", "go", "poker")
 
 pytestmark = pytest.mark.timeout(300)
@@ -447,7 +447,7 @@ def test_status_watch_refreshes_until_ctrl_c(built: Built) -> None:
 
 
 @pytest.mark.kafka
-@pytest.mark.skipif(importlib.util.find_spec("consumers.http") is None, reason="consumers/http.py not in this build")
+@pytest.mark.skipif(importlib.util.find_spec("consumers.http.app") is None, reason="consumers/http/app.py not in this build")
 def test_query_url_matches_data_dir(built: Built, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -542,7 +542,7 @@ def test_demo_bad_usage() -> None:
     ],
 )
 def test_settings_out_of_range_are_refused_from_any_layer(cli: dict[str, Any], env: dict[str, str], field: str) -> None:
-    from consumers.settings import load_settings
+    from consumers.cli.settings import load_settings
     from schemas import ConfigError
 
     with pytest.raises(ConfigError, match=rf"invalid setting: .*\$\.{field}"):

@@ -37,7 +37,7 @@ from consumer_util import free_port
 from kafka_util import create_topic, produce, unique_topic
 
 from consumers.client import ClientError, TallyClient
-from consumers.http import (
+from consumers.http.app import (
     MAX_BODY,
     MAX_PAGE_SIZE,
     OPS,
@@ -45,7 +45,7 @@ from consumers.http import (
     create_app,
     start_http,
 )
-from consumers.runner import LATENCY_BUCKETS, ConsumerProcess, ConsumerStats
+from consumers.runtime.process import LATENCY_BUCKETS, ConsumerProcess, ConsumerStats
 from engine import (
     AggregateNotReady,
     Bound,
@@ -954,7 +954,7 @@ def test_cli_consume_serves_http_and_reports_a_taken_port(kafka_bootstrap: str, 
     """))
     port = free_port()
     data = tmp_path / "data"
-    cmd = [sys.executable, "-m", "consumers.cli", "consume", str(defs), "--bootstrap-servers", kafka_bootstrap,
+    cmd = [sys.executable, "-m", "consumers.cli.main", "consume", str(defs), "--bootstrap-servers", kafka_bootstrap,
            "--topic", f"{TABLE}={topic}", "--log-format", "json", "--group-id", unique_topic("g")]
     log = tmp_path / "consumer.log"
     log_file = log.open("w")

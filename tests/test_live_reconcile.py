@@ -31,9 +31,9 @@ from consumer_util import TALLY, child_env, free_port, open_store, tail, topic_e
 from kafka_util import create_topic, unique_topic
 
 from consumers.client import ClientError, TallyClient
-from consumers.live_patch import RemotePatcher, encode_changes
 from consumers.producer import SyncChangeProducer
-from consumers.reconcile_sources import postgres_source
+from consumers.reconcile.sources import postgres_source
+from consumers.runtime.patches import RemotePatcher, encode_changes
 from engine import TableAggregate
 from engine.reconcile import diff
 from schemas import NativeEvent

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 from kafka_util import create_topic, read_all, unique_topic
 
-from consumers import cli_produce
+from consumers.cli import produce as cli_produce
 from consumers.producer import (
     BrokerUnavailable,
     ChangeProducer,
@@ -485,14 +485,14 @@ def test_cli_csv_no_infer_and_stdin(
         "2": {"id": "2", "v": ""},
     }
 
-    # stdin (JSONL), through `python -m consumers.cli_produce`, with the broker from the environment.
+    # stdin (JSONL), through `python -m consumers.cli.produce`, with the broker from the environment.
     topic2 = unique_topic("cli-stdin")
     env = {**os.environ, "TALLY_BOOTSTRAP_SERVERS": kafka_bootstrap}
     res = subprocess.run(
         [
             PYTHON,
             "-m",
-            "consumers.cli_produce",
+            "consumers.cli.produce",
             "--table",
             "t",
             "--topic",
@@ -523,7 +523,7 @@ def test_cli_publishes_a_slow_pipe_as_lines_arrive(kafka_bootstrap: str) -> None
         [
             PYTHON,
             "-m",
-            "consumers.cli_produce",
+            "consumers.cli.produce",
             "--table",
             "t",
             "--topic",
@@ -659,7 +659,7 @@ def test_cli_unreachable_broker(tmp_path: Path) -> None:
         [
             PYTHON,
             "-m",
-            "consumers.cli_produce",
+            "consumers.cli.produce",
             "--table",
             "t",
             "--topic",

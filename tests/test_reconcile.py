@@ -134,7 +134,7 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from consumers.cli_reconcile import register
+    from consumers.cli.reconcile import register
 
     p = argparse.ArgumentParser(prog="tally")
     register(p.add_subparsers(dest="command"))
@@ -153,7 +153,7 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 
 
 def test_in_sync_after_build(tmp_path: Path, pg_url: str, table: str) -> None:
-    from consumers.reconcile_sources import postgres_source
+    from consumers.reconcile.sources import postgres_source
 
     store = build_store(tmp_path / "s", pg_url, table)
     try:
@@ -168,7 +168,7 @@ def test_in_sync_after_build(tmp_path: Path, pg_url: str, table: str) -> None:
 def test_dry_run_reports_exactly_the_drift_then_patch_converges(
     tmp_path: Path, pg_url: str, table: str
 ) -> None:
-    from consumers.reconcile_sources import postgres_source
+    from consumers.reconcile.sources import postgres_source
 
     store = build_store(tmp_path / "s", pg_url, table)
     try:
@@ -227,7 +227,7 @@ def test_progress_reports_rows_and_differences(tmp_path: Path) -> None:
 
 
 def test_text_ids_with_c_collation(tmp_path: Path, pg_url: str) -> None:
-    from consumers.reconcile_sources import postgres_source
+    from consumers.reconcile.sources import postgres_source
 
     name = f"rc_{uuid.uuid4().hex[:10]}"
     # a non-C default collation would order "B" < "a" ... : the source must ORDER BY ... COLLATE "C"
@@ -309,7 +309,7 @@ def test_cli_snapshot_files(tmp_path: Path, pg_url: str, table: str) -> None:
         r = json.loads(out)
         assert (r["missing"], r["extra"], r["wrong"]) == (2, 4, 5), f
     # external sort path: tiny runs
-    from consumers.reconcile_sources import snapshot_source
+    from consumers.reconcile.sources import snapshot_source
 
     got = [e for e, _ in snapshot_source(str(jl), ["id"], run_rows=7)]
     assert got == sorted(got) and len(got) == len(src)
@@ -418,8 +418,8 @@ def test_cli_compacted_topic_source(
 
 def test_csv_snapshot_cells_follow_tally_produce_rule(tmp_path: Path) -> None:
     """A CSV file produced with `tally produce` and reconciled against must read the same both ways."""
-    from consumers import cli_produce
-    from consumers.reconcile_sources import snapshot_source
+    from consumers.cli import produce as cli_produce
+    from consumers.reconcile.sources import snapshot_source
 
     path = tmp_path / "snap.csv"
     path.write_text("id,a,b,c,d,e\n1,true,,1e400,7,2.5\n")

@@ -43,8 +43,8 @@ if not __package__:
 import aiohttp
 from aiohttp import web
 
-from consumers.http import create_app
-from consumers.runner import ConsumerProcess
+from consumers.http.app import create_app
+from consumers.runtime.process import ConsumerProcess
 from engine import Store, TableAggregate
 from schemas.config import ConsumerSettings
 

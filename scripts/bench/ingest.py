@@ -36,7 +36,7 @@ from aiokafka.structs import TopicPartition
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from consumers.runner import ConsumerProcess  # noqa: E402
+from consumers.runtime.process import ConsumerProcess  # noqa: E402
 from engine import Store, TableAggregate  # noqa: E402
 from schemas.config import ConsumerSettings  # noqa: E402
 

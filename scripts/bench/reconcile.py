@@ -47,7 +47,7 @@ def _status_mib(field: str) -> float:
 
 
 def child(url: str, data: str, apply: bool) -> None:
-    from consumers.reconcile_sources import postgres_source
+    from consumers.reconcile.sources import postgres_source
     from engine import Store
     from engine.reconcile import reconcile
 

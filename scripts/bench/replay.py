@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
 from ingest import null_sink, produce, rss_mib  # noqa: E402
 
-from consumers.runner import ConsumerProcess  # noqa: E402
+from consumers.runtime.process import ConsumerProcess  # noqa: E402
 from engine import Store, TableAggregate, encode_key  # noqa: E402
 from engine.aggregate import prepare_encoded_id  # noqa: E402
 from schemas.config import ConsumerSettings  # noqa: E402

@@ -68,6 +68,10 @@ import msgspec
 from aiohttp import web
 from aiokafka.structs import TopicPartition
 
+from consumers.http.openapi import OP_DOCS, RouteDoc, build_openapi
+from consumers.logs import get_logger
+from consumers.runtime.patches import PatchError
+from consumers.runtime.process import LATENCY_BUCKETS
 from engine import (
     Aggregate,
     AggregateNotReady,
@@ -81,11 +85,6 @@ from engine import (
 from engine.triggers import DRIFT_KINDS
 from schemas import ConfigError
 from schemas.config import ConsumerSettings
-
-from .live_patch import PatchError
-from .logs import get_logger
-from .openapi import OP_DOCS, RouteDoc, build_openapi
-from .runner import LATENCY_BUCKETS
 
 __all__ = [
     "MAX_BODY",
@@ -270,7 +269,7 @@ OPS: dict[str, Op] = {
     ),
     "namespaces": Op((), (), lambda g, a: g.namespaces(), "{}"),
 }
-assert set(OPS) == set(OP_DOCS), "every op needs its OpenAPI doc in consumers/openapi.py"
+assert set(OPS) == set(OP_DOCS), "every op needs its OpenAPI doc in consumers/http/openapi.py"
 
 
 def _short(value: Any) -> str:
@@ -935,7 +934,7 @@ _SESSION_SCHEMA: dict[str, Any] = {
     description=(
         "From now on the consumer records every id its live stream writes to the aggregate; fixes sent to "
         "the session skip those ids (the live change is newer than any source read after this call). "
-        "Used by `tally reconcile --patch --url`; see consumers/live_patch.py for the rule."
+        "Used by `tally reconcile --patch --url`; see consumers/runtime/patches.py for the rule."
     ),
     response_schema=_SESSION_SCHEMA,
     status=201,
@@ -981,7 +980,7 @@ async def patch_begin(request: web.Request) -> web.StreamResponse:
     },
 )
 async def patch_chunk(request: web.Request) -> web.StreamResponse:
-    from .live_patch import decode_changes
+    from consumers.runtime.patches import decode_changes
 
     sessions = _patch_sessions(request)
     ctype = request.content_type

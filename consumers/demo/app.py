@@ -3,12 +3,13 @@
 What it does, in order:
 
 1. makes sure a Kafka broker answers (on the default 127.0.0.1:9092 it runs
-   ``scripts/kafka start`` from the repository checkout when none does);
+   the local broker launcher shipped in this package, `consumers.demo.broker`, when
+   none does: it fetches Apache Kafka from Maven Central on first use);
 2. creates the compacted topic ``tally-demo.scores`` (3 partitions);
 3. reads what earlier demo runs left in that topic, so the in-memory oracle
    starts from the same rows the consumer will replay;
 4. starts a `ConsumerProcess` in this process (the definitions of
-   ``examples/leaderboard.py``, a fresh data dir under the temp dir unless
+   ``consumers/demo/leaderboard.py``, a fresh data dir under the temp dir unless
    ``--data-dir``, the HTTP API unless ``--no-http``);
 5. produces a realistic change stream with `ChangeProducer` — players
    inserting, updating and deleting scores across eight games, with skewed
@@ -73,7 +74,7 @@ DEFAULT_SECONDS: Final = 25.0
 SHORT_SECONDS: Final = 2.0
 TOPIC_ALREADY_EXISTS: Final = 36
 
-AGGREGATES: Final = ("by_game", "high_scores", "leaderboard")  # examples/leaderboard.py
+AGGREGATES: Final = ("by_game", "high_scores", "leaderboard")  # consumers/demo/leaderboard.py
 TRACKED_PLAYER: Final = "ana"  # the most active player (Zipf rank 1)
 TRACKED_GAME: Final = "chess"  # the most popular game
 PAGE_NUMBER: Final = 40
@@ -361,12 +362,6 @@ def broker_answers(bootstrap: str, timeout: float = 1.0) -> bool:
     return False
 
 
-def kafka_script() -> Path | None:
-    """scripts/kafka of the repository checkout this package runs from, if any."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / "kafka"
-    return path if path.is_file() else None
-
-
 def ensure_broker(bootstrap: str, say: Callable[[str], None]) -> None:
     if broker_answers(bootstrap):
         return
@@ -377,21 +372,15 @@ def ensure_broker(bootstrap: str, say: Callable[[str], None]) -> None:
             f"no Kafka broker answers at {bootstrap}: start it, or drop --bootstrap-servers to use "
             f"(and auto-start) the local one at {DEFAULT_BOOTSTRAP}"
         )
-    script = kafka_script()
-    if script is None:
-        raise DemoError(
-            f"no Kafka broker answers at {bootstrap}, and scripts/kafka is not next to this package "
-            "(not a repository checkout): start a broker (e.g. `docker compose up -d kafka`) or pass "
-            "--bootstrap-servers"
-        )
-    say(f"no Kafka broker at {bootstrap}: starting one with `{script} start` (the first time downloads it)")
+    launcher = [sys.executable, "-m", f"{__package__}.broker"]
+    shown = " ".join(launcher[1:])
+    say(f"no Kafka broker at {bootstrap}: starting one with `python {shown} start` (the first time downloads it)")
     sys.stdout.flush()
     # Its progress lines go straight to the terminal: the first start can take a while.
-    res = subprocess.run(
-        [sys.executable, str(script), "start", "--port", "9092"], stdin=subprocess.DEVNULL, check=False
-    )
+    env = {**os.environ, "TALLY_BROKER_PROG": f"python {shown}"}
+    res = subprocess.run([*launcher, "start", "--port", "9092"], stdin=subprocess.DEVNULL, check=False, env=env)
     if res.returncode != 0 or not broker_answers(bootstrap, timeout=5.0):
-        raise DemoError(f"`{script} start` failed (exit {res.returncode}); see its output above")
+        raise DemoError(f"`python {shown} start` failed (exit {res.returncode}); see its output above")
 
 
 async def ensure_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> int:
@@ -425,9 +414,8 @@ async def ensure_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> int
 
 async def read_topic_rows(consumer: Any, topic: str, tps: list[Any]) -> tuple[dict[Any, dict[str, Any]], int]:
     """The rows the topic holds now (latest image per id, deletes applied) and its record count."""
+    from consumers.topics import read_to_end
     from schemas import BadRecord, EventDecoder
-
-    from .topic_read import read_to_end
 
     decoder = EventDecoder(topic_tables={topic: TABLE}, known_tables={TABLE})
     rows: dict[Any, dict[str, Any]] = {}
@@ -663,9 +651,9 @@ def _options(args: argparse.Namespace) -> Options:
     http: str | None = None
     if not args.no_http:
         http = args.http or DEFAULT_HTTP
-        if importlib.util.find_spec("consumers.http") is None:
+        if importlib.util.find_spec("consumers.http.app") is None:
             if args.http or args.serve:
-                raise DemoError("this build has no HTTP API (consumers/http.py); run without --http/--serve")
+                raise DemoError("this build has no HTTP API (consumers/http/app.py); run without --http/--serve")
             http = None
     elif args.http:
         raise DemoError("give --http or --no-http, not both", EXIT_USAGE)
@@ -692,22 +680,18 @@ def _say(text: str) -> None:
 
 
 def _definitions_path() -> str:
-    path = Path(__file__).resolve().parent.parent / "examples" / "leaderboard.py"
-    if not path.is_file():
-        raise DemoError(
-            f"{path} is missing: `tally demo` runs from a repository checkout (it uses examples/leaderboard.py)"
-        )
-    return str(path)
+    """The demo's definitions: `leaderboard.py` in this package (a plain definitions file)."""
+    return str(Path(__file__).resolve().with_name("leaderboard.py"))
 
 
 async def _demo(opts: Options) -> int:
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition
 
-    from .definitions import load_definitions
-    from .logs import configure_logging
-    from .producer import ChangeProducer, ProduceError
-    from .runner import ConsumerProcess, stored_offsets
+    from consumers.logs import configure_logging
+    from consumers.producer import ChangeProducer, ProduceError
+    from consumers.runtime.definitions import load_definitions
+    from consumers.runtime.process import ConsumerProcess, stored_offsets
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -1003,7 +987,7 @@ examples:
   tally demo --events 200000 --rate 0 --no-http --data-dir ./demo-data
 
 The broker: --bootstrap-servers, $TALLY_BOOTSTRAP_SERVERS, else {DEFAULT_BOOTSTRAP}, which is
-started with scripts/kafka when nothing answers there. The topic ({DEFAULT_TOPIC}) is kept
+started by the bundled launcher (python -m ...demo.broker) when nothing answers there. The topic ({DEFAULT_TOPIC}) is kept
 between runs; a new run's oracle starts from what it already holds.
 exit status: 0 verified, 1 mismatch or runtime failure, 2 bad usage, 130 interrupted.
 """
@@ -1016,7 +1000,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="see it work: a live leaderboard from a Kafka change stream, verified against an oracle",
         description=(
             "Produce a realistic change stream of game scores to Kafka, consume it into the "
-            "examples/leaderboard.py aggregates in this process, show live answers (rank, percentiles, "
+            "leaderboard aggregates (consumers/demo/leaderboard.py) in this process, show live answers (rank, percentiles, "
             "top 10, pages, per-game counts) as they change, then verify them against an in-memory oracle."
         ),
         epilog=EPILOG,

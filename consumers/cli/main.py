@@ -21,10 +21,10 @@ __all__ = ["build_parser", "main"]
 
 # Subcommand modules: each exposes register(subparsers).
 _SUBCOMMANDS = (
-    "consumers.cli_produce",
-    "consumers.cli_query",
-    "consumers.cli_demo",
-    "consumers.cli_reconcile",
+    "consumers.cli.produce",
+    "consumers.cli.query",
+    "consumers.demo.app",
+    "consumers.cli.reconcile",
 )
 
 
@@ -44,7 +44,7 @@ def _consume_parser(sub: argparse._SubParsersAction) -> None:
         ),
         epilog=(
             "example:\n"
-            "  tally consume examples/leaderboard.py --topic scores=game.scores --data-dir ./data\n\n"
+            "  tally consume consumers/demo/leaderboard.py --topic scores=game.scores --data-dir ./data\n\n"
             "Each option also reads TALLY_<OPTION> (e.g. TALLY_BOOTSTRAP_SERVERS) and a TOML file\n"
             "(--config, $TALLY_CONFIG or ./tally.toml). Precedence: flag > environment > file > default."
         ),
@@ -94,10 +94,10 @@ def _consume_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_consume(args: argparse.Namespace) -> int:
-    from .definitions import load_definitions
-    from .logs import configure_logging
-    from .runner import ConsumerProcess
-    from .settings import load_settings, parse_topic_map
+    from consumers.cli.settings import load_settings, parse_topic_map
+    from consumers.logs import configure_logging
+    from consumers.runtime.definitions import load_definitions
+    from consumers.runtime.process import ConsumerProcess
 
     cli = {
         "definitions": args.definitions,
@@ -118,7 +118,7 @@ def _run_consume(args: argparse.Namespace) -> int:
     if args.no_http or (args.until_caught_up and not args.http):
         settings = msgspec.structs.replace(settings, http=None)
     if not settings.definitions:
-        raise TallyError("no definitions given: pass a Python file, e.g. `tally consume examples/leaderboard.py`")
+        raise TallyError("no definitions given: pass a Python file, e.g. `tally consume consumers/demo/leaderboard.py`")
     configure_logging(settings.log_level, settings.log_format)
     defs = load_definitions(settings.definitions)
     store = Store.open(settings.data_dir, cache_nodes=settings.cache_nodes, max_node_size=settings.max_node_size)
@@ -159,7 +159,7 @@ def _run_rebuild(args: argparse.Namespace) -> int:
 
     url = args.url or (None if args.data_dir else os.environ.get("TALLY_URL"))
     if url:
-        from .client import TallyClient
+        from consumers.client import TallyClient
 
         token = args.token or os.environ.get("TALLY_TOKEN")
         result = TallyClient(url, token=token).rebuild(args.aggregate)

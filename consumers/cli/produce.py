@@ -61,11 +61,10 @@ from consumers.producer import (
     ChangeProducer,
     ProduceError,
 )
+from consumers.rows import infer_value
 from schemas.errors import InvalidEvent
 from schemas.events import NativeEvent, NativeOp
 from schemas.keys import ProduceFormat, encode_event, row_id
-
-from .csv_cells import infer_value
 
 __all__ = ["infer_value", "main", "register", "run"]
 
@@ -201,7 +200,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m consumers.cli_produce ...``: the same as ``tally produce ...``."""
+    """``python -m consumers.cli.produce ...``: the same as ``tally produce ...``."""
     p = argparse.ArgumentParser(
         prog=PROG,
         description=DESCRIPTION,

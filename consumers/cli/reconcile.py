@@ -8,7 +8,7 @@ definition's table, ordered by ``--id-column``, default the definition's
 ``id_field``), ``kafka:TOPIC`` (a compacted change topic read to its end,
 latest row per id; ``--bootstrap-servers``) or a JSON Lines / CSV snapshot
 file. See `engine.reconcile` for
-the classes (missing / extra / wrong) and `consumers.reconcile_sources` for
+the classes (missing / extra / wrong) and `consumers.reconcile.sources` for
 the ordering assumptions.
 
 ``--dry-run`` (the default) opens the data dir read-only (a RocksDB
@@ -20,7 +20,7 @@ write path (`Aggregate.apply_many`) in batches.
 ``--patch --url URL --token T`` patches a *running* consumer: the diff reads
 the data dir read-only and each fix is applied inside the consumer between
 two live batches, skipping ids the live stream wrote since the reconcile
-began (see `consumers.live_patch` for why this never overwrites a newer live
+began (see `consumers.runtime.patches` for why this never overwrites a newer live
 change with an older source read). Snapshot files are refused there.
 
 A progress bar (rows, rows/s, differences) goes to stderr on a terminal; a
@@ -147,7 +147,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _open_source(args: argparse.Namespace, definition: Any) -> Any:
-    from .reconcile_sources import SourceError, postgres_source, snapshot_source, topic_source
+    from consumers.reconcile.sources import (
+        SourceError,
+        postgres_source,
+        snapshot_source,
+        topic_source,
+    )
 
     src: str = args.source
     ids = args.id_column or list(definition.id_fields)
@@ -184,9 +189,8 @@ def _open_store(data_dir: str, write: bool) -> Store:
 
 
 def run_reconcile(args: argparse.Namespace) -> int:
+    from consumers.runtime.definitions import load_definitions
     from engine.reconcile import reconcile
-
-    from .definitions import load_definitions
 
     spec = args.definitions or os.environ.get("TALLY_DEFINITIONS")
     if not spec:
@@ -257,7 +261,7 @@ def _reads_at_run_time(src: str) -> bool:
 
 def _estimate(args: argparse.Namespace, definition: Any) -> int | None:
     if args.source.startswith(("postgresql://", "postgres://")):
-        from .reconcile_sources import postgres_row_estimate
+        from consumers.reconcile.sources import postgres_row_estimate
 
         return postgres_row_estimate(args.source, args.table or definition.table)
     return None
@@ -266,17 +270,16 @@ def _estimate(args: argparse.Namespace, definition: Any) -> int | None:
 def _live_patch(
     args: argparse.Namespace, definition: Any, source: Any, data_dir: str, url: str, estimate: int | None
 ) -> Any:
-    """Diff read-only here; fixes applied inside the running consumer (`consumers.live_patch`)."""
+    """Diff read-only here; fixes applied inside the running consumer (`consumers.runtime.patches`)."""
+    from consumers.client import TallyClient
+    from consumers.runtime.patches import RemotePatcher
     from engine.reconcile import diff
-
-    from .client import TallyClient
-    from .live_patch import RemotePatcher
 
     token = args.token or os.environ.get("TALLY_TOKEN")
     client = TallyClient(url, timeout=60.0, token=token)
     name = args.aggregate
     patcher = RemotePatcher(client, name, batch_size=min(args.batch_size, 5_000))
-    session = patcher.begin()  # before the source is read: see consumers.live_patch
+    session = patcher.begin()  # before the source is read: see consumers.runtime.patches
     try:
         if session["fingerprint"] != definition.fingerprint:
             raise TallyError(

@@ -34,11 +34,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
+from consumers.rows import infer_value
 from engine import TallyError, decode_key, encode_key
 from engine.keys import key_repr
 from schemas import DecodeFormat
-
-from .csv_cells import infer_value
 
 __all__ = ["SourceError", "postgres_row_estimate", "postgres_source", "snapshot_source", "topic_source"]
 
@@ -331,7 +330,7 @@ def _topic_rows(
 
     import msgspec
 
-    from .topic_read import read_to_end
+    from consumers.topics import read_to_end
 
     tmpdir = tempfile.mkdtemp(prefix="tally-reconcile-topic-")
     db = sqlite3.connect(os.path.join(tmpdir, "latest.sqlite"))

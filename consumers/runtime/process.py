@@ -10,7 +10,7 @@ Offsets committed to Kafka under ``group_id`` are only for lag monitoring.
 Aggregates that have no ready generation for their current definition
 (new ones, changed ones, rebuilds) are built by a replay stream from the
 topics' beginning offsets while the live stream keeps feeding and serving
-every other aggregate (see `consumers.streams`).
+every other aggregate (see `consumers.runtime.streams`).
 
 A bad record (undecodable, no id, unknown table, a user function raising)
 goes to the dead-letter topic first, with its reason in headers; only once
@@ -33,15 +33,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from consumers.logs import get_logger
+from consumers.runtime.definitions import id_fields_by_table
+from consumers.runtime.patches import PatchSessions
+from consumers.runtime.streams import LIVE, Stream, offset_key, stored_offsets
 from engine import Batch, Generation, Store, TableAggregate
 from engine.triggers import DRIFT_EXAMPLES, Applier
 from schemas import BadRecord, ChangeEvent, ConfigError, EventDecoder
 from schemas.config import ConsumerSettings
-
-from .definitions import id_fields_by_table
-from .live_patch import PatchSessions
-from .logs import get_logger
-from .streams import LIVE, Stream, offset_key, stored_offsets
 
 __all__ = ["ConsumerProcess", "ConsumerStats", "offset_key", "stored_offsets"]
 
@@ -261,7 +260,7 @@ class ConsumerProcess:
         gc.set_threshold(GC_THRESHOLD, 100, 1000)
         http = None
         if self.settings.http:
-            from .http import start_http
+            from consumers.http.app import start_http
 
             http = await start_http(self, self.settings.http, self.settings.token)
         try:

@@ -255,7 +255,7 @@ class LocalReader:
 
 
 def _client(url: str, timeout: float) -> Any:
-    from .client import TallyClient
+    from consumers.client import TallyClient
 
     if timeout <= 0:
         raise CommandError(f"--timeout must be positive, got {timeout:g}")
@@ -308,7 +308,7 @@ def _error_code(e: BaseException) -> int:
         return e.code
     if isinstance(e, (AggregateNotReady, StoreCorrupted)):
         return EXIT_RUNTIME
-    from .client import ClientError
+    from consumers.client import ClientError
 
     if isinstance(e, ClientError):
         if e.status is None:
@@ -773,7 +773,7 @@ class _Broker:
 
 
 def _local_status(store: Store, broker_ends: dict[Any, int] | None) -> dict[str, Any]:
-    from .runner import stored_offsets
+    from consumers.runtime.process import stored_offsets
 
     aggregates = []
     for name in store.aggregates():
@@ -975,7 +975,7 @@ async def _status_async(args: argparse.Namespace) -> int:
         cleanup.append(broker.close)
 
         async def fetch_local() -> dict[str, Any]:
-            from .runner import stored_offsets
+            from consumers.runtime.process import stored_offsets
 
             store.refresh()
             ends = await broker.end_offsets(list(stored_offsets(store)))

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the consumer's HTTP API, built as a plain dict.
 
-`consumers.http` serves it at ``GET /openapi.json``, built once per app from
+`consumers.http.app` serves it at ``GET /openapi.json``, built once per app from
 the same tables that register the routes (the ops and their arguments, the
 token-protected routes), so the document and the router cannot drift apart;
 ``tests/test_http.py`` checks both directions.

@@ -62,8 +62,8 @@ from engine.aggregate import prepare_encoded_id
 from engine.triggers import CLEAR, UPSERT, Op
 
 if TYPE_CHECKING:
-    from .client import TallyClient
-    from .runner import ConsumerProcess
+    from consumers.client import TallyClient
+    from consumers.runtime.process import ConsumerProcess
 
 __all__ = [
     "MAX_SESSIONS",
@@ -381,7 +381,7 @@ class RemotePatcher:
             self._send(changes[:half])
             self._send(changes[half:])
             return
-        from .client import ClientError
+        from consumers.client import ClientError
 
         assert self.session is not None
         deadline = time.monotonic() + self.catch_up_timeout

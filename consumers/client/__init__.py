@@ -1,0 +1,5 @@
+"""`TallyClient`: the Python client of the HTTP API (standard library only)."""
+
+from consumers.client.client import DEFAULT_URL, ClientError, TallyClient
+
+__all__ = ["DEFAULT_URL", "ClientError", "TallyClient"]

@@ -1,0 +1,24 @@
+"""`ChangeProducer`: publish tally's native change events to Kafka (see `schemas.keys` for the
+key contract)."""
+
+from consumers.producer.producer import (
+    DEFAULT_BOOTSTRAP_SERVERS,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_BATCH_SIZE,
+    BrokerUnavailable,
+    BulkPublisher,
+    ChangeProducer,
+    ProduceError,
+    SyncChangeProducer,
+)
+
+__all__ = [
+    "DEFAULT_BOOTSTRAP_SERVERS",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_MAX_BATCH_SIZE",
+    "BrokerUnavailable",
+    "BulkPublisher",
+    "ChangeProducer",
+    "ProduceError",
+    "SyncChangeProducer",
+]

@@ -1,0 +1,12 @@
+"""Sources of truth for `tally reconcile`: a Postgres table, a compacted topic, a snapshot file,
+each yielding ``(encoded id, row)`` in id order for `engine.reconcile`."""
+
+from consumers.reconcile.sources import (
+    SourceError,
+    postgres_row_estimate,
+    postgres_source,
+    snapshot_source,
+    topic_source,
+)
+
+__all__ = ["SourceError", "postgres_row_estimate", "postgres_source", "snapshot_source", "topic_source"]

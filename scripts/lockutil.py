@@ -177,12 +177,22 @@ def versions(lock: Path = LOCK) -> None:
     names = sorted({canonical(m.group(1)) for s in specs if (m := _NAME.match(s))})
     locked = pins(lock) if lock.exists() else {}
     installed = _installed()
-    print("direct dependencies, newest allowed (vs requirements.lock):")
+    rows: list[str] = []
+    moved = 0
     for name in names:
         have = installed.get(name, "not installed")
         was = " or ".join(sorted(locked.get(name, set()))) or "not locked"
-        note = "" if have in locked.get(name, set()) else f"   <- lock has {was}"
-        print(f"  {name:<20} {have}{note}")
+        note = ""
+        if have not in locked.get(name, set()):
+            moved += 1
+            note = f"   <- {lock.name} has {was}"
+        rows.append(f"  {name:<20} {have}{note}")
+    print(
+        f"test-latest: direct dependencies, newest allowed ({moved} of {len(names)} "
+        f"differ from {lock.name}):",
+        *rows,
+        sep="\n",
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -33,9 +33,10 @@ from kafka_util import read_all
 from oracle import Event, interpret_record
 
 ROOT = Path(__file__).resolve().parent.parent
-TALLY = str(ROOT / ".venv" / "bin" / "tally")
-if not os.path.exists(TALLY):  # a venv elsewhere: the interpreter running the tests
-    TALLY = str(Path(sys.executable).parent / "tally")
+# The CLI of the venv running the tests (.venv, or .venv-latest under scripts/test-latest).
+TALLY = str(Path(sys.executable).parent / "tally")
+if not os.path.exists(TALLY):  # an interpreter outside any venv: the project's .venv
+    TALLY = str(ROOT / ".venv" / "bin" / "tally")
 
 
 

@@ -598,7 +598,18 @@ def test_cli_input_errors(
             (),
             "line 1: insert event for table 't' has no 'after'",
         ),
-        ("utf.jsonl", '{"id": 1}\n"\udcff"\n', (), "line 2: not UTF-8 text"),
+        (
+            "utf.jsonl",
+            '{"id": 1}\n"\udcff"\n',
+            (),
+            r"line 2: not UTF-8 text \(invalid start byte 0xff at byte 2 of the line\); convert",
+        ),
+        (  # the usual real case: a Latin-1 é inside a JSON string
+            "latin1.jsonl",
+            '{"id": 1, "name": "caf\xe9"}\n',
+            (),
+            r"line 1: not UTF-8 text \(invalid continuation byte 0xe9 at byte 23 of the line\)",
+        ),
         (
             "noidcol.csv",
             "name,score\nx,1\n",
@@ -614,7 +625,12 @@ def test_cli_input_errors(
         ("ragged.csv", "id,v\n1,2\n2,3,4\n", (), "line 3: 3 fields, but the header has 2 columns"),
         ("dupe.csv", "id,id\n1,2\n", (), "repeats column"),
         ("empty.csv", "", (), "line 1: empty CSV file"),
-        ("latin1.csv", "id,v\n1,caf\xe9\n", (), "line 2: not UTF-8"),
+        (
+            "latin1.csv",
+            "id,v\n1,caf\xe9\n",
+            (),
+            r"line 2: not UTF-8 text \(invalid continuation byte 0xe9 at byte 6 of the line\)",
+        ),
         ("rows.unknown", '{"id": 1}\n', (), "cannot tell the format.*--input-format"),
         ("missing.jsonl", None, (), r"cannot read .*missing\.jsonl: No such file"),
     ]

@@ -375,6 +375,22 @@ class _Lines:
             yield tail
 
 
+def _not_utf8(raw: bytes) -> str | None:
+    """What is wrong with a line that is not UTF-8 (the bad byte and where), or None.
+
+    Checked by tally itself rather than left to the JSON decoder, whose wording for it
+    changes between msgspec releases.
+    """
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (
+            f"not UTF-8 text ({exc.reason} 0x{raw[exc.start]:02x} at byte {exc.start + 1} of "
+            "the line); convert the file to UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)"
+        )
+    return None
+
+
 class _RecordParser:
     """Input lines → encoded ``(key, value)`` records; raises `_InputError` naming the line."""
 
@@ -417,10 +433,10 @@ class _RecordParser:
         decode = self._json.decode
         for raw in lines:
             n = lines.number
+            if not raw.isascii() and (problem := _not_utf8(raw)) is not None:
+                raise self._error(n, problem)
             try:
                 obj = decode(raw)
-            except UnicodeDecodeError as exc:
-                raise self._error(n, f"not UTF-8 text ({exc.reason})") from None
             except msgspec.DecodeError as exc:
                 if not raw.strip():
                     continue  # a blank line
@@ -492,7 +508,8 @@ class _RecordParser:
             try:
                 yield decoder.decode(raw)
             except UnicodeDecodeError as exc:
-                raise self._error(lines.number, f"not UTF-8 text ({exc.reason})") from None
+                problem = _not_utf8(raw) or f"not UTF-8 text ({exc.reason})"
+                raise self._error(lines.number, problem) from None
 
 
 # ---------------------------------------------------------------- reader

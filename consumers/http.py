@@ -78,6 +78,7 @@ from engine import (
     TableAggregate,
     TallyError,
 )
+from engine.catalog import not_ready
 from schemas import ConfigError
 from schemas.config import ConsumerSettings
 
@@ -711,6 +712,17 @@ def _not_found(request: web.Request) -> ApiError:
     )
 
 
+def _live_not_ready(request: web.Request, e: AggregateNotReady) -> AggregateNotReady:
+    """``e`` with the serving process's current build progress (what /status shows: the
+    chunk being gathered included), rather than the progress the last commit stored."""
+    hook = getattr(request.app[PROCESS], "aggregate_states", None)
+    name = request.match_info.get("name")
+    if not callable(hook) or name is None:
+        return e
+    progress = (hook().get(name) or {}).get("progress")
+    return not_ready(name, progress) if isinstance(progress, dict) else e
+
+
 def _from_http_exception(request: web.Request, e: web.HTTPException) -> web.StreamResponse:
     if e.status == 404:
         return _not_found(request).response()
@@ -737,11 +749,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except PatchError as e:
         return ApiError(e.status, e.code, str(e), **e.details).response()
     except AggregateNotReady as e:
+        live = _live_not_ready(request, e)
         return ApiError(
             503,
             "not_ready",
-            f"{e}; it answers once it has caught up (GET /status shows its progress)",
-            progress=e.progress,
+            f"{live}; it answers once it has caught up (GET /status shows its progress)",
+            progress=live.progress,
         ).response()
     except OffsetOutOfRange as e:
         return ApiError(400, "offset_out_of_range", str(e)).response()

@@ -823,6 +823,7 @@ class ConsumerProcess:
             stream.put_offsets(b, stream.pending_offsets)
             stream.offsets.update(stream.pending_offsets)
             stream.events += pending.events
+            stream.pending, stream.pending_offsets = None, {}  # committed now: not pending
             progress = stream.progress()
             for name in stream.targets:
                 g = self.store.generation(name)
@@ -842,8 +843,6 @@ class ConsumerProcess:
             changed=result.changed,
             ms=round(dt * 1000, 2),
         )
-        stream.pending = None
-        stream.pending_offsets = {}
 
     async def _dead_letter(
         self, bad: list[tuple[TopicPartition, ConsumerRecord[Any, Any], BadRecord]]

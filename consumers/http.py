@@ -83,6 +83,7 @@ from schemas import ConfigError
 from schemas.config import ConsumerSettings
 
 from .apply import DRIFT_KINDS
+from .dead_letters import DeadLetterHealth
 from .live_patch import PatchError
 from .logs import get_logger
 from .openapi import OP_DOCS, RouteDoc, build_openapi
@@ -445,7 +446,12 @@ def status(process: Served) -> dict[str, Any]:
         "caught_up": bool(caught_up is not None and caught_up.is_set()),
         "uptime_seconds": round(time.time() - st.started, 3),
         "broker_reachable": st.broker_ok,
+        "dead_letter": _dead_letter(st).status(),
     }
+
+
+def _dead_letter(st: Stats) -> DeadLetterHealth:
+    return getattr(st, "dead_letter", None) or DeadLetterHealth()
 
 
 def readiness(process: Served) -> tuple[bool, str, int]:
@@ -453,6 +459,9 @@ def readiness(process: Served) -> tuple[bool, str, int]:
     st = process.stats
     lag = sum(st.lag().values())
     max_lag = process.settings.ready_max_lag
+    held = _dead_letter(st).problem()
+    if held and st.broker_ok:  # (with the broker gone, that is the reason to give)
+        return False, held, lag
     if not process.assigned:
         return (
             False,

@@ -30,7 +30,8 @@ it was read), it is written again with headers only. On topics whose limit is be
 producer's batch size, dead letters are sent one at a time, so batching cannot add them up
 past the limit.
 
-**When the topic is truly unwritable** (missing with auto-creation off, not authorized,
+**When the topic is truly unwritable** (missing with auto-creation off, a name the broker
+refuses to create because it clashes with an existing topic's '.'/'_', not authorized,
 fewer in-sync replicas than ``min.insync.replicas``, ...) the batch is held, as a batch
 commits only after its dead letters are acknowledged. `DeadLetterHealth` says so
 (``/status`` → ``dead_letter``, ``/readyz`` → not ready, with the reason and since when),

@@ -20,7 +20,7 @@ import msgspec
 
 from .errors import AggregateNotReady
 
-__all__ = ["GEN_SEP", "Generation", "physical_name"]
+__all__ = ["GEN_SEP", "Generation", "not_ready", "physical_name"]
 
 GEN_SEP = "#"
 
@@ -64,14 +64,28 @@ class Generation(msgspec.Struct, kw_only=True):
             return self.active
         if partial and self.building is not None:
             return self.building
-        p = self.progress
-        pct = p.get("percent")
-        detail = f"{pct:.1f}% replayed" if isinstance(pct, (int, float)) else "replay starting"
-        eta = p.get("eta_s")
-        if isinstance(eta, (int, float)):
-            detail += f", about {eta:.0f}s left"
-        raise AggregateNotReady(
-            f"aggregate {name!r} is being built by replaying its topics ({detail}); "
-            "retry later, or ask for a partial answer (partial=True)",
-            progress=dict(p),
-        )
+        raise not_ready(name, self.progress)
+
+
+def not_ready(name: str, progress: dict[str, Any]) -> AggregateNotReady:
+    """The error for reads of ``name`` while it is built, saying how far the build is.
+
+    A consumer serving reads passes its in-memory progress (the chunk being gathered
+    included); the catalog's own is what the last commit stored.
+    """
+    p = progress
+    pct, read, total = p.get("percent"), p.get("read"), p.get("total")
+    if isinstance(read, int) and isinstance(total, int) and isinstance(pct, (int, float)):
+        detail = f"{read:,} of {total:,} events read, {pct:.1f}%"
+    elif isinstance(pct, (int, float)):
+        detail = f"{pct:.1f}% replayed"
+    else:
+        detail = "replay starting"
+    eta = p.get("eta_s")
+    if isinstance(eta, (int, float)):
+        detail += f", about {eta:.0f}s left"
+    return AggregateNotReady(
+        f"aggregate {name!r} is being built by replaying its topics ({detail}); "
+        "retry later, or ask for a partial answer (partial=True)",
+        progress=dict(p),
+    )

@@ -98,19 +98,30 @@ async def aproduce(
     topic: str,
     records: Sequence[Record],
     partition: int | None = None,
+    max_request_size: int = 1048576,
 ) -> list[tuple[int, int]]:
     """Produce records (acks=all) in order; returns [(partition, offset), ...].
 
     With ``partition=None`` the default partitioner picks the partition by key
     (murmur2, like the Java client), so equal keys land in the same partition.
+    A record with key and value both None (which ``send`` refuses, but Kafka
+    holds) goes in a batch of its own, to ``partition`` or partition 0.
+    ``max_request_size``: raise it to produce records over 1 MiB.
     """
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", max_request_size=max_request_size
+    )
     await producer.start()
     try:
         futures = []
         for rec in records:
             key, value = rec[0], rec[1]
             headers = list(rec[2]) if len(rec) > 2 else None
+            if key is None and value is None:
+                batch = producer.create_batch()
+                assert batch.append(key=None, value=None, timestamp=None, headers=headers or [])
+                futures.append(await producer.send_batch(batch, topic, partition=partition or 0))
+                continue
             futures.append(
                 await producer.send(
                     topic, value=value, key=key, partition=partition, headers=headers
@@ -168,8 +179,9 @@ def produce(
     topic: str,
     records: Sequence[Record],
     partition: int | None = None,
+    max_request_size: int = 1048576,
 ) -> list[tuple[int, int]]:
-    return asyncio.run(aproduce(bootstrap, topic, records, partition))
+    return asyncio.run(aproduce(bootstrap, topic, records, partition, max_request_size))
 
 
 def read_all(bootstrap: str, topic: str, timeout: float = 30.0) -> list[ReadRecord]:

@@ -70,6 +70,7 @@ from aiokafka.structs import TopicPartition
 
 from consumers.http.openapi import OP_DOCS, RouteDoc, build_openapi
 from consumers.logs import get_logger
+from consumers.runtime.deadletters import DeadLetterHealth
 from consumers.runtime.patches import PatchError
 from consumers.runtime.process import LATENCY_BUCKETS
 from engine import (
@@ -82,6 +83,7 @@ from engine import (
     TableAggregate,
     TallyError,
 )
+from engine.catalog import not_ready
 from engine.triggers import DRIFT_KINDS
 from schemas import ConfigError
 from schemas.config import ConsumerSettings
@@ -443,7 +445,12 @@ def status(process: Served) -> dict[str, Any]:
         "caught_up": bool(caught_up is not None and caught_up.is_set()),
         "uptime_seconds": round(time.time() - st.started, 3),
         "broker_reachable": st.broker_ok,
+        "dead_letter": _dead_letter(st).status(),
     }
+
+
+def _dead_letter(st: Stats) -> DeadLetterHealth:
+    return getattr(st, "dead_letter", None) or DeadLetterHealth()
 
 
 def readiness(process: Served) -> tuple[bool, str, int]:
@@ -451,6 +458,9 @@ def readiness(process: Served) -> tuple[bool, str, int]:
     st = process.stats
     lag = sum(st.lag().values())
     max_lag = process.settings.ready_max_lag
+    held = _dead_letter(st).problem()
+    if held and st.broker_ok:  # (with the broker gone, that is the reason to give)
+        return False, held, lag
     if not process.assigned:
         return (
             False,
@@ -710,6 +720,17 @@ def _not_found(request: web.Request) -> ApiError:
     )
 
 
+def _live_not_ready(request: web.Request, e: AggregateNotReady) -> AggregateNotReady:
+    """``e`` with the serving process's current build progress (what /status shows: the
+    chunk being gathered included), rather than the progress the last commit stored."""
+    hook = getattr(request.app[PROCESS], "aggregate_states", None)
+    name = request.match_info.get("name")
+    if not callable(hook) or name is None:
+        return e
+    progress = (hook().get(name) or {}).get("progress")
+    return not_ready(name, progress) if isinstance(progress, dict) else e
+
+
 def _from_http_exception(request: web.Request, e: web.HTTPException) -> web.StreamResponse:
     if e.status == 404:
         return _not_found(request).response()
@@ -736,11 +757,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except PatchError as e:
         return ApiError(e.status, e.code, str(e), **e.details).response()
     except AggregateNotReady as e:
+        live = _live_not_ready(request, e)
         return ApiError(
             503,
             "not_ready",
-            f"{e}; it answers once it has caught up (GET /status shows its progress)",
-            progress=e.progress,
+            f"{live}; it answers once it has caught up (GET /status shows its progress)",
+            progress=live.progress,
         ).response()
     except OffsetOutOfRange as e:
         return ApiError(400, "offset_out_of_range", str(e)).response()

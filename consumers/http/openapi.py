@@ -276,6 +276,21 @@ _COMPONENT_SCHEMAS: dict[str, Schema] = {
             "caught_up": {"type": "boolean"},
             "uptime_seconds": {"type": "number"},
             "broker_reachable": {"type": "boolean"},
+            "dead_letter": {
+                "type": "object",
+                "description": "Whether dead letters can be written. `failing`: the batch holding "
+                "bad records is not committed (nothing after it applies) until the write succeeds.",
+                "required": ["state"],
+                "properties": {
+                    "state": {"type": "string", "enum": ["ok", "failing"]},
+                    "written": {"type": "integer", "description": "Dead letters acknowledged."},
+                    "topic": {"type": "string"},
+                    "reason": {"type": "string"},
+                    "since": {"type": "string", "format": "date-time"},
+                    "attempts": {"type": "integer"},
+                    "records": {"type": "integer", "description": "Dead letters the held batch waits to write."},
+                },
+            },
         },
     },
     "Health": {

@@ -16,6 +16,9 @@ A bad record (undecodable, no id, unknown table, a user function raising)
 goes to the dead-letter topic first, with its reason in headers; only once
 the broker has acknowledged it does the batch commit. If the dead-letter
 write fails, nothing commits and the batch is fetched again: nothing lost.
+Every record makes a writable dead letter (null key and value, any size: see
+`consumers.runtime.deadletters` for the headers); a dead-letter topic that cannot be
+written holds the batch and says so in /status, /readyz and the log.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumers.logs import get_logger
+from consumers.runtime.deadletters import (
+    MAX_REQUEST_SIZE,
+    STOP_TIMEOUT,
+    DeadLetterHealth,
+    DeadLetters,
+    dlq_topic_problem,
+)
 from consumers.runtime.definitions import id_fields_by_table
 from consumers.runtime.patches import PatchSessions
 from consumers.runtime.streams import LIVE, Stream, offset_key, stored_offsets
@@ -71,6 +81,8 @@ class ConsumerStats:
     broker_ok: bool = True
     drift: dict[tuple[str, str], int] = field(default_factory=dict)
     """(aggregate, kind) → live events that imply the aggregate was out of step (see `engine.triggers`)."""
+    dead_letter: DeadLetterHealth = field(default_factory=DeadLetterHealth)
+    """Whether dead letters can be written (/status ``dead_letter``, /readyz)."""
 
     def observe_batch(self, seconds: float) -> None:
         self.latency_sum += seconds
@@ -106,6 +118,7 @@ class ConsumerProcess:
             d.table: settings.topics.get(d.table, d.table) for d in self.definitions
         }
         self.topics = sorted(set(self.table_topics.values()))
+        self._check_dlq_topics()
         topic_tables: dict[str, str] = {}
         per_topic: dict[str, set[str]] = {}
         for table, topic in self.table_topics.items():
@@ -132,6 +145,14 @@ class ConsumerProcess:
         self._drift_window: dict[tuple[str, str], int] = {}
         self._drift_examples: dict[tuple[str, str], list[Any]] = {}
         self._drift_logged_at = -DRIFT_LOG_INTERVAL
+        self.dead_letters = DeadLetters(
+            settings.bootstrap_servers,
+            settings.dlq_topic,
+            self.log,
+            self.stats.dead_letter,
+            lambda: self._producer,
+            self._restart_producer,
+        )
 
     # ---- public state -------------------------------------------------------------
 
@@ -163,6 +184,24 @@ class ConsumerProcess:
             raise ConfigError(f"no aggregate named {name!r}; known: {sorted(self.by_name)}")
         if name not in self._pending_rebuilds:
             self._pending_rebuilds.append(name)
+
+    def _check_dlq_topics(self) -> None:
+        """A dead-letter topic Kafka cannot have, or one consumed here, is a config error."""
+        pattern = self.settings.dlq_topic
+        for topic in self.topics:
+            dlq = pattern.replace("{topic}", topic)
+            problem = dlq_topic_problem(dlq)
+            if problem is not None:
+                raise ConfigError(
+                    f"--dlq-topic {pattern!r} names the dead-letter topic {dlq!r} for topic {topic!r}, "
+                    f"which Kafka cannot have: {problem}. Use e.g. '{{topic}}.dlq'"
+                )
+            if dlq in self.topics:
+                raise ConfigError(
+                    f"--dlq-topic {pattern!r} sends the dead letters of {topic!r} to {dlq!r}, a topic "
+                    "this consumer reads: its dead letters would come back as bad records forever. "
+                    "Use a topic of its own, e.g. '{topic}.dlq'"
+                )
 
     # ---- planning generations -----------------------------------------------------------
 
@@ -305,17 +344,35 @@ class ConsumerProcess:
             request_timeout_ms=15000,
         )
 
+    def _new_producer(self) -> AIOKafkaProducer:
+        """The dead-letter producer (also used for cluster metadata)."""
+        return AIOKafkaProducer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            request_timeout_ms=15000,
+            max_request_size=MAX_REQUEST_SIZE,
+        )
+
+    async def _restart_producer(self) -> None:
+        """Replace the producer with a new one (a new idempotent producer id)."""
+        fresh = self._new_producer()
+        try:
+            await fresh.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await fresh.stop()
+            raise
+        old, self._producer = self._producer, fresh
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.stop(), STOP_TIMEOUT)
+
     async def _connect(self) -> bool:
-        s = self.settings
         delay = 1.0
         warned = False
         while not self._stop.is_set():
-            producer = AIOKafkaProducer(
-                bootstrap_servers=s.bootstrap_servers,
-                acks="all",
-                enable_idempotence=True,
-                request_timeout_ms=15000,
-            )
+            producer = self._new_producer()
             try:
                 await producer.start()
             except KafkaError as e:
@@ -471,8 +528,9 @@ class ConsumerProcess:
                     await s.consumer.stop()
                 s.consumer = None
         if self._producer is not None:
+            # A dead letter the broker keeps refusing would make stop() wait for ever.
             with contextlib.suppress(Exception):
-                await self._producer.stop()
+                await asyncio.wait_for(self._producer.stop(), STOP_TIMEOUT)
         self._producer = None
 
     # ---- the loop -----------------------------------------------------------------
@@ -725,7 +783,7 @@ class ConsumerProcess:
         ops, bad_events = stream.applier.plan(events)
         for i, why in bad_events:
             bad.append((*refs[i], why))
-        if bad and not await self._dead_letter(bad):
+        if bad and not await self._dead_letter(stream.key, bad):
             # Nothing committed: fetch the same records again after a pause.
             for tp, records in batch.items():
                 if records:
@@ -822,6 +880,7 @@ class ConsumerProcess:
             stream.put_offsets(b, stream.pending_offsets)
             stream.offsets.update(stream.pending_offsets)
             stream.events += pending.events
+            stream.pending, stream.pending_offsets = None, {}  # committed now: not pending
             progress = stream.progress()
             for name in stream.targets:
                 g = self.store.generation(name)
@@ -841,34 +900,12 @@ class ConsumerProcess:
             changed=result.changed,
             ms=round(dt * 1000, 2),
         )
-        stream.pending = None
-        stream.pending_offsets = {}
 
     async def _dead_letter(
-        self, bad: list[tuple[TopicPartition, ConsumerRecord[Any, Any], BadRecord]]
+        self, stream: str, bad: list[tuple[TopicPartition, ConsumerRecord[Any, Any], BadRecord]]
     ) -> bool:
         """Send bad records to their dead-letter topics; True once all are acknowledged."""
-        producer = self._producer
-        assert producer is not None
-        try:
-            futures = []
-            for tp, r, why in bad:
-                dlq = self.settings.dlq_topic.replace("{topic}", tp.topic)
-                headers = [
-                    ("tally.reason", why.reason.encode()),
-                    ("tally.error", str(why).encode("utf-8", "replace")[:4000]),
-                    ("tally.source.topic", tp.topic.encode()),
-                    ("tally.source.partition", str(tp.partition).encode()),
-                    ("tally.source.offset", str(r.offset).encode()),
-                ]
-                futures.append(await producer.send(dlq, value=r.value, key=r.key, headers=headers))
-            await asyncio.wait_for(asyncio.gather(*futures), 30)
-        except (TimeoutError, KafkaError) as e:
-            self.log.error(
-                "dead-letter write failed; batch not committed, will retry",
-                error=str(e) or type(e).__name__,
-                records=len(bad),
-            )
+        if not await self.dead_letters.write(stream, bad, self._stop):
             return False
         for tp, r, why in bad[:5]:
             self.log.warning(

@@ -74,22 +74,39 @@ class Stream:
             batch.put_meta(offset_key(tp.topic, tp.partition, self.key), off.to_bytes(8, "big"))
 
     def progress(self) -> dict[str, Any]:
-        """Replay progress against the end offsets captured when it started."""
-        total = sum(max(0, self.end_at_start[tp] - self.start_offsets.get(tp, 0)) for tp in self.end_at_start)
-        done = sum(
-            max(0, min(self.offsets.get(tp, 0), end) - self.start_offsets.get(tp, 0))
-            for tp, end in self.end_at_start.items()
-        )
+        """Replay progress against the end offsets captured when it started.
+
+        ``read`` counts positions read so far, the chunk gathered in memory and not yet
+        committed included (``pending`` events), so progress shows from the first batch
+        on, not only once the first chunk (`replay_chunk` events) commits; ``replayed``
+        counts committed positions only. ``percent`` and ``eta_s`` follow ``read``;
+        ``events`` and ``events_per_s`` are this run's (read) events.
+        """
+        read_at = dict(self.offsets)
+        read_at.update(self.pending_offsets)
+        total = sum(max(0, end - self.start_offsets.get(tp, 0)) for tp, end in self.end_at_start.items())
+
+        def done(at: dict[TopicPartition, int]) -> int:
+            return sum(
+                max(0, min(at.get(tp, 0), end) - self.start_offsets.get(tp, 0))
+                for tp, end in self.end_at_start.items()
+            )
+
+        read, replayed = done(read_at), done(self.offsets)
+        pending = int(getattr(self.pending, "events", 0) or 0)
+        events = self.events + pending
         elapsed = max(1e-9, time.monotonic() - self.started)
-        rate = self.events / elapsed
+        rate = events / elapsed
         out: dict[str, Any] = {
             "stream": self.key,
-            "events": self.events,
-            "replayed": done,
+            "events": events,
+            "read": read,
+            "pending": pending,
+            "replayed": replayed,
             "total": total,
-            "percent": round(100.0 * done / total, 2) if total else 100.0,
+            "percent": round(100.0 * read / total, 2) if total else 100.0,
             "events_per_s": round(rate, 1),
         }
-        if rate > 0 and total > done:
-            out["eta_s"] = round((total - done) / rate, 1)
+        if rate > 0 and total > read:
+            out["eta_s"] = round((total - read) / rate, 1)
         return out

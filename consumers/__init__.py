@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from consumers.producer.producer import ChangeProducer, SyncChangeProducer
     from consumers.runtime.definitions import load_definitions
     from consumers.runtime.patches import PatchSessions, RemotePatcher
-    from consumers.runtime.process import ConsumerProcess, ConsumerStats
+    from consumers.runtime.process import ConsumerProcess
+    from consumers.runtime.stats import ConsumerStats
     from consumers.runtime.streams import offset_key, stored_offsets
 
 _WHERE = {

@@ -45,7 +45,8 @@ from consumers.http.app import (
     create_app,
     start_http,
 )
-from consumers.runtime.process import LATENCY_BUCKETS, ConsumerProcess, ConsumerStats
+from consumers.runtime.process import ConsumerProcess
+from consumers.runtime.stats import LATENCY_BUCKETS, ConsumerStats
 from engine import (
     AggregateNotReady,
     Bound,

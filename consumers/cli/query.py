@@ -773,7 +773,7 @@ class _Broker:
 
 
 def _local_status(store: Store, broker_ends: dict[Any, int] | None) -> dict[str, Any]:
-    from consumers.runtime.process import stored_offsets
+    from consumers.runtime.streams import stored_offsets
 
     aggregates = []
     for name in store.aggregates():
@@ -975,7 +975,7 @@ async def _status_async(args: argparse.Namespace) -> int:
         cleanup.append(broker.close)
 
         async def fetch_local() -> dict[str, Any]:
-            from consumers.runtime.process import stored_offsets
+            from consumers.runtime.streams import stored_offsets
 
             store.refresh()
             ends = await broker.end_offsets(list(stored_offsets(store)))

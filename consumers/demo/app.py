@@ -691,7 +691,8 @@ async def _demo(opts: Options) -> int:
     from consumers.logs import configure_logging
     from consumers.producer import ChangeProducer, ProduceError
     from consumers.runtime.definitions import load_definitions
-    from consumers.runtime.process import ConsumerProcess, stored_offsets
+    from consumers.runtime.process import ConsumerProcess
+    from consumers.runtime.streams import stored_offsets
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

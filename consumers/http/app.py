@@ -72,7 +72,7 @@ from consumers.http.openapi import OP_DOCS, RouteDoc, build_openapi
 from consumers.logs import get_logger
 from consumers.runtime.deadletters import DeadLetterHealth
 from consumers.runtime.patches import PatchError
-from consumers.runtime.process import LATENCY_BUCKETS
+from consumers.runtime.stats import LATENCY_BUCKETS
 from engine import (
     Aggregate,
     AggregateNotReady,

@@ -29,7 +29,6 @@ import gc
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -37,63 +36,29 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumers.logs import get_logger
+from consumers.runtime import generations
 from consumers.runtime.deadletters import (
     MAX_REQUEST_SIZE,
     STOP_TIMEOUT,
-    DeadLetterHealth,
     DeadLetters,
     dlq_topic_problem,
 )
 from consumers.runtime.definitions import id_fields_by_table
+from consumers.runtime.drift import DriftLog
 from consumers.runtime.patches import PatchSessions
+from consumers.runtime.stats import ConsumerStats
 from consumers.runtime.streams import LIVE, Stream, offset_key, stored_offsets
-from engine import Batch, Generation, Store, TableAggregate
-from engine.triggers import DRIFT_EXAMPLES, Applier
+from engine import Store, TableAggregate
+from engine.triggers import Applier
 from schemas import BadRecord, ChangeEvent, ConfigError, EventDecoder
 from schemas.config import ConsumerSettings
 
 __all__ = ["ConsumerProcess", "ConsumerStats", "offset_key", "stored_offsets"]
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_REPLAY_SEQ = b"replay-seq"
 GC_THRESHOLD = 200_000
 """Allocations between young-generation GC runs while consuming (Python's default is 700)."""
-DRIFT_LOG_INTERVAL = 10.0
-"""Seconds between drift warnings (signals in between are summed into the next one)."""
 HEALTH_INTERVAL = 1.0
 """Seconds between broker probes (end offsets); an outage is logged within about twice this."""
-
-
-@dataclass
-class ConsumerStats:
-    """Counters for logs, /status and /metrics (the live stream's offsets and lag)."""
-
-    started: float = field(default_factory=time.time)
-    events: int = 0
-    batches: int = 0
-    dead_letters: int = 0
-    changed: int = 0
-    replayed: int = 0
-    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    latency_sum: float = 0.0
-    offsets: dict[TopicPartition, int] = field(default_factory=dict)
-    end_offsets: dict[TopicPartition, int] = field(default_factory=dict)
-    broker_ok: bool = True
-    drift: dict[tuple[str, str], int] = field(default_factory=dict)
-    """(aggregate, kind) → live events that imply the aggregate was out of step (see `engine.triggers`)."""
-    dead_letter: DeadLetterHealth = field(default_factory=DeadLetterHealth)
-    """Whether dead letters can be written (/status ``dead_letter``, /readyz)."""
-
-    def observe_batch(self, seconds: float) -> None:
-        self.latency_sum += seconds
-        for i, b in enumerate(LATENCY_BUCKETS):
-            if seconds <= b:
-                self.latency_buckets[i] += 1
-                return
-        self.latency_buckets[-1] += 1
-
-    def lag(self) -> dict[TopicPartition, int]:
-        return {tp: max(0, end - self.offsets.get(tp, 0)) for tp, end in self.end_offsets.items()}
 
 
 class ConsumerProcess:
@@ -142,9 +107,7 @@ class ConsumerProcess:
         self._pending_rebuilds: list[str] = []
         self.caught_up = asyncio.Event()
         self.patches = PatchSessions(self)
-        self._drift_window: dict[tuple[str, str], int] = {}
-        self._drift_examples: dict[tuple[str, str], list[Any]] = {}
-        self._drift_logged_at = -DRIFT_LOG_INTERVAL
+        self.drift = DriftLog(self.log, self.stats.drift)
         self.dead_letters = DeadLetters(
             settings.bootstrap_servers,
             settings.dlq_topic,
@@ -211,75 +174,18 @@ class ConsumerProcess:
         topics = sorted({self.table_topics[d.table] for d in defs})
         return Stream(key, targets, Applier(self.store, defs, physical, drift=key == LIVE), topics)
 
-    def _next_replay(self, batch: Batch) -> str:
-        """A new replay stream's key; its counter commits with ``batch``."""
-        raw = self.store.get_meta(_REPLAY_SEQ)
-        n = int(raw) + 1 if raw else 1
-        batch.put_meta(_REPLAY_SEQ, str(n).encode())
-        return f"replay-{n}"
-
     def _plan_generations(self) -> None:
         """Decide, per definition, live or replay; persist the catalog. Runs at start."""
-        store = self.store
-        live: dict[str, tuple[TableAggregate, str]] = {}
-        resumed: dict[str, dict[str, tuple[TableAggregate, str]]] = {}
-        fresh: dict[str, tuple[TableAggregate, str]] = {}
-        with store.batch() as b:
-            for d in self.definitions:
-                fp = d.fingerprint
-                g = store.generation(d.name) or Generation()
-                if g.active is not None and g.active_fingerprint == fp and not g.rebuild_requested:
-                    live[d.name] = (d, g.active)
-                    if g.building is not None:  # a rebuild of the same definition was in flight
-                        stream = g.progress.get("stream")
-                        if g.building_fingerprint == fp and isinstance(stream, str):
-                            resumed.setdefault(stream, {})[d.name] = (d, g.building)
-                            continue
-                        self._drop_physical(g.building)
-                        g.building = g.building_fingerprint = None
-                        g.progress = {}
-                        store.put_generation(d.name, g)
-                    continue
-                stream = g.progress.get("stream")
-                if (
-                    g.building is not None
-                    and g.building_fingerprint == fp
-                    and isinstance(stream, str)
-                ):
-                    resumed.setdefault(stream, {})[d.name] = (d, g.building)
-                else:
-                    if g.building is not None:
-                        self._drop_physical(g.building)
-                    g.building = g.new_generation(d.name)
-                    g.building_fingerprint = fp
-                    fresh[d.name] = (d, g.building)
-                g.rebuild_requested = False
-                if g.active is not None and self.stale_policy == "drop":
-                    self._drop_physical(g.active)
-                    g.active = g.active_fingerprint = None
-                store.put_generation(d.name, g)
-            if fresh:
-                key = self._next_replay(b)
-                for name in fresh:
-                    fg = store.generation(name)
-                    assert fg is not None
-                    fg.progress = {"stream": key}
-                    store.put_generation(name, fg)
-                resumed[key] = fresh
+        live, replays = generations.plan(self.store, self.definitions, self.stale_policy)
         self.live = self._stream(LIVE, live)
-        self.replays = [self._stream(k, t) for k, t in sorted(resumed.items())]
+        self.replays = [self._stream(k, t) for k, t in sorted(replays.items())]
         for r in self.replays:
             self.log.info(
                 "building by replay",
                 stream=r.key,
                 aggregates=sorted(r.targets),
-                stale=[
-                    n for n in r.targets if (store.generation(n) or Generation()).active is not None
-                ],
+                stale=generations.serving(self.store, r.targets),
             )
-
-    def _drop_physical(self, phys: str) -> None:
-        self.store.aggregate(phys).clear_all()
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -571,8 +477,7 @@ class ConsumerProcess:
             elif self.live.consumer is None and not self.replays:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), s.poll_timeout_ms / 1000)
-            if self._drift_window:
-                self._log_drift()
+            self.drift.flush()
             now = time.monotonic()
             if now - last_progress >= s.progress_interval:
                 await self._refresh_end_offsets()
@@ -589,7 +494,7 @@ class ConsumerProcess:
                 last_progress, events_at_last = now, total
         for r in self.replays:
             self._flush_replay(r)  # a clean stop keeps the replay's gathered work
-        self._log_drift(force=True)
+        self.drift.flush(force=True)
         self.log.info(
             "stopped",
             events=self.stats.events,
@@ -664,16 +569,7 @@ class ConsumerProcess:
         live = self.live
         adopted = {tp: off for tp, off in r.offsets.items() if tp not in live.offsets}
         with store.batch() as b:
-            for name in r.targets:
-                g = store.generation(name)
-                assert g is not None
-                old = g.active
-                g.active, g.active_fingerprint = g.building, g.building_fingerprint
-                g.building = g.building_fingerprint = None
-                g.progress = {}
-                store.put_generation(name, g)
-                if old is not None and old != g.active:
-                    self._drop_physical(old)
+            generations.switch(store, r.targets)
             live.put_offsets(b, adopted)
             for tp in r.tps:
                 b.delete_meta(offset_key(tp.topic, tp.partition, r.key))
@@ -693,24 +589,10 @@ class ConsumerProcess:
 
     async def _start_rebuilds(self) -> None:
         names, self._pending_rebuilds = self._pending_rebuilds, []
-        store = self.store
-        targets: dict[str, tuple[TableAggregate, str]] = {}
         busy = {n for r in self.replays for n in r.targets}
-        with store.batch() as b:
-            key = self._next_replay(b)
-            for name in names:
-                if name in busy:
-                    continue
-                d = self.by_name[name]
-                g = store.generation(name) or Generation()
-                g.building = g.new_generation(name)
-                g.building_fingerprint = d.fingerprint
-                g.progress = {"stream": key}
-                if g.active is not None and self.stale_policy == "drop":
-                    self._drop_physical(g.active)
-                    g.active = g.active_fingerprint = None
-                store.put_generation(name, g)
-                targets[name] = (d, g.building)
+        key, targets = generations.begin_rebuilds(
+            self.store, [self.by_name[n] for n in names if n not in busy], self.stale_policy
+        )
         if not targets:
             return
         if self.stale_policy == "drop":
@@ -820,7 +702,7 @@ class ConsumerProcess:
         st.batches += 1
         st.changed += result.changed
         if result.drift:
-            self._report_drift(result.drift, result.drift_ids)
+            self.drift.report(result.drift, result.drift_ids)
         dt = time.perf_counter() - t0
         st.observe_batch(dt)
         self.log.debug(
@@ -833,41 +715,6 @@ class ConsumerProcess:
             dead_letters=len(bad),
             ms=round(dt * 1000, 2),
         )
-
-    def _report_drift(self, drift: dict[tuple[str, str], int], ids: dict[tuple[str, str], list[Any]]) -> None:
-        """Count drift signals; the loop logs them (`_log_drift`) after the batch."""
-        counts = self.stats.drift
-        window = self._drift_window
-        for key, n in drift.items():
-            counts[key] = counts.get(key, 0) + n
-            window[key] = window.get(key, 0) + n
-            ex = self._drift_examples.setdefault(key, [])
-            ex.extend(ids.get(key, [])[: max(0, DRIFT_EXAMPLES - len(ex))])
-
-    def _log_drift(self, force: bool = False) -> None:
-        """One warning per aggregate with the signals since the last one: the first at once,
-        then at most every `DRIFT_LOG_INTERVAL` s (a table that drifts all the time must
-        not flood the log), and whatever is left at stop."""
-        if not self._drift_window:
-            return
-        now = time.monotonic()
-        if not force and now - self._drift_logged_at < DRIFT_LOG_INTERVAL:
-            return
-        per_agg: dict[str, dict[str, int]] = {}
-        for (name, kind), n in self._drift_window.items():
-            per_agg.setdefault(name, {})[kind] = n
-        for name, kinds in sorted(per_agg.items()):
-            self.log.warning(
-                "drift: events imply the aggregate was out of step with its table",
-                aggregate=name,
-                **kinds,
-                example_ids={k: self._drift_examples.get((name, k), []) for k in kinds},
-                total=sum(n for (a, _), n in self.stats.drift.items() if a == name),
-                hint=f"compare and repair with `tally reconcile {name} --source ...`",
-            )
-        self._drift_window = {}
-        self._drift_examples = {}
-        self._drift_logged_at = now
 
     def _flush_replay(self, stream: Stream) -> None:
         """Commit what a replay gathered: its changes, offsets and progress in one batch."""

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from consumers.cli.settings import load_settings
     from consumers.client.client import ClientError, TallyClient
+    from consumers.client.patcher import RemotePatcher
     from consumers.producer.producer import ChangeProducer, SyncChangeProducer
     from consumers.runtime.definitions import load_definitions
-    from consumers.runtime.patches import PatchSessions, RemotePatcher
+    from consumers.runtime.patches import PatchSessions
     from consumers.runtime.process import ConsumerProcess
     from consumers.runtime.stats import ConsumerStats
     from consumers.runtime.streams import offset_key, stored_offsets
@@ -26,7 +27,7 @@ _WHERE = {
     "SyncChangeProducer": ".producer",
     "TallyClient": ".client",
     "PatchSessions": ".runtime.patches",
-    "RemotePatcher": ".runtime.patches",
+    "RemotePatcher": ".client",
     "load_definitions": ".runtime",
     "load_settings": ".cli.settings",
     "offset_key": ".runtime",

@@ -20,7 +20,8 @@ from .errors import (
     TallyError,
 )
 from .keys import decode_key, encode_key
-from .state import DEFAULT_CACHE_NODES, DEFAULT_MAX_NODE_SIZE, Batch, IdEntry, Store
+from .state import DEFAULT_CACHE_NODES, DEFAULT_MAX_NODE_SIZE, Batch, IdEntry
+from .store import Store
 from .table import BoundTableAggregate, RowItem, TableAggregate
 from .triggers import DRIFT_KINDS, Applier, ApplyResult
 from .types import Bound, Bounds, Item, Order, Page, Query

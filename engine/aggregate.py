@@ -27,7 +27,7 @@ from .state.metadata import P_TREE, tree_key
 from .types import Bounds, Item, Order, Page, Query, decode_cursor, encode_cursor, normalize_bounds
 
 if TYPE_CHECKING:
-    from .state import Store
+    from .state import StateStore
 
 _MISSING = object()
 
@@ -95,7 +95,7 @@ def _unchanged(old: IdEntry, ens: bytes, ek: bytes, s: int | float) -> bool:
     return old.ns == ens and old.key == ek and old.sum == s and type(old.sum) is type(s)
 
 
-def _drops_when_empty(store: Store, max_node_size: int) -> bool:
+def _drops_when_empty(store: StateStore, max_node_size: int) -> bool:
     """An emptied namespace disappears, unless it carries its own node size (`Aggregate.clear`)."""
     return max_node_size == store.max_node_size
 
@@ -109,7 +109,7 @@ def _item(ek: bytes, s: int | float, namespace: Any) -> Item:
 class Aggregate:
     """Handle of one aggregate. Get it with `Store.aggregate(name)`."""
 
-    def __init__(self, store: Store, name: str, *, partial: bool = False) -> None:
+    def __init__(self, store: StateStore, name: str, *, partial: bool = False) -> None:
         self.store = store
         self.name = name
         self.partial = partial

@@ -93,8 +93,8 @@ class Tree:
         self.meta = meta
         self.base = meta.tid << NID_BITS
 
-    def _new(self, node: Node) -> int:
-        """Allocate a local id for a new node."""
+    def new_node(self, node: Node) -> int:
+        """Allocate a local id for a new node (and add it to the node store)."""
         n = self.meta.next_nid
         self.meta.next_nid = n + 1
         self.ns.add_node(self.base | n, node)
@@ -280,7 +280,7 @@ class Tree:
         if size > m:
             new_root = Node([], [_sum(node)], [ref], [_count(node)])
             self._split(new_root, 0, ref, node)
-            self.meta.root = self._new(new_root)
+            self.meta.root = self.new_node(new_root)
             self.meta.height += 1
 
     def _split(self, parent: Node, c: int, ref: int, node: Node) -> None:
@@ -297,7 +297,7 @@ class Tree:
             right = Node(node.keys[h:], node.sums[h:])
             sep = _separator(node.keys[h - 1], right.keys[0])
             del node.keys[h:], node.sums[h:]
-        rref = self._new(right)
+        rref = self.new_node(right)
         ns.put_node(self.base | ref, node)
         parent.keys.insert(c, sep)
         parent.children.insert(c + 1, rref)
@@ -405,7 +405,7 @@ class Tree:
             part = entries[lo:hi]
             keys = [k for k, _ in part]
             sums = [v for _, v in part]
-            nid = self._new(Node(keys, sums))
+            nid = self.new_node(Node(keys, sums))
             level.append((keys[0], keys[-1], nid, len(keys), sum(sums)))
         height = 1
         while len(level) > 1:
@@ -414,7 +414,7 @@ class Tree:
                 run = level[lo:hi]
                 seps = [_separator(run[i][1], run[i + 1][0]) for i in range(len(run) - 1)]
                 node = Node(seps, [r[4] for r in run], [r[2] for r in run], [r[3] for r in run])
-                up.append((run[0][0], run[-1][1], self._new(node), sum(node.counts), sum(node.sums)))
+                up.append((run[0][0], run[-1][1], self.new_node(node), sum(node.counts), sum(node.sums)))
             level = up
             height += 1
         if level:

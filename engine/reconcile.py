@@ -51,7 +51,9 @@ __all__ = [
     "Patcher",
     "Report",
     "SourceOrderError",
+    "decode_fixes",
     "diff",
+    "encode_fixes",
     "keyed",
     "patch",
     "reconcile",
@@ -283,3 +285,54 @@ def reconcile(
     rep.patched = p.close()
     rep.elapsed_s = round(time.perf_counter() - t0, 3)
     return rep
+
+
+# ---- fixes on the wire (live patching: `tally reconcile --patch --url`) ----
+
+_enc = msgspec.msgpack.Encoder()
+
+
+class _Chunk(msgspec.Struct):
+    changes: list[list[Any]]
+
+
+_chunk_dec = msgspec.msgpack.Decoder(_Chunk)
+
+
+def encode_fixes(changes: Iterable[Change]) -> bytes:
+    """msgpack ``{"changes": [[eid, key, namespace, sum] | [eid], ...]}`` (keys encoded)."""
+    out: list[list[Any]] = []
+    for eid, item in changes:
+        out.append([eid] if item is None else [eid, item[0], item[2], item[3]])
+    return _enc.encode({"changes": out})
+
+
+def _canonical(raw: Any, what: str) -> Any:
+    if not isinstance(raw, bytes):
+        raise InvalidArgument(f"{what} must be msgpack bin (an encoded key), got {type(raw).__name__}")
+    value = decode_key(raw)  # raises InvalidKey on garbage
+    if encode_key(value) != raw:
+        raise InvalidArgument(f"{what} is not a canonical encoded key")
+    return value
+
+
+def decode_fixes(body: bytes) -> list[Change]:
+    """Parse and validate a chunk: every key must be a canonical `encode_key` output."""
+    try:
+        chunk = _chunk_dec.decode(body)
+    except msgspec.DecodeError as e:
+        raise InvalidArgument(f"a patch chunk is msgpack {{'changes': [[eid, key, namespace, sum] | [eid]]}}: {e}") from None
+    out: list[Change] = []
+    for i, c in enumerate(chunk.changes):
+        if len(c) == 1:
+            _canonical(c[0], f"changes[{i}] id")
+            out.append((c[0], None))
+        elif len(c) == 4:
+            eid = c[0]
+            _canonical(eid, f"changes[{i}] id")
+            key = _canonical(c[1], f"changes[{i}] key")
+            ns = _canonical(c[2], f"changes[{i}] namespace")
+            out.append((eid, prepare_encoded_id(key, eid, c[3], ns)))
+        else:
+            raise InvalidArgument(f"changes[{i}] has {len(c)} elements: use [eid, key, namespace, sum] or [eid]")
+    return out

@@ -18,7 +18,7 @@ from .keys import key_repr
 
 if TYPE_CHECKING:
     from .aggregate import Aggregate
-    from .state import Store
+    from .store import Store
     from .types import Bounds, Item, Order, Page, Query
 
 __all__ = ["BoundTableAggregate", "RowItem", "TableAggregate"]

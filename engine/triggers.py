@@ -37,7 +37,8 @@ from .aggregate import Aggregate, Prepared
 from .aggregate import prepare_encoded_id as prepare
 from .errors import TallyError
 from .keys import decode_key, encode_key
-from .state import IdEntry, Store
+from .state import IdEntry
+from .store import Store
 from .table import TableAggregate
 
 __all__ = ["DRIFT_KINDS", "Applier", "ApplyResult", "Op"]

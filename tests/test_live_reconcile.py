@@ -30,12 +30,11 @@ import pytest
 from consumer_util import TALLY, child_env, free_port, open_store, tail, topic_end_offsets, wait_for
 from kafka_util import create_topic, unique_topic
 
-from consumers.client import ClientError, TallyClient
+from consumers.client import ClientError, RemotePatcher, TallyClient
 from consumers.producer import SyncChangeProducer
 from consumers.reconcile.sources import postgres_source
-from consumers.runtime.patches import RemotePatcher, encode_changes
 from engine import TableAggregate
-from engine.reconcile import diff
+from engine.reconcile import diff, encode_fixes
 from schemas import NativeEvent
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg (psycopg[binary]) is not installed in this venv")
@@ -335,7 +334,7 @@ def test_live_patch_refusals_say_what_to_do(pg_app: tuple[Live, App], pg_url: st
         lv.client.patch_chunk("scores", s["session"], b"\x81\xa7changes\x91\x92\xa1x\xa1y")
     assert e.value.status == 400
     with pytest.raises(ClientError) as e:
-        lv.client.patch_chunk("scores", "nope", encode_changes([]))
+        lv.client.patch_chunk("scores", "nope", encode_fixes([]))
     assert e.value.status == 404 and "run the reconcile again" in str(e.value)
     with pytest.raises(ClientError) as e:
         lv.client._request("POST", f"/v1/aggregates/scores/patch-sessions/{s['session']}", {"changes": []})

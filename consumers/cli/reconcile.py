@@ -272,7 +272,7 @@ def _live_patch(
 ) -> Any:
     """Diff read-only here; fixes applied inside the running consumer (`consumers.runtime.patches`)."""
     from consumers.client import TallyClient
-    from consumers.runtime.patches import RemotePatcher
+    from consumers.client.patcher import RemotePatcher
     from engine.reconcile import diff
 
     token = args.token or os.environ.get("TALLY_TOKEN")

@@ -285,7 +285,7 @@ class TallyClient:
         return result
 
     def patch_chunk(self, aggregate: str, session: str, body: bytes) -> dict[str, Any]:
-        """Send one msgpack chunk (`consumers.live_patch.encode_changes`); its counts."""
+        """Send one msgpack chunk (`engine.reconcile.encode_fixes`); its counts."""
         doc = self._json(
             "POST", self._session_path(aggregate, session), raw=body, content_type="application/msgpack"
         )

@@ -84,6 +84,7 @@ from engine import (
     TallyError,
 )
 from engine.catalog import not_ready
+from engine.reconcile import decode_fixes
 from engine.triggers import DRIFT_KINDS
 from schemas import ConfigError
 from schemas.config import ConsumerSettings
@@ -1002,7 +1003,6 @@ async def patch_begin(request: web.Request) -> web.StreamResponse:
     },
 )
 async def patch_chunk(request: web.Request) -> web.StreamResponse:
-    from consumers.runtime.patches import decode_changes
 
     sessions = _patch_sessions(request)
     ctype = request.content_type
@@ -1012,7 +1012,7 @@ async def patch_chunk(request: web.Request) -> web.StreamResponse:
             "unsupported_media_type",
             f"a patch chunk is application/msgpack (got {ctype!r}); `tally reconcile --patch --url` sends them",
         )
-    changes = decode_changes(await request.read())
+    changes = decode_fixes(await request.read())
     result = await sessions.apply(request.match_info["name"], request.match_info["session"], changes)
     return _json({"result": result})
 

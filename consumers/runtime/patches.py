@@ -47,33 +47,44 @@ the one the session reports), ``[eid]`` alone meaning "absent".
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import msgspec
 from aiokafka.structs import TopicPartition
 
-from engine import InvalidArgument, Prepared, TallyError, decode_key, encode_key
-from engine.aggregate import prepare_encoded_id
+from engine import TallyError
+from engine.reconcile import Change
 from engine.triggers import CLEAR, UPSERT, Op
 
 if TYPE_CHECKING:
-    from consumers.client import TallyClient
-    from consumers.runtime.process import ConsumerProcess
+    from consumers.runtime.streams import Stream
+    from engine import Store, TableAggregate
+
+
+class PatchHost(Protocol):
+    """What patch sessions need of the consumer process (`ConsumerProcess` has it)."""
+
+    @property
+    def by_name(self) -> dict[str, TableAggregate]: ...
+    @property
+    def live(self) -> Stream: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def table_topics(self) -> dict[str, str]: ...
+    @property
+    def log(self) -> Any: ...
 
 __all__ = [
     "MAX_SESSIONS",
     "SESSION_TTL",
     "PatchError",
+    "PatchHost",
     "PatchSession",
     "PatchSessions",
-    "RemotePatcher",
-    "decode_changes",
-    "encode_changes",
 ]
 
 SESSION_TTL = 600.0
@@ -81,10 +92,7 @@ SESSION_TTL = 600.0
 MAX_SESSIONS = 8
 CATCH_UP_WAIT = 10.0
 """Seconds a chunk waits for the live stream to reach the session's offsets before a 503."""
-CHUNK_BYTES = 512 << 10
-"""Client side: chunks stay under this many bytes (the API takes up to 1 MiB)."""
 
-Change = tuple[bytes, Prepared | None]
 
 
 class PatchError(TallyError):
@@ -129,7 +137,7 @@ class PatchSession:
 class PatchSessions:
     """The consumer's open patch sessions (see the module notes for the rule they enforce)."""
 
-    def __init__(self, process: ConsumerProcess) -> None:
+    def __init__(self, process: PatchHost) -> None:
         self.process = process
         self.sessions: dict[str, PatchSession] = {}
         self._by_physical: dict[str, list[PatchSession]] = {}
@@ -278,132 +286,3 @@ class PatchSessions:
         totals = s.totals()
         self.process.log.info("patch session closed", **totals)
         return totals
-
-
-# ---- wire format ----------------------------------------------------------------------------
-
-_enc = msgspec.msgpack.Encoder()
-
-
-class _Chunk(msgspec.Struct):
-    changes: list[list[Any]]
-
-
-_chunk_dec = msgspec.msgpack.Decoder(_Chunk)
-
-
-def encode_changes(changes: Iterable[Change]) -> bytes:
-    """A chunk's body (see the module notes)."""
-    out: list[list[Any]] = []
-    for eid, item in changes:
-        out.append([eid] if item is None else [eid, item[0], item[2], item[3]])
-    return _enc.encode({"changes": out})
-
-
-def _canonical(raw: Any, what: str) -> Any:
-    if not isinstance(raw, bytes):
-        raise InvalidArgument(f"{what} must be msgpack bin (an encoded key), got {type(raw).__name__}")
-    value = decode_key(raw)  # raises InvalidKey on garbage
-    if encode_key(value) != raw:
-        raise InvalidArgument(f"{what} is not a canonical encoded key")
-    return value
-
-
-def decode_changes(body: bytes) -> list[Change]:
-    """Parse and validate a chunk: every key must be a canonical `encode_key` output."""
-    try:
-        chunk = _chunk_dec.decode(body)
-    except msgspec.DecodeError as e:
-        raise InvalidArgument(f"a patch chunk is msgpack {{'changes': [[eid, key, namespace, sum] | [eid]]}}: {e}") from None
-    out: list[Change] = []
-    for i, c in enumerate(chunk.changes):
-        if len(c) == 1:
-            _canonical(c[0], f"changes[{i}] id")
-            out.append((c[0], None))
-        elif len(c) == 4:
-            eid = c[0]
-            _canonical(eid, f"changes[{i}] id")
-            key = _canonical(c[1], f"changes[{i}] key")
-            ns = _canonical(c[2], f"changes[{i}] namespace")
-            out.append((eid, prepare_encoded_id(key, eid, c[3], ns)))
-        else:
-            raise InvalidArgument(f"changes[{i}] has {len(c)} elements: use [eid, key, namespace, sum] or [eid]")
-    return out
-
-
-# ---- client side ------------------------------------------------------------------------------
-
-
-class RemotePatcher:
-    """A `engine.reconcile.diff` sink that sends fixes to a live consumer's patch session.
-
-    ``begin()`` before the source is read; call it per fix; ``close()`` sends
-    the rest and ends the session (``abort()`` ends it without sending).
-    """
-
-    def __init__(
-        self,
-        client: TallyClient,
-        aggregate: str,
-        batch_size: int = 5_000,
-        catch_up_timeout: float = 600.0,
-    ) -> None:
-        self.client = client
-        self.aggregate = aggregate
-        self.batch_size = max(1, batch_size)
-        self.catch_up_timeout = catch_up_timeout
-        self.session: dict[str, Any] | None = None
-        self.pending: list[Change] = []
-        self.changed = 0
-        self.skipped_live = 0
-        self.totals: dict[str, Any] = {}
-
-    def begin(self) -> dict[str, Any]:
-        self.session = self.client.patch_begin(self.aggregate)
-        return self.session
-
-    def __call__(self, eid: bytes, item: Prepared | None) -> None:
-        self.pending.append((eid, item))
-        if len(self.pending) >= self.batch_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        assert self.session is not None, "begin() first"
-        self._send(self.pending)
-        self.pending = []
-
-    def _send(self, changes: list[Change]) -> None:
-        body = encode_changes(changes)
-        if len(body) > CHUNK_BYTES and len(changes) > 1:
-            half = len(changes) // 2
-            self._send(changes[:half])
-            self._send(changes[half:])
-            return
-        from consumers.client import ClientError
-
-        assert self.session is not None
-        deadline = time.monotonic() + self.catch_up_timeout
-        while True:
-            try:
-                r = self.client.patch_chunk(self.aggregate, self.session["session"], body)
-                break
-            except ClientError as e:
-                if e.code != "catching_up" or time.monotonic() >= deadline:
-                    raise
-        self.changed += int(r["changed"])
-        self.skipped_live += int(r["skipped_live"])
-
-    def close(self) -> int:
-        self.flush()
-        if self.session is not None:
-            self.totals = self.client.patch_end(self.aggregate, self.session["session"])
-            self.session = None
-        return self.changed
-
-    def abort(self) -> None:
-        if self.session is not None:
-            with contextlib.suppress(TallyError):
-                self.client.patch_end(self.aggregate, self.session["session"])
-            self.session = None

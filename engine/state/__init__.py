@@ -1,6 +1,6 @@
-"""RocksDB-backed state, in layers: `Store` → node cache and `Transaction` → `Database`.
+"""RocksDB-backed state, in layers: `StateStore` → node cache and `Transaction` → `Database`.
 
-`Store` is the facade (open, batches, registries, checkpoints, recovery); see its module
+`StateStore` is the facade (open, batches, registries, checkpoints, recovery); see its module
 for how commits and checkpoints make a kill -9 at any instant safe.
 """
 
@@ -9,7 +9,7 @@ from .store import (
     DEFAULT_CACHE_NODES,
     DEFAULT_CHECKPOINT_CHANGES,
     DEFAULT_MAX_NODE_SIZE,
-    Store,
+    StateStore,
     check_node_size,
 )
 from .transaction import Batch, Transaction
@@ -20,7 +20,7 @@ __all__ = [
     "DEFAULT_MAX_NODE_SIZE",
     "Batch",
     "IdEntry",
-    "Store",
+    "StateStore",
     "Transaction",
     "check_node_size",
 ]

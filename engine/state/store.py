@@ -1,4 +1,4 @@
-"""`Store`: a directory of named aggregates — the facade over the state layers.
+"""`StateStore`: a store directory's state — the facade over the state layers.
 
 Layers, bottom up (one module each):
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 from rocksdict import WriteBatch
 
@@ -58,14 +58,11 @@ from .metadata import (
 )
 from .transaction import Batch, Transaction
 
-if TYPE_CHECKING:
-    from ..aggregate import Aggregate
-
 __all__ = [
     "DEFAULT_CACHE_NODES",
     "DEFAULT_CHECKPOINT_CHANGES",
     "DEFAULT_MAX_NODE_SIZE",
-    "Store",
+    "StateStore",
     "check_node_size",
 ]
 
@@ -93,11 +90,11 @@ def _meta_int(raw: bytes | None, default: int = 0) -> int:
     return int.from_bytes(raw, "big") if raw else default
 
 
-class Store:
-    """A directory of named aggregates. One writer process; any number of readers.
+class StateStore:
+    """The state of a store directory: layers, registries, batches, checkpoints, recovery.
 
-    Open with `Store.open`. Not thread-safe: use it from one thread (the
-    consumer's event loop thread), or guard it with a lock.
+    `engine.Store` adds the aggregate handles on top. One writer process; any number of
+    readers. Not thread-safe: use it from one thread, or guard it with a lock.
     """
 
     def __init__(
@@ -128,7 +125,6 @@ class Store:
         self._trees: dict[bytes, TreeMeta | None] = {}
         self._trees_dirty: set[bytes] = set()
         self._agg_ids: dict[str, bytes] = {}
-        self._handles: dict[tuple[str, bool], Aggregate] = {}
         self._gens: dict[str, Generation | None] = {}
         self.epoch = 0
         """Bumped whenever tree metas or the catalog may have changed: handles re-resolve."""
@@ -162,7 +158,7 @@ class Store:
         cache_nodes: int | None = None,
         checkpoint_changes: int | None = None,
         sync: bool = False,
-    ) -> Store:
+    ) -> Self:
         """Open (or create) a store directory.
 
         ``read_only=True`` opens a RocksDB secondary instance: safe while a
@@ -191,7 +187,7 @@ class Store:
         self._drop_caches()
         self.db.close()
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -269,29 +265,17 @@ class Store:
 
     # ---- aggregates ------------------------------------------------------------
 
-    def aggregate(self, name: str, *, partial: bool = False) -> Aggregate:
-        """The handle of a named aggregate (created on its first write). O(1).
-
-        For an aggregate with generations (see `engine.catalog`), the handle
-        follows the active generation; with none ready its reads raise
-        `AggregateNotReady`, unless ``partial=True`` (read the one being built).
-        """
-        from ..aggregate import Aggregate  # the handle module imports this one
-
-        if not isinstance(name, str) or not name:
-            raise InvalidArgument(f"aggregate name must be a non-empty string, got {name!r}")
-        h = self._handles.get((name, partial))
-        if h is None:
-            h = self._handles[(name, partial)] = Aggregate(self, name, partial=partial)
-        return h
-
     def aggregates(self) -> list[str]:
         """Logical names of the aggregates in this store. O(number of aggregates)."""
-        names = {k[1:].decode() for k, _ in self.db.scan(self.db.meta, P_AGG)}
-        names.update(n for n in self._agg_ids)
-        names = {n for n in names if GEN_SEP not in n}
+        names = {n for n in self.physical_names() if GEN_SEP not in n}
         names.update(self.generations())
         return sorted(names)
+
+    def physical_names(self) -> set[str]:
+        """Names of every physical aggregate (generations included), committed or in memory."""
+        names = {k[len(P_AGG) :].decode() for k, _ in self.db.scan(self.db.meta, P_AGG)}
+        names.update(self._agg_ids)
+        return names
 
     def agg_id(self, name: str, create: bool) -> bytes | None:
         """The 4-byte id of a physical aggregate (allocated in the open batch if ``create``)."""
@@ -457,7 +441,7 @@ class Store:
         tid = self._next_tree
         self._next_tree += 1
         meta = TreeMeta(tid, 0, 1, max_node_size)
-        meta.root = Tree(self.nodes, meta)._new(Node([], []))
+        meta.root = Tree(self.nodes, meta).new_node(Node([], []))
         self.epoch += 1
         self._trees[tk] = meta
         self._trees_dirty.add(tk)
@@ -491,16 +475,6 @@ class Store:
         return sorted(keys)
 
     # ---- checks ----------------------------------------------------------------------
-
-    def validate(self) -> None:
-        """Check every stored aggregate and generation (see `Aggregate.validate`). O(n)."""
-        names = {k[1:].decode() for k, _ in self.db.scan(self.db.meta, P_AGG)}
-        names.update(self._agg_ids)
-        gens = self.generations()
-        for name in sorted(names):
-            if name in gens:
-                continue  # a logical name resolves to one of the physical generations below
-            self.aggregate(name).validate()
 
     def stats(self) -> dict[str, Any]:
         """Cache, checkpoint and RocksDB figures for operators."""

@@ -13,17 +13,33 @@ recovers its last committed state.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from rocksdict import WriteBatch
 
+from .cache import NodeCache
 from .codec import Change, IdEntry, decode_id, encode
+from .db import Database
 from .metadata import K_NEXT_AGG, K_SEQ, counter, prefix_end, seq_key, user_key
 
-if TYPE_CHECKING:
-    from .store import Store
 
-__all__ = ["Batch", "Transaction"]
+class TransactionOwner(Protocol):
+    """What a transaction needs of its store (`engine.state.store.StateStore` is one)."""
+
+    db: Database
+    nodes: NodeCache
+    seq: int
+    next_agg: int
+    saved_agg: int
+
+    def checkpoint_due(self, changes: int) -> bool: ...
+    def checkpoint_pending(self) -> bool: ...
+    def write_checkpoint(self, wb: WriteBatch, seq: int) -> None: ...
+    def committed(self, seq: int, checkpoint: bool, changes: int) -> None: ...
+    def end_transaction(self, tx: Transaction, *, committed: bool, touched_meta: bool = False) -> None: ...
+    def recover(self) -> None: ...
+
+__all__ = ["Batch", "Transaction", "TransactionOwner"]
 
 
 class Transaction:
@@ -41,7 +57,7 @@ class Transaction:
         "structural",
     )
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: TransactionOwner) -> None:
         self.store = store
         self.depth = 0
         """Nesting of `Store.transaction()` blocks; the outermost one commits or aborts."""

@@ -89,14 +89,18 @@ def wait_exit(
     proc: subprocess.Popen[Any], what: str, timeout: float, log: Path | None = None
 ) -> int:
     """Wait for ``proc`` to exit; its exit code. After ``timeout`` s fail naming ``what``, with
-    what the process was doing (its /proc state and the tail of ``log``), and kill it."""
+    what the process was doing (its /proc state and the tail of ``log``, or of its stderr
+    when that is a pipe), and kill it."""
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         state = process_state(proc.pid)
-        last = tail(log) if log is not None else "(no log)"
+        last = tail(log) if log is not None else None
         proc.kill()
         proc.wait()
+        if last is None:
+            err = proc.stderr.read() if proc.stderr is not None else "(no log)"
+            last = (err.decode(errors="replace") if isinstance(err, bytes) else err)[-3000:]
         raise AssertionError(
             f"{what}: pid {proc.pid} still running after {timeout}s ({state}); killed it. "
             f"Its last log lines:\n{last}"

@@ -855,7 +855,9 @@ def test_rebuild_over_http_needs_the_token_and_switches_generation(
         assert TallyClient(url).count("leaderboard") == len(rows)
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, tail(log)
+        assert wait_exit(proc, "tally consume did not stop within 30 s of SIGTERM", 30, log) == 0, (
+            tail(log)
+        )
     with open_store(data) as store:
         assert store.generation("leaderboard").active == "leaderboard#2"
         assert store.aggregate("leaderboard#1").count() == 0

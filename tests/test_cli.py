@@ -550,7 +550,9 @@ def test_demo_short_verifies(kafka_bootstrap: str, tmp_path: Path) -> None:
         assert "already holds" in res.stdout
     # The data dir it leaves answers `tally query`.
     res = tally("query", "--data-dir", str(tmp_path / "b"), "leaderboard", "count", "--json")
-    assert res.returncode == 0 and int(res.stdout) > 0
+    with Store.open(tmp_path / "b", read_only=True) as store:
+        count = store.aggregate("leaderboard").count()
+    assert res.returncode == 0 and int(res.stdout) == count > 0
 
 
 def test_demo_bad_usage() -> None:

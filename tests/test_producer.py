@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from consumer_util import wait_for
+from consumer_util import wait_exit, wait_for
 from kafka_util import create_topic, read_all, unique_topic
 
 from consumers import cli_produce
@@ -549,12 +549,15 @@ def test_cli_publishes_a_slow_pipe_as_lines_arrive(kafka_bootstrap: str) -> None
                 lambda n=i + 1: len(read_all(kafka_bootstrap, topic)) >= n,
                 f"event {i} to be published while the pipe is open", timeout=20, every=0.1,
             )
-        out, err = proc.communicate(timeout=30)  # closes stdin: end of input
+        proc.stdin.close()  # end of input
+        rc = wait_exit(proc, "tally produce did not exit at the end of its input", 30)
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert (proc.returncode, err) == (0, b"")
+    assert (rc, err) == (0, b"")
     assert out.startswith(f"produced 2 events to {topic}".encode())
 
 

@@ -48,11 +48,12 @@ def free_port() -> int:
 
 
 def wait_for(
-    cond: Callable[[], Any], what: str, timeout: float = 60.0, every: float = 0.05,
-    swallow: tuple[type[BaseException], ...] = (),
+    cond: Callable[[], Any], what: str | Callable[[], str], timeout: float = 60.0,
+    every: float = 0.05, swallow: tuple[type[BaseException], ...] = (),
 ) -> Any:
     """Poll ``cond`` until it returns something truthy (returned); fail naming ``what`` after
-    ``timeout`` s. Exceptions of the ``swallow`` types count as "not yet"."""
+    ``timeout`` s. Exceptions of the ``swallow`` types count as "not yet". ``what`` may be a
+    function, called only on a timeout (so the message can show e.g. a log's tail then)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
@@ -62,13 +63,49 @@ def wait_for(
                 return last
         except swallow as e:
             last = e
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what} (last: {last!r})"
+        if time.monotonic() >= deadline:
+            desc = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {desc} (last: {last!r})")
         time.sleep(every)
 
 
 def tail(log: Path, n: int = 3000) -> str:
     """The end of a log file, for assertion messages."""
     return log.read_text()[-n:] if log.exists() else "(no log)"
+
+
+def process_state(pid: int) -> str:
+    """What a live process is doing, from /proc (state, and the kernel function it waits in)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            state = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("State:")), "?")
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read().strip() or "-"
+    except OSError as e:
+        return f"unknown ({e})"
+    return f"{state}, waiting in {wchan}"
+
+
+def wait_exit(
+    proc: subprocess.Popen[Any], what: str, timeout: float, log: Path | None = None
+) -> int:
+    """Wait for ``proc`` to exit; its exit code. After ``timeout`` s fail naming ``what``, with
+    what the process was doing (its /proc state and the tail of ``log``, or of its stderr
+    when that is a pipe), and kill it."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        state = process_state(proc.pid)
+        last = tail(log) if log is not None else None
+        proc.kill()
+        proc.wait()
+        if last is None:
+            err = proc.stderr.read() if proc.stderr is not None else "(no log)"
+            last = (err.decode(errors="replace") if isinstance(err, bytes) else err)[-3000:]
+        raise AssertionError(
+            f"{what}: pid {proc.pid} still running after {timeout}s ({state}); killed it. "
+            f"Its last log lines:\n{last}"
+        ) from None
 
 
 TABLE = "players"

@@ -1,18 +1,32 @@
 """Child process of tests/test_engine_crash.py: applies deterministic batches until killed.
 
-Usage: python crash_child.py PATH SEED TOTAL_BATCHES MAX_NODE_SIZE CACHE_NODES
+Usage: python crash_child.py PATH SEED LIMIT MAX_NODE_SIZE CACHE_NODES {park,finish}
 
 Batch ``n`` is a pure function of (SEED, n), so any process can replay the
 sequence up to any batch. The child resumes from the meta counter ``batch``
-(the number of batches applied) and writes it in the same batch as the
-writes. After each commit it prints ``committed N`` so the parent knows a
-lower bound of what must have survived a kill.
+(the number of batches applied), which each batch writes first, before its item
+writes, so a counter that reached the store without the rest of its batch is
+caught by the parent. It applies batches until the counter reaches LIMIT, then
+either parks (waits to be killed: the parent bounds how far one run can go, so
+no machine is fast enough to finish the sequence before the kills end) or, with
+``finish``, closes the store and prints ``done``.
+
+Every step is a line on stdout (flushed, so the lines the parent reads after a
+SIGKILL say exactly where the child was):
+
+* ``opening`` — before `Store.open` (recovery); ``ready START OPEN_US`` after it;
+* ``begin N`` — batch N (the counter it commits) starts its writes;
+* ``commit N`` — its writes are done, the commit (one WriteBatch) starts;
+* ``committed N OPS_US COMMIT_US`` — committed, with how long each phase took
+  (the parent aims its kills inside a phase with these);
+* ``parked N`` / ``done``.
 """
 
 from __future__ import annotations
 
 import random
 import sys
+import time
 from typing import Any
 
 N_IDS = 2000
@@ -65,24 +79,37 @@ def apply_to_oracle(state: dict[Any, tuple[Any, Any, Any]], ops: list[Op]) -> No
 
 
 def main() -> None:
-    path, seed, total, max_node_size, cache_nodes = sys.argv[1:6]
+    path, seed, limit, max_node_size, cache_nodes, at_limit = sys.argv[1:7]
+    assert at_limit in ("park", "finish"), at_limit
     from engine import Store
 
+    print("opening", flush=True)
+    t0 = time.perf_counter()
     store = Store.open(path, max_node_size=int(max_node_size), cache_nodes=int(cache_nodes))
+    open_us = int((time.perf_counter() - t0) * 1e6)
     agg = store.aggregate(AGGREGATE)
     raw = store.get_meta(META_KEY)
     start = int(raw) if raw is not None else 0
-    print(f"ready {start}", flush=True)
-    for n in range(start, int(total)):
+    print(f"ready {start} {open_us}", flush=True)
+    for n in range(start, int(limit)):
+        print(f"begin {n + 1}", flush=True)
+        t0 = time.perf_counter()
         with store.batch() as b:
+            b.put_meta(META_KEY, str(n + 1).encode())
             for op in batch_ops(int(seed), n):
                 if op[0] == "delete":
                     agg.delete_if_exists(op[1])
                 else:
                     _, key, id_, s, ns = op
                     agg.upsert(key, id_, s, namespace=ns)
-            b.put_meta(META_KEY, str(n + 1).encode())
-        print(f"committed {n + 1}", flush=True)
+            print(f"commit {n + 1}", flush=True)
+            t1 = time.perf_counter()
+        t2 = time.perf_counter()
+        print(f"committed {n + 1} {int((t1 - t0) * 1e6)} {int((t2 - t1) * 1e6)}", flush=True)
+    if at_limit == "park":
+        print(f"parked {limit}", flush=True)
+        while True:
+            time.sleep(3600)
     store.close()
     print("done", flush=True)
 

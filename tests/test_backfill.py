@@ -12,7 +12,6 @@ import os
 import random
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from consumer_util import (
     start_consume,
     tail,
     topic_end_offsets,
+    wait_exit,
     wait_for,
 )
 from kafka_util import create_topic, produce, read_all, unique_topic
@@ -159,9 +159,23 @@ def wait_live_at_end(
 
 def sigterm(proc: subprocess.Popen[bytes], log: Path) -> None:
     proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(timeout=30)
+    rc = wait_exit(proc, "tally consume did not stop within 30 s of SIGTERM", 30, log)
     assert rc == 0, f"SIGTERM: exit {rc}:\n{tail(log)}"
     assert log_events(log.read_text(), "stopped"), tail(log)
+
+
+@contextmanager
+def paused(proc: subprocess.Popen[bytes], pause: bool) -> Iterator[None]:
+    """The consumer stopped (SIGSTOP) for the duration when ``pause``: what a reader looks
+    at cannot move on while it looks, and between two looks the consumer runs only for the
+    poll interval, so a reader sees a state that lasts that long however fast the machine."""
+    if pause:
+        os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        if pause:
+            os.kill(proc.pid, signal.SIGCONT)
 
 
 class PartialView:
@@ -201,30 +215,38 @@ def test_new_aggregate_is_built_by_replay_while_the_others_serve(
         percents: list[float] = []
         partial_counts: list[int] = []
         not_ready = 0
-        deadline = time.monotonic() + 60
-        while True:
+
+        def b_ready() -> Any:
+            """One look at A and B; B's generation once it is ready."""
+            nonlocal not_ready
             assert proc.poll() is None, f"consumer exited ({proc.returncode}):\n{tail(log)}"
-            assert time.monotonic() < deadline, f"B never became ready:\n{tail(log)}"
-            store.refresh()
-            # A answers throughout: never AggregateNotReady, always its ready generation.
-            ga = store.generation("A")
-            assert ga is not None and ga.state == "ready" and ga.active == "A#1", ga
-            a_counts.append(store.aggregate("A").count())
-            g = store.generation("B")
-            if g is not None and g.state == "ready":
-                break
-            if g is not None:  # the consumer has planned B: it is building
-                assert g.state == "building" and g.active is None and g.building == "B#1", g
-                with pytest.raises(AggregateNotReady) as ei:
-                    store.aggregate("B").count(namespace="red")
-                not_ready += 1
-                progress = ei.value.progress
-                assert isinstance(progress, dict) and progress.get("stream") == g.progress["stream"]
-                if isinstance(progress.get("percent"), (int, float)):
-                    percents.append(progress["percent"])
-                part = store.aggregate("B", partial=True)
-                partial_counts.append(sum(part.count(namespace=ns) for ns in part.namespaces()))
-            time.sleep(0.01)
+            # Until B was seen building 3 times, at 2 progress points, with items, every
+            # look pauses the consumer; after that it reads beside a running writer.
+            pace = not_ready < 3 or len(set(percents)) < 2 or not any(partial_counts)
+            with paused(proc, pace):
+                store.refresh()
+                # A answers throughout: never AggregateNotReady, always its ready generation.
+                ga = store.generation("A")
+                assert ga is not None and ga.state == "ready" and ga.active == "A#1", ga
+                a_counts.append(store.aggregate("A").count())
+                g = store.generation("B")
+                if g is not None and g.state == "ready":
+                    return g
+                if g is not None:  # the consumer has planned B: it is building
+                    assert g.state == "building" and g.active is None and g.building == "B#1", g
+                    with pytest.raises(AggregateNotReady) as ei:
+                        store.aggregate("B").count(namespace="red")
+                    not_ready += 1
+                    progress = ei.value.progress
+                    assert isinstance(progress, dict)
+                    assert progress.get("stream") == g.progress["stream"]
+                    if isinstance(progress.get("percent"), (int, float)):
+                        percents.append(progress["percent"])
+                    part = store.aggregate("B", partial=True)
+                    partial_counts.append(sum(part.count(namespace=ns) for ns in part.namespaces()))
+            return None
+
+        g = wait_for(b_ready, lambda: f"B to become ready\n{tail(log)}", timeout=60, every=0.01)
         assert g.active == "B#1" and g.building is None, g
         assert store.aggregate("B").count(namespace="red") > 0  # reads work once ready
         feeder_sent = feeder.finish()
@@ -282,24 +304,28 @@ def test_changed_definition_serves_old_answers_until_the_switch_then_new(
     )
     stale_reads = 0
     with running(proc), open_store(data) as store:
-        deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline, f"A never switched:\n{tail(log)}"
-            store.refresh()
-            g = store.generation("A")
-            assert g is not None
-            if g.active != "A#1":
-                break
-            got = snapshot(store.aggregate("A"))  # never raises with --stale serve
-            assert got == old, "a stale read is not exactly the old generation's answers"
-            if g.building is not None:
-                assert g.state == "stale" and g.building == "A#2", g
-                stale_reads += 1
-            if proc.poll() is not None:
+
+        def switched() -> bool:
+            """One look at A: True once it switched from A#1 (or the consumer exited)."""
+            nonlocal stale_reads
+            exited = proc.poll() is not None
+            # The first two looks at the stale state pause the consumer (see `paused`).
+            with paused(proc, stale_reads < 2 and not exited):
                 store.refresh()
-                break
-            time.sleep(0.01)
-        assert proc.wait(timeout=60) == 0, tail(log)
+                g = store.generation("A")
+                assert g is not None
+                if g.active != "A#1":
+                    return True
+                got = snapshot(store.aggregate("A"))  # never raises with --stale serve
+                assert got == old, "a stale read is not exactly the old generation's answers"
+                if g.building is not None:
+                    assert g.state == "stale" and g.building == "A#2", g
+                    stale_reads += 1
+            return exited
+
+        wait_for(switched, lambda: f"A to switch\n{tail(log)}", timeout=60, every=0.01)
+        rc = wait_exit(proc, "tally consume --until-caught-up did not exit", 60, log)
+        assert rc == 0, tail(log)
     assert stale_reads >= 2, f"saw the stale state only {stale_reads} times"
     (building,) = log_events(log.read_text(), "building by replay")
     assert building["aggregates"] == ["A"] and building["stale"] == ["A"]
@@ -332,26 +358,30 @@ def test_changed_definition_serves_old_answers_until_the_switch_then_new(
     )
     dropped_reads = 0
     with running(proc), open_store(data) as store:
-        deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline, f"A never became ready again:\n{tail(log4)}"
-            store.refresh()
-            g = store.generation("A")
-            if g.active == "A#3":
-                break
-            if g.building is not None:
-                assert g.active is None and g.state == "building", g  # not served stale
-                with pytest.raises(AggregateNotReady):
-                    store.aggregate("A").count()
-                dropped_reads += 1
-            else:  # not planned yet: the previous generation still answers
-                assert g.active == "A#2" and store.aggregate("A").count() > 0
-            if proc.poll() is not None:
+
+        def ready_again() -> bool:
+            """One look at A: True once A#3 is active."""
+            nonlocal dropped_reads
+            exited = proc.poll() is not None
+            with paused(proc, dropped_reads < 2 and not exited):
                 store.refresh()
-                assert store.generation("A").active == "A#3", tail(log4)
-                break
-            time.sleep(0.01)
-        assert proc.wait(timeout=60) == 0, tail(log4)
+                g = store.generation("A")
+                if g.active == "A#3":
+                    return True
+                assert not exited, f"exited before A#3 was active ({g}):\n{tail(log4)}"
+                if g.building is not None:
+                    assert g.active is None and g.state == "building", g  # not served stale
+                    with pytest.raises(AggregateNotReady):
+                        store.aggregate("A").count()
+                    dropped_reads += 1
+                else:  # not planned yet: the previous generation still answers
+                    assert g.active == "A#2" and store.aggregate("A").count() > 0
+            return False
+
+        wait_for(ready_again, lambda: f"A to become ready again\n{tail(log4)}", timeout=60,
+                 every=0.01)
+        rc = wait_exit(proc, "tally consume --until-caught-up did not exit", 60, log4)
+        assert rc == 0, tail(log4)
     assert dropped_reads >= 2, f"saw A not ready only {dropped_reads} times"
     with open_store(data) as store:
         assert store.generation("A").state == "ready"
@@ -410,14 +440,15 @@ def test_sigkill_during_replay_resumes_from_the_replay_offsets(
 
             # Step the consumer in short slices (SIGSTOP/SIGCONT) so the kill lands mid-replay
             # however fast the machine is: a reader poll cannot lag behind a running replay.
-            deadline = time.monotonic() + 60
-            while True:
-                os.kill(proc.pid, signal.SIGSTOP)
+            def stopped_far_enough(far_enough: Any = far_enough, pid: int = proc.pid) -> bool:
+                os.kill(pid, signal.SIGSTOP)
                 if far_enough():
-                    break
-                assert time.monotonic() < deadline, f"replay never passed {target:.0%} {note}"
-                os.kill(proc.pid, signal.SIGCONT)
-                time.sleep(0.01)
+                    return True  # left stopped: the kill lands here
+                os.kill(pid, signal.SIGCONT)
+                return False
+
+            wait_for(stopped_far_enough, lambda log=log, target=target: (
+                f"the replay to pass {target:.0%} {note}\n{tail(log)}"), timeout=60, every=0.01)
             proc.kill()  # SIGKILL: no cleanup, no final commit
             proc.wait()
         what = f"kill {i} at {target:.0%} {note}"
@@ -491,24 +522,34 @@ def test_replay_progress_does_not_go_back_after_a_restart(
                 "the consumer to start",
             )
             with open_store(data) as store:
-                deadline = time.monotonic() + 60
-                while True:
-                    assert time.monotonic() < deadline, tail(log)
-                    if run == 0:
-                        os.kill(proc.pid, signal.SIGSTOP)  # step: the kill lands where we look
+
+                def look(proc: subprocess.Popen[bytes] = proc, store: Store = store,
+                         log: Path = log, run: int = run) -> bool:
+                    """One look at A's progress: True to stop looking. The first run is
+                    stepped (the kill lands where we look); the second is paused while we
+                    look until it showed progress (so a fast run cannot finish unseen)."""
+                    assert proc.poll() is None, tail(log)
+                    pause = run == 0 or not seen
+                    if pause:
+                        os.kill(proc.pid, signal.SIGSTOP)
                     store.refresh()
                     g = store.generation("A")
                     if g is not None and g.state == "ready":
-                        break
-                    if g is not None and "percent" in g.progress:
+                        stop = True
+                    elif g is not None and "percent" in g.progress:
                         if run == 1:
                             seen.append(dict(g.progress))
                         elif g.progress["percent"] >= 60:
-                            break  # SIGKILL (leaving `running`), mid-replay
-                    assert proc.poll() is None, tail(log)
-                    if run == 0:
+                            return True  # left stopped: SIGKILL (leaving `running`), mid-replay
+                        stop = False
+                    else:
+                        stop = False
+                    if pause:
                         os.kill(proc.pid, signal.SIGCONT)
-                    time.sleep(0.01)
+                    return stop
+
+                wait_for(look, lambda log=log, run=run: f"the replay of run {run}\n{tail(log)}",
+                         timeout=60, every=0.01)
         if run == 1:
             for line in log_events(log.read_text(), "progress"):
                 seen.extend(p for p in (line.get("replays") or {}).values() if "percent" in p)
@@ -574,20 +615,24 @@ def test_rebuild_while_live_events_flow_serves_stale_then_switches(
     )
     stale_reads = 0
     with running(proc, feeder), open_store(data) as store:
-        deadline = time.monotonic() + 60
-        while True:
+
+        def switched() -> Any:
+            """One look at A and B; A's generation once it switched from A#1."""
+            nonlocal stale_reads
             assert proc.poll() is None, f"consumer exited ({proc.returncode}):\n{tail(log)}"
-            assert time.monotonic() < deadline, f"A never switched:\n{tail(log)}"
-            store.refresh()
-            g = store.generation("A")
-            assert store.aggregate("A").count() > 0  # answers throughout, never raises
-            assert store.aggregate("B").count(namespace="red") > 0  # B serves live meanwhile
-            if g.active != "A#1":
-                break
-            if g.building is not None:
-                assert g.state == "stale" and g.building == "A#2" and not g.rebuild_requested, g
-                stale_reads += 1
-            time.sleep(0.01)
+            with paused(proc, stale_reads < 2):  # see `paused`
+                store.refresh()
+                g = store.generation("A")
+                assert store.aggregate("A").count() > 0  # answers throughout, never raises
+                assert store.aggregate("B").count(namespace="red") > 0  # B serves live meanwhile
+                if g.active != "A#1":
+                    return g
+                if g.building is not None:
+                    assert g.state == "stale" and g.building == "A#2" and not g.rebuild_requested, g
+                    stale_reads += 1
+            return None
+
+        g = wait_for(switched, lambda: f"A to switch\n{tail(log)}", timeout=60, every=0.01)
         assert g.active == "A#2" and g.state == "ready", g  # a fresh generation number
         sent = feeder.finish()
         assert len(sent) > 0
@@ -810,7 +855,9 @@ def test_rebuild_over_http_needs_the_token_and_switches_generation(
         assert TallyClient(url).count("leaderboard") == len(rows)
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, tail(log)
+        assert wait_exit(proc, "tally consume did not stop within 30 s of SIGTERM", 30, log) == 0, (
+            tail(log)
+        )
     with open_store(data) as store:
         assert store.generation("leaderboard").active == "leaderboard#2"
         assert store.aggregate("leaderboard#1").count() == 0

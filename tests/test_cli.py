@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
+import select
 import signal
 import subprocess
 import time
@@ -25,7 +27,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from consumer_util import TALLY, child_env, free_port
+from consumer_util import TALLY, child_env, free_port, tail, wait_exit, wait_for
 from kafka_util import create_topic, unique_topic
 
 from engine import Store
@@ -424,23 +426,50 @@ def test_status_tables_and_unreachable_broker(built: Built) -> None:
     assert f"{len(built.rows)}" in res.stdout
 
 
+def read_lines(proc: subprocess.Popen[bytes], n: int, timeout: float, what: str, log: Path) -> bytes:
+    """``proc``'s stdout up to (at least) its ``n``-th line; fails naming ``what`` (with the lines so
+    far and the tail of its stderr ``log``) if they do not arrive within ``timeout`` s."""
+    assert proc.stdout is not None
+    fd, buf, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
+    while (got := buf.count(b"\n")) < n:
+        left = deadline - time.monotonic()
+        chunk = os.read(fd, 1 << 16) if left > 0 and select.select([fd], [], [], left)[0] else None
+        if not chunk:
+            state = f"still running after {timeout}s" if chunk is None else f"exited {proc.wait()}"
+            raise AssertionError(f"waiting for {what}: the process {state}, after {got} lines: "
+                                 f"{buf[-2000:]!r}\nits stderr:\n{tail(log)}")
+        buf += chunk
+    return buf
+
+
 @pytest.mark.kafka
-def test_status_watch_refreshes_until_ctrl_c(built: Built) -> None:
-    proc = subprocess.Popen(
-        [TALLY, "status", "--data-dir", str(built.data_dir), "--watch", "0.3", "--json",
-         "--bootstrap-servers", built.bootstrap],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )  # fmt: skip
-    time.sleep(3)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    docs = [json.loads(line) for line in out.splitlines() if line.strip()]
+def test_status_watch_refreshes_until_ctrl_c(built: Built, tmp_path: Path) -> None:
+    err_log = tmp_path / "status.stderr"
+    with open(err_log, "wb") as err:
+        proc = subprocess.Popen(
+            [TALLY, "status", "--data-dir", str(built.data_dir), "--watch", "0.3", "--json",
+             "--bootstrap-servers", built.bootstrap],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=_env(),
+        )  # fmt: skip
+    try:
+        out = read_lines(proc, 2, 60, "two refreshes of tally status --watch", err_log)
+        proc.send_signal(signal.SIGINT)
+        rc = wait_exit(proc, "tally status --watch did not exit on Ctrl-C", 30, err_log)
+        assert proc.stdout is not None
+        out += proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, tail(err_log)
+    docs = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
     assert len(docs) >= 2
-    assert all(d["aggregates"] for d in docs)
+    # Every refresh reads the same (unchanging) store: the items of each aggregate.
+    items = {n: sum(built.agg(n).count(ns) for ns in built.agg(n).namespaces())
+             for n in ("leaderboard", "by_game", "high_scores")}
+    assert all({a["name"]: a["items"] for a in d["aggregates"]} == items for d in docs), docs
 
 
 # ---------------------------------------------------------------- --url against a running server
@@ -460,24 +489,23 @@ def test_query_url_matches_data_dir(built: Built, tmp_path: Path) -> None:
         env=_env(),
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/status", timeout=2) as r:
-                    doc = json.loads(r.read())
-                items = {a["name"]: (a["state"], a["items"]) for a in doc["aggregates"]}
-                if (
-                    doc.get("partitions")
-                    and doc.get("lag") == 0
-                    and all(state == "ready" for state, _ in items.values())
-                    and items.get("leaderboard") == ("ready", len(built.rows))
-                ):
-                    break
-            except OSError:
-                pass
+
+        def caught_up() -> Any:
+            """/status once the server has caught up; else what it said (or None)."""
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "the server did not catch up"
-            time.sleep(0.2)
+            with urllib.request.urlopen(f"{url}/status", timeout=2) as r:
+                doc = json.loads(r.read())
+            items = {a["name"]: (a["state"], a["items"]) for a in doc["aggregates"]}
+            ready = (
+                doc.get("partitions")
+                and doc.get("lag") == 0
+                and all(state == "ready" for state, _ in items.values())
+                and items.get("leaderboard") == ("ready", len(built.rows))
+            )
+            return ready or (doc.get("lag"), items)
+
+        wait_for(lambda: caught_up() is True, f"the server at {url} to catch up", timeout=60,
+                 every=0.2, swallow=(OSError,))
         for args, aggregate, engine in CASES[::2]:
             remote = tally("query", "--url", url, aggregate, *args, "--json")
             assert remote.returncode == 0, remote.stderr
@@ -508,13 +536,11 @@ def test_query_url_matches_data_dir(built: Built, tmp_path: Path) -> None:
 def test_demo_short_verifies(kafka_bootstrap: str, tmp_path: Path) -> None:
     topic = unique_topic("demo-scores")
     common = ["demo", "--no-http", "--bootstrap-servers", kafka_bootstrap, "--topic", topic, "--seed", "7"]
-    t0 = time.monotonic()
+    # (How long it takes is measured by scripts/bench/demo.py, not asserted here.)
     res = tally(*common, "--short", "--data-dir", str(tmp_path / "a"), timeout=180)
-    took = time.monotonic() - t0
     assert res.returncode == 0, res.stdout + res.stderr
     assert "verified against an in-memory oracle: ✓" in res.stdout
     assert "tally query --data-dir" in res.stdout
-    assert took < 60, took
     # The oracle of a later run starts from the topic's content: once resuming
     # the same data dir, once replaying everything into a fresh one.
     for data_dir in ("a", "b"):
@@ -524,7 +550,9 @@ def test_demo_short_verifies(kafka_bootstrap: str, tmp_path: Path) -> None:
         assert "already holds" in res.stdout
     # The data dir it leaves answers `tally query`.
     res = tally("query", "--data-dir", str(tmp_path / "b"), "leaderboard", "count", "--json")
-    assert res.returncode == 0 and int(res.stdout) > 0
+    with Store.open(tmp_path / "b", read_only=True) as store:
+        count = store.aggregate("leaderboard").count()
+    assert res.returncode == 0 and int(res.stdout) == count > 0
 
 
 def test_demo_bad_usage() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,10 @@ from consumer_util import (
     random_row,
     run_consume,
     start_consume,
+    tail,
     topic_end_offsets,
+    wait_exit,
+    wait_for,
     write_definitions,
 )
 from kafka_util import create_topic, produce, read_all, unique_topic
@@ -280,26 +282,28 @@ def test_sigterm_stops_promptly_and_a_restart_is_exact(kafka_bootstrap: str, tmp
     feeder = Feeder(kafka_bootstrap, topic, RowStream(seed=505, n_ids=300))
     feeder.start()
     proc = start_consume(defs_path, topic, data, kafka_bootstrap, "--batch-size", "200", log=log)
+
+    def committed() -> int:
+        """Events the consumer has committed so far (0 until its store is open)."""
+        assert proc.poll() is None, f"consumer exited early (rc {proc.returncode}):\n{tail(log)}"
+        # "consuming" is logged once the store is open (a reader racing the
+        # writer's very first open can miss its column families)
+        if not log_events(log.read_text(), "consuming"):
+            return 0
+        with open_store(data) as store:
+            return sum(position(store, topic, defs).offsets.values())
+
     try:
-        # Wait until it is really consuming (something committed) while events keep coming.
-        deadline = time.monotonic() + 30
-        committed = 0
-        while time.monotonic() < deadline and proc.poll() is None:
-            # "consuming" is logged once the store is open (a reader racing the
-            # writer's very first open can miss its column families)
-            if log_events(log.read_text(), "consuming"):
-                with open_store(data) as store:
-                    committed = sum(position(store, topic, defs).offsets.values())
-                if committed > 500:
-                    break
-            time.sleep(0.2)
-        assert proc.poll() is None, f"consumer exited early:\n{log.read_text()}"
-        assert committed > 500, f"consumer committed nothing in 30 s:\n{log.read_text()}"
-        time.sleep(0.5)
-        t0 = time.monotonic()
+        # Wait until it is really consuming while events keep coming: something committed,
+        # then a later commit once over 1000 events were sent (so the SIGTERM lands
+        # mid-stream, not on an idle consumer).
+        first = wait_for(lambda: (n := committed()) > 500 and n, lambda: (
+            f"the consumer to commit 500 events\n{tail(log)}"), timeout=30, every=0.2)
+        wait_for(lambda: len(feeder.sent) > 1000 and committed() > first, lambda: (
+            f"the consumer to commit more than {first} events "
+            f"({len(feeder.sent)} sent)\n{tail(log)}"), timeout=30)
         proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=10)
-        took = time.monotonic() - t0
+        rc = wait_exit(proc, "tally consume did not stop within 10 s of SIGTERM", 10, log)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -307,7 +311,6 @@ def test_sigterm_stops_promptly_and_a_restart_is_exact(kafka_bootstrap: str, tmp
         sent = feeder.finish()
     text = log.read_text()
     assert rc == 0, text
-    assert took < 10
     assert log_events(text, "stopping") and log_events(text, "stopped"), text
     assert len(sent) > 1000
     with open_store(data) as store:

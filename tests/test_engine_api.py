@@ -276,7 +276,7 @@ def test_bad_keys_on_writes_raise_invalid_key_and_change_nothing(
             agg.upsert(9, "in-batch")
             with pytest.raises(InvalidKey):
                 write(agg)
-        assert agg.get("in-batch") is not None
+        assert agg.get("in-batch") == Item(9, "in-batch", 0, None)
         agg.validate()
     with Store.open(path, max_node_size=4) as s:
         agg = s.aggregate("agg")
@@ -406,8 +406,15 @@ def test_int_and_float_sums(store: Any) -> None:
     agg.insert(2, 2, 1)
     assert agg.sum() == 2**53 + 2 and type(agg.sum()) is int
     agg.insert(3, 3, 0.5)
-    assert agg.sum() == pytest.approx(2**53 + 2.5, rel=0, abs=2)  # floats are 2 apart at 2**53
+    # Added in key order: the ints exactly (2**53 + 2, which a float holds: floats are 2
+    # apart there), then + 0.5 rounds to even, to 2**53 + 2.0 (the exact 2**53 + 2.5
+    # rounded). Had the int item 1 been lost, float(2**53 + 1) + 0.5 rounds to 2**53.
+    total = agg.sum()
+    assert total == 2**53 + 2 and type(total) is float
     assert agg.sum(bounds={"upper": {"key": 2}}) == 2**53 + 2
+    assert agg.sum(bounds={"lower": {"key": 2}}) == 1.5
+    agg.delete(3)  # without the float item the sum is an exact int again
+    assert agg.sum() == 2**53 + 2 and type(agg.sum()) is int
 
 
 def test_int_sums_are_exact_beyond_64_bits(tmp_path: Path) -> None:
@@ -451,8 +458,9 @@ def test_float_sums_do_not_drift(store: Any) -> None:
     agg.insert(0, "small", 0.1)
     for i in range(300):
         agg.upsert(1, "big", 1e17 if i % 2 == 0 else 0.3)
-    # A running total would have lost 0.1 and 0.3 against 1e17 many times over.
-    assert agg.sum() == pytest.approx(0.4, rel=0, abs=1e-12)
+    # A running total would have lost 0.1 and 0.3 against 1e17 many times over; recomputed
+    # from the two items left it is 0.1 + 0.3, exactly 0.4.
+    assert agg.sum() == 0.1 + 0.3 == 0.4
     agg.delete("big")
     assert agg.sum() == 0.1
 
@@ -624,7 +632,7 @@ def test_clear_with_node_size_then_many_inserts(store: Any) -> None:
         agg.insert(i, 100 + i, 1, namespace="keep")
     agg.clear(namespace="big", max_node_size=5)
     assert agg.count(namespace="big") == 0
-    assert agg.get(3) is None and agg.get(103) is not None
+    assert agg.get(3) is None and agg.get(103) == Item(3, 103, 1, "keep")
     agg.insert(0, 3, 1)  # id 3 is free again
     for i in range(1000, 1600):
         agg.insert((i * 7919) % 613, i, i, namespace="big")
@@ -648,7 +656,7 @@ def test_drop_namespace_and_clear_all(store: Any) -> None:
         other.insert(i, i)
     agg.drop_namespace(0)
     assert agg.namespaces() == [1]
-    assert agg.get(0) is None and agg.get(1) is not None
+    assert agg.get(0) is None and agg.get(1) == Item(1, 1, 0, 1)
     agg.insert(0, 0)  # id 0 can be reused
     agg.clear_all()
     assert agg.namespaces() == [] and agg.get(1) is None and agg.count(namespace=1) == 0

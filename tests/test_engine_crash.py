@@ -1,14 +1,24 @@
-"""Crash atomicity: SIGKILL a writer at random moments; every reopen shows exactly a batch prefix.
+"""Crash atomicity: a writer SIGKILLed inside any phase of its work leaves exactly a batch prefix.
 
 A child process (tests/crash_child.py) applies a deterministic sequence of
 batches (~50 upserts/deletes over 2000 ids in 2 namespaces, plus the meta
 counter ``batch``) to a store with tiny nodes, so splits, merges and
-checkpoints happen all the time. The parent kills it at random moments, then
-reopens the store, runs ``validate()``, reads the counter N and checks the
-aggregate equals an oracle replaying batches 0..N-1 exactly, and that N is at
-least the last batch the child reported committed (nothing lost). Then it
-restarts the child, which resumes from N. The test ends with a run to
-completion.
+checkpoints happen all the time. It prints a line at every step (opening,
+begin N, commit N, committed N), so the kills are driven by its progress, not
+by the clock: each kill aims at a phase (the store's open and recovery, a
+batch's writes, a batch's commit) of a batch a random number of batches past
+the stored counter, waits for the child to enter it, and kills after a random
+fraction of that phase's duration as the child itself measured it. The child
+parks a few dozen batches past the target, so no machine is fast (or the parent
+slow) enough for a run to finish the sequence, and the kills go on until enough
+landed in every phase.
+
+After each kill the parent reopens the store, runs ``validate()``, reads the
+counter N, checks N is exactly what the child's last line allows (inside a
+batch's writes: the batch before it; inside its commit: that one or the one
+before; after ``committed N``: N) and that the aggregate equals an oracle
+replaying batches 0..N-1. Then it restarts the child, which resumes from N.
+The test ends with a run to completion.
 
 ``TALLY_STRESS=1`` (or a larger integer) multiplies the number of kills.
 """
@@ -39,10 +49,19 @@ _spec.loader.exec_module(crash_child)
 
 STRESS = int(os.environ.get("TALLY_STRESS", "0") or 0)
 FACTOR = 1 if STRESS <= 0 else (10 if STRESS == 1 else STRESS)
-KILLS = 40 * FACTOR
-TOTAL_BATCHES = 8000 * FACTOR
+QUOTA = {"open": 8 * FACTOR, "ops": 16 * FACTOR, "commit": 16 * FACTOR}
+"""Kills that must land inside each phase: the store's open, a batch's writes, its commit."""
+MAX_ATTEMPTS = 4 * sum(QUOTA.values())
+"""A kill can land after the phase it aimed at (the parent reacts late): it still counts
+as a check, and the kills go on, up to this many."""
+MAX_STEP = 40
+"""A kill aims at a batch 1..MAX_STEP past the stored counter."""
+MARGIN = 60
+"""A run parks this many batches past the batch its kill aims at."""
+FINAL_BATCHES = 300
 MAX_NODE_SIZE = 6
 SEED = 20240611
+LINE_TIMEOUT = 60.0
 
 
 class Oracle:
@@ -64,8 +83,9 @@ class Oracle:
         return sorted(out)
 
 
-def check_store(path: Path, oracle: Oracle, at_least: int, read_only: bool = False) -> int:
-    """Reopen, validate, and compare with the oracle at the stored batch counter."""
+def check_store(path: Path, oracle: Oracle, allowed: set[int], read_only: bool = False) -> int:
+    """Reopen, validate, check the stored batch counter is one of ``allowed`` and the
+    state is exactly the oracle's at that counter; returns the counter."""
     with Store.open(path, read_only=read_only, max_node_size=MAX_NODE_SIZE) as store:
         if not read_only:
             store.validate()
@@ -73,8 +93,9 @@ def check_store(path: Path, oracle: Oracle, at_least: int, read_only: bool = Fal
             store.aggregate(crash_child.AGGREGATE).validate()
         raw = store.get_meta(crash_child.META_KEY)
         n = int(raw) if raw is not None else 0
-        assert n >= at_least, f"lost committed batches: store has {n}, child reported {at_least}"
-        assert n <= TOTAL_BATCHES
+        assert n in allowed, (
+            f"stored batch counter {n}, but the child's last line allows only {sorted(allowed)}"
+        )
         oracle.advance_to(n)
         agg = store.aggregate(crash_child.AGGREGATE)
         total = 0
@@ -108,96 +129,135 @@ def check_store(path: Path, oracle: Oracle, at_least: int, read_only: bool = Fal
     return n
 
 
-def start_child(path: Path, cache_nodes: int) -> subprocess.Popen[str]:
+def start_child(path: Path, limit: int, cache_nodes: int, at_limit: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [
-        sys.executable,
-        str(CHILD),
-        str(path),
-        str(SEED),
-        str(TOTAL_BATCHES),
-        str(MAX_NODE_SIZE),
-        str(cache_nodes),
-    ]
+    args = [sys.executable, str(CHILD), str(path), str(SEED), str(limit), str(MAX_NODE_SIZE),
+            str(cache_nodes), at_limit]
     return subprocess.Popen(
-        args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=str(REPO),
-        bufsize=1,
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(REPO)
     )
 
 
-def read_lines_until(proc: subprocess.Popen[str], prefix: str, timeout: float) -> list[str]:
-    """Read the child's stdout until a line starting with ``prefix`` (or EOF/timeout)."""
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line.strip())
-        if line.startswith(prefix):
-            break
-    return lines
+class ChildLines:
+    """The child's stdout line by line, from the raw pipe (select + os.read, so no
+    buffered reader holds lines select cannot see)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.proc = proc
+        self.fd = proc.stdout.fileno()
+        self.buf = b""
+        self.eof = False
+        self.lines: list[str] = []
+
+    def _next(self, deadline: float) -> str | None:
+        """The next line; None at EOF or at the deadline."""
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if self.eof or left <= 0:
+                return None
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                chunk = os.read(self.fd, 1 << 16)
+                self.eof = not chunk
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        self.lines.append(line.decode())
+        return self.lines[-1]
+
+    def until(self, line: str) -> None:
+        """Read up to the line ``line``; fail saying where the child is if it never comes."""
+        deadline = time.monotonic() + LINE_TIMEOUT
+        while (got := self._next(deadline)) != line:
+            if got is None:
+                why = "exited" if self.eof else f"printed nothing more for {LINE_TIMEOUT:.0f}s"
+                raise AssertionError(
+                    f"crash child {why} before {line!r} (rc {self.proc.poll()}); "
+                    f"its last lines: {self.lines[-5:]}; stderr: {self.stderr()}"
+                )
+
+    def drain(self) -> None:
+        """Everything the child wrote before it died."""
+        while self._next(time.monotonic() + LINE_TIMEOUT) is not None:
+            pass
+        assert self.eof, f"crash child's stdout still open {LINE_TIMEOUT:.0f}s after the kill"
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return "(child still running)"
+        return self.proc.stderr.read().decode(errors="replace")[-3000:]
 
 
-def last_committed(lines: list[str]) -> int:
-    n = 0
-    for line in lines:
-        if line.startswith("committed "):
-            n = max(n, int(line.split()[1]))
-    return n
+def landed(lines: list[str], stored: int) -> tuple[str, set[int]]:
+    """Where the kill landed, from the child's last line, and the batch counters the
+    store may then hold (``stored``: the counter the run started from)."""
+    last = lines[-1] if lines else ""
+    word, _, rest = last.partition(" ")
+    k = int(rest.split()[0]) if word in ("begin", "commit", "committed", "parked") else 0
+    if word in ("", "opening", "ready"):
+        # nothing of this run was committed
+        return {"": "spawn", "opening": "open", "ready": "ready"}[word], {stored}
+    if word == "begin":
+        return "ops", {k - 1}  # batch k's writes are in memory only
+    if word == "commit":
+        return "commit", {k - 1, k}  # its one WriteBatch went in whole, or not at all
+    assert word in ("committed", "parked"), f"unexpected line from the crash child: {last!r}"
+    return ("between" if word == "committed" else "parked"), {k}
 
 
-def test_sigkill_at_random_moments_keeps_batches_atomic(tmp_path: Path) -> None:
+def test_sigkill_inside_every_phase_keeps_batches_atomic(tmp_path: Path) -> None:
     path = tmp_path / "store"
     rng = random.Random(SEED)
     oracle = Oracle(SEED)
-    at_least = 0
-    progress = []
-    started = time.monotonic()
-    for kill in range(KILLS):
+    stored = 0
+    # How long each phase takes, as the child measured it (updated from its lines).
+    took = {"open": 0.02, "ops": 0.002, "commit": 0.0005}
+    hits = dict.fromkeys(("spawn", "open", "ready", "ops", "commit", "between", "parked"), 0)
+    history: list[tuple[str, str, int]] = []
+    attempts = 0
+    while any(hits[p] < q for p, q in QUOTA.items()):
+        assert attempts < MAX_ATTEMPTS, (
+            f"after {attempts} kills, too few landed inside each phase (quota {QUOTA}): {hits}; "
+            f"phase durations {took}; (aimed, landed, counter): {history[-20:]}"
+        )
+        attempts += 1
+        short = [p for p, q in QUOTA.items() if hits[p] < q]
+        aim = rng.choices(short, weights=[QUOTA[p] - hits[p] for p in short])[0]
+        target = stored + rng.randint(1, MAX_STEP)
         cache_nodes = rng.choice((16, 64, 64, 1000))
-        child = start_child(path, cache_nodes)
+        child = start_child(path, target + MARGIN, cache_nodes, "park")
+        lines = ChildLines(child)
         try:
-            if kill % 5 == 4:
-                # Sometimes kill while it opens (log replay, recovery).
-                time.sleep(rng.uniform(0.0, 0.25))
-                lines: list[str] = []
-            else:
-                lines = read_lines_until(child, "ready", timeout=30)
-                assert lines and lines[-1].startswith("ready"), (lines, child.poll())
-                time.sleep(rng.uniform(0.0, 0.35))
+            marker = {"open": "opening", "ops": f"begin {target}", "commit": f"commit {target}"}
+            lines.until(marker[aim])
+            for line in lines.lines:
+                word, *fig = line.split()
+                if word == "ready":
+                    took["open"] = int(fig[1]) / 1e6
+                elif word == "committed":
+                    took["ops"], took["commit"] = int(fig[1]) / 1e6, int(fig[2]) / 1e6
+            time.sleep(rng.uniform(0.0, took[aim]))
             child.send_signal(signal.SIGKILL)
-            assert child.stdout is not None and child.stderr is not None
-            rest = child.stdout.read()
-            err = child.stderr.read()
-            child.wait(timeout=30)
+            lines.drain()
+            rc = child.wait(timeout=30)
         finally:
             if child.poll() is None:
                 child.kill()
                 child.wait()
-        lines += rest.splitlines()
-        assert child.returncode in (-signal.SIGKILL, 0), (child.returncode, err)
-        if child.returncode == 0:
-            assert "done" in lines
-        assert "Traceback" not in err, err
-        at_least = max(at_least, last_committed(lines))
-        if kill % 2:
+        assert rc == -signal.SIGKILL, (
+            f"crash child exited {rc}: {lines.lines[-5:]} {lines.stderr()}"
+        )
+        where, allowed = landed(lines.lines, stored)
+        hits[where] += 1
+        if attempts % 2:
             # A reader opening the crashed store (before any writer recovers it) sees the same.
-            check_store(path, oracle, at_least, read_only=True)
-        n = check_store(path, oracle, at_least)
-        progress.append(n)
-        at_least = n
+            check_store(path, oracle, allowed, read_only=True)
+        stored = check_store(path, oracle, allowed)
+        history.append((aim, where, stored))
+    print(f"kills: {attempts}, landed {hits}, last counter {stored}, phase durations {took}")
     # Finish the sequence without interruption.
-    child = start_child(path, 64)
+    final = stored + FINAL_BATCHES
+    child = start_child(path, final, 64, "finish")
     try:
         out, err = child.communicate(timeout=300)
     finally:
@@ -205,15 +265,8 @@ def test_sigkill_at_random_moments_keeps_batches_atomic(tmp_path: Path) -> None:
             child.kill()
             child.wait()
     assert child.returncode == 0, err
-    assert "done" in out.splitlines()
-    n = check_store(path, oracle, TOTAL_BATCHES)
-    assert n == TOTAL_BATCHES
-    # The kills really interrupted work in progress at many different points.
-    assert len(set(progress)) >= KILLS // 2, progress
-    assert progress[-1] < TOTAL_BATCHES, (
-        "the child finished before the kills ended; raise TOTAL_BATCHES"
-    )
-    assert time.monotonic() - started < 300 * FACTOR
+    assert out.decode().splitlines()[-1] == "done"
+    assert check_store(path, oracle, {final}) == final
 
 
 METADATA_ONLY_CHILD = """

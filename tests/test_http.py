@@ -21,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import types
 import urllib.parse
 import urllib.request
@@ -34,7 +35,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.structs import TopicPartition
 from consumer_util import free_port
+from consumers.apply import DRIFT_KINDS
 from kafka_util import create_topic, produce, unique_topic
+from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.client import ClientError, TallyClient
 from consumers.http.app import (
@@ -352,7 +355,6 @@ def test_random_returns_an_item_in_range(served: Served) -> None:
         for _ in range(30):
             it = served.client.random("by_game", namespace=ns, bounds=bounds)
             assert it in pool
-            assert it is not None
             seen.add(it.id)
         assert len(seen) > 1 or len(pool) == 1
     assert served.client.random("by_game", namespace="nope") is None
@@ -459,43 +461,40 @@ def test_aggregates_and_status(served: Served) -> None:
     assert 0 < st["uptime_seconds"] < 3600
 
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+def _prom_escape(value: str) -> str:
+    """A label value as the text format writes it (backslash, newline and quote escaped)."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def parse_metrics(text: str) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, frozenset[tuple[str, str]]], float]]:
-    """(family → (type, help), (sample name, labels) → value); asserts the format."""
-    families: dict[str, list[str]] = {}
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    """(family → (type, help), (sample name, labels) → value), read by prometheus_client's
+    text-format parser (an implementation independent of our renderer). That parser is lax,
+    so this asserts what it lets through: every sample in a family with one # TYPE and one
+    # HELP (a stray sample comes back as an untyped family of its own), counters named
+    ``*_total``, no sample twice, and each sample line exactly what the parser read (it
+    skips a malformed label silently)."""
     assert text.endswith("\n")
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            name, _, help_ = line[7:].partition(" ")
-            assert help_, line
-            families.setdefault(name, []).append("help:" + help_)
-        elif line.startswith("# TYPE "):
-            name, _, kind = line[7:].partition(" ")
-            assert kind in ("counter", "gauge", "histogram"), line
-            assert name in families, f"TYPE before HELP: {line}"
-            families[name].append("type:" + kind)
-        else:
-            m = _SAMPLE.match(line)
-            assert m, f"bad sample line {line!r}"
-            labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-            key = (m.group(1), labels)
-            assert key not in samples, f"duplicate sample {line!r}"
-            samples[key] = float(m.group(3))
-    out: dict[str, tuple[str, str]] = {}
-    for name, parts in families.items():
-        kinds = [p[5:] for p in parts if p.startswith("type:")]
-        helps = [p[5:] for p in parts if p.startswith("help:")]
-        assert len(kinds) == 1 and len(helps) == 1, name
-        out[name] = (kinds[0], helps[0])
-    for sname, _ in samples:
-        fam = sname
-        if out.get(re.sub(r"_(bucket|sum|count)$", "", sname), ("", ""))[0] == "histogram":
-            fam = re.sub(r"_(bucket|sum|count)$", "", sname)
-        assert fam in out, f"sample {sname} has no # HELP/# TYPE"
-    return out, samples
+    families: dict[str, tuple[str, str]] = {}
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    heads: list[str] = []
+    for m in text_string_to_metric_families(text):
+        # the parser drops a counter's "_total" from the family name (OpenMetrics style)
+        name = f"{m.name}_total" if m.type == "counter" else m.name
+        assert m.type in ("counter", "gauge", "histogram"), f"{name}: type {m.type!r}, no # TYPE?"
+        assert m.documentation, f"{name} has no # HELP"
+        for what in (f"# TYPE {name} {m.type}", f"# HELP {name} "):
+            n = sum(ln.startswith(what) for ln in text.splitlines())
+            assert n == 1, f"{n} lines '{what}...' for {name}"
+        families[name] = (m.type, m.documentation)
+        for smp in m.samples:
+            key = (smp.name, frozenset(smp.labels.items()))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = smp.value
+            labels = ",".join(f'{k}="{_prom_escape(v)}"' for k, v in smp.labels.items())
+            heads.append(f"{smp.name}{{{labels}}}" if labels else smp.name)
+    lines = [ln.rsplit(" ", 1)[0] for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert lines == heads, [(a, b) for a, b in zip(lines, heads, strict=False) if a != b][:3]
+    return families, samples
 
 
 def test_metrics(served: Served) -> None:
@@ -510,6 +509,9 @@ def test_metrics(served: Served) -> None:
             "dead_letters": st.dead_letters,
             "latency_sum": st.latency_sum,
             "latency_buckets": list(st.latency_buckets),
+            "changed": st.changed,
+            "drift": dict(st.drift),
+            "started": st.started,
         }
     )
     for name, kind in [
@@ -540,13 +542,21 @@ def test_metrics(served: Served) -> None:
         running += stats["latency_buckets"][i]
         assert b == running
     assert buckets[-1] == one(f"{name}_count") == stats["batches"] == sum(stats["latency_buckets"])
-    assert one(f"{name}_sum") == pytest.approx(stats["latency_sum"])
+    assert one(f"{name}_sum") == stats["latency_sum"]  # rendered with repr(): exact
     topic = served.proc.topics[0]
     for p in range(3):
         assert one("tally_lag", topic=topic, partition=p) == 0
     for a in served.client.aggregates():
         assert one("tally_items", aggregate=a["name"]) == a["items"]
-    assert one("tally_uptime_seconds") > 0
+        assert one("tally_aggregate_ready", aggregate=a["name"]) == 1
+    assert one("tally_items_changed_total") == stats["changed"] > 0
+    for d in DEFINITIONS:
+        for kind in DRIFT_KINDS:
+            got = one("tally_drift_events_total", aggregate=d.name, kind=kind)
+            assert got == stats["drift"].get((d.name, kind), 0), (d.name, kind)
+    assert one("tally_broker_reachable") == 1
+    # rendered before now, rounded to milliseconds
+    assert 0 < one("tally_uptime_seconds") <= time.time() - stats["started"] + 0.001
 
 
 # ---------------------------------------------------------------- bad requests

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from consumer_util import wait_exit, wait_for
 from kafka_util import create_topic, read_all, unique_topic
 
 from consumers.cli import produce as cli_produce
@@ -305,9 +306,10 @@ def test_delivery_failures_surface_as_produce_error(kafka_bootstrap: str) -> Non
     async def publish() -> None:
         async with ChangeProducer(kafka_bootstrap, linger_ms=0) as p:
             fut = await p.insert(topic, "t", big)
-            with pytest.raises(ProduceError, match=r"1 event\(s\) were not delivered"):
+            with pytest.raises(ProduceError, match=r"1 event\(s\) were not delivered") as ei:
                 await p.flush()
-            assert fut.exception() is not None
+            # the event's own future holds the very failure the flush reported
+            assert fut.exception() is ei.value.__cause__ is not None
             await p.flush()  # reported once
             with pytest.raises(ProduceError, match="did not ack"):
                 await p.insert_many(topic, "t", [big])
@@ -540,18 +542,19 @@ def test_cli_publishes_a_slow_pipe_as_lines_arrive(kafka_bootstrap: str) -> None
         for i in range(2):
             proc.stdin.write(f'{{"id": {i}}}\n'.encode())
             proc.stdin.flush()
-            deadline = time.monotonic() + 20
-            while len(read_all(kafka_bootstrap, topic)) < i + 1:  # published while stdin stays open
-                assert time.monotonic() < deadline, (
-                    f"event {i} not published while the pipe is open"
-                )
-                time.sleep(0.1)
-        out, err = proc.communicate(timeout=30)  # closes stdin: end of input
+            wait_for(  # published while stdin stays open
+                lambda n=i + 1: len(read_all(kafka_bootstrap, topic)) >= n,
+                f"event {i} to be published while the pipe is open", timeout=20, every=0.1,
+            )
+        proc.stdin.close()  # end of input
+        rc = wait_exit(proc, "tally produce did not exit at the end of its input", 30)
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert (proc.returncode, err) == (0, b"")
+    assert (rc, err) == (0, b"")
     assert out.startswith(f"produced 2 events to {topic}".encode())
 
 

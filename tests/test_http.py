@@ -35,7 +35,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.structs import TopicPartition
 from consumer_util import free_port
-from consumers.apply import DRIFT_KINDS
 from kafka_util import create_topic, produce, unique_topic
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -64,6 +63,7 @@ from engine import (
     TableAggregate,
     TallyError,
 )
+from engine.triggers import DRIFT_KINDS
 from schemas import ConfigError, NativeEvent, encode_native
 from schemas.config import ConsumerSettings
 

@@ -13,6 +13,9 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from schemas.errors import ConfigError
+from schemas.typed import ColumnType, parse_column_type
+
 from .errors import InvalidArgument
 from .keys import key_repr
 
@@ -86,7 +89,9 @@ class TableAggregate:
     False keeps the row out (and removes it if it was in). ``id_field`` is a
     field name or a tuple of names for a composite primary key. ``version`` is
     yours to bump to force a rebuild when behaviour changes in a way the
-    fingerprint cannot see (e.g. a helper function it calls).
+    fingerprint cannot see (e.g. a helper function it calls). ``columns`` declares
+    column types (``{"amount": "numeric(12,2)", "created_at": "timestamptz"}``) for
+    records that carry no schema, so rows reach the functions typed (`schemas.typed`).
     """
 
     def __init__(
@@ -100,6 +105,7 @@ class TableAggregate:
         filter: Callable[[Row], bool] | None = None,
         id_field: str | Sequence[str] = "id",
         version: str | None = None,
+        columns: Mapping[str, str] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name or "#" in name:
             raise InvalidArgument(f"aggregate name must be a non-empty string without '#', got {name!r}")
@@ -125,6 +131,14 @@ class TableAggregate:
         else:
             raise InvalidArgument(f"id_field must be a field name or a tuple of field names, got {id_field!r}")
         self._id = _extractor(id_field, "id", None)
+        if columns is not None and not isinstance(columns, Mapping):
+            raise InvalidArgument(f"columns must map column names to type names, got {columns!r}")
+        self.columns: dict[str, ColumnType] = {}
+        for col, spec in (columns or {}).items():
+            try:
+                self.columns[col] = parse_column_type(spec)
+            except ConfigError as e:
+                raise InvalidArgument(f"aggregate {name!r}: column {col!r}: {e}") from None
 
     def __repr__(self) -> str:
         return f"TableAggregate({self.name!r}, table={self.table!r})"
@@ -133,7 +147,8 @@ class TableAggregate:
     def fingerprint(self) -> str:
         """Hash of the definition (table, functions' code, version): changes force a rebuild."""
         h = hashlib.sha256()
-        for part in (self.name, self.table, self.version, *(_describe(s) for s in self._specs)):
+        typed = sorted((c, t.name, t.precision, t.scale, t.array) for c, t in self.columns.items())
+        for part in (self.name, self.table, self.version, *(_describe(s) for s in self._specs), *typed):
             h.update(repr(part).encode())
             h.update(b"\x00")
         return h.hexdigest()[:16]

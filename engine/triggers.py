@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from schemas import BadRecord, ChangeEvent
+from schemas.typed import UNAVAILABLE
 
 from .aggregate import Aggregate, Prepared
 from .aggregate import prepare_encoded_id as prepare
@@ -144,11 +145,8 @@ class Applier:
                             planned.append((DELETE, agg, eid, evop))
                         else:
                             planned.append((UPSERT, agg, prepare(it[1], eid, it[2], it[0]), evop))
-                except TallyError as e:
-                    bad.append((i, BadRecord("apply", f"{_where(ev, d)}: {e}")))
-                    continue
-                except Exception as e:  # user code in sort_key/filter/... raised
-                    bad.append((i, BadRecord("apply", f"{_where(ev, d)}: {type(e).__name__}: {e}")))
+                except Exception as e:  # user code in sort_key/filter/... raised, or a bad key
+                    bad.append((i, _unapplicable(ev, d, e)))
                     continue
                 ops.extend(planned)
             elif kind == "delete":
@@ -284,6 +282,27 @@ class Applier:
         with self.store.batch():
             result = self.apply(ops)
         return result, bad
+
+
+def _unapplicable(ev: ChangeEvent, d: TableAggregate | None, e: Exception) -> BadRecord:
+    """Why an upsert cannot apply: a value the source did not send, or the definition's error."""
+    row = ev.row or {}
+    missing = [c for c, v in row.items() if v is UNAVAILABLE]
+    if missing:
+        cols = ", ".join(repr(c) for c in missing)
+        return BadRecord(
+            "unavailable-value",
+            f"{_where(ev, d)}: column(s) {cols} arrived as Debezium's unavailable-value placeholder "
+            "(an unchanged TOASTed value under REPLICA IDENTITY DEFAULT) and the definition reads "
+            "them, so tally cannot know the item. Fix it at the source: "
+            f"ALTER TABLE {ev.table} REPLICA IDENTITY FULL, or Debezium's reselect post-processor "
+            "(post.processors=reselector, reselector.type="
+            "io.debezium.processors.reselect.ReselectColumnsPostProcessor); then reconcile "
+            "the aggregate",
+        )
+    if isinstance(e, TallyError):
+        return BadRecord("apply", f"{_where(ev, d)}: {e}")
+    return BadRecord("apply", f"{_where(ev, d)}: {type(e).__name__}: {e}")
 
 
 def _where(ev: ChangeEvent, definition: TableAggregate | None = None) -> str:

@@ -83,6 +83,16 @@ from schemas.events import (
     DebeziumSource,
     NativeEvent,
 )
+from schemas.typed import (
+    DEFAULT_PLACEHOLDER,
+    ColumnType,
+    DecimalHandling,
+    RowTyping,
+    TimePrecision,
+    WireFormat,
+    parse_column_type,
+    placeholder_markers,
+)
 
 __all__ = ["DEFAULT_ID_FIELDS", "DecodeFormat", "EventDecoder"]
 
@@ -117,6 +127,9 @@ _PROBE_JSON: Final = msgspec.json.Decoder(_Probe | None)
 _ENVELOPE_JSON: Final = msgspec.json.Decoder(DebeziumEnvelope)
 _ROW_JSON: Final = msgspec.json.Decoder(dict[str, Any])
 _KEY_JSON: Final = msgspec.json.Decoder()  # keys are any JSON value
+_SCHEMA_JSON: Final = msgspec.json.Decoder()
+_MAX_SCHEMAS: Final = 1024
+"""Distinct Connect schemas kept parsed (a table has one per version of its columns)."""
 
 _NO_ID: Final = object()  # "this source gave no id; try the next one"
 _MISSING: Final = object()
@@ -153,13 +166,21 @@ class EventDecoder:
     __slots__ = (
         "_auto",
         "_debezium_only",
+        "_decimal_handling",
+        "_declared",
         "_format",
         "_id_fields",
         "_known",
+        "_markers",
         "_native_only",
+        "_placeholder",
         "_qualified",
+        "_scan",
+        "_schemas",
+        "_time_precision",
         "_topic_guess",
         "_topic_tables",
+        "_typings",
     )
 
     def __init__(
@@ -169,6 +190,10 @@ class EventDecoder:
         id_fields: Mapping[str, Sequence[str]] | None = None,
         topic_tables: Mapping[str, str] | None = None,
         known_tables: Collection[str] | None = None,
+        column_types: Mapping[str, Mapping[str, str | ColumnType]] | None = None,
+        decimal_handling: DecimalHandling = "precise",
+        time_precision: TimePrecision = "adaptive",
+        placeholder: str = DEFAULT_PLACEHOLDER,
     ) -> None:
         if format not in ("auto", "native", "debezium"):
             raise ConfigError(f"unknown event format {format!r}; use 'auto', 'native' or 'debezium'")
@@ -188,6 +213,24 @@ class EventDecoder:
         self._topic_guess: dict[str, str | None] = {}
         # (table, schema, db) of a record → the schema- or db-qualified known table it names
         self._qualified: dict[tuple[str, str | None, str | None], str] = {}
+        self._declared: dict[str, dict[str, ColumnType]] = {
+            table: {c: t if isinstance(t, ColumnType) else parse_column_type(t) for c, t in cols.items()}
+            for table, cols in (column_types or {}).items()
+        }
+        if decimal_handling not in ("precise", "double", "string"):
+            raise ConfigError(f"decimal handling {decimal_handling!r}: use precise, double or string (Debezium's decimal.handling.mode)")
+        if time_precision not in ("adaptive", "adaptive_time_microseconds", "connect"):
+            raise ConfigError(f"time precision {time_precision!r}: use adaptive, adaptive_time_microseconds or connect (Debezium's time.precision.mode)")
+        if not isinstance(placeholder, str) or not placeholder:
+            raise ConfigError("the unavailable-value placeholder must be a non-empty string")
+        self._decimal_handling: DecimalHandling = decimal_handling
+        self._time_precision: TimePrecision = time_precision
+        self._placeholder = placeholder
+        self._markers = placeholder_markers(placeholder)
+        self._scan = False
+        # Parsed Connect schemas by their raw bytes, and row typings by (table, fields, shape).
+        self._schemas: dict[bytes, Any] = {}
+        self._typings: dict[tuple[str, int, str, str], RowTyping] = {}
 
     @property
     def format(self) -> DecodeFormat:
@@ -205,6 +248,8 @@ class EventDecoder:
                 value = bytes(value)  # bytearray / memoryview
             if not value:
                 raise BadRecord("decode", f"empty value on topic {topic!r}; expected a change event")
+            m = self._markers
+            self._scan = m[0] in value or m[1] in value or m[2] in value or m[3] in value
             if value[0] < 0x80:  # JSON text starts with ASCII; a msgpack map never does
                 if self._native_only:
                     return self._native(NATIVE_JSON_DECODER.decode(value), key, topic)
@@ -250,7 +295,9 @@ class EventDecoder:
 
     # ----------------------------------------------------------------- shapes
 
-    def _detect(self, data: bytes | Raw, key: bytes | None, topic: str, *, wrapped: bool) -> ChangeEvent:
+    def _detect(
+        self, data: bytes | Raw, key: bytes | None, topic: str, *, wrapped: bool, schema: Raw | None = None
+    ) -> ChangeEvent:
         """Tell the JSON shapes apart (see the module docstring), then decode with the typed decoder."""
         probe = _PROBE_JSON.decode(data)
         if probe is None:
@@ -260,7 +307,7 @@ class EventDecoder:
             if self._auto and op.__class__ is str and op in NATIVE_OPS:
                 return self._native(NATIVE_JSON_DECODER.decode(data), key, topic)
             if probe.source is not UNSET or probe.after is not UNSET or probe.before is not UNSET:
-                return self._envelope(_ENVELOPE_JSON.decode(data), key, topic)
+                return self._envelope(_ENVELOPE_JSON.decode(data), key, topic, schema)
             if self._auto and probe.table is not UNSET:
                 # Shaped like a native event whose op is wrong: let the typed decoder say so.
                 return self._native(NATIVE_JSON_DECODER.decode(data), key, topic)
@@ -273,13 +320,13 @@ class EventDecoder:
             and probe.after is UNSET
             and probe.before is UNSET
         ):
-            return self._wrapped(probe.payload, key, topic)
-        return self._unwrapped(_ROW_JSON.decode(data), probe, data, key, topic)
+            return self._wrapped(probe.payload, probe.schema, key, topic)
+        return self._unwrapped(_ROW_JSON.decode(data), probe, data, key, topic, schema)
 
-    def _wrapped(self, payload: Raw, key: bytes | None, topic: str) -> ChangeEvent:
-        """The JSON converter's ``{"schema": ..., "payload": ...}``: decode the payload only."""
+    def _wrapped(self, payload: Raw, schema: Raw | UnsetType, key: bytes | None, topic: str) -> ChangeEvent:
+        """The JSON converter's ``{"schema": ..., "payload": ...}``: the payload, typed by the schema."""
         try:
-            return self._detect(payload, key, topic, wrapped=True)
+            return self._detect(payload, key, topic, wrapped=True, schema=schema if isinstance(schema, Raw) else None)
         except msgspec.DecodeError as exc:
             raise _decode_error(exc, topic, "payload") from None
 
@@ -297,6 +344,8 @@ class EventDecoder:
                     f"native {op} for table {table!r} (topic {topic!r}) has no 'after' row image; "
                     "an upsert needs the new row",
                 )
+            if table in self._declared:
+                self._type_row(after, table, None, "row", "native")
             rid = event.id
             if rid.__class__ is not int and rid.__class__ is not str:
                 rid = self._native_id(rid, key, after, table, topic, _AFTER)
@@ -320,7 +369,9 @@ class EventDecoder:
             return self._row_id(image, table, topic, image_name)
         return rid
 
-    def _envelope(self, env: DebeziumEnvelope, key: bytes | None, topic: str) -> ChangeEvent:
+    def _envelope(
+        self, env: DebeziumEnvelope, key: bytes | None, topic: str, schema: Raw | None = None
+    ) -> ChangeEvent:
         op = env.op
         src = env.source
         if src is None:
@@ -346,6 +397,8 @@ class EventDecoder:
             rid = self._key_id(key, table, topic)
             if rid is _NO_ID:
                 image = env.before if env.before is not None else env.after
+                if image is not None:
+                    self._type_row(image, table, schema, "before" if image is env.before else "after", "debezium")
                 rid = self._row_id(image, table, topic, _BEFORE)
             return ChangeEvent(table, "delete", rid, None, position, ts_ms, "d")
         after = env.after
@@ -355,13 +408,20 @@ class EventDecoder:
                 f"Debezium op {op!r} for table {table!r} (topic {topic!r}) has no 'after' row image; "
                 "an upsert needs the new row",
             )
+        self._type_row(after, table, schema, "after", "debezium")
         rid = self._key_id(key, table, topic)
         if rid is _NO_ID:
             rid = self._row_id(after, table, topic, _AFTER)
         return ChangeEvent(table, "upsert", rid, after, position, ts_ms, op)
 
     def _unwrapped(
-        self, row: dict[str, Any], probe: _Probe, data: bytes | Raw, key: bytes | None, topic: str
+        self,
+        row: dict[str, Any],
+        probe: _Probe,
+        data: bytes | Raw,
+        key: bytes | None,
+        topic: str,
+        schema: Raw | None = None,
     ) -> ChangeEvent:
         """An ExtractNewRecordState row: strip the ``__`` metadata fields, read the known ones."""
         seen = 0
@@ -414,6 +474,7 @@ class EventDecoder:
             table = named
         else:
             table = self._table(named, topic, None)
+        self._type_row(row, table, schema, "row", "debezium")
         rid = self._key_id(key, table, topic)
         if rid is _NO_ID:
             rid = self._row_id(row, table, topic, _ROW)
@@ -436,6 +497,38 @@ class EventDecoder:
                 f"tombstone (null value) on topic {topic!r} has a null or empty key, so there is no row to delete",
             )
         return ChangeEvent(table, "delete", rid, None)
+
+    # ------------------------------------------------------------------ typing
+
+    def _type_row(self, row: dict[str, Any], table: str, schema: Raw | None, shape: str, wire: WireFormat) -> None:
+        """Convert ``row`` in place: the schema's logical types, the declared column types,
+        and placeholders of values the source did not send (`schemas.typed`)."""
+        declared = self._declared.get(table)
+        if schema is None and declared is None and not self._scan:
+            return
+        parsed: Any = None
+        token = 0
+        if schema is not None:
+            raw = bytes(schema)
+            hit = self._schemas.get(raw)
+            if hit is None:
+                if len(self._schemas) >= _MAX_SCHEMAS:
+                    self._schemas.clear()
+                    self._typings.clear()
+                hit = self._schemas[raw] = (_SCHEMA_JSON.decode(raw), len(self._schemas) + 1)
+            parsed, token = hit
+        typing = self._typings.get((table, token, shape, wire))
+        if typing is None:
+            typing = self._typings[(table, token, shape, wire)] = RowTyping.build(
+                _struct_fields(parsed, shape),
+                declared,
+                wire=wire,
+                decimal_handling=self._decimal_handling,
+                time_precision=self._time_precision,
+                placeholder=self._placeholder,
+            )
+        if self._scan or not typing.empty:
+            typing.convert(row, scan_placeholders=self._scan)
 
     # ------------------------------------------------------------------ table
 
@@ -580,6 +673,23 @@ def _check_id(value: Any, table: str, topic: str, where: str) -> Any:
         f"the row id from {where} (table {table!r}, topic {topic!r}) is {kind}; an id must be a "
         "string, number, bool, bytes, or an array of those",
     )
+
+
+def _struct_fields(schema: Any, shape: str) -> list[Any] | None:
+    """The column fields of a Connect schema: the row's own (``row``), or those of the
+    envelope's ``before``/``after`` struct. A schema kept as-is: ``{"fields": [...]}``."""
+    if not isinstance(schema, dict):
+        return None
+    fields = schema.get("fields")
+    if not isinstance(fields, list):
+        return None
+    if shape in ("after", "before"):
+        for f in fields:
+            if isinstance(f, dict) and f.get("field") == shape:
+                inner = f.get("fields")
+                return inner if isinstance(inner, list) else None
+        return None
+    return fields
 
 
 def _source_position(src: DebeziumSource) -> Any:

@@ -165,7 +165,9 @@ def _open_source(args: argparse.Namespace, definition: Any) -> Any:
         bootstrap = (
             args.bootstrap_servers or os.environ.get("TALLY_BOOTSTRAP_SERVERS") or "127.0.0.1:9092"
         )
-        return topic_source(bootstrap, topic, args.table or definition.table, ids)
+        return topic_source(
+            bootstrap, topic, args.table or definition.table, ids, column_types=definition.columns
+        )
     if "://" in src:
         raise SourceError(
             f"unsupported source {src!r}: use a postgresql:// URL, kafka:TOPIC or a .jsonl/.csv file"

@@ -301,6 +301,7 @@ def topic_source(
     *,
     format: DecodeFormat = "auto",
     timeout: float = 60.0,
+    column_types: Mapping[str, Any] | None = None,
 ) -> Keyed:
     """The latest row per id of a (compacted) change topic, read to its end offsets as of the call.
 
@@ -318,7 +319,10 @@ def topic_source(
     from schemas import BadRecord, EventDecoder
 
     decoder = EventDecoder(
-        format=format, id_fields={table: tuple(id_fields)}, topic_tables={topic: table}
+        format=format,
+        id_fields={table: tuple(id_fields)},
+        topic_tables={topic: table},
+        column_types={table: dict(column_types)} if column_types else None,
     )
     return _topic_rows(bootstrap, topic, table, decoder, timeout, asyncio, BadRecord)
 

@@ -10,8 +10,9 @@ from collections.abc import Iterable
 
 from engine import TableAggregate
 from schemas import ConfigError
+from schemas.typed import ColumnType
 
-__all__ = ["id_fields_by_table", "load_definitions"]
+__all__ = ["column_types_by_table", "id_fields_by_table", "load_definitions"]
 
 
 def load_definitions(spec: str) -> list[TableAggregate]:
@@ -59,6 +60,7 @@ def load_definitions(spec: str) -> list[TableAggregate]:
             raise ConfigError(f"two aggregates in {spec!r} are named {d.name!r}: names must be unique")
         names[d.name] = d
     id_fields_by_table(found)
+    column_types_by_table(found)
     return sorted(found, key=lambda d: d.name)
 
 
@@ -73,3 +75,18 @@ def id_fields_by_table(defs: Iterable[TableAggregate]) -> dict[str, tuple[str, .
                 f"in {d.name!r}): a table has one primary key"
             )
     return out
+
+
+def column_types_by_table(defs: Iterable[TableAggregate]) -> dict[str, dict[str, ColumnType]]:
+    """Each table's declared column types (``columns=``); aggregates of one table must agree."""
+    out: dict[str, dict[str, ColumnType]] = {}
+    for d in defs:
+        cols = out.setdefault(d.table, {})
+        for col, t in d.columns.items():
+            prev = cols.setdefault(col, t)
+            if prev != t:
+                raise ConfigError(
+                    f"aggregates on table {d.table!r} declare column {col!r} as {prev.name} and "
+                    f"{t.name} (in {d.name!r}): a column has one type; declare it the same everywhere"
+                )
+    return {t: c for t, c in out.items() if c}

@@ -43,7 +43,7 @@ from consumers.runtime.deadletters import (
     DeadLetters,
     dlq_topic_problem,
 )
-from consumers.runtime.definitions import id_fields_by_table
+from consumers.runtime.definitions import column_types_by_table, id_fields_by_table
 from consumers.runtime.drift import DriftLog
 from consumers.runtime.patches import PatchSessions
 from consumers.runtime.stats import ConsumerStats
@@ -96,6 +96,7 @@ class ConsumerProcess:
             id_fields=id_fields_by_table(self.definitions),
             topic_tables=topic_tables,
             known_tables=set(self.table_topics),
+            column_types=column_types_by_table(self.definitions),
         )
         self.stats = ConsumerStats()
         self.log = get_logger(bootstrap=settings.bootstrap_servers, data_dir=settings.data_dir)

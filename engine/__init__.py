@@ -19,7 +19,7 @@ from .errors import (
     StoreLocked,
     TallyError,
 )
-from .keys import decode_key, encode_key
+from .keys import MAX_KEY_DEPTH, decode_key, encode_key
 from .store import DEFAULT_CACHE_NODES, DEFAULT_MAX_NODE_SIZE, Batch, IdEntry, Store
 from .table import BoundTableAggregate, RowItem, TableAggregate
 from .types import Bound, Bounds, Item, Order, Page, Query
@@ -27,6 +27,7 @@ from .types import Bound, Bounds, Item, Order, Page, Query
 __all__ = [
     "DEFAULT_CACHE_NODES",
     "DEFAULT_MAX_NODE_SIZE",
+    "MAX_KEY_DEPTH",
     "Aggregate",
     "AggregateNotReady",
     "Batch",

@@ -144,12 +144,13 @@ def _cf_options(cache: Cache) -> Options:
     return o
 
 
-def _db_options(cache: Cache) -> Options:
+def _db_options(cache: Cache, max_open_files: int) -> Options:
     o = _cf_options(cache)
     o.create_if_missing(True)
     o.create_missing_column_families(True)
     o.increase_parallelism(2)
     o.set_max_background_jobs(2)
+    o.set_max_open_files(max_open_files)
     return o
 
 
@@ -185,9 +186,17 @@ class Store:
         cache_nodes: int | None = None,
         checkpoint_changes: int | None = None,
         sync: bool = False,
+        max_open_files: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
+        if max_open_files is not None and (
+            not isinstance(max_open_files, int) or isinstance(max_open_files, bool)
+            or not (max_open_files == -1 or max_open_files >= 20)
+        ):
+            raise InvalidArgument(f"max_open_files must be -1 (unbounded) or an int >= 20, got {max_open_files!r}")
+        # RocksDB table files kept open (-1: all of them, RocksDB's default and a reader's must).
+        self.max_open_files = -1 if max_open_files is None or read_only else max_open_files
         self.max_node_size = _check_node_size(max_node_size or DEFAULT_MAX_NODE_SIZE)
         cache_nodes = DEFAULT_CACHE_NODES if cache_nodes is None else cache_nodes
         if not isinstance(cache_nodes, int) or cache_nodes < 16:
@@ -253,7 +262,7 @@ class Store:
                         time.sleep(0.1)
             else:
                 os.makedirs(self.path, exist_ok=True)
-                self._db = Rdict(self.path, _db_options(block_cache), column_families=cfs)
+                self._db = Rdict(self.path, _db_options(block_cache, self.max_open_files), column_families=cfs)
         except TallyError:
             raise
         except Exception as e:
@@ -291,6 +300,7 @@ class Store:
         cache_nodes: int | None = None,
         checkpoint_changes: int | None = None,
         sync: bool = False,
+        max_open_files: int | None = None,
     ) -> Store:
         """Open (or create) a store directory.
 
@@ -298,6 +308,11 @@ class Store:
         writer runs; call `refresh()` to see the writer's latest commits.
         ``sync=True`` fsyncs every commit (survives power loss, not just
         process crashes) at a large cost in write throughput.
+        ``max_open_files`` bounds the RocksDB table files a writer keeps open
+        (default -1: all, RocksDB's default; at least 20): a bound makes the
+        process's file use predictable (the consumer derives it from its
+        open-file limit) at the cost of reopening files when the store has more.
+        Readers (secondary instances) always keep all open, as RocksDB requires.
         """
         return cls(
             os.fspath(path),
@@ -306,6 +321,7 @@ class Store:
             cache_nodes=cache_nodes,
             checkpoint_changes=checkpoint_changes,
             sync=sync,
+            max_open_files=max_open_files,
         )
 
     # ---- lifecycle -------------------------------------------------------------

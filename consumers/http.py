@@ -62,8 +62,8 @@ import ipaddress
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
@@ -87,7 +87,7 @@ from .apply import DRIFT_KINDS
 from .http_limits import ConnectionStats, HttpLimits, LimitedSite
 from .live_patch import PatchError
 from .logs import get_logger
-from .openapi import OP_DOCS, RouteDoc, build_openapi
+from .openapi import OP_DOCS, RouteDoc, build_openapi, route_operation_id
 from .runner import LATENCY_BUCKETS
 
 __all__ = [
@@ -656,6 +656,11 @@ class ProtectedRoute:
     response_schema: dict[str, Any] | None = None
     status: int = 200
     """The success status the handler answers."""
+    errors: Mapping[int, str] = field(default_factory=dict)
+    """Error statuses it answers besides 400/401/500 and the HTTP layer's (documented)."""
+    request_media_type: str = "application/json"
+    links: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    """OpenAPI links of the success response."""
 
     def doc(self) -> RouteDoc:
         return RouteDoc(
@@ -666,6 +671,9 @@ class ProtectedRoute:
             self.request_schema,
             self.response_schema or {"type": "object"},
             status=self.status,
+            errors=self.errors,
+            request_media_type=self.request_media_type,
+            links=self.links,
         )
 
 
@@ -682,17 +690,23 @@ def protected_route(
     request_schema: dict[str, Any] | None = None,
     response_schema: dict[str, Any] | None = None,
     status: int = 200,
+    errors: Mapping[int, str] | None = None,
+    request_media_type: str = "application/json",
+    links: Mapping[str, dict[str, Any]] | None = None,
 ) -> Callable[[Handler], Handler]:
     """Declare a state-changing route (e.g. rebuild, reconcile, clear).
 
     The handler gets the process as ``request.app[PROCESS]``. It is
     registered (behind `require_token`) only when the consumer has a token.
+    ``errors``: every other error status it answers, with why (the OpenAPI
+    document lists them; the fuzzer in tests/test_http_fuzz.py holds us to it).
     """
 
     def register(handler: Handler) -> Handler:
         PROTECTED_ROUTES.append(
             ProtectedRoute(
-                method.upper(), path, handler, summary, description, request_schema, response_schema, status
+                method.upper(), path, handler, summary, description, request_schema, response_schema, status,
+                dict(errors or {}), request_media_type, dict(links or {}),
             )
         )
         return handler
@@ -1021,6 +1035,7 @@ def warn_if_exposed(addresses: Iterable[Any], token: str | None) -> None:
     ),
     status=202,
     response_schema={"type": "object", "properties": {"result": {"type": "object"}}},
+    errors={404: "Unknown aggregate.", 501: "This process cannot rebuild aggregates."},
 )
 async def rebuild(request: web.Request) -> web.StreamResponse:
     process = request.app[PROCESS]
@@ -1067,6 +1082,21 @@ _SESSION_SCHEMA: dict[str, Any] = {
     ),
     response_schema=_SESSION_SCHEMA,
     status=201,
+    errors={
+        404: "Unknown aggregate.",
+        409: "`not_live` or `rebuilding`: the aggregate is being built or rebuilt by replay.",
+        429: "`too_many_sessions`: wait for one to end.",
+        501: "This process cannot patch aggregates.",
+        503: "`not_ready` (no partitions yet) or `broker_unreachable`: retry shortly; or the connection "
+        "limit is reached.",
+    },
+    links={
+        f"{verb}_session": {
+            "operationId": route_operation_id(method, "/v1/aggregates/{name}/patch-sessions/{session}"),
+            "parameters": {"name": "$request.path.name", "session": "$response.body#/result/session"},
+        }
+        for verb, method in (("chunk", "POST"), ("close", "DELETE"))
+    },
 )
 async def patch_begin(request: web.Request) -> web.StreamResponse:
     s = await _patch_sessions(request).begin(request.match_info["name"])
@@ -1107,6 +1137,31 @@ async def patch_begin(request: web.Request) -> web.StreamResponse:
             }
         },
     },
+    request_media_type="application/msgpack",
+    request_schema={
+        "type": "object",
+        "required": ["changes"],
+        "properties": {
+            "changes": {
+                "type": "array",
+                "description": "[id, key, namespace, sum] (upsert) or [id] (must be absent); keys, ids and "
+                "namespaces as engine.encode_key bytes (msgpack bin).",
+                "items": {
+                    "oneOf": [
+                        {"type": "array", "minItems": 4, "maxItems": 4},
+                        {"type": "array", "minItems": 1, "maxItems": 1},
+                    ]
+                },
+            }
+        },
+    },
+    errors={
+        404: "Unknown aggregate, or `unknown_session` (expired or never opened).",
+        409: "`truncated`, `generation_switched`, `not_live` or `rebuilding`: run the reconcile again.",
+        415: "`unsupported_media_type`: the body must be application/msgpack.",
+        501: "This process cannot patch aggregates.",
+        503: "`catching_up` or `busy`: send the chunk again; or the connection limit is reached.",
+    },
 )
 async def patch_chunk(request: web.Request) -> web.StreamResponse:
     """Apply one msgpack chunk of fixes."""
@@ -1130,6 +1185,10 @@ async def patch_chunk(request: web.Request) -> web.StreamResponse:
     "/v1/aggregates/{name}/patch-sessions/{session}",
     summary="Close a patch session; answers its totals",
     response_schema={"type": "object", "properties": {"result": {"type": "object"}}},
+    errors={
+        404: "`unknown_session` (expired or never opened) or unknown aggregate.",
+        501: "This process cannot patch aggregates.",
+    },
 )
 async def patch_end(request: web.Request) -> web.StreamResponse:
     totals = _patch_sessions(request).end(request.match_info["name"], request.match_info["session"])

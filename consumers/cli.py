@@ -154,6 +154,10 @@ def _run_consume(args: argparse.Namespace) -> int:
         settings = msgspec.structs.replace(settings, http=None)
     if not settings.definitions:
         raise TallyError("no definitions given: pass a Python file, e.g. `tally consume examples/leaderboard.py`")
+    if settings.http:
+        from .http import parse_address
+
+        parse_address(settings.http)  # a bad --http fails here, before the store opens
     configure_logging(settings.log_level, settings.log_format)
     budget = _file_budget()
     defs = load_definitions(settings.definitions)

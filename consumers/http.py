@@ -996,13 +996,14 @@ async def start_http(
         body_timeout=limits.body_timeout,
         **({"open_files": limits.budget.nofile, "reserved_files": limits.budget.reserved} if limits.budget else {}),
     )
-    if limits.budget is not None and limits.budget.http < limits.max_connections:
+    if limits.over_budget and limits.budget is not None:
         log.warning(
-            "open-file limit too low",
+            "http connections may starve the consumer of files",
             open_files=limits.budget.nofile,
             reserved=limits.budget.reserved,
             max_connections=limits.max_connections,
-            hint="RocksDB, Kafka and the process need the reserved files; raise the limit (ulimit -n)",
+            hint="RocksDB, Kafka and the process need the reserved files: raise the open-file limit "
+            "(ulimit -n) or lower http_max_connections",
         )
     warn_if_exposed(addresses, token)
     return runner

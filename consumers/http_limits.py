@@ -155,17 +155,19 @@ class HttpLimits:
     header_timeout: float
     body_timeout: float
     budget: FdBudget | None = None
-    """The budget the cap was derived from (None when the cap was given)."""
+    """The process's file budget (the cap's default), when known."""
+
+    @property
+    def over_budget(self) -> bool:
+        """The cap exceeds what the file limit leaves: clients could starve RocksDB."""
+        return self.budget is not None and self.max_connections > self.budget.http
 
     @classmethod
     def from_settings(cls, settings: Any, rocksdb_files: int | None = None) -> HttpLimits:
-        budget = None
+        budget = fd_budget(rocksdb_files=rocksdb_files)
         cap = settings.http_max_connections
-        if cap is None:
-            budget = fd_budget(rocksdb_files=rocksdb_files)
-            cap = budget.max_connections
         return cls(
-            int(cap),
+            budget.max_connections if cap is None else int(cap),
             float(settings.http_idle_timeout),
             float(settings.http_header_timeout),
             float(settings.http_body_timeout),

@@ -317,6 +317,23 @@ def test_file_budget_leaves_the_consumer_its_files() -> None:
     b = fd_budget(64)  # too low for the reserve: a small floor, and start_http warns
     assert b.http < 0 and b.max_connections == 8
     assert fd_budget(1024, rocksdb_files=500).reserved == fd_budget(1024).reserved - 128 + 500
+    # The settings' defaults take the cap from the budget; a cap given above it is a warning.
+    derived = HttpLimits.from_settings(ConsumerSettings())
+    assert derived.max_connections == fd_budget().max_connections and not derived.over_budget
+    assert HttpLimits.from_settings(ConsumerSettings(http_max_connections=7)).max_connections == 7
+
+
+def test_a_connection_cap_above_the_file_budget_is_a_warning(store: Store) -> None:
+    async def main(cap: int) -> list[str]:
+        with structlog.testing.capture_logs() as logs:
+            runner = await start_http(
+                stand_in(store), "127.0.0.1:0", None, limits=limits(max_connections=cap, budget=fd_budget(256))
+            )
+            await runner.cleanup()
+        return [e["event"] for e in logs if e["log_level"] == "warning"]
+
+    assert asyncio.run(main(1000)) == ["http connections may starve the consumer of files"]
+    assert asyncio.run(main(152)) == []
 
 
 # ---------------------------------------------------------------- a real consumer flooded
@@ -522,3 +539,40 @@ def test_a_key_nested_too_deeply_is_dead_lettered_and_everything_stored_stays_re
         assert over_http == items
     assert not [e for e in json_logs(res.stderr) if e.get("level") == "error"]
 
+
+
+def test_cli_refuses_an_http_address_without_host_and_says_prefer_tally_token(tmp_path: Path) -> None:
+    defs, _ = write_definitions(tmp_path)
+    res = subprocess.run([TALLY, "consume", defs, "--data-dir", str(tmp_path / "d"), "--http", ":8750"],
+                         capture_output=True, text=True, timeout=60, env=child_env(), cwd=tmp_path, check=False)
+    assert res.returncode == 2, res.stderr
+    assert "names no host: write 127.0.0.1:8750" in res.stderr and "0.0.0.0:8750" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "d").exists()
+    for cmd in (["consume"], ["rebuild"], ["reconcile"]):
+        helptext = subprocess.run([TALLY, *cmd, "--help"], capture_output=True, text=True, timeout=60,
+                                  env=child_env(), check=True).stdout
+        assert "TALLY_TOKEN" in helptext and "process list" in " ".join(helptext.split()), cmd
+    helptext = subprocess.run([TALLY, "consume", "--help"], capture_output=True, text=True, timeout=60,
+                              env=child_env(), check=True).stdout
+    for flag in ("--http-max-connections", "--http-idle-timeout", "--http-header-timeout", "--http-body-timeout"):
+        assert flag in helptext
+
+
+def test_http_guard_settings_come_from_flags_environment_and_file_and_are_checked(tmp_path: Path) -> None:
+    from consumers.settings import load_settings
+
+    env = {"TALLY_HTTP_MAX_CONNECTIONS": "12", "TALLY_HTTP_IDLE_TIMEOUT": "2.5", "TALLY_HTTP_BODY_TIMEOUT": "4"}
+    toml = tmp_path / "tally.toml"
+    toml.write_text("[consume]\nhttp_header_timeout = 3\nhttp_body_timeout = 9\n")
+    s = load_settings({"http_idle_timeout": 1.5}, str(toml), env=env)
+    assert (s.http_max_connections, s.http_idle_timeout, s.http_header_timeout, s.http_body_timeout) == (
+        12, 1.5, 3.0, 4.0
+    )
+    d = ConsumerSettings()
+    assert (d.http_max_connections, d.http_idle_timeout, d.http_header_timeout, d.http_body_timeout) == (
+        None, 15.0, 10.0, 30.0
+    )
+    for bad in ({"TALLY_HTTP_MAX_CONNECTIONS": "0"}, {"TALLY_HTTP_IDLE_TIMEOUT": "0"},
+                {"TALLY_HTTP_HEADER_TIMEOUT": "-1"}, {"TALLY_HTTP_BODY_TIMEOUT": "soon"}):
+        with pytest.raises(ConfigError, match="invalid setting"):
+            load_settings({}, str(toml), env=bad)

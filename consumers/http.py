@@ -43,7 +43,17 @@ whose message says what was wrong and what to do (unknown aggregate or op:
 404 listing the known ones; bad JSON, arguments, bounds, keys, cursors: 400;
 ``offset_out_of_range``: 400 naming the count; body over `MAX_BODY`: 413;
 an aggregate being built: 503 with its ``progress``). Anything unexpected is
-a logged 500 JSON error, never a dropped connection.
+a logged 500 JSON error, never a dropped connection. A client that goes away
+mid-request is an info line, not an error.
+
+**Transport** (`consumers.http_limits`, settings ``http_*``). Connections are
+capped (over the cap: 503 ``too_many_connections``, closed at once; the
+default cap is what the open-file limit leaves after RocksDB, Kafka and the
+process) and timed: idle, headers (from a request's first byte) and body
+(408 ``request_timeout``, then closed). aiohttp's own answers to malformed
+requests use the same JSON envelope. ``GET /openapi.json`` documents all of
+it per operation, and ``tests/test_http_fuzz.py`` fuzzes the running server
+against that document.
 
 **Token.** State-changing routes are declared with `protected_route` (they
 land in `PROTECTED_ROUTES`); `create_app` registers them, wrapped in
@@ -68,6 +78,7 @@ from typing import Any, NamedTuple, Protocol
 
 import msgspec
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from aiokafka.structs import TopicPartition
 
 from engine import (
@@ -588,6 +599,8 @@ def render_metrics(process: Served, connections: ConnectionStats | None = None) 
     if connections is not None:
         family("tally_http_connections", "gauge", "Open HTTP connections (capped by http_max_connections).")
         sample("tally_http_connections", connections.open)
+        family("tally_http_connections_accepted_total", "counter", "HTTP connections accepted (within the cap).")
+        sample("tally_http_connections_accepted_total", connections.accepted)
         family(
             "tally_http_connections_refused_total",
             "counter",
@@ -822,17 +835,56 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return ApiError(
             400, "bad_request", "the request nests arrays too deeply: keys may nest a few levels, not thousands"
         ).response()
+    except RequestPayloadError as e:
+        if _client_gone(request):
+            return _went_away(request, e)
+        # aiohttp could not read the body: bad chunked framing, undecodable gzip/deflate...
+        detail = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        err = ApiError(
+            400,
+            "bad_body",
+            f"the request body cannot be read ({detail}): send it whole, uncompressed or validly "
+            "compressed (Content-Encoding gzip, deflate)",
+        )
+        err.close_connection = True
+        request.content.feed_eof()  # nothing more to read: aiohttp must not linger on a broken body
+        return err.response()
     except ConnectionError as e:
         if not _client_gone(request):
             return _internal(request, e)
-        # The client went away (e.g. mid-body): not a server error, and nobody to answer.
-        get_logger(component="http").info(
-            "http client disconnected", method=request.method, path=request.path, error=str(e) or type(e).__name__
-        )
-        # Never sent (the connection is gone; aiohttp drops it). 499 is nginx's name for this.
-        return web.Response(status=499, reason="Client Closed Request")
+        return _went_away(request, e)
     except Exception as e:
         return _internal(request, e)
+
+
+def _went_away(request: web.Request, e: Exception) -> web.StreamResponse:
+    """The client went away (e.g. mid-body): not a server error, and nobody to answer."""
+    get_logger(component="http").info(
+        "http client disconnected", method=request.method, path=request.path, error=str(e) or type(e).__name__
+    )
+    # Never sent (the connection is gone; aiohttp drops it). 499 is nginx's name for this.
+    return web.Response(status=499, reason="Client Closed Request")
+
+
+async def _errors_are_json(request: web.Request, response: web.StreamResponse) -> None:
+    """Last resort (``on_response_prepare``): an error answer aiohttp made outside the
+    middleware — e.g. its 417 for an ``Expect`` other than 100-continue, sent before routing's
+    handler runs — gets the API's envelope too."""
+    if (
+        response.status < 400
+        or not isinstance(response, web.Response)
+        or response.content_type == "application/json"
+        or request.method == "HEAD"
+    ):
+        return
+    message = (response.text or "").strip() or response.reason
+    if response.status == 417:
+        message += "; only 'Expect: 100-continue' is supported"
+    code = re.sub(r"\W+", "_", response.reason.lower()).strip("_") or "error"
+    body = _encoder.encode({"error": {"code": code, "message": message}})
+    response.body = body
+    response.headers["Content-Type"] = "application/json"
+    response.headers["Content-Length"] = str(len(body))
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -861,16 +913,20 @@ def create_app(
     *,
     protected: Iterable[ProtectedRoute] | None = None,
     stats: ConnectionStats | None = None,
+    body_timeout: float | None = None,
 ) -> web.Application:
     """The aiohttp application serving ``process``.
 
     ``protected`` defaults to `PROTECTED_ROUTES`; they are registered only if
     ``token`` is set (a non-empty string). ``stats``: the transport guards'
-    counters, reported in /metrics (`start_http` passes its own).
+    counters, reported in /metrics; ``body_timeout``: seconds to wait for a
+    request body (default: the process's ``http_body_timeout``). `start_http`
+    passes both from its `HttpLimits`.
     """
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app.on_response_prepare.append(_errors_are_json)
     app[PROCESS] = process
-    app[BODY_TIMEOUT] = float(process.settings.http_body_timeout)
+    app[BODY_TIMEOUT] = float(process.settings.http_body_timeout if body_timeout is None else body_timeout)
     if stats is not None:
         app[CONNECTIONS] = stats
     defs = {d.name: d for d in process.definitions}
@@ -963,7 +1019,7 @@ async def start_http(
     if limits is None:
         limits = HttpLimits.from_settings(process.settings, getattr(process.store, "max_open_files", None))
     stats = ConnectionStats()
-    app = create_app(process, token, stats=stats)
+    app = create_app(process, token, stats=stats, body_timeout=limits.body_timeout)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = LimitedSite(runner, host, port, limits=limits, stats=stats)

@@ -285,6 +285,11 @@ class Connection(RequestHandler):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        if getattr(self, "_request_in_progress", False):
+            # A pipelined request's headers are late while the one before it is still being
+            # answered: let that answer finish, then judge again.
+            self._header_timer = self._loop.call_later(self._limits.header_timeout, self._headers_late)
+            return
         self._stats.timeouts["headers"] += 1
         get_logger(component="http").info(
             "http headers timed out",

@@ -310,8 +310,8 @@ def _error(description: str) -> Schema:
 
 
 _MALFORMED = (
-    "a request the HTTP layer rejects (malformed, or a request line or header over 8190 bytes: "
-    "send long arguments as a POST body)"
+    "a request the HTTP layer rejects (malformed; a request line or header over 8190 bytes: "
+    "send long arguments as a POST body; a body that cannot be read, `bad_body`)"
 )
 _BUSY = "the connection limit is reached (`http_max_connections`; the connection is closed, retry)"
 _SERVER_ERROR = "Unexpected server error (logged by the consumer)."
@@ -321,6 +321,7 @@ def _transport_errors(*, body: bool) -> Schema:
     """What the HTTP layer answers on any operation (every one in the error envelope)."""
     out: Schema = {
         "400": _error(f"Bad request: {_MALFORMED}."),
+        "417": _error("An `Expect` header other than `100-continue`."),
         "500": _error(_SERVER_ERROR),
         "503": _error(f"Service unavailable: {_BUSY}."),
     }
@@ -407,7 +408,7 @@ def _op_path(
             "description": description,
             "tags": ["reads"],
             "parameters": query_params,
-            "responses": responses,
+            "responses": {**_transport_errors(body=False), **responses},
         },
     }
 

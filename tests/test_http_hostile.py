@@ -233,25 +233,47 @@ def test_slow_body_gets_408_and_is_closed(store: Store) -> None:
     serve(store, steps, limits=limits(body_timeout=0.5), body_timeout=0.5)
 
 
+COUNT = b"POST /v1/aggregates/scores/count HTTP/1.1\r\nHost: t\r\n"
+
+
 @pytest.mark.parametrize(
-    "raw, code, text",
+    "raw, status, code, text",
     [
-        (b"GET /status?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", "request_too_large", "POST"),
-        (b"GET /status HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", "request_too_large", "8190"),
-        (b"NOT HTTP AT ALL\r\n\r\n", "bad_http", "malformed HTTP request"),
-        (b"GET /status HTTP/1.1\r\nBad Header\r\n\r\n", "bad_http", "malformed HTTP request"),
-        (b"GET /status HTTP/1.1\r\n\r\n", "bad_http", "Host"),
+        (b"GET /status?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 400, "request_too_large", "POST"),
+        (b"GET /status HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 400, "request_too_large", "8190"),
+        (b"NOT HTTP AT ALL\r\n\r\n", 400, "bad_http", "malformed HTTP request"),
+        (b"GET /status HTTP/1.1\r\nBad Header\r\n\r\n", 400, "bad_http", "malformed HTTP request"),
+        (b"GET /status HTTP/1.1\r\n\r\n", 400, "bad_http", "Host"),
+        (COUNT + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", 400, "bad_http", "chunk size"),
+        (COUNT + b"Content-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello", 400, "bad_body", "gzip"),
+        (COUNT + b"Content-Encoding: deflate\r\nContent-Length: 5\r\n\r\nhello", 400, "bad_body", "deflate"),
+        (COUNT + b"Expect: 200-ok\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}", 417,
+         "expectation_failed", "100-continue"),
+        (b"POST /nope HTTP/1.1\r\nHost: t\r\nExpect: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+         417, "expectation_failed", "100-continue"),
     ],
-    ids=["long-request-line", "long-header", "garbage", "bad-header", "no-host"],
+    ids=["long-request-line", "long-header", "garbage", "bad-header", "no-host", "bad-chunk", "bad-gzip",
+         "bad-deflate", "unknown-expect", "unknown-expect-unknown-path"],
 )
-def test_http_layer_errors_use_the_json_envelope(store: Store, raw: bytes, code: str, text: str) -> None:
+def test_http_layer_errors_use_the_json_envelope_and_are_not_logged_as_errors(
+    store: Store, caplog: pytest.LogCaptureFixture, raw: bytes, status: int, code: str, text: str
+) -> None:
     async def steps(port: int, stats: ConnectionStats) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(raw)
-        status, headers, body = split(await read_all(reader))
-        assert status == 400 and headers["content-type"].startswith("application/json")
+        with structlog.testing.capture_logs() as logs:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            got, headers, body = split(await read_all(reader))
+            await until(lambda: stats.open == 0, "the connection's slot")
+        assert got == status and headers["content-type"].startswith("application/json")
         assert set(body) == {"error"} and body["error"]["code"] == code, body
         assert text in body["error"]["message"], body
+        assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
+        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.records
+        # ... and the server goes on answering.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(COUNT + b"Expect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        answer = await read_all(reader)
+        assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK"), answer[:80]
 
     serve(store, steps, limits=limits())
 

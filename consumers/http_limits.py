@@ -291,9 +291,10 @@ class Connection(RequestHandler):
             self._header_timer = self._loop.call_later(self._limits.header_timeout, self._headers_late)
             return
         self._stats.timeouts["headers"] += 1
+        peer = self.peername
         get_logger(component="http").info(
             "http headers timed out",
-            peer=str(self.peername),
+            peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
             timeout=self._limits.header_timeout,
         )
         transport.write(

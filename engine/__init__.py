@@ -19,7 +19,7 @@ from .errors import (
     StoreLocked,
     TallyError,
 )
-from .keys import decode_key, encode_key
+from .keys import MAX_KEY_DEPTH, decode_key, encode_key
 from .state import DEFAULT_CACHE_NODES, DEFAULT_MAX_NODE_SIZE, Batch, IdEntry
 from .store import Store
 from .table import BoundTableAggregate, RowItem, TableAggregate
@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_CACHE_NODES",
     "DEFAULT_MAX_NODE_SIZE",
     "DRIFT_KINDS",
+    "MAX_KEY_DEPTH",
     "Aggregate",
     "AggregateNotReady",
     "Applier",

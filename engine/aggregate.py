@@ -594,7 +594,11 @@ class Aggregate:
                 unknown = set(q) - {"namespace", "bounds", "offset"}
                 if unknown:
                     raise InvalidArgument(f"query has unknown field(s) {sorted(unknown)}; use namespace, bounds, offset")
-                out.append(Query(q.get("namespace"), q.get("bounds"), q.get("offset", 0)))
+                offset = q.get("offset", 0)
+                if not isinstance(offset, int) or isinstance(offset, bool):
+                    # count_batch/sum_batch do not use it, but a wrong one is a mistake to report
+                    raise InvalidArgument(f"a query's offset must be an int, got {key_repr(offset)}")
+                out.append(Query(q.get("namespace"), q.get("bounds"), offset))
             else:
                 raise InvalidArgument(f"each query must be a Query or a dict, got {key_repr(q)}")
         return out

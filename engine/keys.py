@@ -15,6 +15,10 @@ order of the values::
 Every encoding is *prefix-free* (self-delimiting), so ``encode(k) + encode(id)``
 orders exactly like the pair ``(k, id)``.  The tree relies on that.
 
+Tuples may nest at most `MAX_KEY_DEPTH` levels (``(1, (2, (3,)))`` nests 3); a
+deeper value is rejected with `InvalidKey` when it is encoded, so nothing stored
+can be too deep to decode or to render in a read's answer.
+
 Layout (first byte is a type tag; ``0x01`` ends a tuple and sorts first)::
 
     0x02                      None
@@ -39,10 +43,20 @@ from typing import Any, TypeAlias
 
 from .errors import InvalidKey
 
-__all__ = ["Key", "decode_key", "decode_keys", "encode_key", "key_repr"]
+__all__ = ["MAX_KEY_DEPTH", "Key", "decode_key", "decode_keys", "encode_key", "key_repr"]
 
 Key: TypeAlias = Any
 """None, bool, int, float, str, bytes, or a tuple/list of keys."""
+
+MAX_KEY_DEPTH = 32
+"""Deepest nesting of tuples/lists in a key, id or namespace (a flat tuple nests 1).
+
+Real keys nest one or two levels (a tuple of columns, an array column inside
+one); 32 leaves ample room while keeping every recursive walk over a stored key
+(encode, decode, rendering it as JSON or msgpack in a read, an HTTP client
+parsing that answer) far below Python's recursion limit of 1000, including the
+frames of the server and the caller around it. A key nested ~1000 deep used to
+be stored and then broke every read that returned it."""
 
 TAG_END = 0x01
 TAG_NONE = 0x02
@@ -139,7 +153,15 @@ def _unescape(b: bytes) -> bytes:
     return b
 
 
-def _encode_into(value: Any, out: list[bytes]) -> None:
+def _too_deep() -> InvalidKey:
+    return InvalidKey(
+        f"a key, id or namespace nests tuples/lists more than {MAX_KEY_DEPTH} levels deep "
+        f"(MAX_KEY_DEPTH is {MAX_KEY_DEPTH}): flatten it, e.g. into one tuple of its columns"
+    )
+
+
+def _encode_into(value: Any, out: list[bytes], depth: int) -> None:
+    """Append the encoding of ``value``; ``depth`` = tuples/lists already open around it."""
     t = type(value)
     if t is int:
         if 0 <= value < 1024:
@@ -155,9 +177,11 @@ def _encode_into(value: Any, out: list[bytes]) -> None:
     elif t is bool:
         out.append(_TRUE if value else _FALSE)
     elif t is tuple or t is list:
+        if depth >= MAX_KEY_DEPTH:
+            raise _too_deep()
         out.append(b"\x0a")
         for v in value:
-            _encode_into(v, out)
+            _encode_into(v, out, depth + 1)
         out.append(b"\x01")
     elif isinstance(value, bool):
         out.append(_TRUE if value else _FALSE)
@@ -168,9 +192,11 @@ def _encode_into(value: Any, out: list[bytes]) -> None:
     elif isinstance(value, (bytes, bytearray, memoryview)):
         out.append(b"\x09" + _escape(bytes(value)))
     elif isinstance(value, (tuple, list)):
+        if depth >= MAX_KEY_DEPTH:
+            raise _too_deep()
         out.append(b"\x0a")
         for v in value:
-            _encode_into(v, out)
+            _encode_into(v, out, depth + 1)
         out.append(b"\x01")
     else:
         raise InvalidKey(
@@ -206,7 +232,7 @@ def encode_key(value: Key) -> bytes:
     if t is bytes:
         return b"\x09" + _escape(value)
     out: list[bytes] = []
-    _encode_into(value, out)
+    _encode_into(value, out, 0)
     return b"".join(out)
 
 
@@ -300,9 +326,17 @@ def _decode_at(b: bytes, i: int) -> tuple[Any, int]:
     raise InvalidKey(f"corrupt key encoding: unknown tag 0x{tag:02x} at byte {i} of {b!r}")
 
 
+def _nested_too_deep(b: bytes) -> InvalidKey:
+    # encode_key never nests deeper than MAX_KEY_DEPTH: only forged or corrupt bytes get here.
+    return InvalidKey(f"corrupt key encoding: tuples nested far deeper than {MAX_KEY_DEPTH} in {key_repr(b)}")
+
+
 def decode_key(b: bytes) -> Key:
     """Decode one encoded key. Inverse of `encode_key` up to numeric equality."""
-    v, j = _decode_at(b, 0)
+    try:
+        v, j = _decode_at(b, 0)
+    except RecursionError:
+        raise _nested_too_deep(b) from None
     if j != len(b):
         raise InvalidKey(f"corrupt key encoding: {len(b) - j} trailing bytes in {b!r}")
     return v
@@ -310,4 +344,7 @@ def decode_key(b: bytes) -> Key:
 
 def decode_keys(b: bytes, start: int = 0) -> tuple[Key, int]:
     """Decode the key at ``b[start:]``; return it and the offset just past it."""
-    return _decode_at(b, start)
+    try:
+        return _decode_at(b, start)
+    except RecursionError:
+        raise _nested_too_deep(b) from None

@@ -18,6 +18,7 @@ DEFAULT_HTTP = "127.0.0.1:8750"
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -47,7 +48,25 @@ class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     http: str | None = DEFAULT_HTTP
-    """HOST:PORT of the HTTP API; None disables it."""
+    """HOST:PORT of the HTTP API; None disables it. The host is required (``0.0.0.0`` for
+    every interface, which is logged as a warning)."""
+    http_max_connections: Positive | None = None
+    """Open HTTP connections at most; a connection beyond it is answered 503 and closed at
+    once. None (default): what the open-file limit leaves after RocksDB, Kafka and the
+    process (`consumers.http.limits.fd_budget`), at most 4096. Higher admits more clients at
+    once, each costing a file descriptor and some memory; a cap above what the file limit
+    leaves lets clients starve RocksDB of files again."""
+    http_idle_timeout: Seconds = 15.0
+    """Seconds a connection may sit with no request in flight (after connecting, or after a
+    response) before it is closed. Longer spares clients reconnects; shorter frees the
+    connections of idle or abandoned clients sooner. A proxy in front should close its idle
+    upstream connections sooner than this."""
+    http_header_timeout: Seconds = 10.0
+    """Seconds from a request's first byte to the end of its headers, else 408 and closed
+    (slow-loris clients). Real clients send headers in one packet."""
+    http_body_timeout: Seconds = 30.0
+    """Seconds to receive a request body (at most 1 MiB) once its headers are in, else 408
+    and closed. Raise it only for very slow links."""
     ready_max_lag: NonNegative = 1000
     """/readyz answers 200 while the total lag (events) is at most this."""
     token: str | None = None

@@ -473,3 +473,53 @@ def test_bad_value_anywhere_in_a_tuple_is_rejected(good: Any, bad: Any) -> None:
         encode_key((good, bad))
     with pytest.raises(InvalidKey):
         encode_key([bad, good])
+
+
+# ---------------------------------------------------------------------------
+# Nesting depth (MAX_KEY_DEPTH)
+
+
+def _nested(depth: int, kind: type = tuple) -> Any:
+    """``1`` inside ``depth`` tuples (or lists), built without recursion."""
+    v: Any = 1
+    for level in range(depth):
+        v = kind([v, level])
+    return v
+
+
+@pytest.mark.parametrize("kind", [tuple, list])
+def test_keys_nested_up_to_max_depth_round_trip(kind: type) -> None:
+    from engine import MAX_KEY_DEPTH
+
+    deepest = _nested(MAX_KEY_DEPTH, kind)
+    assert decode_key(encode_key(deepest)) == _nested(MAX_KEY_DEPTH, tuple)
+    # depth is the deepest branch, not the number of tuples: siblings add nothing
+    wide = kind([_nested(MAX_KEY_DEPTH - 1, kind)] * 50)
+    assert decode_key(encode_key(wide)) == tuple([_nested(MAX_KEY_DEPTH - 1, tuple)] * 50)
+
+
+@pytest.mark.parametrize("depth", [33, 980, 5000])
+@pytest.mark.parametrize("kind", [tuple, list])
+def test_keys_nested_deeper_than_max_depth_are_rejected_clearly(depth: int, kind: type) -> None:
+    from engine import MAX_KEY_DEPTH
+
+    assert MAX_KEY_DEPTH == 32
+    value = _nested(depth, kind)
+    with pytest.raises(InvalidKey, match=r"more than 32 levels deep .*flatten") as exc_info:
+        encode_key(value)
+    assert isinstance(exc_info.value, TallyError)
+    with pytest.raises(InvalidKey, match="more than 32 levels deep"):
+        encode_key(("ok", value))  # inside a composite key too
+    wide = kind([_nested(MAX_KEY_DEPTH - 1, kind), _nested(MAX_KEY_DEPTH, kind)])
+    with pytest.raises(InvalidKey, match="more than 32 levels deep"):
+        encode_key(wide)  # one branch one level too deep
+
+
+def test_forged_deep_encodings_are_corrupt_not_a_recursion_error() -> None:
+    forged = b"\x0a" * 5000 + b"\x02" + b"\x01" * 5000  # encode_key never writes this
+    with pytest.raises(InvalidKey, match="corrupt key encoding: tuples nested far deeper than 32"):
+        decode_key(forged)
+    from engine.keys import decode_keys
+
+    with pytest.raises(InvalidKey, match="corrupt key encoding"):
+        decode_keys(forged, 0)

@@ -12,10 +12,14 @@ import asyncio
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from engine import Store, TallyError
+
+if TYPE_CHECKING:
+    from consumers.http.limits import FdBudget
 
 __all__ = ["build_parser", "main"]
 
@@ -74,9 +78,36 @@ def _consume_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML settings file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["auto", "json", "console"])
-    p.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP API here (default 127.0.0.1:8750)")
+    p.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve the HTTP API here (default 127.0.0.1:8750; 0.0.0.0:PORT serves every interface)",
+    )
     p.add_argument("--no-http", action="store_true", help="do not serve the HTTP API")
-    p.add_argument("--token", help="bearer token for state-changing HTTP endpoints (env TALLY_TOKEN)")
+    p.add_argument(
+        "--token",
+        help="bearer token for state-changing HTTP endpoints; prefer the environment variable "
+        "TALLY_TOKEN: a flag is visible to every user in the process list",
+    )
+    p.add_argument(
+        "--http-max-connections",
+        type=int,
+        metavar="N",
+        help="open HTTP connections at most; more are answered 503 and closed "
+        "(default: what the open-file limit leaves after RocksDB and Kafka, at most 4096)",
+    )
+    p.add_argument(
+        "--http-idle-timeout", type=float, metavar="S",
+        help="close a connection idle this many seconds (default 15)",
+    )
+    p.add_argument(
+        "--http-header-timeout", type=float, metavar="S",
+        help="seconds from a request's first byte to the end of its headers, else 408 (default 10)",
+    )
+    p.add_argument(
+        "--http-body-timeout", type=float, metavar="S",
+        help="seconds to receive a request body, else 408 (default 30)",
+    )
     p.add_argument(
         "--stale",
         choices=["serve", "drop"],
@@ -113,20 +144,53 @@ def _run_consume(args: argparse.Namespace) -> int:
         "log_format": args.log_format,
         "http": args.http,
         "token": args.token,
+        "http_max_connections": args.http_max_connections,
+        "http_idle_timeout": args.http_idle_timeout,
+        "http_header_timeout": args.http_header_timeout,
+        "http_body_timeout": args.http_body_timeout,
     }
     settings = load_settings(cli, args.config)
     if args.no_http or (args.until_caught_up and not args.http):
         settings = msgspec.structs.replace(settings, http=None)
     if not settings.definitions:
         raise TallyError("no definitions given: pass a Python file, e.g. `tally consume consumers/demo/leaderboard.py`")
+    if settings.http:
+        from consumers.http import parse_address
+
+        parse_address(settings.http)  # a bad --http fails here, before the store opens
     configure_logging(settings.log_level, settings.log_format)
+    budget = _file_budget()
     defs = load_definitions(settings.definitions)
-    store = Store.open(settings.data_dir, cache_nodes=settings.cache_nodes, max_node_size=settings.max_node_size)
+    store = Store.open(
+        settings.data_dir,
+        cache_nodes=settings.cache_nodes,
+        max_node_size=settings.max_node_size,
+        max_open_files=budget.rocksdb_files,
+    )
     try:
         proc = ConsumerProcess(settings, defs, store, stale=args.stale)
         return asyncio.run(proc.run(until_caught_up=args.until_caught_up))
     finally:
         store.close()
+
+
+def _file_budget() -> FdBudget:
+    """Lift the open-file limit to its hard value and share it (consumers/http/limits.py):
+    RocksDB, Kafka and the process get their files first, HTTP clients only the rest."""
+    from consumers.http.limits import fd_budget, raise_nofile_limit
+    from consumers.logs import get_logger
+
+    before, after = raise_nofile_limit()
+    budget = fd_budget(after)
+    raised = {"raised_from": before} if before != after else {}
+    get_logger().info(
+        "open-file limit",
+        limit=after,
+        **raised,
+        rocksdb_max_open_files=budget.rocksdb_files,
+        reserved=budget.reserved,
+    )
+    return budget
 
 
 def _rebuild_parser(sub: argparse._SubParsersAction) -> None:
@@ -141,7 +205,7 @@ def _rebuild_parser(sub: argparse._SubParsersAction) -> None:
         ),
         epilog=(
             "examples:\n"
-            "  tally rebuild leaderboard --url http://127.0.0.1:8750 --token $TALLY_TOKEN\n"
+            "  TALLY_TOKEN=... tally rebuild leaderboard --url http://127.0.0.1:8750\n"
             "  tally rebuild leaderboard --data-dir ./data"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -150,7 +214,11 @@ def _rebuild_parser(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--url", help="a running consumer's HTTP API (env TALLY_URL)")
     src.add_argument("--data-dir", help="a data dir no consumer is running on (env TALLY_DATA_DIR)")
-    p.add_argument("--token", help="the consumer's bearer token (env TALLY_TOKEN)")
+    p.add_argument(
+        "--token",
+        help="the consumer's bearer token; prefer the environment variable TALLY_TOKEN "
+        "(a flag is visible in the process list)",
+    )
     p.set_defaults(func=_run_rebuild)
 
 

@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "  tally reconcile scores --source snapshot.jsonl --definitions defs.py --data-dir ./data --patch\n"
             "  tally reconcile scores --source kafka:game.scores --definitions defs.py --data-dir ./data\n"
             "  tally reconcile scores --source postgresql://app@db/app --definitions defs.py --data-dir ./data \\\n"
-            "      --patch --url http://127.0.0.1:8750 --token $TALLY_TOKEN    # while the consumer runs\n"
+            "      --patch --url http://127.0.0.1:8750    # while the consumer runs; token in $TALLY_TOKEN\n"
             "\nexit status: 0 in sync or patched, 2 error, 3 drift found (with --fail-on-drift)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -122,7 +122,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="with --patch: the running consumer's HTTP API; fixes are applied inside it, never over a newer "
         "live change (env TALLY_URL)",
     )
-    p.add_argument("--token", help="the consumer's --token, for --url (env TALLY_TOKEN)")
+    p.add_argument(
+        "--token",
+        help="the consumer's token, for --url; prefer the environment variable TALLY_TOKEN "
+        "(a flag is visible in the process list)",
+    )
     p.add_argument(
         "--progress",
         choices=["auto", "bar", "lines", "none"],
@@ -185,7 +189,7 @@ def _open_store(data_dir: str, write: bool) -> Store:
     except StoreLocked:
         raise TallyError(
             f"data dir {data_dir!r} is locked: a consumer is running on it; patch through it with "
-            "--url http://HOST:PORT --token TOKEN (its HTTP API), or stop it first (a dry run is read-only "
+            "--url http://HOST:PORT and its token in TALLY_TOKEN (its HTTP API), or stop it first (a dry run is read-only "
             "and works either way)"
         ) from None
 

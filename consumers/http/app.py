@@ -43,7 +43,17 @@ whose message says what was wrong and what to do (unknown aggregate or op:
 404 listing the known ones; bad JSON, arguments, bounds, keys, cursors: 400;
 ``offset_out_of_range``: 400 naming the count; body over `MAX_BODY`: 413;
 an aggregate being built: 503 with its ``progress``). Anything unexpected is
-a logged 500 JSON error, never a dropped connection.
+a logged 500 JSON error, never a dropped connection. A client that goes away
+mid-request is an info line, not an error.
+
+**Transport** (`consumers.http.limits`, settings ``http_*``). Connections are
+capped (over the cap: 503 ``too_many_connections``, closed at once; the
+default cap is what the open-file limit leaves after RocksDB, Kafka and the
+process) and timed: idle, headers (from a request's first byte) and body
+(408 ``request_timeout``, then closed). aiohttp's own answers to malformed
+requests use the same JSON envelope. ``GET /openapi.json`` documents all of
+it per operation, and ``tests/test_http_fuzz.py`` fuzzes the running server
+against that document.
 
 **Token.** State-changing routes are declared with `protected_route` (they
 land in `PROTECTED_ROUTES`); `create_app` registers them, wrapped in
@@ -54,21 +64,25 @@ its end) so they are registered before `create_app` runs.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import hmac
+import ipaddress
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from aiokafka.structs import TopicPartition
 
-from consumers.http.openapi import OP_DOCS, RouteDoc, build_openapi
+from consumers.http.limits import ConnectionStats, HttpLimits, LimitedSite
+from consumers.http.openapi import OP_DOCS, RouteDoc, build_openapi, route_operation_id
 from consumers.logs import get_logger
 from consumers.runtime.deadletters import DeadLetterHealth
 from consumers.runtime.patches import PatchError
@@ -104,11 +118,13 @@ __all__ = [
     "create_app",
     "parse_address",
     "protected_route",
+    "read_body",
     "readiness",
     "render_metrics",
     "require_token",
     "start_http",
     "status",
+    "warn_if_exposed",
 ]
 
 MAX_BODY = 1 << 20
@@ -120,7 +136,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Stats(Protocol):
-    """The counters the API reports (`consumers.runner.ConsumerStats` has them)."""
+    """The counters the API reports (`consumers.runtime.stats.ConsumerStats` has them)."""
 
     started: float
     events: int
@@ -161,6 +177,8 @@ PROCESS: web.AppKey[Served] = web.AppKey("tally.process")
 DEFINITIONS: web.AppKey[dict[str, TableAggregate]] = web.AppKey("tally.definitions")
 OPENAPI: web.AppKey[bytes] = web.AppKey("tally.openapi")
 TOKEN_ROUTES: web.AppKey[list[tuple[str, re.Pattern[str], str]]] = web.AppKey("tally.token_routes")
+BODY_TIMEOUT: web.AppKey[float] = web.AppKey("tally.body_timeout")
+CONNECTIONS: web.AppKey[ConnectionStats] = web.AppKey("tally.connections")
 
 _decoder = msgspec.json.Decoder()
 
@@ -183,9 +201,14 @@ class ApiError(Exception):
         self.message = message
         self.extra = extra
         self.headers: dict[str, str] = {}
+        self.close_connection = False
+        """Close the connection after this answer (e.g. a body that did not arrive)."""
 
     def response(self) -> web.Response:
-        return _json({"error": {"code": self.code, "message": self.message, **self.extra}}, self.status, self.headers)
+        resp = _json({"error": {"code": self.code, "message": self.message, **self.extra}}, self.status, self.headers)
+        if self.close_connection:
+            resp.force_close()
+        return resp
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -290,10 +313,37 @@ def _check_args(op: str, spec: Op, args: dict[str, Any]) -> None:
             raise ApiError(400, "missing_field", f"{op} needs {f!r}, e.g. {spec.example}")
 
 
-async def _body_args(request: web.Request) -> dict[str, Any]:
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, within the body timeout (``http_body_timeout``) and `MAX_BODY`.
+
+    A body that has not arrived in time is answered 408 and the connection closed:
+    a slow or stalled client cannot hold a connection (and its descriptor) open.
+    """
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise _too_large(request.content_length)
-    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    timeout = request.app.get(BODY_TIMEOUT, 30.0)
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    except TimeoutError:
+        stats = request.app.get(CONNECTIONS)
+        if stats is not None:
+            stats.timeouts["body"] += 1
+        get_logger(component="http").info(
+            "http body timed out", method=request.method, path=request.path, timeout=timeout
+        )
+        err = ApiError(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {timeout:g} s (http_body_timeout): "
+            "send the whole body at once",
+        )
+        err.close_connection = True
+        raise err from None
+
+
+async def _body_args(request: web.Request) -> dict[str, Any]:
+    raw = await read_body(request)
     if not raw.strip():
         return {}
     try:
@@ -490,8 +540,8 @@ def _label(v: object) -> str:
     return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(process: Served) -> str:
-    """Prometheus text exposition format 0.0.4."""
+def render_metrics(process: Served, connections: ConnectionStats | None = None) -> str:
+    """Prometheus text exposition format 0.0.4 (``connections``: the HTTP guards' counters)."""
     st = process.stats
     out: list[str] = []
 
@@ -556,6 +606,24 @@ def render_metrics(process: Served) -> str:
     sample("tally_broker_reachable", int(st.broker_ok))
     family("tally_uptime_seconds", "gauge", "Seconds since the consumer process started.")
     sample("tally_uptime_seconds", round(time.time() - st.started, 3))
+    if connections is not None:
+        family("tally_http_connections", "gauge", "Open HTTP connections (capped by http_max_connections).")
+        sample("tally_http_connections", connections.open)
+        family("tally_http_connections_accepted_total", "counter", "HTTP connections accepted (within the cap).")
+        sample("tally_http_connections_accepted_total", connections.accepted)
+        family(
+            "tally_http_connections_refused_total",
+            "counter",
+            "HTTP connections answered 503 and closed at once: the connection limit was reached.",
+        )
+        sample("tally_http_connections_refused_total", connections.refused)
+        family(
+            "tally_http_timeouts_total",
+            "counter",
+            "HTTP requests whose headers or body did not arrive in time (answered 408, closed).",
+        )
+        for kind in sorted(connections.timeouts):
+            sample("tally_http_timeouts_total", connections.timeouts[kind], kind=kind)
     return "\n".join(out) + "\n"
 
 
@@ -570,7 +638,7 @@ async def _status(request: web.Request) -> web.StreamResponse:
 
 async def _metrics(request: web.Request) -> web.StreamResponse:
     return web.Response(
-        text=render_metrics(request.app[PROCESS]),
+        text=render_metrics(request.app[PROCESS], request.app.get(CONNECTIONS)),
         content_type="text/plain",
         charset="utf-8",
         headers={"X-Prometheus-Format": "0.0.4"},
@@ -611,6 +679,11 @@ class ProtectedRoute:
     response_schema: dict[str, Any] | None = None
     status: int = 200
     """The success status the handler answers."""
+    errors: Mapping[int, str] = field(default_factory=dict)
+    """Error statuses it answers besides 400/401/500 and the HTTP layer's (documented)."""
+    request_media_type: str = "application/json"
+    links: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    """OpenAPI links of the success response."""
 
     def doc(self) -> RouteDoc:
         return RouteDoc(
@@ -621,6 +694,9 @@ class ProtectedRoute:
             self.request_schema,
             self.response_schema or {"type": "object"},
             status=self.status,
+            errors=self.errors,
+            request_media_type=self.request_media_type,
+            links=self.links,
         )
 
 
@@ -637,17 +713,23 @@ def protected_route(
     request_schema: dict[str, Any] | None = None,
     response_schema: dict[str, Any] | None = None,
     status: int = 200,
+    errors: Mapping[int, str] | None = None,
+    request_media_type: str = "application/json",
+    links: Mapping[str, dict[str, Any]] | None = None,
 ) -> Callable[[Handler], Handler]:
     """Declare a state-changing route (e.g. rebuild, reconcile, clear).
 
     The handler gets the process as ``request.app[PROCESS]``. It is
     registered (behind `require_token`) only when the consumer has a token.
+    ``errors``: every other error status it answers, with why (the OpenAPI
+    document lists them; the fuzzer in tests/test_http_fuzz.py holds us to it).
     """
 
     def register(handler: Handler) -> Handler:
         PROTECTED_ROUTES.append(
             ProtectedRoute(
-                method.upper(), path, handler, summary, description, request_schema, response_schema, status
+                method.upper(), path, handler, summary, description, request_schema, response_schema, status,
+                dict(errors or {}), request_media_type, dict(links or {}),
             )
         )
         return handler
@@ -775,15 +857,73 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return ApiError(
             400, "bad_request", "the request nests arrays too deeply: keys may nest a few levels, not thousands"
         ).response()
+    except RequestPayloadError as e:
+        if _client_gone(request):
+            return _went_away(request, e)
+        # aiohttp could not read the body: bad chunked framing, undecodable gzip/deflate...
+        detail = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        err = ApiError(
+            400,
+            "bad_body",
+            f"the request body cannot be read ({detail}): send it whole, uncompressed or validly "
+            "compressed (Content-Encoding gzip, deflate)",
+        )
+        err.close_connection = True
+        request.content.feed_eof()  # nothing more to read: aiohttp must not linger on a broken body
+        return err.response()
+    except ConnectionError as e:
+        if not _client_gone(request):
+            return _internal(request, e)
+        return _went_away(request, e)
     except Exception as e:
-        kind = "a tally error" if isinstance(e, TallyError) else "an unexpected error"
-        get_logger(component="http").exception("http request failed", method=request.method, path=request.path, error=str(e))
-        return ApiError(
-            500,
-            "internal",
-            f"{kind} answering {request.method} {request.path}: {type(e).__name__}: {e} "
-            "(logged by the consumer; the request was not applied anywhere, retry or report it)",
-        ).response()
+        return _internal(request, e)
+
+
+def _went_away(request: web.Request, e: Exception) -> web.StreamResponse:
+    """The client went away (e.g. mid-body): not a server error, and nobody to answer."""
+    get_logger(component="http").info(
+        "http client disconnected", method=request.method, path=request.path, error=str(e) or type(e).__name__
+    )
+    # Never sent (the connection is gone; aiohttp drops it). 499 is nginx's name for this.
+    return web.Response(status=499, reason="Client Closed Request")
+
+
+async def _errors_are_json(request: web.Request, response: web.StreamResponse) -> None:
+    """Last resort (``on_response_prepare``): an error answer aiohttp made outside the
+    middleware — e.g. its 417 for an ``Expect`` other than 100-continue, sent before routing's
+    handler runs — gets the API's envelope too."""
+    if (
+        response.status < 400
+        or not isinstance(response, web.Response)
+        or response.content_type == "application/json"
+        or request.method == "HEAD"
+    ):
+        return
+    message = (response.text or "").strip() or response.reason
+    if response.status == 417:
+        message += "; only 'Expect: 100-continue' is supported"
+    code = re.sub(r"\W+", "_", response.reason.lower()).strip("_") or "error"
+    body = _encoder.encode({"error": {"code": code, "message": message}})
+    response.body = body
+    response.headers["Content-Type"] = "application/json"
+    response.headers["Content-Length"] = str(len(body))
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _internal(request: web.Request, e: Exception) -> web.StreamResponse:
+    """A logged 500 for an unexpected error (call it inside the ``except`` block: it logs the traceback)."""
+    kind = "a tally error" if isinstance(e, TallyError) else "an unexpected error"
+    get_logger(component="http").exception("http request failed", method=request.method, path=request.path, error=str(e))
+    return ApiError(
+        500,
+        "internal",
+        f"{kind} answering {request.method} {request.path}: {type(e).__name__}: {e} "
+        "(logged by the consumer; the request was not applied anywhere, retry or report it)",
+    ).response()
 
 
 # ---- the app and the server ---------------------------------------------------------------
@@ -794,14 +934,23 @@ def create_app(
     token: str | None,
     *,
     protected: Iterable[ProtectedRoute] | None = None,
+    stats: ConnectionStats | None = None,
+    body_timeout: float | None = None,
 ) -> web.Application:
     """The aiohttp application serving ``process``.
 
     ``protected`` defaults to `PROTECTED_ROUTES`; they are registered only if
-    ``token`` is set (a non-empty string).
+    ``token`` is set (a non-empty string). ``stats``: the transport guards'
+    counters, reported in /metrics; ``body_timeout``: seconds to wait for a
+    request body (default: the process's ``http_body_timeout``). `start_http`
+    passes both from its `HttpLimits`.
     """
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app.on_response_prepare.append(_errors_are_json)
     app[PROCESS] = process
+    app[BODY_TIMEOUT] = float(process.settings.http_body_timeout if body_timeout is None else body_timeout)
+    if stats is not None:
+        app[CONNECTIONS] = stats
     defs = {d.name: d for d in process.definitions}
     app[DEFINITIONS] = defs
     routes = list(PROTECTED_ROUTES if protected is None else protected)
@@ -837,12 +986,21 @@ def create_app(
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:8750`` for IPv6; port 0 = any free port) → (host, port)."""
+    """``HOST:PORT`` (``[::1]:8750`` for IPv6; port 0 = any free port) → (host, port).
+
+    The host is required: ``:8750`` used to mean every interface, silently; now
+    listening beyond this machine takes an explicit ``0.0.0.0`` (or ``[::]``).
+    """
     text = address.strip()
     host, sep, port_s = text.rpartition(":")
     if not sep or not port_s:
         raise ConfigError(
             f"--http takes HOST:PORT (e.g. 127.0.0.1:8750, or 0.0.0.0:8750 for every interface), got {address!r}"
+        )
+    if not host:
+        raise ConfigError(
+            f"--http {address!r} names no host: write 127.0.0.1:{port_s} to serve this machine only, "
+            f"or 0.0.0.0:{port_s} to serve every interface (anyone who can reach it reads every aggregate)"
         )
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -854,24 +1012,39 @@ def parse_address(address: str) -> tuple[str, int]:
         port = -1
     if not 0 <= port <= 65535:
         raise ConfigError(f"--http: port must be a number in 0..65535, got {port_s!r} in {address!r}")
-    return host or "0.0.0.0", port
+    return host, port
+
+
+def _is_loopback(addr: Any) -> bool:
+    try:
+        return ipaddress.ip_address(str(addr[0]).split("%")[0]).is_loopback
+    except (ValueError, IndexError, TypeError):
+        return False
 
 
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def start_http(process: Served, address: str, token: str | None) -> web.AppRunner:
+async def start_http(
+    process: Served, address: str, token: str | None, *, limits: HttpLimits | None = None
+) -> web.AppRunner:
     """Serve the API on ``address`` (HOST:PORT) in the running loop; returns the runner.
 
     Stop it with ``await runner.cleanup()``. Raises `ConfigError` for a bad
-    address or a port that cannot be bound (e.g. already in use).
+    address or a port that cannot be bound (e.g. already in use). Connections
+    are capped and timed by ``limits`` (default: from the process's settings and
+    open-file limit; see `consumers.http.limits`). Listening on an address beyond
+    loopback is logged as a warning naming it.
     """
     host, port = parse_address(address)
-    app = create_app(process, token)
+    if limits is None:
+        limits = HttpLimits.from_settings(process.settings, getattr(process.store, "max_open_files", None))
+    stats = ConnectionStats()
+    app = create_app(process, token, stats=stats, body_timeout=limits.body_timeout)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = LimitedSite(runner, host, port, limits=limits, stats=stats)
     try:
         await site.start()
     except OSError as e:
@@ -886,19 +1059,45 @@ async def start_http(process: Served, address: str, token: str | None) -> web.Ap
             f"cannot serve the HTTP API on {address!r}: {e.strerror or e}; "
             "choose another address with --http HOST:PORT, or run without it with --no-http"
         ) from None
-    bound = port
-    for addr in runner.addresses:
-        if isinstance(addr, tuple) and len(addr) >= 2:
-            bound = int(addr[1])
-            break
+    addresses = [a for a in runner.addresses if isinstance(a, tuple) and len(a) >= 2]
+    bound = int(addresses[0][1]) if addresses else port
     url = _url(host, bound)
-    get_logger(component="http").info(
+    log = get_logger(component="http")
+    log.info(
         "http api listening",
         url=url,
         openapi=url + "/openapi.json",
         protected_routes=len(PROTECTED_ROUTES) if token else 0,
+        max_connections=limits.max_connections,
+        idle_timeout=limits.idle_timeout,
+        header_timeout=limits.header_timeout,
+        body_timeout=limits.body_timeout,
+        **({"open_files": limits.budget.nofile, "reserved_files": limits.budget.reserved} if limits.budget else {}),
     )
+    if limits.over_budget and limits.budget is not None:
+        log.warning(
+            "http connections may starve the consumer of files",
+            open_files=limits.budget.nofile,
+            reserved=limits.budget.reserved,
+            max_connections=limits.max_connections,
+            hint="RocksDB, Kafka and the process need the reserved files: raise the open-file limit "
+            "(ulimit -n) or lower http_max_connections",
+        )
+    warn_if_exposed(addresses, token)
     return runner
+
+
+def warn_if_exposed(addresses: Iterable[Any], token: str | None) -> None:
+    """Warn, naming them, about bound addresses beyond loopback (socket address tuples)."""
+    beyond = sorted({_url(str(a[0]), int(a[1])) for a in addresses if not _is_loopback(a)})
+    if beyond:
+        get_logger(component="http").warning(
+            "http api reachable beyond this machine",
+            addresses=beyond,
+            note="anyone who can reach these addresses reads every aggregate"
+            + ("; state-changing routes need the token" if token else ""),
+            hint="bind 127.0.0.1 (--http 127.0.0.1:PORT) unless other hosts must read it",
+        )
 
 
 # ---- state-changing routes (token only) -----------------------------------------------------
@@ -915,6 +1114,7 @@ async def start_http(process: Served, address: str, token: str | None) -> web.Ap
     ),
     status=202,
     response_schema={"type": "object", "properties": {"result": {"type": "object"}}},
+    errors={404: "Unknown aggregate.", 501: "This process cannot rebuild aggregates."},
 )
 async def rebuild(request: web.Request) -> web.StreamResponse:
     process = request.app[PROCESS]
@@ -961,6 +1161,21 @@ _SESSION_SCHEMA: dict[str, Any] = {
     ),
     response_schema=_SESSION_SCHEMA,
     status=201,
+    errors={
+        404: "Unknown aggregate.",
+        409: "`not_live` or `rebuilding`: the aggregate is being built or rebuilt by replay.",
+        429: "`too_many_sessions`: wait for one to end.",
+        501: "This process cannot patch aggregates.",
+        503: "`not_ready` (no partitions yet) or `broker_unreachable`: retry shortly; or the connection "
+        "limit is reached.",
+    },
+    links={
+        f"{verb}_session": {
+            "operationId": route_operation_id(method, "/v1/aggregates/{name}/patch-sessions/{session}"),
+            "parameters": {"name": "$request.path.name", "session": "$response.body#/result/session"},
+        }
+        for verb, method in (("chunk", "POST"), ("close", "DELETE"))
+    },
 )
 async def patch_begin(request: web.Request) -> web.StreamResponse:
     s = await _patch_sessions(request).begin(request.match_info["name"])
@@ -1001,8 +1216,34 @@ async def patch_begin(request: web.Request) -> web.StreamResponse:
             }
         },
     },
+    request_media_type="application/msgpack",
+    request_schema={
+        "type": "object",
+        "required": ["changes"],
+        "properties": {
+            "changes": {
+                "type": "array",
+                "description": "[id, key, namespace, sum] (upsert) or [id] (must be absent); keys, ids and "
+                "namespaces as engine.encode_key bytes (msgpack bin).",
+                "items": {
+                    "oneOf": [
+                        {"type": "array", "minItems": 4, "maxItems": 4},
+                        {"type": "array", "minItems": 1, "maxItems": 1},
+                    ]
+                },
+            }
+        },
+    },
+    errors={
+        404: "Unknown aggregate, or `unknown_session` (expired or never opened).",
+        409: "`truncated`, `generation_switched`, `not_live` or `rebuilding`: run the reconcile again.",
+        415: "`unsupported_media_type`: the body must be application/msgpack.",
+        501: "This process cannot patch aggregates.",
+        503: "`catching_up` or `busy`: send the chunk again; or the connection limit is reached.",
+    },
 )
 async def patch_chunk(request: web.Request) -> web.StreamResponse:
+    """Apply one msgpack chunk of fixes."""
 
     sessions = _patch_sessions(request)
     ctype = request.content_type
@@ -1012,7 +1253,7 @@ async def patch_chunk(request: web.Request) -> web.StreamResponse:
             "unsupported_media_type",
             f"a patch chunk is application/msgpack (got {ctype!r}); `tally reconcile --patch --url` sends them",
         )
-    changes = decode_fixes(await request.read())
+    changes = decode_fixes(await read_body(request))
     result = await sessions.apply(request.match_info["name"], request.match_info["session"], changes)
     return _json({"result": result})
 
@@ -1022,6 +1263,10 @@ async def patch_chunk(request: web.Request) -> web.StreamResponse:
     "/v1/aggregates/{name}/patch-sessions/{session}",
     summary="Close a patch session; answers its totals",
     response_schema={"type": "object", "properties": {"result": {"type": "object"}}},
+    errors={
+        404: "`unknown_session` (expired or never opened) or unknown aggregate.",
+        501: "This process cannot patch aggregates.",
+    },
 )
 async def patch_end(request: web.Request) -> web.StreamResponse:
     totals = _patch_sessions(request).end(request.match_info["name"], request.match_info["session"])

@@ -25,6 +25,7 @@ __all__ = [
     "RouteDoc",
     "build_openapi",
     "openapi_path",
+    "route_operation_id",
 ]
 
 JSON = "application/json"
@@ -56,6 +57,12 @@ class RouteDoc:
     response_schema: Schema = field(default_factory=lambda: {"type": "object"})
     status: int = 200
     """The success status."""
+    errors: Mapping[int, str] = field(default_factory=dict)
+    """Error statuses the route answers besides 400/401/500 and the HTTP layer's, with why."""
+    request_media_type: str = "application/json"
+    """Media type of the request body (``request_schema``)."""
+    links: Mapping[str, Schema] = field(default_factory=dict)
+    """OpenAPI links of the success response (e.g. a new session's id to the routes using it)."""
 
 
 _ITEM_OR_NULL: Schema = {"oneOf": [_ref("Item"), {"type": "null"}]}
@@ -193,7 +200,9 @@ _COMPONENT_SCHEMAS: dict[str, Schema] = {
                             "Machine-readable: not_found, unknown_aggregate, unknown_op, "
                             "method_not_allowed, bad_json, bad_request, unknown_field, missing_field, "
                             "invalid_argument, invalid_key, offset_out_of_range, payload_too_large, "
-                            "unauthorized, not_ready, internal; on the token routes also not_supported, "
+                            "unauthorized, not_ready, internal; from the HTTP layer bad_http, bad_body, "
+                            "request_too_large, request_timeout, expectation_failed, too_many_connections; "
+                            "on the token routes also not_supported, "
                             "unsupported_media_type and the patch-session codes not_live, rebuilding, "
                             "too_many_sessions, broker_unreachable, unknown_session, catching_up, truncated, "
                             "generation_switched, busy."
@@ -315,6 +324,28 @@ def _error(description: str) -> Schema:
     return {"description": description, "content": {JSON: {"schema": _ref("Error")}}}
 
 
+_MALFORMED = (
+    "a request the HTTP layer rejects (malformed; a request line or header over 8190 bytes: "
+    "send long arguments as a POST body; a body that cannot be read, `bad_body`)"
+)
+_BUSY = "the connection limit is reached (`http_max_connections`; the connection is closed, retry)"
+_SERVER_ERROR = "Unexpected server error (logged by the consumer)."
+
+
+def _transport_errors(*, body: bool) -> Schema:
+    """What the HTTP layer answers on any operation (every one in the error envelope)."""
+    out: Schema = {
+        "400": _error(f"Bad request: {_MALFORMED}."),
+        "417": _error("An `Expect` header other than `100-continue`."),
+        "500": _error(_SERVER_ERROR),
+        "503": _error(f"Service unavailable: {_BUSY}."),
+    }
+    if body:
+        out["408"] = _error("The request body did not arrive within `http_body_timeout`; the connection is closed.")
+        out["413"] = _error("Request body over the size limit.")
+    return out
+
+
 def _ok(description: str, schema: Schema) -> Schema:
     return {"description": description, "content": {JSON: {"schema": schema}}}
 
@@ -349,10 +380,10 @@ def _op_path(
             "required": ["result"],
             "properties": {"result": doc.result},
         }),
-        "400": _error("Bad arguments: the message says which and how to fix them."),
+        "400": _error(f"Bad arguments (the message says which and how to fix them), or {_MALFORMED}."),
         "404": _error("Unknown aggregate (the message lists the known ones)."),
-        "500": _error("Unexpected server error (logged by the consumer)."),
-        "503": _error("The aggregate is being built by replay (`progress` says how far)."),
+        "500": _error(_SERVER_ERROR),
+        "503": _error(f"The aggregate is being built by replay (`progress` says how far), or {_BUSY}."),
     }
     query_params = [
         {
@@ -384,7 +415,7 @@ def _op_path(
                 "required": bool(required),
                 "content": {JSON: {"schema": _ref(f"{_camel(op)}Request")}},
             },
-            "responses": {**responses, "413": _error("Request body over the size limit.")},
+            "responses": {**_transport_errors(body=True), **responses},
         },
         "get": {
             "operationId": f"{op}_get",
@@ -392,9 +423,14 @@ def _op_path(
             "description": description,
             "tags": ["reads"],
             "parameters": query_params,
-            "responses": responses,
+            "responses": {**_transport_errors(body=False), **responses},
         },
     }
+
+
+def route_operation_id(method: str, path: str) -> str:
+    """The operationId of an extra route, e.g. ``post_v1_aggregates_name_rebuild``."""
+    return f"{method.lower()}_{path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}"
 
 
 def _camel(op: str) -> str:
@@ -434,6 +470,7 @@ def build_openapi(
                         "required": ["result"],
                         "properties": {"result": {"type": "array", "items": _ref("AggregateStatus")}},
                     }),
+                    **_transport_errors(body=False),
                 },
             }
         },
@@ -445,7 +482,7 @@ def build_openapi(
             "operationId": "status",
             "summary": "Aggregates, partitions (offsets, end offsets, lag), counters, uptime, broker",
             "tags": ["operations"],
-            "responses": {"200": _ok("Process status", _ref("Status"))},
+            "responses": {"200": _ok("Process status", _ref("Status")), **_transport_errors(body=False)},
         }
     }
     paths["/metrics"] = {
@@ -457,7 +494,8 @@ def build_openapi(
                 "200": {
                     "description": "Metrics",
                     "content": {"text/plain": {"schema": {"type": "string"}}},
-                }
+                },
+                **_transport_errors(body=False),
             },
         }
     }
@@ -466,7 +504,7 @@ def build_openapi(
             "operationId": "healthz",
             "summary": "Liveness: 200 while the process runs",
             "tags": ["operations"],
-            "responses": {"200": _ok("Alive", _ref("Health"))},
+            "responses": {"200": _ok("Alive", _ref("Health")), **_transport_errors(body=False)},
         }
     }
     paths["/readyz"] = {
@@ -475,8 +513,12 @@ def build_openapi(
             "summary": "Readiness: partitions assigned, broker reachable, total lag <= ready_max_lag",
             "tags": ["operations"],
             "responses": {
+                **_transport_errors(body=False),
                 "200": _ok("Ready", _ref("Ready")),
-                "503": _ok("Not ready; `reason` says why", _ref("Ready")),
+                "503": _ok(
+                    f"Not ready (`reason` says why: a Ready document), or {_BUSY} (an Error)",
+                    {"oneOf": [_ref("Ready"), _ref("Error")]},
+                ),
             },
         }
     }
@@ -485,23 +527,29 @@ def build_openapi(
             "operationId": "openapi",
             "summary": "This document",
             "tags": ["operations"],
-            "responses": {"200": _ok("OpenAPI 3.1 document", {"type": "object"})},
+            "responses": {"200": _ok("OpenAPI 3.1 document", {"type": "object"}), **_transport_errors(body=False)},
         }
     }
     for r in routes:
         operation: Schema = {
-            "operationId": f"{r.method.lower()}_{r.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
+            "operationId": route_operation_id(r.method, r.path),
             "summary": r.summary,
             "description": r.description,
             "tags": ["maintenance"],
             "responses": {
+                **_transport_errors(body=r.request_schema is not None),
                 str(r.status): _ok(r.summary, r.response_schema),
-                "400": _error("Bad arguments."),
-                "500": _error("Unexpected server error (logged by the consumer)."),
+                "400": _error(f"Bad arguments, or {_MALFORMED}."),
+                **{str(code): _error(why) for code, why in sorted(r.errors.items())},
             },
         }
+        if r.links:
+            operation["responses"][str(r.status)]["links"] = dict(r.links)
         if r.request_schema is not None:
-            operation["requestBody"] = {"required": True, "content": {JSON: {"schema": r.request_schema}}}
+            operation["requestBody"] = {
+                "required": True,
+                "content": {r.request_media_type: {"schema": r.request_schema}},
+            }
         operation["security"] = [{"bearer": []}]
         operation["responses"]["401"] = _error("Missing or wrong `Authorization: Bearer <token>`.")
         path = openapi_path(r.path)

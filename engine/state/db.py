@@ -20,14 +20,11 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 from ..errors import StoreLocked, TallyError
 from .metadata import CF_IDS, CF_LOG, CF_META, CF_NODES, COLUMN_FAMILIES
 
-__all__ = ["BLOCK_CACHE_BYTES", "MAX_OPEN_FILES", "Database"]
+__all__ = ["BLOCK_CACHE_BYTES", "Database"]
 
 BLOCK_CACHE_BYTES: Final = 64 << 20
 """RocksDB block cache shared by the column families (compressed on-disk blocks)."""
 
-MAX_OPEN_FILES: Final = 512
-"""Table files RocksDB keeps open at most (its default is unbounded): bounds the store's own
-file descriptors, so the process can reserve them (the HTTP server caps its connections)."""
 
 
 def _cf_options(cache: Cache) -> Options:
@@ -42,16 +39,16 @@ def _cf_options(cache: Cache) -> Options:
     o.set_block_based_table_factory(t)
     o.set_memtable_whole_key_filtering(True)
     o.set_memtable_prefix_bloom_ratio(0.1)
-    o.set_max_open_files(MAX_OPEN_FILES)
     return o
 
 
-def _db_options(cache: Cache) -> Options:
+def _db_options(cache: Cache, max_open_files: int) -> Options:
     o = _cf_options(cache)
     o.create_if_missing(True)
     o.create_missing_column_families(True)
     o.increase_parallelism(2)
     o.set_max_background_jobs(2)
+    o.set_max_open_files(max_open_files)
     return o
 
 
@@ -71,9 +68,11 @@ class Database:
     follows its commits). Not thread-safe.
     """
 
-    def __init__(self, path: str, *, read_only: bool, sync: bool = False) -> None:
+    def __init__(self, path: str, *, read_only: bool, sync: bool = False, max_open_files: int = -1) -> None:
         self.path = path
         self.read_only = read_only
+        # Table files kept open (-1: all of them, RocksDB's default and what a secondary needs).
+        self.max_open_files = -1 if read_only else max_open_files
         self._secondary_dir: str | None = None
         self._wopt = WriteOptions()
         self._wopt.sync = sync
@@ -108,7 +107,7 @@ class Database:
                         time.sleep(0.1)
             else:
                 os.makedirs(self.path, exist_ok=True)
-                self._db = Rdict(self.path, _db_options(block_cache), column_families=cfs)
+                self._db = Rdict(self.path, _db_options(block_cache, self.max_open_files), column_families=cfs)
         except TallyError:
             raise
         except Exception as e:

@@ -106,9 +106,18 @@ class StateStore:
         cache_nodes: int | None = None,
         checkpoint_changes: int | None = None,
         sync: bool = False,
+        max_open_files: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
+        if max_open_files is not None and (
+            not isinstance(max_open_files, int)
+            or isinstance(max_open_files, bool)
+            or not (max_open_files == -1 or max_open_files >= 20)
+        ):
+            raise InvalidArgument(
+                f"max_open_files must be -1 (unbounded) or an int >= 20, got {max_open_files!r}"
+            )
         self.max_node_size = check_node_size(max_node_size or DEFAULT_MAX_NODE_SIZE)
         cache_nodes = DEFAULT_CACHE_NODES if cache_nodes is None else cache_nodes
         if not isinstance(cache_nodes, int) or cache_nodes < 16:
@@ -119,7 +128,12 @@ class StateStore:
         if not isinstance(cc, int) or cc < 1:
             raise InvalidArgument(f"checkpoint_changes must be a positive int, got {cc!r}")
         self.checkpoint_changes = cc
-        self.db = Database(self.path, read_only=read_only, sync=sync)
+        self.db = Database(
+            self.path,
+            read_only=read_only,
+            sync=sync,
+            max_open_files=-1 if max_open_files is None else max_open_files,
+        )
         self.nodes = NodeCache(self.db, cache_nodes)
         """The node layer: trees read and write their nodes here (`Tree(store.nodes, meta)`)."""
         self._trees: dict[bytes, TreeMeta | None] = {}
@@ -158,6 +172,7 @@ class StateStore:
         cache_nodes: int | None = None,
         checkpoint_changes: int | None = None,
         sync: bool = False,
+        max_open_files: int | None = None,
     ) -> Self:
         """Open (or create) a store directory.
 
@@ -165,6 +180,11 @@ class StateStore:
         writer runs; call `refresh()` to see the writer's latest commits.
         ``sync=True`` fsyncs every commit (survives power loss, not just
         process crashes) at a large cost in write throughput.
+        ``max_open_files`` bounds the RocksDB table files a writer keeps open
+        (default -1: all, RocksDB's default; at least 20): a bound makes the
+        process's file use predictable (the consumer derives it from its
+        open-file limit) at the cost of reopening files when the store has more.
+        Readers (secondary instances) always keep all open, as RocksDB requires.
         """
         return cls(
             os.fspath(path),
@@ -173,6 +193,7 @@ class StateStore:
             cache_nodes=cache_nodes,
             checkpoint_changes=checkpoint_changes,
             sync=sync,
+            max_open_files=max_open_files,
         )
 
     # ---- lifecycle -------------------------------------------------------------

@@ -214,6 +214,7 @@ class Debezium:
         self.tables: list[str] = []
         self.connectors: list[Connector] = []
         self.topics: list[str] = []
+        self.cleanup_sql: list[str] = []  # run by close() after the tables are dropped
 
     # -------------------------------------------------------- SQL
 
@@ -230,10 +231,13 @@ class Debezium:
                 cur.execute(s)  # type: ignore[arg-type]
 
     def create_table(
-        self, stem: str, columns: str, replica_identity: str | None = None
+        self, stem: str, columns: str, replica_identity: str | None = None, exact: bool = False
     ) -> str:
-        """CREATE TABLE <stem>_<run> (columns); its name. Dropped on close()."""
-        name = f"{stem}_{self.run}".lower()
+        """CREATE TABLE <stem>_<run> (columns) (just <stem> if ``exact``, replacing a table of
+        that name); its name. Dropped on close()."""
+        name = stem if exact else f"{stem}_{self.run}".lower()
+        if exact:
+            self.sql(f"drop table if exists {name}")
         self.sql(f"create table {name} ({columns})")
         self.tables.append(name)
         if replica_identity:
@@ -406,6 +410,11 @@ class Debezium:
                 self.sql(f"drop table if exists {t}")
             except Exception as exc:
                 errors.append(f"dropping {t}: {exc}")
+        for statement in self.cleanup_sql:
+            try:
+                self.sql(statement)
+            except Exception as exc:
+                errors.append(f"{statement}: {exc}")
         self.db.close()
         if errors:
             raise ConnectError("; ".join(errors))

@@ -295,6 +295,13 @@ CONFIGS = [
     Config("unwrap_tombstone", "ExtractNewRecordState with its default "
            "delete.tombstone.handling.mode (tombstone), schemas off",
            {**UNWRAP, **TRUNCATE, **NO_SCHEMAS}, ["pk_single", "trunc"]),
+    Config("unwrap_tombstone_schemas_on", "unwrap_tombstone with schemas on: the SMT's "
+           "tombstone keeps its schema, so its bytes are not null",
+           {**UNWRAP, **TRUNCATE}, ["pk_single"]),
+    Config("unwrap_removed_option", "ExtractNewRecordState with delete.handling.mode=rewrite, "
+           "the option Debezium 3.x removed: accepted, ignored (default tombstone mode)",
+           {**UNWRAP, "transforms.unwrap.delete.handling.mode": "rewrite", **TRUNCATE,
+            **NO_SCHEMAS}, ["pk_single"]),
     Config("unwrap_drop", "ExtractNewRecordState, delete.tombstone.handling.mode=drop, schemas off",
            {**UNWRAP, "transforms.unwrap.delete.tombstone.handling.mode": "drop", **TRUNCATE,
             **NO_SCHEMAS}, ["pk_single", "trunc"]),
@@ -374,6 +381,7 @@ class Reader:
             elif tp.topic in self.table_of:
                 rec = DbzRecord(tp.partition, m.offset, m.key, m.value, list(m.headers))
                 out.append((self.table_of[tp.topic], rec))
+        out.sort(key=lambda tr: (tr[0], tr[1].partition, tr[1].offset))
         return out
 
 

@@ -111,8 +111,9 @@ class DbzRecord:
 
     @property
     def op(self) -> str | None:
-        """The envelope's op (c/r/u/d/t), "tombstone" for a null value, None if absent
-        (ExtractNewRecordState output without add.fields=op)."""
+        """The envelope's op (c/r/u/d/t); "tombstone" for a null value and for a value
+        that is JSON null or a null payload (the unwrap SMT's default delete); None if
+        absent (ExtractNewRecordState output without add.fields=op)."""
         env = self.envelope
         if env is None:
             return "tombstone"

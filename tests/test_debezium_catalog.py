@@ -158,15 +158,31 @@ def test_primary_key_change_is_delete_tombstone_create_with_key_headers() -> Non
     assert only.key == {"id": 2} and json.loads(only.headers["__debezium.oldkey"]) == {"id": 1}
 
 
+def raw_lines(config: str) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (DATA / f"{config}.jsonl").read_text().splitlines()]
+
+
 def test_unwrap_delete_modes() -> None:
+    """What one DELETE becomes, per delete.tombstone.handling.mode (raw value bytes)."""
+
     def shape(config: str) -> list[str]:
-        return ["tombstone" if r.value is None else f"__deleted={r.value.get('__deleted')}"
-                for r in of(config, "pk_single", "delete")]
+        out = []
+        for d in raw_lines(config):
+            if d["table"] != "pk_single" or d["step"] != "delete":
+                continue
+            value = d["value"]
+            if value is None:
+                out.append("kafka tombstone")
+            elif value == "null":
+                out.append("JSON null")
+            else:
+                out.append(f"__deleted={unwrap(json.loads(value)).get('__deleted')}")
+        return out
 
     assert shape("unwrap_rewrite") == ["__deleted=true"]
-    assert shape("unwrap_rewrite_with_tombstone") == ["__deleted=true", "tombstone"]
-    assert shape("unwrap_tombstone") == ["tombstone"]
-    assert shape("unwrap_delete_to_tombstone") == ["tombstone"]
+    assert shape("unwrap_rewrite_with_tombstone") == ["__deleted=true", "kafka tombstone"]
+    assert shape("unwrap_tombstone") == ["JSON null"]  # the default: NOT a Kafka tombstone
+    assert shape("unwrap_delete_to_tombstone") == ["kafka tombstone"]
     assert shape("unwrap_drop") == []
 
 
@@ -205,3 +221,20 @@ def test_compacted_topic_kills_the_task_at_the_first_truncate_and_again_after_re
     assert info["after_restart"]["states"][-1] == "FAILED"
     steps = {s["step"]: s["records"] for s in info["steps"]}
     assert steps["update"] == 1 and steps["truncate"] == 0 and steps["insert_after"] is None
+
+
+def test_smt_tombstone_with_schemas_on_is_not_a_kafka_tombstone() -> None:
+    """In the default "tombstone" mode the delete becomes a null value that keeps its
+    schema: JsonConverter writes {"schema": ..., "payload": null} (schemas off: `null`)."""
+    (delete,) = [d for d in raw_lines("unwrap_tombstone_schemas_on") if d["step"] == "delete"]
+    assert delete["value"] is not None
+    assert json.loads(delete["value"])["payload"] is None
+
+
+def test_removed_delete_handling_mode_is_silently_ignored() -> None:
+    recs = records("unwrap_removed_option")
+    assert INDEX["configs"]["unwrap_removed_option"]["config"][
+        "transforms.unwrap.delete.handling.mode"] == "rewrite"
+    assert all("__deleted" not in (r.value or {}) for r in recs)
+    deletes = [d["value"] for d in raw_lines("unwrap_removed_option") if d["step"] == "delete"]
+    assert deletes == ["null"]  # what the default mode writes: the option did nothing

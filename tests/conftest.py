@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kafka_util import kafka_script
@@ -81,9 +83,73 @@ def pg_url() -> Iterator[str]:
         subprocess.run([*script, "stop", "--port", port], capture_output=True, text=True, timeout=120)
 
 
+# ============================================================== Kafka Connect + Debezium
+# A real Kafka Connect worker (standalone) with the Debezium PostgreSQL connector,
+# run by scripts/connect (jars from Maven Central on first use, cached in
+# $TALLY_CACHE_DIR), against the broker and the Postgres above. Started if nothing
+# answers on the port, stopped at the end only if started here.
+# Port: $TALLY_TEST_CONNECT_PORT (default 8083). Helpers: tests/debezium_util.py.
+# Without java/mvn the tests skip on a developer machine and FAIL under CI.
+
+
+@pytest.fixture(scope="session")
+def connect_url(kafka_bootstrap: str, pg_url: str) -> Iterator[str]:
+    """REST URL of a Connect worker that offers the Debezium Postgres connector."""
+    import shutil
+
+    from debezium_util import connect_script
+
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        unavailable("Kafka Connect needs a JDK 17+ (`java`); install one or set JAVA_HOME")
+    port = os.environ.get("TALLY_TEST_CONNECT_PORT") or "8083"
+    t0 = time.monotonic()
+    try:
+        res = connect_script("start", "--port", port, "--kafka", kafka_bootstrap)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"scripts/connect start --port {port} took over {e.timeout:.0f}s (fetching "
+                    "the jars from Maven Central?); run it by hand to see where it stops",
+                    pytrace=False)
+    if res.returncode != 0:
+        msg = f"{res.stdout}{res.stderr}".strip()
+        if "no `mvn` found" in msg or "no `java` found" in msg:
+            unavailable(f"Kafka Connect unavailable: {msg}")
+        pytest.fail(f"scripts/connect start --port {port} failed (exit {res.returncode}):\n{msg}",
+                    pytrace=False)
+    print(f"\n{res.stdout.strip()} [{time.monotonic() - t0:.1f}s]", file=sys.stderr)
+    started_here = "reusing" not in res.stdout
+    _require_logical_decoding(pg_url)
+    yield f"http://127.0.0.1:{port}"
+    if started_here:
+        connect_script("stop", "--port", port, timeout=120)
+
+
+def _require_logical_decoding(pg_url: str) -> None:
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is needed for the Debezium tests")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        row = conn.execute("select current_setting('wal_level')").fetchone()
+    if row is None or row[0] != "logical":
+        pytest.fail(f"Postgres at {pg_url} has wal_level={row and row[0]}: Debezium needs "
+                    "logical; restart it with scripts/postgres (stop, then start)", pytrace=False)
+
+
+@pytest.fixture
+def debezium(
+    connect_url: str, kafka_bootstrap: str, pg_url: str, request: pytest.FixtureRequest
+) -> Iterator[Any]:
+    """A tests/debezium_util.Debezium factory; removes its connectors, slots, topics, tables."""
+    from debezium_util import debezium_factory
+
+    with debezium_factory(connect_url, kafka_bootstrap, pg_url, tag=request.node.name[:12]) as dbz:
+        yield dbz
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Tests that use the broker get the `kafka` marker: `pytest -m "not kafka"`
-    # skips them. (If another section needs this hook too, merge it here.)
+    # skips them; tests that use Kafka Connect also get `debezium`.
+    # (If another section needs this hook too, merge it here.)
     for item in items:
-        if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "kafka_bootstrap" in names:
             item.add_marker(pytest.mark.kafka)
+        if "connect_url" in names:
+            item.add_marker(pytest.mark.debezium)

@@ -23,7 +23,7 @@ from .errors import (
 )
 from .keys import decode_key, decode_keys, encode_key, key_repr
 from .state import IdEntry, check_node_size
-from .state.metadata import P_TREE, tree_key
+from .state.metadata import P_TREE, tree_key, watermark_key
 from .types import Bounds, Item, Order, Page, Query, decode_cursor, encode_cursor, normalize_bounds
 
 if TYPE_CHECKING:
@@ -39,6 +39,9 @@ class Prepared(NamedTuple):
     id: bytes
     namespace: bytes
     sum_value: int | float
+    pos: bytes | None = None
+    """The source position of the change (encoded, e.g. a Postgres LSN), when known: kept with
+    the item so a truncate at a position spares the items changed after it (`Aggregate.truncate`)."""
 
 __all__ = ["Aggregate", "Prepared"]
 
@@ -66,10 +69,15 @@ _NONE_KEY = encode_key(None)
 _new_prepared = tuple.__new__  # skips NamedTuple's Python-level __new__ on the hot path
 
 
-def prepare_encoded_id(key: Any, eid: bytes, sum_value: Any, namespace: Any) -> Prepared:
-    """`Aggregate.prepare` for an id already encoded (one encoding per event, not per aggregate)."""
+def prepare_encoded_id(
+    key: Any, eid: bytes, sum_value: Any, namespace: Any, pos: bytes | None = None
+) -> Prepared:
+    """An item validated and encoded, for an id already encoded (one encoding per event, not
+    per aggregate); ``pos`` is the change's encoded source position, if known."""
     s = sum_value if type(sum_value) is int and -_INT64 <= sum_value < _INT64 else _check_sum(sum_value)
-    return _new_prepared(Prepared, (encode_key(key), eid, _NONE_KEY if namespace is None else encode_key(namespace), s))
+    return _new_prepared(
+        Prepared, (encode_key(key), eid, _NONE_KEY if namespace is None else encode_key(namespace), s, pos)
+    )
 
 
 def _encode_id(id: Any) -> bytes:
@@ -240,13 +248,17 @@ class Aggregate:
                     dels.setdefault(old.ns, []).append(old.key + eid)
                     set_id(idk, old, None)
                 else:
-                    nkey, _, nns, nsum = new
+                    nkey, _, nns, nsum, npos = new
                     if old is not None:
                         if _unchanged(old, nns, nkey, nsum):
+                            if npos is not None and npos != old.pos:
+                                # Same item, newer source position: the index learns it (a later
+                                # truncate must spare this id), the trees do not change.
+                                set_id(idk, old, IdEntry(nns, nkey, nsum, npos))
                             continue
                         dels.setdefault(old.ns, []).append(old.key + eid)
                     ins.setdefault(nns, []).append((nkey + eid, nsum))
-                    set_id(idk, old, IdEntry(nns, nkey, nsum))
+                    set_id(idk, old, IdEntry(nns, nkey, nsum, npos))
                 changed += 1
             for ens in sorted(set(dels) | set(ins)):
                 self._apply_tree(aid, ens, dels.get(ens, []), ins.get(ens, []), rebuild_ratio)
@@ -421,6 +433,40 @@ class Aggregate:
                 for tk in store.tree_keys(aid):
                     store.drop_tree(tk)
                 tx.clear_ids(aid)
+                tx.put_meta(watermark_key(aid), None)
+
+    def truncate(self, before: bytes | None = None) -> int:
+        """A source truncate: remove every item, or with ``before`` (an encoded source
+        position) every item not changed after it, and remember ``before`` so changes from
+        before it that arrive later are skipped (`watermark`). O(n). Returns items removed.
+
+        Why: a truncate can reach the consumer on another partition than the rows it clears;
+        changes made after it may have been applied already and must survive.
+        """
+        store = self.store
+        with store.transaction() as tx:
+            aid = store.agg_id(self.physical, before is not None)
+            if aid is None:
+                return 0
+            wm = self.watermark()
+            keep: dict[bytes, Prepared | None] = {}
+            total = 0
+            for eid, e in self.id_entries():
+                total += 1
+                if before is not None and e.pos is not None and e.pos > before:
+                    keep[eid] = _new_prepared(Prepared, (e.key, eid, e.ns, e.sum, e.pos))
+            self.clear_all()
+            if keep:
+                self.apply_many(keep, rebuild_ratio=0.0)
+            if before is not None or wm is not None:
+                mark = before if wm is None or (before is not None and before > wm) else wm
+                tx.put_meta(watermark_key(aid), mark)
+            return total - len(keep)
+
+    def watermark(self) -> bytes | None:
+        """The position of the last positioned truncate (encoded), or None. O(1)."""
+        aid = self.store.agg_id(self.physical, False)
+        return None if aid is None else self.store.tx.get_meta(watermark_key(aid))
 
     def namespaces(self) -> list[Any]:
         """Namespaces holding at least one item, in key order. O(namespaces)."""

@@ -49,10 +49,11 @@ DELETE = 1
 CLEAR = 2
 
 
-Op = tuple[int, Aggregate, Any, "str | None"]
-"""One engine write planned from an event: (kind, aggregate, arg, source op) where
-arg is a `Prepared` item for UPSERT, an encoded id for DELETE, None for CLEAR, and
-the source op is the event's ``op`` (c/u/d/r or None)."""
+Op = tuple[int, Aggregate, Any, "str | None", "bytes | None"]
+"""One engine write planned from an event: (kind, aggregate, arg, source op, position) where
+arg is a `Prepared` item for UPSERT, an encoded id for DELETE, None for CLEAR; the source op
+is the event's ``op`` (c/u/d/r or None) and the position its encoded source position (an
+LSN, binlog coordinates ...) or None."""
 
 DRIFT_KINDS = ("update_unknown", "delete_unknown", "create_existing")
 """Kinds of drift signal, see the module notes."""
@@ -70,12 +71,30 @@ class Pending:
     of each id whose prior state is in the store, judged at `Applier.flush`.
     """
 
-    __slots__ = ("changes", "checks", "cleared", "clears", "deletes", "drift", "drift_ids", "events", "upserts")
+    __slots__ = (
+        "changes",
+        "checks",
+        "cleared",
+        "clears",
+        "deletes",
+        "drift",
+        "drift_ids",
+        "events",
+        "positions",
+        "skipped",
+        "upserts",
+        "watermarks",
+    )
 
     def __init__(self, track_drift: bool = False) -> None:
         self.changes: dict[Aggregate, dict[bytes, Prepared | None]] = {}
-        self.cleared: set[Aggregate] = set()
-        self.upserts = self.deletes = self.clears = self.events = 0
+        self.cleared: dict[Aggregate, bytes | None] = {}
+        """Aggregates truncated in this batch → the truncate's position (None: unknown)."""
+        self.positions: dict[Aggregate, dict[bytes, bytes]] = {}
+        """Per aggregate, the source position of each pending change that has one."""
+        self.watermarks: dict[Aggregate, bytes | None] = {}
+        """Per aggregate, the latest truncate's position (stored or in this batch)."""
+        self.upserts = self.deletes = self.clears = self.events = self.skipped = 0
         self.checks: dict[Aggregate, dict[bytes, tuple[str, Prepared | None]]] | None = (
             {} if track_drift else None
         )
@@ -132,6 +151,7 @@ class Applier:
                 continue  # a table whose aggregates another stream feeds
             kind = ev.kind
             evop = ev.op
+            pos = None if ev.position is None else _position(ev.position)
             if kind == "upsert":
                 d = None
                 try:
@@ -142,9 +162,9 @@ class Applier:
                     for d, agg in targets:
                         it = d.item_tuple(row)
                         if it is None:
-                            planned.append((DELETE, agg, eid, evop))
+                            planned.append((DELETE, agg, eid, evop, pos))
                         else:
-                            planned.append((UPSERT, agg, prepare(it[1], eid, it[2], it[0]), evop))
+                            planned.append((UPSERT, agg, prepare(it[1], eid, it[2], it[0], pos), evop, pos))
                 except Exception as e:  # user code in sort_key/filter/... raised, or a bad key
                     bad.append((i, _unapplicable(ev, d, e)))
                     continue
@@ -155,9 +175,9 @@ class Applier:
                 except TallyError as e:
                     bad.append((i, BadRecord("apply", f"{_where(ev)}: {e}")))
                     continue
-                ops.extend((DELETE, agg, eid, evop) for _, agg in targets)
+                ops.extend((DELETE, agg, eid, evop, pos) for _, agg in targets)
             elif kind == "truncate":
-                ops.extend((CLEAR, agg, None, None) for _, agg in targets)
+                ops.extend((CLEAR, agg, pos, None, pos) for _, agg in targets)
         return ops, bad
 
     def apply(self, ops: Iterable[Op]) -> ApplyResult:
@@ -176,36 +196,28 @@ class Applier:
         return Pending(self.track_drift)
 
     def collect(self, ops: Iterable[Op], pending: Pending) -> None:
-        """Fold ops into ``pending`` (last state per id; a truncate resets the aggregate)."""
+        """Fold ops into ``pending``: the last state per id, truncates in source order.
+
+        A truncate at position L (when the source gives positions) drops the pending changes
+        from before it and keeps those after it, whatever order the partitions delivered
+        them in; any change from before L that comes later (another partition lagging
+        behind) is skipped. Without positions, arrival order decides.
+        """
         changes = pending.changes
         checks = pending.checks
-        if checks is None:
-            for kind, agg, arg, _ in ops:
-                if kind == CLEAR:
-                    pending.clears += 1
-                    changes.pop(agg, None)
-                    pending.cleared.add(agg)
-                    continue
-                per = changes.get(agg)
-                if per is None:
-                    per = changes[agg] = {}
-                if kind == UPSERT:
-                    pending.upserts += 1
-                    per[arg.id] = arg
-                else:
-                    pending.deletes += 1
-                    per[arg] = None
-            return
-        for kind, agg, arg, evop in ops:
+        positions = pending.positions
+        watermarks = pending.watermarks
+        for kind, agg, arg, evop, pos in ops:
             if kind == CLEAR:
-                pending.clears += 1
-                changes.pop(agg, None)
-                first = checks.pop(agg, None)
-                if first:  # judge them now, against the state the truncate discards
-                    for eid, prior in agg.entries(first).items():
-                        self._judge(pending, agg, eid, *first[eid], prior)
-                pending.cleared.add(agg)
+                self._truncate(pending, agg, arg)
                 continue
+            if pos is not None:
+                wm = watermarks.get(agg, _MISSING)
+                if wm is _MISSING:
+                    wm = watermarks[agg] = agg.watermark()
+                if wm is not None and pos < wm:
+                    pending.skipped += 1  # a change from before a truncate already applied
+                    continue
             if kind == UPSERT:
                 pending.upserts += 1
                 eid, new = arg.id, arg
@@ -215,13 +227,48 @@ class Applier:
             per = changes.get(agg)
             if per is None:
                 per = changes[agg] = {}
-            if evop is not None and evop != "r":
+            if checks is not None and evop is not None and evop != "r":
                 prior = per.get(eid, _MISSING)
                 if prior is _MISSING and agg not in pending.cleared:
                     checks.setdefault(agg, {})[eid] = (evop, new)  # first sight: judged at flush
                 else:
                     self._judge(pending, agg, eid, evop, new, None if prior is _MISSING else prior)
             per[eid] = new
+            if pos is not None:
+                ps = positions.get(agg)
+                if ps is None:
+                    ps = positions[agg] = {}
+                ps[eid] = pos
+            elif agg in positions:
+                positions[agg].pop(eid, None)
+
+    def _truncate(self, pending: Pending, agg: Aggregate, at: bytes | None) -> None:
+        pending.clears += 1
+        checks = pending.checks
+        if checks is not None:
+            first = checks.pop(agg, None)
+            if first:  # judge them now, against the state the truncate discards
+                for eid, prior in agg.entries(first).items():
+                    self._judge(pending, agg, eid, *first[eid], prior)
+        per = pending.changes.get(agg)
+        ps = pending.positions.get(agg, {})
+        if at is None or not per:
+            pending.changes.pop(agg, None)
+            pending.positions.pop(agg, None)
+        else:
+            keep = {eid for eid in per if (p := ps.get(eid)) is not None and p > at}
+            pending.changes[agg] = {eid: v for eid, v in per.items() if eid in keep}
+            pending.positions[agg] = {eid: p for eid, p in ps.items() if eid in keep}
+        if agg in pending.cleared:
+            prev = pending.cleared[agg]
+            pending.cleared[agg] = None if prev is None or at is None else max(prev, at)
+        else:
+            pending.cleared[agg] = at
+        if at is not None:
+            wm = pending.watermarks.get(agg, _MISSING)
+            if wm is _MISSING:
+                wm = agg.watermark()
+            pending.watermarks[agg] = at if wm is None or at > wm else wm
 
     def _judge(
         self,
@@ -256,8 +303,8 @@ class Applier:
     def flush(self, pending: Pending) -> ApplyResult:
         """Write what ``pending`` holds (inside `Store.batch()`)."""
         changed = 0
-        for agg in pending.cleared:
-            agg.clear_all()
+        for agg, at in pending.cleared.items():
+            agg.truncate(at)
             changed += 1
         checks = pending.checks or {}
         for agg, changes in pending.changes.items():
@@ -282,6 +329,14 @@ class Applier:
         with self.store.batch():
             result = self.apply(ops)
         return result, bad
+
+
+def _position(position: Any) -> bytes | None:
+    """An event's source position as order-preserving bytes (None: not comparable)."""
+    try:
+        return encode_key(position)
+    except TallyError:
+        return None
 
 
 def _unapplicable(ev: ChangeEvent, d: TableAggregate | None, e: Exception) -> BadRecord:

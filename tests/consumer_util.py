@@ -258,17 +258,24 @@ def _source(rng: random.Random, lsn: int) -> dict[str, Any]:
 
 
 def debezium_records(
-    events: Sequence[Event], seed: int, *, snapshot: bool = False, tombstones: float = 0.7
+    events: Sequence[Event],
+    seed: int,
+    *,
+    snapshot: bool = False,
+    tombstones: float = 0.7,
+    first_lsn: int = 10_000,
 ) -> list[tuple[bytes | None, bytes | None]]:
     """Debezium records for logical events: envelopes (bare or in the schema/payload
     wrapper) and ExtractNewRecordState rows; a delete envelope is followed by a
-    tombstone with probability ``tombstones``. ``snapshot`` makes creates op "r"."""
+    tombstone with probability ``tombstones``. ``snapshot`` makes creates op "r".
+    Positions (``source.lsn``) grow from ``first_lsn`` in event order: a later call
+    continues the history only with a larger ``first_lsn``."""
     rng = random.Random(seed)
     out: list[tuple[bytes | None, bytes | None]] = []
     seen: set[Any] = set()
     last_row: dict[Any, dict[str, Any]] = {}
     for n, ev in enumerate(events):
-        lsn = 10_000 + n * 8
+        lsn = first_lsn + n * 8
         if ev.kind == "truncate":
             env = {"before": None, "after": None, "source": _source(rng, lsn), "op": "t",
                    "ts_ms": 1_700_000_000_500 + n}

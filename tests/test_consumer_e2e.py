@@ -104,7 +104,9 @@ def test_debezium_stream_with_tombstones_truncate_and_unwrapped_rows(
     snapshot = [Event("upsert", TABLE, i, random_row(stream.rng, i)) for i in range(0, 300, 2)]
     stream.live.update(range(0, 300, 2))
     changes = stream.take(2000)
-    records = debezium_records(snapshot, seed=3, snapshot=True) + debezium_records(changes, seed=4)
+    records = debezium_records(snapshot, seed=3, snapshot=True) + debezium_records(
+        changes, seed=4, first_lsn=10_000 + 8 * len(snapshot)
+    )
     # a logical decoding message: belongs to no row, changes nothing
     message = {"op": "m", "ts_ms": 1, "source": {"table": "", "lsn": 5},
                "message": {"prefix": "audit", "content": "aGk="}}
@@ -123,7 +125,7 @@ def test_debezium_stream_with_tombstones_truncate_and_unwrapped_rows(
     truncate = Event("truncate", TABLE, None, None)
     stream.live.clear()
     after = stream.take(400)
-    records2 = debezium_records([truncate, *after], seed=5)
+    records2 = debezium_records([truncate, *after], seed=5, first_lsn=10_000 + 8 * (len(snapshot) + len(changes)))
     assert records2[0][0] is None and b'"op":"t"' in (records2[0][1] or b"")
     produce(kafka_bootstrap, topic, records2, partition=0)
     run_consume(defs_path, topic, data, kafka_bootstrap)  # auto-detected format this time

@@ -151,7 +151,7 @@ class PatchSessions:
     def note(self, ops: Iterable[Op]) -> None:
         """Record the ids a live batch writes for aggregates with an open session. O(ops)."""
         by_phys = self._by_physical
-        for kind, agg, arg, _ in ops:
+        for kind, agg, arg, _, _ in ops:
             sessions = by_phys.get(agg.name)
             if not sessions:
                 continue

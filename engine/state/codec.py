@@ -23,12 +23,14 @@ __all__ = [
 ]
 
 
-class IdEntry(msgspec.Struct, array_like=True, gc=False):
+class IdEntry(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
     """Where an id's item lives: encoded namespace and key, and its sum value."""
 
     ns: bytes
     key: bytes
     sum: int | float
+    pos: bytes | None = None
+    """Encoded source position of the item's last change (see `Aggregate.truncate`)."""
 
 
 Change = tuple[bytes, IdEntry | None, IdEntry | None]

@@ -33,6 +33,7 @@ __all__ = [
     "P_GEN",
     "P_TREE",
     "P_USER",
+    "P_WATERMARK",
     "agg_key",
     "counter",
     "gen_key",
@@ -42,6 +43,7 @@ __all__ = [
     "seq_key",
     "tree_key",
     "user_key",
+    "watermark_key",
 ]
 
 CF_NODES: Final = "nodes"
@@ -71,6 +73,8 @@ P_USER: Final = b"U"
 """``U + key`` → callers' metadata (`Batch.put_meta`: the consumers' source offsets)."""
 P_GEN: Final = b"G"
 """``G + logical name`` → msgpack `Generation` (the catalog)."""
+P_WATERMARK: Final = b"W"
+"""``W + agg_id`` → the encoded source position of the aggregate's last positioned truncate."""
 
 NODE_KEY_BYTES: Final = 13
 
@@ -82,6 +86,10 @@ def agg_key(name: str) -> bytes:
 def tree_key(agg_id: bytes, ens: bytes) -> bytes:
     """Registry key of the tree of one namespace (encoded) of an aggregate."""
     return P_TREE + agg_id + ens
+
+
+def watermark_key(agg_id: bytes) -> bytes:
+    return P_WATERMARK + agg_id
 
 
 def gen_key(name: str) -> bytes:

@@ -271,6 +271,8 @@ class StateStore:
     def _redo(self, idk: bytes, old: IdEntry | None, new: IdEntry | None) -> None:
         """Redo one logged change on the trees (the id index already has it)."""
         aid, eid = idk[:4], idk[4:]
+        if old is not None and new is not None and old.ns == new.ns and old.key == new.key and old.sum == new.sum and type(old.sum) is type(new.sum):
+            return  # only the source position moved: the trees hold the same item
         if old is not None:
             tk = tree_key(aid, old.ns)
             meta = self.tree_meta(tk)

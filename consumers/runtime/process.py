@@ -48,6 +48,7 @@ from consumers.runtime.drift import DriftLog
 from consumers.runtime.patches import PatchSessions
 from consumers.runtime.stats import ConsumerStats
 from consumers.runtime.streams import LIVE, Stream, offset_key, stored_offsets
+from consumers.runtime.topicmap import mapping_hint
 from engine import Store, TableAggregate
 from engine.triggers import Applier
 from schemas import BadRecord, ChangeEvent, ConfigError, EventDecoder
@@ -79,9 +80,8 @@ class ConsumerProcess:
         self.by_name = {d.name: d for d in self.definitions}
         self.store = store
         self.stale_policy = stale
-        self.table_topics = {
-            d.table: settings.topics.get(d.table, d.table) for d in self.definitions
-        }
+        settings.check_topic_pattern()
+        self.table_topics = {d.table: settings.topic_for(d.table) for d in self.definitions}
         self.topics = sorted(set(self.table_topics.values()))
         self._check_dlq_topics()
         topic_tables: dict[str, str] = {}
@@ -97,6 +97,9 @@ class ConsumerProcess:
             topic_tables=topic_tables,
             known_tables=set(self.table_topics),
             column_types=column_types_by_table(self.definitions),
+            decimal_handling=settings.decimal_handling,
+            time_precision=settings.time_precision,
+            placeholder=settings.unavailable_placeholder,
         )
         self.stats = ConsumerStats()
         self.log = get_logger(bootstrap=settings.bootstrap_servers, data_dir=settings.data_dir)
@@ -304,7 +307,7 @@ class ConsumerProcess:
 
     async def _wait_for_topics(self) -> dict[str, list[TopicPartition]] | None:
         assert self._producer is not None
-        waiting_logged: set[str] = set()
+        waiting_logged: set[tuple[frozenset[str], str]] = set()
         while not self._stop.is_set():
             # aiokafka keeps metadata only for topics in use; ask the cluster directly.
             cluster = await self._producer.client.fetch_all_metadata()
@@ -318,10 +321,14 @@ class ConsumerProcess:
                     missing.append(topic)
             if not missing:
                 return found
-            new = set(missing) - waiting_logged
-            if new:
-                self.log.warning("waiting for topics to exist", topics=sorted(new))
-                waiting_logged |= new
+            # Say it again when a topic is newly missing or a new look-alike appeared (Debezium
+            # creates a table's topic with its first record).
+            waiting = {t: tp for t, tp in self.table_topics.items() if tp in missing}
+            hint = mapping_hint(waiting, cluster.topics())
+            said = (frozenset(missing), repr(hint.get("similar")))
+            if said not in waiting_logged:
+                self.log.warning("waiting for topics to exist", topics=sorted(missing), **hint)
+                waiting_logged.add(said)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 2.0)
         return None

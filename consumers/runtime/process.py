@@ -58,6 +58,12 @@ __all__ = ["ConsumerProcess", "ConsumerStats", "offset_key", "stored_offsets"]
 
 GC_THRESHOLD = 200_000
 """Allocations between young-generation GC runs while consuming (Python's default is 700)."""
+KEEP_HISTORY = (
+    "Keep every event: retention.ms=-1 for a table that is ever TRUNCATEd (Debezium cannot write "
+    "a truncate to a compacted topic: its task fails on it), cleanup.policy=compact for a table "
+    "that never is."
+)
+"""What the history warnings recommend (README, Debezium: compaction and truncate)."""
 HEALTH_INTERVAL = 1.0
 """Seconds between broker probes (end offsets); an outage is logged within about twice this."""
 
@@ -104,6 +110,8 @@ class ConsumerProcess:
         self.stats = ConsumerStats()
         self.log = get_logger(bootstrap=settings.bootstrap_servers, data_dir=settings.data_dir)
         self.warnings: list[str] = []
+        """Warnings about the configuration, each logged once; /status ``warnings``."""
+        self._unwrapped_warned = 0
         self._stop = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
         self.live: Stream = self._stream(LIVE, {})
@@ -396,9 +404,9 @@ class ConsumerProcess:
             for tp, off in sorted(begin.items()):
                 if off > 0:
                     self._warn(
-                        f"topic {tp.topic!r} partition {tp.partition} starts at offset {off}: earlier events "
-                        "were deleted, so a replay cannot see every row. Use a compacted CDC topic "
-                        "(cleanup.policy=compact), or reconcile the aggregate after the replay."
+                        f"topic {tp.topic!r} partition {tp.partition} starts at offset {off}: "
+                        "earlier events were deleted, so a replay cannot see every row. "
+                        f"{KEEP_HISTORY} Or reconcile the aggregate after the replay."
                     )
         try:
             from aiokafka.admin import AIOKafkaAdminClient
@@ -425,13 +433,39 @@ class ConsumerProcess:
                     self._warn(
                         f"topic {name!r} has cleanup.policy={policy} and retention.ms={retention}: old "
                         "events expire, so a replay is a backfill only while the topic still holds every "
-                        "row. Use a compacted CDC topic (cleanup.policy=compact), or reconcile."
+                        f"row. {KEEP_HISTORY} Or reconcile after a replay."
                     )
 
-    def _warn(self, message: str) -> None:
+    def _warn(self, message: str, event: str = "history", **fields: Any) -> None:
+        """Log a warning once and keep it for /status ``warnings``."""
         if message not in self.warnings:
             self.warnings.append(message)
-            self.log.warning("history", message=message)
+            self.log.warning(event, message=message, **fields)
+
+    def _check_unwrapped(self) -> None:
+        """Warn once per topic whose rows come without Debezium's envelope: no truncate can
+        arrive there (ExtractNewRecordState drops truncate events whatever
+        ``skipped.operations`` says; tests/data/debezium/README.md)."""
+        seen = self.decoder.unwrapped_topics
+        if len(seen) == self._unwrapped_warned:
+            return
+        for topic, has_op in list(seen.items())[self._unwrapped_warned :]:
+            tables = sorted(t for t, tp in self.table_topics.items() if tp == topic)
+            message = (
+                f"topic {topic!r} carries rows without Debezium's envelope (ExtractNewRecordState "
+                "output): a TRUNCATE can never arrive on it, since the SMT drops truncate events "
+                "whatever skipped.operations says, so after a TRUNCATE of "
+                f"{', '.join(tables) or 'its table'} the aggregates keep the old rows until "
+                "`tally reconcile --patch`. For a table that is ever truncated, consume the "
+                "envelope (no unwrap SMT) with skipped.operations=none."
+            )
+            if not has_op:
+                message += (
+                    " Its rows carry no __op (add ExtractNewRecordState's add.fields=op), so tally "
+                    "cannot tell an insert from an update: drift signals are off for it."
+                )
+            self._warn(message, "truncates cannot arrive", topic=topic)
+        self._unwrapped_warned = len(seen)
 
     async def _close(self) -> None:
         for s in [self.live, *self.replays]:
@@ -664,6 +698,7 @@ class ConsumerProcess:
                 refs.append((tp, r))
         if reached:
             next_offsets.update(reached)
+        self._check_unwrapped()
         if bad and not stream.is_live:
             # Undecodable records below the live position were dead-lettered by the live stream
             # (same decoder). Records the replay's own definitions cannot apply (below) are new:

@@ -527,15 +527,30 @@ def _ns_order(ns: Any) -> tuple[bool, str]:
 
 
 def _probes(spec: Spec, keys: list[Any]) -> list[Any]:
-    """Keys to ask index_of / count with bounds about, from SQL's keys (JSON-expressible)."""
+    """Keys to ask index_of and bounded count/sum about: SQL's keys at a few quantiles (and
+    a key of their type that no row may have)."""
     if not keys:
         return []
-    picks = [keys[len(keys) // 4], keys[len(keys) // 2], keys[-1]]
+    picks = {keys[len(keys) // 4], keys[len(keys) // 2], keys[-1]}
     if spec.kind in ("decimal", "int"):
-        return sorted({int(k) for k in picks} | {0})
-    if spec.kind == "text":
-        return sorted(set(picks) | {"m"})
-    return picks  # typed keys: the Python API takes them as they are
+        picks.add(Decimal("0.005") if spec.kind == "decimal" else 0)
+    elif spec.kind == "text":
+        picks.add("m")
+    return sorted(picks)
+
+
+def wire(kind: str, v: Any) -> Any:
+    """A key as an HTTP request carries it: typed values in their ``{"$type": text}`` form
+    (a plain JSON number is a float: ``12.1`` is not the Decimal 12.1)."""
+    if v is None:
+        return None
+    if kind == "decimal":
+        return {"$decimal": str(v)}
+    if kind in ("datetime", "date"):
+        return {f"${kind}": v.isoformat()}
+    if kind == "uuid":
+        return {"$uuid": str(v)}
+    return v
 
 
 def sql_answers(dbz: Debezium, t: dict[str, str], spec: Spec) -> dict[str, Any]:
@@ -586,11 +601,9 @@ def sql_answers(dbz: Debezium, t: dict[str, str], spec: Spec) -> dict[str, Any]:
 
 
 def tally_answers(tally: Tally, spec: Spec, want: dict[str, Any]) -> dict[str, Any]:
-    """The same questions (`sql_answers`' probes) to the consumer's HTTP API; index_of and
-    bounds with typed keys, which a JSON request cannot carry, through the Python API on the
-    data dir."""
+    """The same questions (`sql_answers`' probes) to the consumer's HTTP API."""
     probes: dict[str, list[Any]] = want["_probes"]
-    name = spec.name
+    name, kind = spec.name, spec.kind
     out: dict[str, Any] = {}
     try:
         namespaces = sorted(tally.read(name, "namespaces"), key=_ns_order)
@@ -607,24 +620,21 @@ def tally_answers(tally: Tally, spec: Spec, want: dict[str, Any]) -> dict[str, A
             n = tally.read(name, "count", namespace=ns)
             index = {}
             for p in probes.get(repr(ns), []):
-                if spec.kind in ("decimal", "int", "text"):
-                    bounds = {"lower": {"key": p}}
-                    index[repr(p)] = {
-                        "asc": tally.read(name, "index_of", key=p, namespace=ns),
-                        "desc": tally.read(name, "index_of", key=p, order="desc", namespace=ns),
-                        "count_ge": tally.read(name, "count", namespace=ns, bounds=bounds),
-                        "sum_ge": _num(tally.read(name, "sum", namespace=ns, bounds=bounds)),
-                    }
-                else:
-                    index[repr(p)] = _python_index(tally, name, ns, p)
+                k = wire(kind, p)
+                bounds = {"lower": {"key": k}}
+                index[repr(p)] = {
+                    "asc": tally.read(name, "index_of", key=k, namespace=ns),
+                    "desc": tally.read(name, "index_of", key=k, order="desc", namespace=ns),
+                    "count_ge": tally.read(name, "count", namespace=ns, bounds=bounds),
+                    "sum_ge": _num(tally.read(name, "sum", namespace=ns, bounds=bounds)),
+                }
             by_item = {}
             for o in _offsets(n):
                 it = items[o] if -len(items) <= o < len(items) else None
-                if it is not None and spec.kind in ("int", "text"):
-                    by_item[o] = tally.read(name, "index_of", key=it[0], id=list(it[1])
-                                            if isinstance(it[1], tuple) else it[1], namespace=ns)
-                else:  # the item's own key back as JSON: only for keys JSON can carry
-                    by_item[o] = _python_index_item(tally, name, ns, it) if it else None
+                if it is not None:  # the item's own (key, id): its index
+                    rid = list(it[1]) if isinstance(it[1], tuple) else it[1]
+                    by_item[o] = tally.read(name, "index_of", key=wire(kind, it[0]), id=rid,
+                                            namespace=ns)
             out[repr(ns)] = {
                 "count": n,
                 "sum": _num(tally.read(name, "sum", namespace=ns)),
@@ -639,31 +649,6 @@ def tally_answers(tally: Tally, spec: Spec, want: dict[str, Any]) -> dict[str, A
     except Exception as e:  # captured: the test that looks at it fails, the others run
         out["error"] = f"{type(e).__name__}: {e}"
     return out
-
-
-@contextlib.contextmanager
-def _store(tally: Tally) -> Iterator[Any]:
-    from engine import Store
-
-    store = Store.open(str(tally.data_dir), read_only=True)
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-def _python_index(tally: Tally, name: str, ns: Any, key: Any) -> dict[str, Any]:
-    with _store(tally) as store:
-        agg = store.aggregate(name)
-        bounds = {"lower": {"key": key}}
-        return {"asc": agg.index_of(key, namespace=ns),
-                "desc": agg.index_of(key, order="desc", namespace=ns),
-                "count_ge": agg.count(ns, bounds), "sum_ge": _num(agg.sum(ns, bounds))}
-
-
-def _python_index_item(tally: Tally, name: str, ns: Any, it: Any) -> int:
-    with _store(tally) as store:
-        return int(store.aggregate(name).index_of(it[0], id=it[1], namespace=ns))
 
 
 def differences(got: dict[str, Any], want: dict[str, Any], limit: int = 12) -> list[str]:

@@ -873,11 +873,14 @@ def test_answers_equal_sql(pipeline: Pipeline, kafka_bootstrap: str, config: str
 
 
 @pytest.mark.parametrize("config", [c.name for c in CONFIGS if c.unwrap])
-def test_truncate_cannot_arrive_through_unwrap(pipeline: Pipeline, config: str) -> None:
+def test_truncate_cannot_arrive_through_unwrap(
+    pipeline: Pipeline, kafka_bootstrap: str, config: str
+) -> None:
     """ExtractNewRecordState drops truncate events: tally says so (log, /status), the
     aggregate keeps exactly the truncated rows, and `tally reconcile --patch` repairs it."""
     tally = pipeline.tallies[config]
     topic = pipeline.topic(config, "trunc")
+    assert dead_letters(kafka_bootstrap, topic + ".dlq") == []
     lines = [d for d in tally.logs() if d.get("event") == "truncates cannot arrive"]
     # once per process, at the topic's first record: both runs read rows of this table
     assert [d["topic"] for d in lines if d["topic"] == topic] == [topic, topic]

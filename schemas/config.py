@@ -4,6 +4,7 @@ Every field has a TOML key of the same name (in a ``[consume]`` table or at
 top level) and an environment variable ``TALLY_<FIELD>`` (upper case); most
 have a ``--field-name`` flag on `tally consume` too. `topics` maps table → topic; in the
 environment it is ``TALLY_TOPICS="scores=pg.public.scores,users=users"``.
+`topic_pattern` maps every other table (``"dbz.public.{table}"``: Debezium's topic names).
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ from typing import Annotated, Literal
 
 import msgspec
 
-__all__ = ["DEFAULT_HTTP", "ConsumerSettings"]
+from schemas.errors import ConfigError
+from schemas.typed import DEFAULT_PLACEHOLDER
+
+__all__ = ["DEFAULT_HTTP", "TABLE_FIELD", "ConsumerSettings"]
 
 DEFAULT_HTTP = "127.0.0.1:8750"
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+TABLE_FIELD = "{table}"
+"""What `ConsumerSettings.topic_pattern` replaces with a table's name."""
 
 
 class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -29,8 +36,22 @@ class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     bootstrap_servers: str = "127.0.0.1:9092"
     data_dir: str = "./tally-data"
     topics: dict[str, str] = msgspec.field(default_factory=dict)
-    """table → topic. A table without an entry is read from the topic of its own name."""
+    """table → topic. A table without an entry is read from `topic_pattern`'s topic, else from
+    the topic of its own name."""
+    topic_pattern: str | None = None
+    """The topic of every table without a `topics` entry: ``{table}`` is replaced by the table's
+    name. Debezium names topics ``<topic.prefix>.<schema>.<table>``, so ``"dbz.public.{table}"``
+    maps every table of a connector with ``topic.prefix=dbz``."""
     format: Literal["auto", "native", "debezium"] = "auto"
+    decimal_handling: Literal["precise", "double", "string"] = "precise"
+    """The connector's ``decimal.handling.mode``: how NUMERIC arrives when a record carries no
+    schema to say so (with declared ``columns=`` types; a record's own schema always wins)."""
+    time_precision: Literal["adaptive", "adaptive_time_microseconds", "connect"] = "adaptive"
+    """The connector's ``time.precision.mode``: how timestamp/time columns declared with
+    ``columns=`` arrive in records without a schema."""
+    unavailable_placeholder: str = DEFAULT_PLACEHOLDER
+    """The connector's ``unavailable.value.placeholder``: the value Debezium sends for an
+    unchanged TOASTed column. It never becomes data (see `schemas.typed`)."""
     dlq_topic: str = "{topic}.dlq"
     """Dead-letter topic; ``{topic}`` is replaced by the source topic."""
     group_id: str = "tally"
@@ -73,3 +94,23 @@ class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     """Bearer token required by state-changing HTTP endpoints (none are served without one)."""
     cache_nodes: int | None = None
     max_node_size: int | None = None
+
+    def topic_for(self, table: str) -> str:
+        """The topic ``table``'s changes are read from: `topics`, else `topic_pattern`, else
+        the table's own name."""
+        topic = self.topics.get(table)
+        if topic is not None:
+            return topic
+        if self.topic_pattern is not None:
+            return self.topic_pattern.replace(TABLE_FIELD, table)
+        return table
+
+    def check_topic_pattern(self) -> None:
+        """A pattern that does not name the table would map every table to one topic."""
+        p = self.topic_pattern
+        if p is not None and TABLE_FIELD not in p:
+            raise ConfigError(
+                f"--topic-pattern {p!r} has no {TABLE_FIELD}: it is the topic of every table with "
+                f"{TABLE_FIELD} replaced by the table's name, e.g. 'dbz.public.{TABLE_FIELD}' for "
+                "Debezium's <topic.prefix>.<schema>.<table>"
+            )

@@ -112,7 +112,7 @@ class _Probe(msgspec.Struct):
     before: Raw | UnsetType = UNSET
     payload: Raw | UnsetType = UNSET
     schema: Raw | UnsetType = UNSET
-    # ExtractNewRecordState metadata (``delete.handling.mode=rewrite``, ``add.fields``);
+    # ExtractNewRecordState metadata (``delete.tombstone.handling.mode=rewrite``, ``add.fields``);
     # typed, so a bad value is reported with its path.
     meta_deleted: Literal["true", "false"] | bool | UnsetType | None = msgspec.field(default=UNSET, name="__deleted")
     meta_op: Literal["c", "u", "d", "r", "t", "m"] | UnsetType | None = msgspec.field(default=UNSET, name="__op")
@@ -181,6 +181,7 @@ class EventDecoder:
         "_topic_guess",
         "_topic_tables",
         "_typings",
+        "_unwrapped_topics",
     )
 
     def __init__(
@@ -231,11 +232,19 @@ class EventDecoder:
         # Parsed Connect schemas by their raw bytes, and row typings by (table, fields, shape).
         self._schemas: dict[bytes, Any] = {}
         self._typings: dict[tuple[str, int, str, str], RowTyping] = {}
+        self._unwrapped_topics: dict[str, bool] = {}
 
     @property
     def format(self) -> DecodeFormat:
         """The configured input format."""
         return self._format
+
+    @property
+    def unwrapped_topics(self) -> Mapping[str, bool]:
+        """Topics on which rows without an envelope arrived (ExtractNewRecordState output), in
+        the order first seen, each with whether its first such row carried ``__op``. No
+        truncate can arrive on such a topic: the SMT drops truncate events (the consumer warns)."""
+        return self._unwrapped_topics
 
     # ------------------------------------------------------------------ entry
 
@@ -424,6 +433,8 @@ class EventDecoder:
         schema: Raw | None = None,
     ) -> ChangeEvent:
         """An ExtractNewRecordState row: strip the ``__`` metadata fields, read the known ones."""
+        if topic not in self._unwrapped_topics:
+            self._unwrapped_topics[topic] = probe.meta_op is not UNSET
         seen = 0
         deleted = probe.meta_deleted
         if deleted is not UNSET:
@@ -474,12 +485,19 @@ class EventDecoder:
             table = named
         else:
             table = self._table(named, topic, None)
+        if deleted is True or deleted == "true":
+            # A delete needs only the id. Its row is not data: under REPLICA IDENTITY DEFAULT
+            # the rewrite mode sends the key columns and, for NOT NULL columns, Connect's
+            # defaults ("" for a uuid), which typing would refuse.
+            rid = self._key_id(key, table, topic)
+            if rid is _NO_ID:
+                self._type_row(row, table, schema, "row", "debezium")
+                rid = self._row_id(row, table, topic, _ROW)
+            return ChangeEvent(table, "delete", rid, None, position, ts_ms, "d")
         self._type_row(row, table, schema, "row", "debezium")
         rid = self._key_id(key, table, topic)
         if rid is _NO_ID:
             rid = self._row_id(row, table, topic, _ROW)
-        if deleted is True or deleted == "true":
-            return ChangeEvent(table, "delete", rid, None, position, ts_ms, "d")
         return ChangeEvent(table, "upsert", rid, row, position, ts_ms, op if op in _UPSERT_OPS else None)
 
     def _tombstone(self, key: bytes | None, topic: str) -> ChangeEvent:

@@ -301,7 +301,7 @@ def debezium_records(
         else:
             before = last_row.get(ev.id, {"id": ev.id})
             if shape < 0.3:
-                # ExtractNewRecordState with delete.handling.mode=rewrite
+                # ExtractNewRecordState with delete.tombstone.handling.mode=rewrite
                 out.append((key, _JSON.encode(dict(before, __deleted="true"))))
             else:
                 env = {"before": before, "after": None, "source": _source(rng, lsn), "op": "d",

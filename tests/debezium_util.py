@@ -274,13 +274,15 @@ class Debezium:
         *,
         partitions: int = 1,
         compacted: bool = False,
+        topic_configs: dict[str, str] | None = None,
         prefix: str | None = None,
         timeout: float = 90.0,
     ) -> Connector:
         """Register a connector for ``tables`` with ``config`` on top of the base settings.
 
         Each table's topic is created first (``partitions``, ``cleanup.policy=compact`` if
-        ``compacted``; an existing topic of that name is deleted first). Returns once every
+        ``compacted``, ``topic_configs`` e.g. ``{"retention.ms": "-1"}``; an existing topic of
+        that name is deleted first). Returns once every
         row the tables held is on its topic (the initial snapshot) and the connector's
         replication stream is open, so every later change is streamed.
         """
@@ -297,7 +299,10 @@ class Debezium:
             topic = conn.topic(t)
             if self.topic_exists(topic):
                 self.delete_topics([topic])
-            create_topic(self.bootstrap, topic, partitions=partitions, compacted=compacted)
+            create_topic(
+                self.bootstrap, topic, partitions=partitions, compacted=compacted,
+                configs=topic_configs,
+            )
             self.topics.append(topic)
         rest(f"{self.connect_url}/connectors", "POST", {"name": name, "config": full})
         self.connectors.append(conn)

@@ -682,6 +682,8 @@ def test_history_warnings_name_the_topic_the_partition_and_the_fix(
     (msg,) = _history(kafka_bootstrap, tmp_path, "plain", plain)
     assert repr(plain) in msg and "cleanup.policy=delete" in msg
     assert "cleanup.policy=compact" in msg and "reconcile" in msg  # the fix
+    # ... and its catch: compaction is no place for truncates (Debezium's task fails on one)
+    assert "retention.ms=-1" in msg and "TRUNCATE" in msg and "compacted topic" in msg
 
     compacted = unique_topic("backfill-hist-compact")
     create_topic(kafka_bootstrap, compacted, partitions=1, compacted=True)

@@ -456,7 +456,8 @@ def test_json_null_value_and_null_payload_act_as_tombstones() -> None:
     d = EventDecoder(topic_tables={PG_TOPIC: "customers"})
     expected = ChangeEvent("customers", "delete", 1, None)
     assert d.decode(key(1), b"null", PG_TOPIC) == expected
-    # ExtractNewRecordState with delete.handling.mode=none and schemas enabled.
+    # ExtractNewRecordState's default delete.tombstone.handling.mode=tombstone with schemas
+    # enabled writes a null payload (tests/data/debezium: unwrap_tombstone_schemas_on).
     assert d.decode(wrapped_key(1), wrap(None, schema={"type": "struct", "optional": True}), PG_TOPIC) == expected
 
 

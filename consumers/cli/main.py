@@ -63,7 +63,30 @@ def _consume_parser(sub: argparse._SubParsersAction) -> None:
         metavar="TABLE=TOPIC",
         help="read TABLE's changes from TOPIC (repeatable; default: the topic named like the table)",
     )
+    p.add_argument(
+        "--topic-pattern",
+        metavar="PATTERN",
+        help="the topic of every table without a --topic: {table} is replaced by the table's name, "
+        "e.g. 'dbz.public.{table}' for Debezium's <topic.prefix>.<schema>.<table>",
+    )
     p.add_argument("--format", choices=["auto", "native", "debezium"], help="event format (default auto)")
+    p.add_argument(
+        "--decimal-handling",
+        choices=["precise", "double", "string"],
+        help="the connector's decimal.handling.mode, for NUMERIC columns declared with columns= "
+        "in records without a schema (default precise)",
+    )
+    p.add_argument(
+        "--time-precision",
+        choices=["adaptive", "adaptive_time_microseconds", "connect"],
+        help="the connector's time.precision.mode, for time columns declared with columns= "
+        "in records without a schema (default adaptive)",
+    )
+    p.add_argument(
+        "--unavailable-placeholder",
+        metavar="TEXT",
+        help="the connector's unavailable.value.placeholder (default __debezium_unavailable_value)",
+    )
     p.add_argument("--dlq-topic", metavar="NAME", help="dead-letter topic; {topic} = source topic (default {topic}.dlq)")
     p.add_argument("--group-id", help="consumer group for lag monitoring (default tally)")
     p.add_argument(
@@ -135,7 +158,11 @@ def _run_consume(args: argparse.Namespace) -> int:
         "bootstrap_servers": args.bootstrap_servers,
         "data_dir": args.data_dir,
         "topics": parse_topic_map(args.topic) if args.topic else None,
+        "topic_pattern": args.topic_pattern,
         "format": args.format,
+        "decimal_handling": args.decimal_handling,
+        "time_precision": args.time_precision,
+        "unavailable_placeholder": args.unavailable_placeholder,
         "dlq_topic": args.dlq_topic,
         "group_id": args.group_id,
         "batch_size": args.batch_size,
@@ -150,6 +177,7 @@ def _run_consume(args: argparse.Namespace) -> int:
         "http_body_timeout": args.http_body_timeout,
     }
     settings = load_settings(cli, args.config)
+    settings.check_topic_pattern()
     if args.no_http or (args.until_caught_up and not args.http):
         settings = msgspec.structs.replace(settings, http=None)
     if not settings.definitions:

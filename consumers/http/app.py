@@ -497,6 +497,7 @@ def status(process: Served) -> dict[str, Any]:
         "uptime_seconds": round(time.time() - st.started, 3),
         "broker_reachable": st.broker_ok,
         "dead_letter": _dead_letter(st).status(),
+        "warnings": list(getattr(process, "warnings", ())),
     }
 
 

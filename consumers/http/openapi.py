@@ -285,6 +285,13 @@ _COMPONENT_SCHEMAS: dict[str, Schema] = {
             "caught_up": {"type": "boolean"},
             "uptime_seconds": {"type": "number"},
             "broker_reachable": {"type": "boolean"},
+            "warnings": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Problems with the configuration, each logged once as a "
+                "warning too: topics that cannot hold every row (a replay would not be a "
+                "backfill), topics on which no truncate can arrive (Debezium's unwrap SMT).",
+            },
             "dead_letter": {
                 "type": "object",
                 "description": "Whether dead letters can be written. `failing`: the batch holding "

@@ -31,7 +31,6 @@ import os
 import pickle
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from decimal import Decimal
 from typing import Any
 
 from consumers.rows import infer_value
@@ -57,12 +56,6 @@ def _ident(name: str) -> str:
     return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
 
 
-def _plain(v: Any) -> Any:
-    if type(v) is Decimal:
-        return int(v) if v == v.to_integral_value() else float(v)
-    return v
-
-
 def postgres_source(
     url: str,
     table: str,
@@ -73,8 +66,10 @@ def postgres_source(
 ) -> Keyed:
     """Rows of ``table`` ordered by ``id_columns``, streamed by a server-side cursor.
 
-    ``numeric`` values become int (integral) or float. Runs in one read-only
-    REPEATABLE READ transaction: a consistent snapshot of the table.
+    Values are psycopg's (`Decimal` for numeric, aware `datetime`, `date`, `dict`/`list` for
+    JSON, `UUID`): the types the consumer's decoder gives the same definitions from Debezium's
+    records (`schemas.typed`), so one definition computes the same item from both. Runs in one
+    read-only REPEATABLE READ transaction: a consistent snapshot of the table.
     """
     try:
         import psycopg
@@ -151,9 +146,6 @@ def _pg_rows(
                     if not batch:
                         break
                     for row in batch:
-                        for k, v in row.items():
-                            if type(v) is Decimal:
-                                row[k] = _plain(v)
                         rid = row[single] if single is not None else tuple(row[c] for c in ids)
                         try:
                             eid = encode_key(rid)

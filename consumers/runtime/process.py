@@ -48,6 +48,7 @@ from consumers.runtime.drift import DriftLog
 from consumers.runtime.patches import PatchSessions
 from consumers.runtime.stats import ConsumerStats
 from consumers.runtime.streams import LIVE, Stream, offset_key, stored_offsets
+from consumers.runtime.topicmap import mapping_hint
 from engine import Store, TableAggregate
 from engine.triggers import Applier
 from schemas import BadRecord, ChangeEvent, ConfigError, EventDecoder
@@ -57,6 +58,12 @@ __all__ = ["ConsumerProcess", "ConsumerStats", "offset_key", "stored_offsets"]
 
 GC_THRESHOLD = 200_000
 """Allocations between young-generation GC runs while consuming (Python's default is 700)."""
+KEEP_HISTORY = (
+    "Keep every event: retention.ms=-1 for a table that is ever TRUNCATEd (Debezium cannot write "
+    "a truncate to a compacted topic: its task fails on it), cleanup.policy=compact for a table "
+    "that never is."
+)
+"""What the history warnings recommend (README, Debezium: compaction and truncate)."""
 HEALTH_INTERVAL = 1.0
 """Seconds between broker probes (end offsets); an outage is logged within about twice this."""
 
@@ -79,9 +86,8 @@ class ConsumerProcess:
         self.by_name = {d.name: d for d in self.definitions}
         self.store = store
         self.stale_policy = stale
-        self.table_topics = {
-            d.table: settings.topics.get(d.table, d.table) for d in self.definitions
-        }
+        settings.check_topic_pattern()
+        self.table_topics = {d.table: settings.topic_for(d.table) for d in self.definitions}
         self.topics = sorted(set(self.table_topics.values()))
         self._check_dlq_topics()
         topic_tables: dict[str, str] = {}
@@ -97,10 +103,15 @@ class ConsumerProcess:
             topic_tables=topic_tables,
             known_tables=set(self.table_topics),
             column_types=column_types_by_table(self.definitions),
+            decimal_handling=settings.decimal_handling,
+            time_precision=settings.time_precision,
+            placeholder=settings.unavailable_placeholder,
         )
         self.stats = ConsumerStats()
         self.log = get_logger(bootstrap=settings.bootstrap_servers, data_dir=settings.data_dir)
         self.warnings: list[str] = []
+        """Warnings about the configuration, each logged once; /status ``warnings``."""
+        self._unwrapped_warned = 0
         self._stop = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
         self.live: Stream = self._stream(LIVE, {})
@@ -304,7 +315,7 @@ class ConsumerProcess:
 
     async def _wait_for_topics(self) -> dict[str, list[TopicPartition]] | None:
         assert self._producer is not None
-        waiting_logged: set[str] = set()
+        waiting_logged: set[tuple[frozenset[str], str]] = set()
         while not self._stop.is_set():
             # aiokafka keeps metadata only for topics in use; ask the cluster directly.
             cluster = await self._producer.client.fetch_all_metadata()
@@ -318,10 +329,14 @@ class ConsumerProcess:
                     missing.append(topic)
             if not missing:
                 return found
-            new = set(missing) - waiting_logged
-            if new:
-                self.log.warning("waiting for topics to exist", topics=sorted(new))
-                waiting_logged |= new
+            # Say it again when a topic is newly missing or a new look-alike appeared (Debezium
+            # creates a table's topic with its first record).
+            waiting = {t: tp for t, tp in self.table_topics.items() if tp in missing}
+            hint = mapping_hint(waiting, cluster.topics())
+            said = (frozenset(missing), repr(hint.get("similar")))
+            if said not in waiting_logged:
+                self.log.warning("waiting for topics to exist", topics=sorted(missing), **hint)
+                waiting_logged.add(said)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 2.0)
         return None
@@ -389,9 +404,9 @@ class ConsumerProcess:
             for tp, off in sorted(begin.items()):
                 if off > 0:
                     self._warn(
-                        f"topic {tp.topic!r} partition {tp.partition} starts at offset {off}: earlier events "
-                        "were deleted, so a replay cannot see every row. Use a compacted CDC topic "
-                        "(cleanup.policy=compact), or reconcile the aggregate after the replay."
+                        f"topic {tp.topic!r} partition {tp.partition} starts at offset {off}: "
+                        "earlier events were deleted, so a replay cannot see every row. "
+                        f"{KEEP_HISTORY} Or reconcile the aggregate after the replay."
                     )
         try:
             from aiokafka.admin import AIOKafkaAdminClient
@@ -418,13 +433,39 @@ class ConsumerProcess:
                     self._warn(
                         f"topic {name!r} has cleanup.policy={policy} and retention.ms={retention}: old "
                         "events expire, so a replay is a backfill only while the topic still holds every "
-                        "row. Use a compacted CDC topic (cleanup.policy=compact), or reconcile."
+                        f"row. {KEEP_HISTORY} Or reconcile after a replay."
                     )
 
-    def _warn(self, message: str) -> None:
+    def _warn(self, message: str, event: str = "history", **fields: Any) -> None:
+        """Log a warning once and keep it for /status ``warnings``."""
         if message not in self.warnings:
             self.warnings.append(message)
-            self.log.warning("history", message=message)
+            self.log.warning(event, message=message, **fields)
+
+    def _check_unwrapped(self) -> None:
+        """Warn once per topic whose rows come without Debezium's envelope: no truncate can
+        arrive there (ExtractNewRecordState drops truncate events whatever
+        ``skipped.operations`` says; tests/data/debezium/README.md)."""
+        seen = self.decoder.unwrapped_topics
+        if len(seen) == self._unwrapped_warned:
+            return
+        for topic, has_op in list(seen.items())[self._unwrapped_warned :]:
+            tables = sorted(t for t, tp in self.table_topics.items() if tp == topic)
+            message = (
+                f"topic {topic!r} carries rows without Debezium's envelope (ExtractNewRecordState "
+                "output): a TRUNCATE can never arrive on it, since the SMT drops truncate events "
+                "whatever skipped.operations says, so after a TRUNCATE of "
+                f"{', '.join(tables) or 'its table'} the aggregates keep the old rows until "
+                "`tally reconcile --patch`. For a table that is ever truncated, consume the "
+                "envelope (no unwrap SMT) with skipped.operations=none."
+            )
+            if not has_op:
+                message += (
+                    " Its rows carry no __op (add ExtractNewRecordState's add.fields=op), so tally "
+                    "cannot tell an insert from an update: drift signals are off for it."
+                )
+            self._warn(message, "truncates cannot arrive", topic=topic)
+        self._unwrapped_warned = len(seen)
 
     async def _close(self) -> None:
         for s in [self.live, *self.replays]:
@@ -657,6 +698,7 @@ class ConsumerProcess:
                 refs.append((tp, r))
         if reached:
             next_offsets.update(reached)
+        self._check_unwrapped()
         if bad and not stream.is_live:
             # Undecodable records below the live position were dead-lettered by the live stream
             # (same decoder). Records the replay's own definitions cannot apply (below) are new:

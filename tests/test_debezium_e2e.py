@@ -214,10 +214,6 @@ NEEDS_TYPED_KEYS = pytest.mark.xfail(
     reason="needs engine keys/sums for Decimal, datetime, date and UUID with exact Decimal sums "
     "(in flight: branch i12-types)",
 )
-NEEDS_TRUNCATE_ORDER = pytest.mark.xfail(
-    strict=True,
-    reason="needs truncate applied at its source position across partitions (the maintainer)",
-)
 
 
 def _matrix() -> list[Any]:
@@ -229,8 +225,6 @@ def _matrix() -> list[Any]:
             marks = []
             if case in ("snapshot", "live"):
                 marks.append(NEEDS_TYPED_KEYS)
-            if case == "truncate" and cfg.partitions > 1:
-                marks.append(NEEDS_TRUNCATE_ORDER)
             out.append(pytest.param(cfg.name, case, marks=marks, id=f"{cfg.name}-{case}"))
     return out
 

@@ -5,12 +5,14 @@
 The dry run reads, checks and encodes every row exactly as a real run does (the row
 reader of `consumers.rows`, the change events, the Kafka keys and values) and publishes
 nothing, so it measures the input side a real run feeds the producer from. Each run is a
-new process (`python -m consumers.cli.produce`), timed from the outside.
+new process (`python -m consumers.cli.produce`), timed from the outside: wall seconds, and
+the CPU seconds (user + system) the process used, which load from other jobs on a shared
+machine moves much less.
 
 ``--baseline DIR``: a source tree of another revision (``git archive REV consumers engine
 schemas | tar -x -C DIR``), put first on ``PYTHONPATH``; its runs alternate with the
-current tree's, so load on a shared machine falls on both alike. Prints the median
-seconds and rows/s of each, and their ratio.
+current tree's, so load on a shared machine falls on both alike. Prints the median wall
+and CPU seconds and rows/s of each, and the CPU-time ratio.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,8 +52,13 @@ def write_files(directory: Path, rows: int) -> dict[str, Path]:
     return {"jsonl": jsonl, "csv": csv}
 
 
-def run_once(path: Path, rows: int, pythonpath: str | None) -> float:
-    """Wall seconds of one dry run; fails loudly unless it checked every row."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_once(path: Path, rows: int, pythonpath: str | None) -> tuple[float, float]:
+    """(wall, CPU) seconds of one dry run; fails loudly unless it checked every row."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
@@ -65,12 +73,12 @@ def run_once(path: Path, rows: int, pythonpath: str | None) -> float:
         "--dry-run",
         str(path),
     ]
-    t0 = time.perf_counter()
+    cpu0, t0 = _children_cpu(), time.perf_counter()
     res = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-    took = time.perf_counter() - t0
+    took, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     if res.returncode != 0 or f"checked {rows:,} events" not in res.stdout:
         raise SystemExit(f"dry run failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return took
+    return took, cpu
 
 
 def main() -> None:
@@ -86,22 +94,24 @@ def main() -> None:
         variants: dict[str, str | None] = {"current": None}
         if args.baseline:
             variants = {"baseline": str(Path(args.baseline).resolve()), **variants}
-        times: dict[tuple[str, str], list[float]] = {}
+        times: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for _ in range(args.runs):
             for fmt, path in files.items():
                 for name, pythonpath in variants.items():
                     times.setdefault((fmt, name), []).append(run_once(path, args.rows, pythonpath))
         for fmt, path in files.items():
             size = path.stat().st_size / 2**20
-            line = f"{fmt:5} ({args.rows:,} rows, {size:.0f} MiB):"
-            medians = {}
+            print(f"{fmt} ({args.rows:,} rows, {size:.0f} MiB), {args.runs} runs each:")
+            cpus = {}
             for name in variants:
-                m = medians[name] = statistics.median(times[(fmt, name)])
-                runs = ", ".join(f"{t:.2f}" for t in times[(fmt, name)])
-                line += f"  {name} {m:.2f} s ({args.rows / m:,.0f} rows/s; runs {runs})"
-            if "baseline" in medians:
-                line += f"  current/baseline time {medians['current'] / medians['baseline']:.2f}"
-            print(line)
+                wall = statistics.median(w for w, _ in times[(fmt, name)])
+                cpu = cpus[name] = statistics.median(c for _, c in times[(fmt, name)])
+                print(
+                    f"  {name:8} wall {wall:.2f} s, CPU {cpu:.2f} s "
+                    f"({args.rows / cpu:,.0f} rows per CPU second)"
+                )
+            if "baseline" in cpus:
+                print(f"  CPU time current/baseline {cpus['current'] / cpus['baseline']:.2f}")
 
 
 if __name__ == "__main__":

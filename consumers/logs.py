@@ -9,13 +9,15 @@ line of its own instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["configure_logging", "get_logger", "quiet_kafka_logs"]
 
 LOGGER_NAME = "tally"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -65,3 +67,18 @@ def configure_logging(
 def get_logger(**context: object) -> structlog.stdlib.BoundLogger:
     """The process logger, with ``context`` bound (topic, partition, aggregate ...)."""
     return structlog.get_logger(LOGGER_NAME).bind(**context)  # type: ignore[no-any-return,unused-ignore]
+
+
+@contextlib.contextmanager
+def quiet_kafka_logs() -> Iterator[None]:
+    """Hush aiokafka for a command that reports failures itself (it logs every failed
+    connection attempt). A level the process configured (`configure_logging`) is kept."""
+    logger = logging.getLogger("aiokafka")
+    if logger.level != logging.NOTSET:
+        yield
+        return
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(logging.NOTSET)

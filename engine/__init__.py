@@ -17,6 +17,7 @@ from .errors import (
     ReadOnlyStore,
     StoreCorrupted,
     StoreLocked,
+    StoreNotFound,
     TallyError,
 )
 from .keys import MAX_KEY_DEPTH, decode_key, encode_key
@@ -57,6 +58,7 @@ __all__ = [
     "Store",
     "StoreCorrupted",
     "StoreLocked",
+    "StoreNotFound",
     "TableAggregate",
     "TallyError",
     "Tree",

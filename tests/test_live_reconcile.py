@@ -326,7 +326,7 @@ def test_live_patch_refusals_say_what_to_do(pg_app: tuple[Live, App], pg_url: st
     r = run("--source", str(snap), "--patch", "--url", lv.url, "--token", TOKEN)
     assert r.returncode == 2 and "snapshot file cannot patch a running consumer" in r.stderr, r.stderr
     r = run("--source", pg_url, "--patch")
-    assert r.returncode == 2 and "--url" in r.stderr and "locked" in r.stderr, r.stderr
+    assert r.returncode == 1 and "--url" in r.stderr and "locked" in r.stderr, r.stderr
     r = run("--source", pg_url, "--patch", "--url", lv.url, "--token", "wrong")
     assert r.returncode == 2 and "401" in r.stderr and "Bearer" in r.stderr, r.stderr
     other = tmp_path / "other.py"

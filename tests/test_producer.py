@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
@@ -367,11 +366,11 @@ def test_sync_facade(kafka_bootstrap: str) -> None:
 
 
 def produce_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run `tally produce ARGV` in-process through register(); returns (exit code, stdout, stderr)."""
-    parser = argparse.ArgumentParser(prog="tally")
-    cli_produce.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["produce", *argv])
-    code = args.func(args)
+    """Run `tally produce ARGV` in-process through the `tally` entry point (its parser and its
+    one error reporter); returns (exit code, stdout, stderr)."""
+    from consumers.cli import main
+
+    code = main(["produce", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 

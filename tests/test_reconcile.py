@@ -13,16 +13,14 @@ engine writes, and rows deleted in Postgres without events.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engine import Store, TableAggregate, TallyError, encode_key
+from engine import Store, TableAggregate, encode_key
 from engine.reconcile import SourceOrderError, diff, keyed, patch, reconcile
 from engine.triggers import Applier
 from schemas import ChangeEvent
@@ -130,22 +128,16 @@ def classes(report: Any, n: int = 100) -> dict[str, set[Any]]:
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
-    """`tally reconcile ...` in process, as consumers.cli.main would run it."""
+    """`tally reconcile ...` in process, through the `tally` entry point (its parser and its one
+    error reporter, which fixes the exit code)."""
     import contextlib
     import io
 
-    from consumers.cli.reconcile import register
+    from consumers.cli import main
 
-    p = argparse.ArgumentParser(prog="tally")
-    register(p.add_subparsers(dest="command"))
-    args = p.parse_args(["reconcile", *argv])
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = int(args.func(args))
-        except TallyError as e:
-            print(f"tally: error: {e}", file=sys.stderr)
-            code = 2
+        code = main(["reconcile", *argv])
     return code, out.getvalue(), err.getvalue()
 
 
@@ -326,21 +318,23 @@ def test_cli_errors_are_one_line(tmp_path: Path, pg_url: str, table: str) -> Non
     try:
         # --patch while the store is open for writing elsewhere (a running consumer holds the lock)
         code, _, err = run_cli(*base, "--source", pg_url, "--patch")
-        assert code == 2 and "locked" in err and err.count("\n") == 1, err
+        assert code == 1 and "locked" in err and "--url" in err and err.count("\n") == 1, err
     finally:
         store.close()
+    # (args, exit code, fragment): 1 = the source does not answer, 2 = the command is wrong
     cases = [
-        (["--source", "postgresql://postgres@127.0.0.1:1/tally"], "cannot connect to Postgres"),
-        (["--source", pg_url, "--table", "no_such_table"], "cannot read table"),
-        (["--source", str(tmp_path / "nope.jsonl")], "does not exist"),
-        (["--source", "s3://bucket/x"], "unsupported source"),
+        (["--source", "postgresql://postgres@127.0.0.1:1/tally"], 1, "cannot connect to Postgres"),
+        (["--source", pg_url, "--table", "no_such_table"], 2, "cannot read table"),
+        (["--source", str(tmp_path / "nope.jsonl")], 2, "does not exist"),
+        (["--source", "s3://bucket/x"], 2, "unsupported source"),
     ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "game": "a", "score": 1}\nnot json\n')
-    cases.append((["--source", str(bad)], "bad.jsonl:2: not valid JSON"))
-    for extra, frag in cases:
+    cases.append((["--source", str(bad)], 2, "bad.jsonl line 2: invalid JSON"))
+    for extra, want, frag in cases:
         code, _, err = run_cli(*base, *extra)
-        assert code == 2 and frag in err and err.count("\n") == 1, (extra, err)
+        assert code == want and frag in err and err.count("\n") == 1, (extra, err)
+        assert err.startswith("tally reconcile: error: "), err
 
 
 def test_cli_compacted_topic_source(

@@ -1,8 +1,10 @@
 """The `tally` command line.
 
-Every subcommand has ``--help`` with an example. Errors are one clear line
-on stderr and a non-zero exit (2: bad usage or configuration, 1: runtime),
-never a traceback.
+Every subcommand has ``--help`` with an example. Errors are one clear line on
+stderr and the exit code of their kind (`schemas.errors.EXIT_CODES`, listed in
+`tally --help`), never a traceback: every subcommand raises, and
+`consumers.cli.errors.run_command` reports. Settings of every subcommand come
+from `consumers.cli.settings` (flag > environment > TOML file > default).
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from engine import Store, TallyError
+from consumers.cli.errors import exit_codes_text, run_command
+from consumers.cli.parser import Parser, add_config, add_setting, given_settings
+from consumers.cli.settings import ENV_CONFIG, load, parse_topic_map
+from consumers.cli.stores import open_store
+from consumers.version import DISTRIBUTION, version
+from engine import Store
+from schemas.config import ConsumerSettings, RebuildSettings
+from schemas.errors import UsageError
 
 if TYPE_CHECKING:
     from consumers.http.limits import FdBudget
@@ -31,13 +40,21 @@ _SUBCOMMANDS = (
     "consumers.cli.reconcile",
 )
 
+EPILOG = f"""\
+run `tally COMMAND --help` for a command's options and an example.
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override,unused-ignore]
-        self.exit(2, f"{self.prog}: error: {message} (run `{self.prog} --help` for options and an example)\n")
+settings: every setting of a command is a flag, an environment variable
+TALLY_<SETTING> (e.g. TALLY_DATA_DIR) and a key of a TOML file (--config FILE,
+${ENV_CONFIG}, else ./tally.toml): top-level keys are shared by every command
+that has the setting, a [consume], [query], ... section holds one command's.
+Precedence: flag > environment > file > default.
+
+exit status (every command):
+{exit_codes_text()}
+"""
 
 
-def _consume_parser(sub: argparse._SubParsersAction) -> None:
+def _consume_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser(
         "consume",
         help="run a consumer: apply change events from Kafka to the aggregates",
@@ -50,13 +67,17 @@ def _consume_parser(sub: argparse._SubParsersAction) -> None:
             "example:\n"
             "  tally consume consumers/demo/leaderboard.py --topic scores=game.scores --data-dir ./data\n\n"
             "Each option also reads TALLY_<OPTION> (e.g. TALLY_BOOTSTRAP_SERVERS) and a TOML file\n"
-            "(--config, $TALLY_CONFIG or ./tally.toml). Precedence: flag > environment > file > default."
+            "(--config, $TALLY_CONFIG or ./tally.toml; its [consume] section over top-level\n"
+            "keys). "
+            "Precedence: flag > environment > file > default.\n"
+            "exit status: 0 stopped (or caught up), 1 runtime failure, 2 bad usage or settings, "
+            "130 interrupted"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("definitions", nargs="?", help="Python file or module with TableAggregate definitions")
-    p.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="Kafka brokers (default 127.0.0.1:9092)")
-    p.add_argument("--data-dir", metavar="DIR", help="where state lives (default ./tally-data)")
+    add_setting(p, ConsumerSettings, "bootstrap_servers", metavar="HOST:PORT", help="Kafka brokers")
+    add_setting(p, ConsumerSettings, "data_dir", metavar="DIR", help="where state lives")
     p.add_argument(
         "--topic",
         action="append",
@@ -98,13 +119,15 @@ def _consume_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="max records per replay batch/commit (default 50000; larger batches rebuild trees in bulk)",
     )
-    p.add_argument("--config", metavar="FILE", help="TOML settings file")
+    add_config(p)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["auto", "json", "console"])
-    p.add_argument(
-        "--http",
+    add_setting(
+        p,
+        ConsumerSettings,
+        "http",
         metavar="HOST:PORT",
-        help="serve the HTTP API here (default 127.0.0.1:8750; 0.0.0.0:PORT serves every interface)",
+        help="serve the HTTP API here (0.0.0.0:PORT serves every interface)",
     )
     p.add_argument("--no-http", action="store_true", help="do not serve the HTTP API")
     p.add_argument(
@@ -131,12 +154,13 @@ def _consume_parser(sub: argparse._SubParsersAction) -> None:
         "--http-body-timeout", type=float, metavar="S",
         help="seconds to receive a request body, else 408 (default 30)",
     )
-    p.add_argument(
-        "--stale",
+    add_setting(
+        p,
+        ConsumerSettings,
+        "stale",
         choices=["serve", "drop"],
-        default="serve",
         help="while a changed definition is rebuilt by replay: keep serving the old generation "
-        "(serve, default) or stop serving it at once (drop)",
+        "(serve) or stop serving it at once (drop)",
     )
     p.add_argument(
         "--until-caught-up",
@@ -148,40 +172,21 @@ def _consume_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_consume(args: argparse.Namespace) -> int:
-    from consumers.cli.settings import load_settings, parse_topic_map
     from consumers.logs import configure_logging
     from consumers.runtime.definitions import load_definitions
     from consumers.runtime.process import ConsumerProcess
 
-    cli = {
-        "definitions": args.definitions,
-        "bootstrap_servers": args.bootstrap_servers,
-        "data_dir": args.data_dir,
-        "topics": parse_topic_map(args.topic) if args.topic else None,
-        "topic_pattern": args.topic_pattern,
-        "format": args.format,
-        "decimal_handling": args.decimal_handling,
-        "time_precision": args.time_precision,
-        "unavailable_placeholder": args.unavailable_placeholder,
-        "dlq_topic": args.dlq_topic,
-        "group_id": args.group_id,
-        "batch_size": args.batch_size,
-        "replay_batch_size": args.replay_batch_size,
-        "log_level": args.log_level,
-        "log_format": args.log_format,
-        "http": args.http,
-        "token": args.token,
-        "http_max_connections": args.http_max_connections,
-        "http_idle_timeout": args.http_idle_timeout,
-        "http_header_timeout": args.http_header_timeout,
-        "http_body_timeout": args.http_body_timeout,
-    }
-    settings = load_settings(cli, args.config)
+    cli = given_settings(args, ConsumerSettings)
+    cli["topics"] = parse_topic_map(args.topic) if args.topic else None
+    settings = load(ConsumerSettings, cli, args.config).settings
     settings.check_topic_pattern()
     if args.no_http or (args.until_caught_up and not args.http):
         settings = msgspec.structs.replace(settings, http=None)
     if not settings.definitions:
-        raise TallyError("no definitions given: pass a Python file, e.g. `tally consume consumers/demo/leaderboard.py`")
+        raise UsageError(
+            "no definitions given: pass a Python file, e.g. "
+            "`tally consume consumers/demo/leaderboard.py` (or $TALLY_DEFINITIONS)"
+        )
     if settings.http:
         from consumers.http import parse_address
 
@@ -196,7 +201,7 @@ def _run_consume(args: argparse.Namespace) -> int:
         max_open_files=budget.rocksdb_files,
     )
     try:
-        proc = ConsumerProcess(settings, defs, store, stale=args.stale)
+        proc = ConsumerProcess(settings, defs, store)
         return asyncio.run(proc.run(until_caught_up=args.until_caught_up))
     finally:
         store.close()
@@ -221,7 +226,7 @@ def _file_budget() -> FdBudget:
     return budget
 
 
-def _rebuild_parser(sub: argparse._SubParsersAction) -> None:
+def _rebuild_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser(
         "rebuild",
         help="clear and rebuild an aggregate by replaying its topics",
@@ -240,49 +245,65 @@ def _rebuild_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("aggregate")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--url", help="a running consumer's HTTP API (env TALLY_URL)")
-    src.add_argument("--data-dir", help="a data dir no consumer is running on (env TALLY_DATA_DIR)")
-    p.add_argument(
-        "--token",
+    add_setting(src, RebuildSettings, "url", help="a running consumer's HTTP API")
+    add_setting(
+        src, RebuildSettings, "data_dir", metavar="DIR", help="a data dir no consumer is running on"
+    )
+    add_setting(
+        p,
+        RebuildSettings,
+        "token",
         help="the consumer's bearer token; prefer the environment variable TALLY_TOKEN "
         "(a flag is visible in the process list)",
     )
+    add_setting(
+        p, RebuildSettings, "timeout", type=float, metavar="SECONDS", help="HTTP request timeout"
+    )
+    add_config(p)
     p.set_defaults(func=_run_rebuild)
 
 
 def _run_rebuild(args: argparse.Namespace) -> int:
-    import os
-
-    url = args.url or (None if args.data_dir else os.environ.get("TALLY_URL"))
-    if url:
+    loaded = load(RebuildSettings, given_settings(args, RebuildSettings), args.config)
+    s = loaded.settings
+    if s.url and loaded.rank("url") >= loaded.rank("data_dir"):
         from consumers.client import TallyClient
 
-        token = args.token or os.environ.get("TALLY_TOKEN")
-        result = TallyClient(url, token=token).rebuild(args.aggregate)
+        result = TallyClient(s.url, timeout=s.timeout, token=s.token).rebuild(args.aggregate)
         print(f"rebuild of {args.aggregate!r} started: {result}")
         return 0
-    data_dir = args.data_dir or os.environ.get("TALLY_DATA_DIR") or "./tally-data"
-    if not os.path.isdir(data_dir):
-        raise TallyError(f"no data dir at {data_dir!r}: pass --data-dir, or --url for a running consumer")
-    with Store.open(data_dir) as store:
+    hint = "stop the consumer first, or rebuild through it with --url and its token in TALLY_TOKEN"
+    with open_store(s.data_dir, read_only=False, locked_hint=hint) as store:
         g = store.generation(args.aggregate)
         if g is None:
             known = ", ".join(store.generations()) or "none"
-            raise TallyError(f"no aggregate named {args.aggregate!r} in {data_dir!r} (known: {known})")
+            raise UsageError(
+                f"no aggregate named {args.aggregate!r} in {s.data_dir!r} (known: {known})"
+            )
         with store.batch():
             g.rebuild_requested = True
             store.put_generation(args.aggregate, g)
-    print(f"rebuild of {args.aggregate!r} requested: it starts with the next `tally consume` on {data_dir}")
+    print(
+        f"rebuild of {args.aggregate!r} requested: it starts with the next `tally consume` "
+        f"on {s.data_dir}"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="tally",
         description="tally: order-statistic aggregates over Kafka change streams, in RocksDB.",
-        epilog="run `tally COMMAND --help` for a command's options and an example",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {version()} ({DISTRIBUTION})",
+        help="print the installed version and exit",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     _consume_parser(sub)
     _rebuild_parser(sub)
@@ -298,15 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``tally ARGV``; returns the exit status (see `schemas.errors.EXIT_CODES`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except TallyError as e:
-        print(f"tally: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(f"tally {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

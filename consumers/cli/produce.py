@@ -3,10 +3,12 @@
 Each input record becomes one native change event (`schemas.events.NativeEvent`)
 published through `consumers.producer.ChangeProducer` (idempotent, keyed by
 the JSON-encoded row id, so all changes of a row stay in one partition, in
-order). Exit codes: 0 done, 2 bad usage or input, 1 Kafka failure, 130
-interrupted. Errors are one line on stderr, never a traceback.
+order). Exit codes (`schemas.errors`): 0 done, 2 bad usage or input, 1 Kafka
+unreachable or a delivery failed, 130 interrupted. Errors are one line on
+stderr (`consumers.cli.errors`), never a traceback.
 
-Input (FILE, or ``-`` for stdin):
+Input (FILE, or ``-`` for stdin), read by `consumers.rows` — the reader `tally
+reconcile` reads snapshot files with, so both read a file alike:
 
 * **JSON Lines** (``.jsonl``, ``.ndjson``, ``.json``; stdin by default): one
   JSON object per line; blank lines are skipped. An object with both a
@@ -29,59 +31,49 @@ whole record batches. On an input error the events before the bad line are
 still published (re-running after the fix is harmless: tally applies changes
 idempotently by id); ``--dry-run`` checks a file without publishing.
 
-Progress (on a tty, to stderr): `rich` when installed, else `tqdm`, else a
-one-line counter. The final summary goes to stdout.
+Progress goes to stderr (`consumers.cli.progress`: a bar on a terminal, a line
+every `progress_interval` seconds otherwise, none with ``--no-progress``). The
+final summary goes to stdout. ``--bootstrap-servers``, ``--timeout`` and
+``--progress`` are settings (`schemas.config.ProduceSettings`: also
+``TALLY_<NAME>`` and the ``[produce]`` section of the TOML file).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
 import contextlib
-import csv
 import io
-import logging
 import os
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any, Final, Protocol, cast
+from typing import IO, Final, cast
 
 import msgspec
 
-from consumers.producer import (
-    DEFAULT_BOOTSTRAP_SERVERS,
-    DEFAULT_CONNECT_TIMEOUT,
-    BrokerUnavailable,
-    ChangeProducer,
-    ProduceError,
-)
-from consumers.rows import infer_value
-from schemas.errors import InvalidEvent
+from consumers.cli.errors import run_command
+from consumers.cli.parser import Parser, add_config, add_setting, given_settings
+from consumers.cli.progress import Tick, progress
+from consumers.cli.settings import load
+from consumers.logs import quiet_kafka_logs
+from consumers.producer import ChangeProducer, ProduceError
+from consumers.rows import Lines, RowError, format_of, infer_value, read_rows
+from schemas.config import ProduceSettings
+from schemas.errors import InvalidEvent, TallyError, UsageError
 from schemas.events import NativeEvent, NativeOp
 from schemas.keys import ProduceFormat, encode_event, row_id
 
 __all__ = ["infer_value", "main", "register", "run"]
 
 PROG: Final = "tally produce"
-ENV_BOOTSTRAP: Final = "TALLY_BOOTSTRAP_SERVERS"
-EXIT_OK: Final = 0
-EXIT_KAFKA: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_INTERRUPTED: Final = 130
 
-_READ_SIZE: Final = 256 * 1024  # bytes per read: one hand-over to the event loop at most
 _QUEUE_CHUNKS: Final = 8  # chunks parsed ahead of the publisher (back-pressure on the reader)
 _IDLE_SUBMIT_S: Final = 0.05  # source quiet this long: send the partly filled batches
-_PROGRESS_INTERVAL_S: Final = 0.1
 _TOPIC_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,249}\Z")
-_JSON_EXTENSIONS: Final = (".jsonl", ".ndjson", ".json")
-_CSV_EXTENSIONS: Final = (".csv",)
 
 DESCRIPTION: Final = """\
 Publish rows or native change events to a Kafka topic, for tally consumers.
@@ -110,12 +102,9 @@ examples:
 
 exit status: 0 done, 2 bad usage or input (the message names the line),
 1 Kafka unreachable or a delivery failed, 130 interrupted.
-The broker address also reads $TALLY_BOOTSTRAP_SERVERS.
+--bootstrap-servers, --timeout and --progress are settings: also TALLY_<NAME>
+and the [produce] section (or top level) of the TOML file (--config).
 """
-
-
-class _UsageError(Exception):
-    """A problem with the command line or the input: exit 2."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,22 +157,34 @@ def _configure(p: argparse.ArgumentParser) -> None:
         help="input format (default: from FILE's extension; jsonl for stdin)",
     )
     p.add_argument("--no-infer", action="store_true", help="CSV: keep every value a string")
-    p.add_argument(
-        "--bootstrap-servers",
-        metavar="HOST:PORT",
-        help=f"Kafka brokers (default ${ENV_BOOTSTRAP}, else {DEFAULT_BOOTSTRAP_SERVERS})",
-    )
-    p.add_argument(
-        "--timeout",
+    add_setting(p, ProduceSettings, "bootstrap_servers", metavar="HOST:PORT", help="Kafka brokers")
+    add_setting(
+        p,
+        ProduceSettings,
+        "timeout",
         type=float,
-        default=DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS",
-        help=f"how long to wait for the broker to answer (default {DEFAULT_CONNECT_TIMEOUT:g})",
+        help="how long to wait for the broker to answer",
     )
     p.add_argument(
         "--dry-run", action="store_true", help="read and check the input; publish nothing"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress display, even on a tty")
+    add_setting(
+        p,
+        ProduceSettings,
+        "progress",
+        choices=["auto", "bar", "lines", "none"],
+        help="progress on stderr: a bar on a terminal, a line every progress_interval "
+        "seconds otherwise (auto)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_const",
+        const="none",
+        dest="progress",
+        help="no progress display (--progress none)",
+    )
+    add_config(p)
     p.set_defaults(func=run)
 
 
@@ -199,57 +200,38 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _configure(p)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m consumers.cli.produce ...``: the same as ``tally produce ...``."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG,
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _configure(p)
-    return run(p.parse_args(argv))
+    return run_command(PROG, run, p.parse_args(argv))
 
 
 # -------------------------------------------------------------------- run
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return code
-
-
 def _options(args: argparse.Namespace) -> _Options:
     path: str = args.file
     if not _TOPIC_RE.match(args.topic):
-        raise _UsageError(
+        raise UsageError(
             f"invalid topic name {args.topic!r}: use 1-249 characters from a-z A-Z 0-9 . _ -"
         )
     if args.table is not None and not args.table:
-        raise _UsageError("--table must not be empty")
+        raise UsageError("--table must not be empty")
     id_fields = tuple(args.id_fields or ("id",))
     if not all(id_fields):
-        raise _UsageError("--id-field must not be empty")
+        raise UsageError("--id-field must not be empty")
     if len(set(id_fields)) != len(id_fields):
-        raise _UsageError(f"--id-field repeats a field: {list(id_fields)}")
-    if args.timeout <= 0:
-        raise _UsageError(f"--timeout must be positive, got {args.timeout:g}")
-    input_format = args.input_format
-    if input_format is None:
-        suffix = Path(path).suffix.lower()
-        if path == "-" or suffix in _JSON_EXTENSIONS:
-            input_format = "jsonl"
-        elif suffix in _CSV_EXTENSIONS:
-            input_format = "csv"
-        else:
-            raise _UsageError(
-                f"cannot tell the format of {path!r} from its extension; "
-                "pass --input-format jsonl or --input-format csv"
-            )
+        raise UsageError(f"--id-field repeats a field: {list(id_fields)}")
     return _Options(
         path=path,
         display="stdin" if path == "-" else path,
-        input_format=input_format,
+        input_format=format_of(path, args.input_format),
         table=args.table,
         topic=args.topic,
         id_fields=id_fields,
@@ -262,11 +244,15 @@ def _options(args: argparse.Namespace) -> _Options:
 def _open(opts: _Options) -> tuple[IO[bytes], int | None]:
     """The input as a binary stream, and its size when known (for progress)."""
     if opts.path == "-":
-        return sys.stdin.buffer, None
+        # The raw descriptor, not sys.stdin.buffer: the reader thread may still be blocked in a
+        # read when the command ends (Ctrl-C), and a read of the buffered object holds its lock,
+        # which the interpreter then needs to close stdin ("could not acquire lock ... at
+        # interpreter shutdown", abort). A raw read holds none, and returns what is available.
+        return io.FileIO(sys.stdin.fileno(), "rb", closefd=False), None
     try:
         stream = open(opts.path, "rb")  # noqa: SIM115 - closed by run()
     except OSError as exc:
-        raise _UsageError(f"cannot read {opts.path}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read {opts.path}: {exc.strerror or exc}") from None
     try:
         size = os.fstat(stream.fileno()).st_size
     except OSError:
@@ -275,241 +261,79 @@ def _open(opts: _Options) -> tuple[IO[bytes], int | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``tally produce``; returns the exit code."""
-    try:
-        opts = _options(args)
-        stream, size = _open(opts)
-    except _UsageError as exc:
-        return _fail(str(exc), EXIT_USAGE)
-    servers = args.bootstrap_servers or os.environ.get(ENV_BOOTSTRAP) or DEFAULT_BOOTSTRAP_SERVERS
-    show = not args.no_progress and sys.stderr.isatty()
+    """Run ``tally produce``; returns the exit code (errors are raised: `consumers.cli.errors`)."""
+    settings = load(ProduceSettings, given_settings(args, ProduceSettings), args.config).settings
+    opts = _options(args)
+    stream, size = _open(opts)
     try:
         if args.dry_run:
             return _dry_run(opts, stream)
-        with _quiet_kafka_logs():
-            return asyncio.run(_produce(opts, stream, size, servers, args.timeout, show))
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        with quiet_kafka_logs():
+            return asyncio.run(_produce(opts, stream, size, settings))
     finally:
-        if stream is not sys.stdin.buffer:
-            stream.close()
-
-
-@contextlib.contextmanager
-def _quiet_kafka_logs() -> Iterator[None]:
-    """aiokafka logs every failed connection attempt; the command reports failures itself."""
-    logger = logging.getLogger("aiokafka")
-    if logger.level != logging.NOTSET:  # the process configured it: leave it alone
-        yield
-        return
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(logging.NOTSET)
+        stream.close()  # (stdin's descriptor stays open: closefd=False)
 
 
 def _dry_run(opts: _Options, stream: IO[bytes]) -> int:
     count = 0
     started = time.perf_counter()
-    parser = _RecordParser(opts)
     try:
-        for _key_value in parser.records(_Lines(stream, lambda: None)):
+        for _key_value in _records(opts, Lines(stream)):
             count += 1
-    except _InputError as exc:
-        return _fail(f"{exc} (dry run: nothing published)", EXIT_USAGE)
+    except RowError as exc:
+        raise RowError(exc.where, exc.line, f"{exc.problem} (dry run: nothing published)") from None
     elapsed = time.perf_counter() - started
     print(
         f"checked {_events(count)} from {opts.display} in {elapsed:.1f}s: no errors "
         f"(dry run: nothing published to {opts.topic})"
     )
-    return EXIT_OK
+    return 0
 
 
 # ------------------------------------------------------------------ input
 
 
-class _InputError(Exception):
-    """A bad input record; the message names the file and line."""
-
-
-class _Lines:
-    """The lines of a binary stream (with their ``\\n``), read with ``read1``.
-
-    ``read1`` returns whatever is available, so a slow pipe's lines are seen as
-    they arrive; `before_read` runs before every read that may block (the
-    reader hands its parsed records over there). `number` is the number of
-    the last line yielded, `pos` the bytes consumed.
-    """
-
-    def __init__(self, stream: IO[bytes], before_read: Callable[[], None]) -> None:
-        self._stream = stream
-        self._before_read = before_read
-        self.number = 0
-        self.pos = 0
-
-    def __iter__(self) -> Iterator[bytes]:
-        stream = self._stream
-        read: Callable[[int], bytes] = getattr(stream, "read1", stream.read)
-        tail = b""
-        while True:
-            self._before_read()
-            data = read(_READ_SIZE)
-            if not data:
-                break
-            if tail:
-                data = tail + data
-            end = data.rfind(b"\n") + 1
-            if not end:
-                tail = data
-                continue
-            tail = data[end:]
-            for line in io.BytesIO(data[:end]):
-                self.number += 1
-                self.pos += len(line)
-                yield line
-        if tail:
-            self.number += 1
-            self.pos += len(tail)
-            yield tail
-
-
-def _not_utf8(raw: bytes) -> str | None:
-    """What is wrong with a line that is not UTF-8 (the bad byte and where), or None.
-
-    Checked by tally itself rather than left to the JSON decoder, whose wording for it
-    changes between msgspec releases.
-    """
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return (
-            f"not UTF-8 text ({exc.reason} 0x{raw[exc.start]:02x} at byte {exc.start + 1} of "
-            "the line); convert the file to UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)"
-        )
-    return None
-
-
-class _RecordParser:
-    """Input lines → encoded ``(key, value)`` records; raises `_InputError` naming the line."""
-
-    def __init__(self, opts: _Options) -> None:
-        self._opts = opts
-        self._where = opts.display
-        self._json = msgspec.json.Decoder()
-
-    def _error(self, line: int, message: str) -> _InputError:
-        return _InputError(f"{self._where} line {line}: {message}")
-
-    def _row_event(self, line: int, row: dict[str, Any]) -> NativeEvent:
-        opts = self._opts
-        if opts.table is None:
-            raise self._error(
-                line,
-                "a row, but no --table was given (give --table, or make the line a change event "
-                'with "table" and "op" keys)',
-            )
-        try:
-            rid = row_id(row, opts.id_fields)
-        except InvalidEvent as exc:
-            raise self._error(line, f"{exc}; choose the id field(s) with --id-field") from None
-        if opts.op == "delete":
-            return NativeEvent(opts.table, "delete", rid)
-        return NativeEvent(opts.table, opts.op, rid, after=row)
-
-    def _encode(self, line: int, event: NativeEvent) -> tuple[bytes, bytes]:
-        try:
-            return encode_event(event, format=self._opts.format, id_field=self._opts.id_fields)
-        except InvalidEvent as exc:
-            raise self._error(line, str(exc)) from None
-
-    def records(self, lines: _Lines) -> Iterator[tuple[bytes, bytes]]:
-        if self._opts.input_format == "csv":
-            return self._csv(lines)
-        return self._jsonl(lines)
-
-    def _jsonl(self, lines: _Lines) -> Iterator[tuple[bytes, bytes]]:
-        decode = self._json.decode
-        for raw in lines:
-            n = lines.number
-            if not raw.isascii() and (problem := _not_utf8(raw)) is not None:
-                raise self._error(n, problem)
+def _records(opts: _Options, lines: Lines) -> Iterator[tuple[bytes, bytes]]:
+    """Input lines → encoded ``(key, value)`` records; a `RowError` names a bad line."""
+    where = opts.display
+    is_csv = opts.input_format == "csv"
+    rows = read_rows(
+        lines,
+        "csv" if is_csv else "jsonl",
+        where=where,
+        infer=opts.infer,
+        required_columns=opts.id_fields,
+        column_hint="choose the id column(s) with --id-field",
+        expect="a JSON object (a row, or a change event with 'table' and 'op')",
+    )
+    fmt, id_fields, table, op = opts.format, opts.id_fields, opts.table, opts.op
+    convert = msgspec.convert
+    for n, obj in rows:
+        if not is_csv and "op" in obj and "table" in obj:
             try:
-                obj = decode(raw)
-            except msgspec.DecodeError as exc:
-                if not raw.strip():
-                    continue  # a blank line
-                hint = ""
-                if n == 1 and raw.strip() == b"[":
-                    hint = " (a JSON array file? convert it to JSON Lines: jq -c '.[]' FILE)"
-                raise self._error(n, f"invalid JSON: {exc}{hint}") from None
-            if obj.__class__ is not dict:
-                kind = "an array" if isinstance(obj, list) else f"a {type(obj).__name__}"
-                if obj is None:
-                    kind = "null"
-                raise self._error(
+                event = convert(obj, NativeEvent)
+            except msgspec.ValidationError as exc:
+                raise RowError(where, n, f"not a valid change event: {exc}") from None
+        else:
+            if table is None:
+                raise RowError(
+                    where,
                     n,
-                    f"expected a JSON object (a row, or a change event with 'table' and 'op'), got {kind}",
+                    "a row, but no --table was given (give --table, or make the line a change "
+                    'event with "table" and "op" keys)',
                 )
-            if "op" in obj and "table" in obj:
-                try:
-                    event = msgspec.convert(obj, NativeEvent)
-                except msgspec.ValidationError as exc:
-                    raise self._error(n, f"not a valid change event: {exc}") from None
+            try:
+                rid = row_id(obj, id_fields)
+            except InvalidEvent as exc:
+                raise RowError(where, n, f"{exc}; choose the id field(s) with --id-field") from None
+            if op == "delete":
+                event = NativeEvent(table, "delete", rid)
             else:
-                event = self._row_event(n, obj)
-            yield self._encode(n, event)
-
-    def _csv(self, lines: _Lines) -> Iterator[tuple[bytes, bytes]]:
-        text = self._text_lines(lines)
-        reader = csv.reader(text, strict=True)
+                event = NativeEvent(table, op, rid, after=obj)
         try:
-            header = next(reader)
-        except StopIteration:
-            raise self._error(1, "empty CSV file: expected a header line of column names") from None
-        except csv.Error as exc:
-            raise self._error(1, f"bad CSV: {exc}") from None
-        if not header or not all(header):
-            raise self._error(1, f"the CSV header has an empty column name: {header}")
-        dupes = sorted({h for h in header if header.count(h) > 1})
-        if dupes:
-            raise self._error(1, f"the CSV header repeats column(s) {dupes}")
-        absent = [f for f in self._opts.id_fields if f not in header]
-        if absent:
-            raise self._error(
-                1,
-                f"the CSV header has no id column {absent} (columns: {', '.join(header[:12])}"
-                f"{', …' if len(header) > 12 else ''}); choose the id column(s) with --id-field",
-            )
-        width = len(header)
-        infer = infer_value if self._opts.infer else None
-        while True:
-            try:
-                fields = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                raise self._error(lines.number, f"bad CSV: {exc}") from None
-            if not fields:
-                continue  # a blank line
-            n = lines.number
-            if len(fields) != width:
-                raise self._error(n, f"{len(fields)} fields, but the header has {width} columns")
-            if infer is not None:
-                row = dict(zip(header, map(infer, fields), strict=True))
-            else:
-                row = dict(zip(header, fields, strict=True))
-            yield self._encode(n, self._row_event(n, row))
-
-    def _text_lines(self, lines: _Lines) -> Iterator[str]:
-        decoder = codecs.getincrementaldecoder("utf-8-sig")()
-        for raw in lines:
-            try:
-                yield decoder.decode(raw)
-            except UnicodeDecodeError as exc:
-                problem = _not_utf8(raw) or f"not UTF-8 text ({exc.reason})"
-                raise self._error(lines.number, problem) from None
+            yield encode_event(event, format=fmt, id_field=id_fields)
+        except InvalidEvent as exc:
+            raise RowError(where, n, str(exc)) from None
 
 
 # ---------------------------------------------------------------- reader
@@ -519,7 +343,7 @@ class _RecordParser:
 class _Chunk:
     records: list[tuple[bytes, bytes]]
     pos: int
-    error: _InputError | None = None
+    error: BaseException | None = None
     end: bool = False
 
 
@@ -527,14 +351,13 @@ class _Reader:
     """Parses the input in a daemon thread, handing chunks of records to the event loop."""
 
     def __init__(self, opts: _Options, stream: IO[bytes], loop: asyncio.AbstractEventLoop) -> None:
-        self._parser = _RecordParser(opts)
-        self._stream = stream
+        self._opts = opts
         self._loop = loop
         self.queue: asyncio.Queue[_Chunk] = asyncio.Queue()
         self._slots = threading.Semaphore(_QUEUE_CHUNKS)
         self._stop = threading.Event()
         self._records: list[tuple[bytes, bytes]] = []
-        self._lines = _Lines(stream, self._hand_over)
+        self._lines = Lines(stream, self._hand_over)
         self._thread = threading.Thread(target=self._run, name="tally-produce-reader", daemon=True)
 
     def start(self) -> None:
@@ -562,97 +385,105 @@ class _Reader:
 
     def _run(self) -> None:
         try:
-            for record in self._parser.records(self._lines):
+            for record in _records(self._opts, self._lines):
                 self._records.append(record)  # not a bound append: _hand_over swaps the list
             self._hand_over()
             self._put(_Chunk([], self._lines.pos, end=True))
         except _Stopped:
             pass
-        except _InputError as exc:
-            with contextlib.suppress(_Stopped):
-                self._hand_over()  # the records before the bad line
-                self._put(_Chunk([], self._lines.pos, error=exc))
-        except BaseException as exc:  # an I/O error, a bug: report it, do not hang the loop
-            error = _InputError(f"reading {self._parser._where} (line {self._lines.number}): {exc}")
+        except BaseException as exc:  # a bad line, an I/O error, a bug: report it, never hang
+            if isinstance(exc, OSError):
+                exc = TallyError(
+                    f"reading {self._opts.display} failed at line {self._lines.number + 1}: {exc}"
+                )
             with contextlib.suppress(_Stopped, RuntimeError):
-                self._hand_over()
-                self._put(_Chunk([], self._lines.pos, error=error))
+                self._hand_over()  # the records before the failure
+                self._put(_Chunk([], self._lines.pos, error=exc))
 
 
 class _Stopped(Exception):
     """The event loop side gave up; the reader thread ends."""
 
 
+def _detail(tick: Tick) -> str:
+    events = int(tick.fields.get("events", 0))
+    rate = events / tick.elapsed if tick.elapsed > 0 else 0.0
+    return f"{events:,} events, {rate:,.0f} events/s"
+
+
 async def _produce(
-    opts: _Options, stream: IO[bytes], size: int | None, servers: str, timeout: float, show: bool
+    opts: _Options, stream: IO[bytes], size: int | None, settings: ProduceSettings
 ) -> int:
-    producer = ChangeProducer(servers, format=opts.format, connect_timeout=timeout)
-    try:
-        await producer.start()
-    except BrokerUnavailable as exc:
-        return _fail(f"{exc}; another address: --bootstrap-servers or ${ENV_BOOTSTRAP}", EXIT_KAFKA)
+    producer = ChangeProducer(
+        settings.bootstrap_servers, format=opts.format, connect_timeout=settings.timeout
+    )
+    await producer.start()  # BrokerUnavailable: exit 1, naming --bootstrap-servers
     reader = _Reader(opts, stream, asyncio.get_running_loop())
-    progress = _make_progress(show, size, opts.topic)
     pub = producer.bulk(opts.topic, id_field=opts.id_fields)
     started = time.perf_counter()
-    error: _InputError | None = None
+    error: BaseException | None = None
+    shown = progress(
+        settings.progress,
+        title=f"producing to {opts.topic}",
+        total=size,
+        detail=_detail,
+        interval=settings.progress_interval,
+    )
     try:
-        reader.start()
-        queue = reader.queue
-        while True:
-            if queue.empty() and pub.pending:
-                try:
-                    chunk = await asyncio.wait_for(queue.get(), _IDLE_SUBMIT_S)
-                except TimeoutError:
-                    await pub.submit()  # the source is quiet: send what we have
-                    continue
-            else:
-                chunk = await queue.get()
-            reader.consumed()
-            add = pub.add_encoded
-            for key, value in chunk.records:
-                await add(key, value)
-            progress.update(pub.count, chunk.pos)
-            if chunk.error is not None:
-                error = chunk.error
-                break
-            if chunk.end:
-                break
-        await pub.close()
+        with shown as bar:
+            reader.start()
+            queue = reader.queue
+            while True:
+                if queue.empty() and pub.pending:
+                    try:
+                        chunk = await asyncio.wait_for(queue.get(), _IDLE_SUBMIT_S)
+                    except TimeoutError:
+                        await pub.submit()  # the source is quiet: send what we have
+                        continue
+                else:
+                    chunk = await queue.get()
+                reader.consumed()
+                add = pub.add_encoded
+                for key, value in chunk.records:
+                    await add(key, value)
+                bar.update(chunk.pos, events=pub.count)
+                if chunk.error is not None:
+                    error = chunk.error
+                    break
+                if chunk.end:
+                    break
+            await pub.close()
     except ProduceError as exc:
-        progress.close()
         await _stop_quietly(producer)
-        return _fail(
-            f"publishing to {opts.topic} failed after {pub.acked:,} acked events: {exc}", EXIT_KAFKA
-        )
-    except InvalidEvent as exc:  # e.g. an event larger than the producer's max request size
-        progress.close()
+        raise ProduceError(
+            f"publishing to {opts.topic} failed after {pub.acked:,} acked events: {exc}"
+        ) from exc
+    except InvalidEvent:  # e.g. an event larger than the producer's max request size
         with contextlib.suppress(ProduceError):
             await pub.close()
         await _stop_quietly(producer)
-        return _fail(str(exc), EXIT_USAGE)
+        raise
     except asyncio.CancelledError:  # Ctrl-C: give what was handed over a moment, then go
-        progress.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(_stop_quietly(producer), 5)
         raise
     finally:
         reader.stop()
-    progress.close()
-    try:
-        await producer.stop()
-    except ProduceError as exc:
-        return _fail(str(exc), EXIT_KAFKA)
+    await producer.stop()
     elapsed = time.perf_counter() - started
-    if error is not None:
-        return _fail(
-            f"{error} (the {_events(pub.count)} before it {'was' if pub.count == 1 else 'were'} "
-            f"published to {opts.topic}; re-running after the fix is harmless)",
-            EXIT_USAGE,
+    if isinstance(error, RowError):
+        were = "was" if pub.count == 1 else "were"
+        raise RowError(
+            error.where,
+            error.line,
+            f"{error.problem} (the {_events(pub.count)} before it {were} published to "
+            f"{opts.topic}; re-running after the fix is harmless)",
         )
+    if error is not None:
+        raise error
     rate = pub.count / elapsed if elapsed > 0 else 0.0
     print(f"produced {_events(pub.count)} to {opts.topic} in {elapsed:.1f}s ({rate:,.0f}/s)")
-    return EXIT_OK
+    return 0
 
 
 def _events(n: int) -> str:
@@ -662,117 +493,6 @@ def _events(n: int) -> str:
 async def _stop_quietly(producer: ChangeProducer) -> None:
     with contextlib.suppress(ProduceError):
         await producer.stop()
-
-
-# --------------------------------------------------------------- progress
-
-
-class _Progress(Protocol):
-    def update(self, events: int, pos: int) -> None: ...
-    def close(self) -> None: ...
-
-
-class _NoProgress:
-    def update(self, events: int, pos: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _CounterProgress:
-    """A one-line ``\\r`` counter on stderr (no rich, no tqdm)."""
-
-    def __init__(self, total: int | None, topic: str) -> None:
-        self._total = total
-        self._topic = topic
-        self._last = 0.0
-        self._width = 0
-
-    def update(self, events: int, pos: int) -> None:
-        now = time.monotonic()
-        if now - self._last < _PROGRESS_INTERVAL_S:
-            return
-        self._last = now
-        text = f"producing to {self._topic}: {events:,} events"
-        if self._total:
-            text += f" ({min(100.0, 100.0 * pos / self._total):.0f}%)"
-        self._width = max(self._width, len(text))
-        sys.stderr.write("\r" + text.ljust(self._width))
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self._width:
-            sys.stderr.write("\r" + " " * self._width + "\r")
-            sys.stderr.flush()
-            self._width = 0
-
-
-class _RichProgress:
-    def __init__(self, total: int | None, topic: str) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            Progress,
-            TaskProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn(f"producing to {topic}"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[events]:,} events"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task("produce", total=total, events=0)
-
-    def update(self, events: int, pos: int) -> None:
-        self._progress.update(self._task, completed=pos, events=events)
-
-    def close(self) -> None:
-        self._progress.stop()
-
-
-class _TqdmProgress:
-    def __init__(self, total: int | None, topic: str) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"producing to {topic}",
-            file=sys.stderr,
-            leave=False,
-        )
-        self._pos = 0
-
-    def update(self, events: int, pos: int) -> None:
-        self._bar.set_postfix_str(f"{events:,} events", refresh=False)
-        self._bar.update(pos - self._pos)
-        self._pos = pos
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-def _make_progress(show: bool, total: int | None, topic: str) -> _Progress:
-    if not show:
-        return _NoProgress()
-    for kind in (_RichProgress, _TqdmProgress):
-        try:
-            return kind(total, topic)
-        except ImportError:
-            continue
-    return _CounterProgress(total, topic)
 
 
 if __name__ == "__main__":

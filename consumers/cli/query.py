@@ -6,8 +6,10 @@
 (a RocksDB secondary instance, so it works while a consumer writes there), or
 through the HTTP API of a running consumer (``--url``).
 
-Where the answer comes from: ``--url URL``, else ``--data-dir DIR``, else
-``$TALLY_URL``, else ``$TALLY_DATA_DIR``, else ``./tally-data``.
+Where the answer comes from (`schemas.config.QuerySettings`, resolved by
+`consumers.cli.settings`): ``--url URL``, else ``--data-dir DIR``, else
+``$TALLY_URL``, else ``$TALLY_DATA_DIR``, else ``url`` / ``data_dir`` of the TOML
+file (``[query]`` / ``[status]`` or top level), else ``./tally-data``.
 
 Values on the command line (keys, ids, namespaces) are JSON when they parse as
 JSON, else plain strings: ``1000`` is the int 1000, ``1.5`` a float, ``true`` a
@@ -16,9 +18,10 @@ bool, ``null`` None, ``ana`` and ``'"ana"'`` both the string "ana",
 
 Output: a readable table on a terminal (items as rows: #, key, id, sum,
 namespace; single numbers plainly, so ``$(tally query ... count)`` works), or
-one JSON document with ``--json``. Errors are one line on stderr; exit status
-2 for bad usage, arguments, JSON or an unknown aggregate, 1 when the server is
-unreachable or the data dir is missing, 0 otherwise.
+one JSON document with ``--json``. Errors are raised and reported as one line
+on stderr by `consumers.cli.errors`; exit status 2 for bad usage, arguments,
+JSON or an unknown aggregate, 1 when the server is unreachable or the data dir
+is missing, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -26,16 +29,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
-import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any, Final, NoReturn
+from typing import Any, Final, TypeVar
 
 import msgspec
 
+from consumers.cli.parser import add_setting, given_settings
+from consumers.cli.settings import Loaded, load
+from consumers.cli.stores import open_store
+from consumers.logs import quiet_kafka_logs
+from consumers.signals import on_stop_signals
 from engine import (
     Aggregate,
     AggregateNotReady,
@@ -43,21 +48,15 @@ from engine import (
     Order,
     Page,
     Store,
-    StoreCorrupted,
     TallyError,
 )
+from schemas.config import DEFAULT_BOOTSTRAP_SERVERS, QuerySettings, StatusSettings
+from schemas.errors import UsageError
 
-__all__ = ["CommandError", "bounds_from_args", "parse_value", "register"]
+__all__ = ["bounds_from_args", "parse_value", "register"]
 
 EXIT_OK: Final = 0
-EXIT_RUNTIME: Final = 1
-EXIT_USAGE: Final = 2
 
-ENV_URL: Final = "TALLY_URL"
-ENV_DATA_DIR: Final = "TALLY_DATA_DIR"
-ENV_BOOTSTRAP: Final = "TALLY_BOOTSTRAP_SERVERS"
-DEFAULT_DATA_DIR: Final = "./tally-data"
-DEFAULT_BOOTSTRAP: Final = "127.0.0.1:9092"
 BROKER_TIMEOUT: Final = 3.0
 """Seconds `tally status --data-dir` waits for the broker before saying lag is unknown."""
 
@@ -69,37 +68,14 @@ values: KEY, ID and NS are JSON when they parse as JSON, else plain strings:
 
 SOURCE_RULE: Final = """\
 source: --url URL, else --data-dir DIR (opened read-only: safe while a consumer
-writes it), else $TALLY_URL, else $TALLY_DATA_DIR, else ./tally-data.
+writes it), else $TALLY_URL, else $TALLY_DATA_DIR, else url / data_dir of the
+TOML file (--config, $TALLY_CONFIG, ./tally.toml), else ./tally-data.
 exit status: 0 ok, 2 bad usage/arguments/JSON or unknown aggregate,
-1 server unreachable or data dir missing.
+1 server unreachable or data dir missing, 130 interrupted.
 """
 
 
-class CommandError(Exception):
-    """A problem to report as one line on stderr, with an exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 # ------------------------------------------------------------------ parsing
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors as a single line (the usage itself is one `--help` away)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _one_line_errors(p: argparse.ArgumentParser) -> None:
-    """Give a parser made by `tally`'s own parser class single-line usage errors."""
-
-    def error(message: str) -> NoReturn:
-        p.exit(EXIT_USAGE, f"{p.prog}: error: {message} (see `{p.prog} --help`)\n")
-
-    setattr(p, "error", error)  # noqa: B010 - an instance override, not a class change
 
 
 def _tupled(value: Any) -> Any:
@@ -121,7 +97,7 @@ def _json_arg(text: str, what: str, example: str) -> Any:
     try:
         return msgspec.json.decode(text)
     except msgspec.DecodeError as e:
-        raise CommandError(f"{what} is not valid JSON ({e}): {text!r}; e.g. {example}") from None
+        raise UsageError(f"{what} is not valid JSON ({e}): {text!r}; e.g. {example}") from None
 
 
 def bounds_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -134,7 +110,7 @@ def bounds_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         if key is None:
             if exclusive or bid is not None:
                 flag = f"--{side}-exclusive" if exclusive else f"--{side}-id"
-                raise CommandError(f"{flag} needs --{side} KEY")
+                raise UsageError(f"{flag} needs --{side} KEY")
             continue
         bound: dict[str, Any] = {"key": parse_value(key), "inclusive": not exclusive}
         if bid is not None:
@@ -147,7 +123,7 @@ def bounds_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     if prefix is not None:
         value = _json_arg(prefix, "--prefix", "--prefix '[\"chess\"]'")
         if not isinstance(value, list):
-            raise CommandError(
+            raise UsageError(
                 f"--prefix takes a JSON array of the first key elements, e.g. --prefix '[\"chess\"]', "
                 f"got {prefix!r}"
             )
@@ -164,7 +140,7 @@ def _queries(text: str, op: str) -> list[dict[str, Any]]:
             with open(text[1:], encoding="utf-8") as f:
                 text = f.read()
         except OSError as e:
-            raise CommandError(f"cannot read queries from {text[1:]!r}: {e.strerror or e}") from None
+            raise UsageError(f"cannot read queries from {text[1:]!r}: {e.strerror or e}") from None
     example = (
         '\'[{"offset": 0}, {"offset": -1, "namespace": "chess"}]\''
         if op == "at-batch"
@@ -172,7 +148,7 @@ def _queries(text: str, op: str) -> list[dict[str, Any]]:
     )
     value = _json_arg(text.strip(), "QUERIES", example)
     if not isinstance(value, list) or not all(isinstance(q, dict) for q in value):
-        raise CommandError(f"QUERIES must be a JSON list of objects, e.g. {example}")
+        raise UsageError(f"QUERIES must be a JSON list of objects, e.g. {example}")
     return value
 
 
@@ -198,7 +174,9 @@ class LocalReader:
                 have = f"known aggregates: {', '.join(known)}"
             else:
                 have = "it has no aggregates yet (a consumer creates them with their first item)"
-            raise CommandError(f"unknown aggregate {name!r} in the store at {self.store.path!r}: {have}")
+            raise UsageError(
+                f"unknown aggregate {name!r} in the store at {self.store.path!r}: {have}"
+            )
         return self.store.aggregate(name)
 
     def count(self, aggregate: str, namespace: Any = None, bounds: Any = None) -> int:
@@ -257,71 +235,27 @@ class LocalReader:
 def _client(url: str, timeout: float) -> Any:
     from consumers.client import TallyClient
 
-    if timeout <= 0:
-        raise CommandError(f"--timeout must be positive, got {timeout:g}")
     return TallyClient(url, timeout=timeout)
 
 
-def _url(args: argparse.Namespace) -> str | None:
-    """The server URL to read from, or None for a data dir (see SOURCE_RULE)."""
-    if getattr(args, "url", None):
-        return str(args.url)
-    if getattr(args, "data_dir", None):
-        return None
-    return os.environ.get(ENV_URL) or None
+_Q = TypeVar("_Q", bound=QuerySettings)
 
 
-def _data_dir(args: argparse.Namespace) -> str:
-    return str(getattr(args, "data_dir", None) or os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR)
+def _source(loaded: Loaded[_Q]) -> tuple[str | None, str]:
+    """(url or None, data dir): the url when the highest layer naming either names it."""
+    s = loaded.settings
+    if loaded.origin.get("url") == "flag" and loaded.origin.get("data_dir") == "flag":
+        raise UsageError("give --url or --data-dir, not both")
+    if s.url and loaded.rank("url") >= loaded.rank("data_dir"):
+        return s.url, s.data_dir
+    return None, s.data_dir
 
 
-def open_store(path: str) -> Store:
-    """A store directory opened read-only, or a `CommandError` (exit 1) saying what is missing."""
-    if not os.path.isdir(path):
-        raise CommandError(
-            f"data dir {path!r} does not exist: pass --data-dir DIR (or $TALLY_DATA_DIR) of a "
-            "consumer's store, or --url of a running server",
-            EXIT_RUNTIME,
-        )
-    if not os.path.exists(os.path.join(path, "CURRENT")):
-        raise CommandError(
-            f"{path!r} is not a tally store (no RocksDB files in it): pass the --data-dir a "
-            "consumer writes",
-            EXIT_RUNTIME,
-        )
-    try:
-        return Store.open(path, read_only=True)
-    except TallyError as e:
-        raise CommandError(str(e), EXIT_RUNTIME) from None
-
-
-def _open_reader(args: argparse.Namespace) -> Any:
-    url = _url(args)
+def _open_reader(loaded: Loaded[QuerySettings]) -> Any:
+    url, data_dir = _source(loaded)
     if url is not None:
-        return _client(url, args.timeout)
-    return LocalReader(open_store(_data_dir(args)))
-
-
-def _error_code(e: BaseException) -> int:
-    """Exit code of an error raised by a read (engine or HTTP client)."""
-    if isinstance(e, CommandError):
-        return e.code
-    if isinstance(e, (AggregateNotReady, StoreCorrupted)):
-        return EXIT_RUNTIME
-    from consumers.client import ClientError
-
-    if isinstance(e, ClientError):
-        if e.status is None:
-            # No HTTP answer: the server is unreachable (or the client refused the value itself).
-            return EXIT_RUNTIME if str(e).startswith("cannot reach") else EXIT_USAGE
-        return EXIT_USAGE if 400 <= e.status < 500 else EXIT_RUNTIME
-    return EXIT_USAGE
-
-
-def _fail(prog: str, e: BaseException) -> int:
-    message = " ".join(str(e).split()) or type(e).__name__
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return _error_code(e)
+        return _client(url, loaded.settings.timeout)
+    return LocalReader(open_store(data_dir))
 
 
 # ------------------------------------------------------------------ output
@@ -389,7 +323,7 @@ def _to_json(value: Any) -> str:
     try:
         return msgspec.json.encode(value).decode()
     except (TypeError, msgspec.EncodeError) as e:
-        raise CommandError(f"the answer cannot be written as JSON: {e}", EXIT_RUNTIME) from None
+        raise TallyError(f"the answer cannot be written as JSON: {e}") from None
 
 
 def _emit_json(value: Any) -> None:
@@ -458,32 +392,40 @@ _OPS: Final[dict[str, tuple[str, str]]] = {
 
 
 def _add_source_flags(p: argparse.ArgumentParser, suppress: bool, bootstrap: bool = False) -> None:
+    """The source settings (`schemas.config.QuerySettings`); SUPPRESSed on the op parsers."""
+    kind = StatusSettings if bootstrap else QuerySettings
     d: Any = argparse.SUPPRESS if suppress else None
     g = p.add_argument_group("source")
-    g.add_argument(
-        "--url", default=d, metavar="URL", help=f"read from a running server's HTTP API (env {ENV_URL})"
+    add_setting(
+        g, kind, "url", metavar="URL", default=d, help="read from a running server's HTTP API"
     )
-    g.add_argument(
-        "--data-dir",
-        default=d,
-        metavar="DIR",
-        help=f"read a store directory, read-only (env {ENV_DATA_DIR}; default {DEFAULT_DATA_DIR})",
+    add_setting(
+        g, kind, "data_dir", metavar="DIR", default=d, help="read a store directory, read-only"
     )
-    g.add_argument(
-        "--timeout",
+    add_setting(
+        g,
+        kind,
+        "timeout",
         type=float,
-        default=argparse.SUPPRESS if suppress else 10.0,
         metavar="SECONDS",
-        help="HTTP request timeout with --url (default 10)",
+        default=d,
+        help="HTTP request timeout with --url",
     )
     if bootstrap:
-        g.add_argument(
-            "--bootstrap-servers",
-            default=d,
+        add_setting(
+            g,
+            kind,
+            "bootstrap_servers",
             metavar="HOST:PORT",
-            help=f"with --data-dir: the broker to ask for end offsets and lag (env {ENV_BOOTSTRAP}; "
-            f"default {DEFAULT_BOOTSTRAP})",
+            default=d,
+            help="with --data-dir: the broker to ask for end offsets and lag",
         )
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        default=d,
+        help="TOML settings file (default $TALLY_CONFIG, else ./tally.toml if it exists)",
+    )
 
 
 def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
@@ -539,11 +481,10 @@ def _register_query(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog=QUERY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _one_line_errors(p)
     _add_source_flags(p, suppress=False)
     _add_common(p, suppress=False)
     p.add_argument("aggregate", metavar="AGGREGATE", help="aggregate name (`tally status` lists them)")
-    ops = p.add_subparsers(dest="op", metavar="OP", parser_class=_OneLineParser)
+    ops = p.add_subparsers(dest="op", metavar="OP")
     ops.required = True
     for name, (help_text, example) in _OPS.items():
         op = ops.add_parser(
@@ -580,7 +521,7 @@ def _answer(reader: Any, args: argparse.Namespace) -> Any:
     if op.endswith("-batch"):
         given = [f for f in ("namespace", "lower", "upper", "eq", "prefix") if getattr(args, f, None) is not None]
         if given:
-            raise CommandError(
+            raise UsageError(
                 f"{op} takes the namespace and bounds inside each query, not --{given[0]}: "
                 'e.g. \'[{"namespace": "chess", "bounds": {"lower": {"key": 1000}}}]\''
             )
@@ -607,7 +548,7 @@ def _answer(reader: Any, args: argparse.Namespace) -> Any:
         return reader.paginate(
             agg, cursor=args.cursor, page_size=args.page_size, order=args.order, namespace=ns, bounds=bounds
         )
-    raise CommandError(f"unknown op {op!r}")  # argparse's choices make this unreachable
+    raise UsageError(f"unknown op {op!r}")  # argparse's choices make this unreachable
 
 
 def _page_parts(page: Any) -> tuple[list[Any], str | None, bool]:
@@ -667,24 +608,16 @@ def _print_answer(args: argparse.Namespace, result: Any) -> None:
 
 
 def run_query(args: argparse.Namespace) -> int:
-    """``tally query``: returns the exit code."""
-    prog = "tally query"
-    reader: Any = None
+    """``tally query``: returns the exit code (errors are raised, see `consumers.cli.errors`)."""
+    loaded = load(QuerySettings, given_settings(args, QuerySettings), getattr(args, "config", None))
+    reader = _open_reader(loaded)
     try:
-        if getattr(args, "url", None) and getattr(args, "data_dir", None):
-            raise CommandError("give --url or --data-dir, not both")
-        reader = _open_reader(args)
         result = _answer(reader, args)
         _print_answer(args, result)
         return EXIT_OK
-    except (CommandError, TallyError) as e:
-        return _fail(prog, e)
-    except KeyboardInterrupt:
-        return 130
     finally:
-        if reader is not None:
-            with contextlib.suppress(Exception):
-                reader.close()
+        with contextlib.suppress(Exception):
+            reader.close()
 
 
 # ------------------------------------------------------------------ status
@@ -697,7 +630,7 @@ examples:
   tally status --json | jq '.partitions[].lag'
 
 With --data-dir the store is opened read-only; end offsets and lag come from
-the broker (--bootstrap-servers, ${ENV_BOOTSTRAP}, default {DEFAULT_BOOTSTRAP})
+the broker (--bootstrap-servers, $TALLY_BOOTSTRAP_SERVERS, default {DEFAULT_BOOTSTRAP_SERVERS})
 when it answers within {BROKER_TIMEOUT:g}s, else lag is reported unknown.
 --watch [SECONDS] refreshes in place every SECONDS (default 2) until Ctrl-C.
 
@@ -713,7 +646,6 @@ def _register_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         epilog=STATUS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _one_line_errors(p)
     _add_source_flags(p, suppress=False, bootstrap=True)
     p.add_argument("--json", action="store_true", help="print one JSON document (one per refresh with --watch)")
     p.add_argument(
@@ -926,38 +858,14 @@ def _render_status(doc: dict[str, Any], where: str, error: str | None = None, br
     return Group(*parts)
 
 
-def _install_stop(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Callable[[], None]:
-    sigs = (signal.SIGINT, signal.SIGTERM)
-    for sig in sigs:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-
-    def remove() -> None:
-        for sig in sigs:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
-
-    return remove
-
-
-@contextlib.contextmanager
-def _quiet_aiokafka() -> Iterator[None]:
-    logger = logging.getLogger("aiokafka")
-    old = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
-
-
-async def _status_async(args: argparse.Namespace) -> int:
-    url = _url(args)
+async def _status_async(args: argparse.Namespace, loaded: Loaded[StatusSettings]) -> int:
+    settings = loaded.settings
+    url, data_dir = _source(loaded)
     fetch: Callable[[], Awaitable[dict[str, Any]]]
     cleanup: list[Callable[[], Awaitable[None] | None]] = []
     broker_addr = ""
     if url is not None:
-        client = _client(url, args.timeout)
+        client = _client(url, settings.timeout)
         where = url
 
         async def fetch_remote() -> dict[str, Any]:
@@ -967,10 +875,10 @@ async def _status_async(args: argparse.Namespace) -> int:
         if hasattr(client, "close"):
             cleanup.append(client.close)
     else:
-        store = open_store(_data_dir(args))
+        store = open_store(data_dir)
         cleanup.append(store.close)
         where = store.path
-        broker_addr = args.bootstrap_servers or os.environ.get(ENV_BOOTSTRAP) or DEFAULT_BOOTSTRAP
+        broker_addr = settings.bootstrap_servers
         broker = _Broker(broker_addr)
         cleanup.append(broker.close)
 
@@ -991,7 +899,7 @@ async def _status_async(args: argparse.Namespace) -> int:
                 _console().print(_render_status(doc, where, broker=broker_addr))
             return EXIT_OK
         if args.watch <= 0:
-            raise CommandError(f"--watch takes a positive number of seconds, got {args.watch:g}")
+            raise UsageError(f"--watch takes a positive number of seconds, got {args.watch:g}")
         return await _watch(args, fetch, where, broker_addr)
     finally:
         for fn in reversed(cleanup):
@@ -1006,7 +914,7 @@ async def _watch(
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    remove = _install_stop(loop, stop)
+    remove = on_stop_signals(loop, lambda _sig: stop.set())
     console = _console()
     last: dict[str, Any] = {}
 
@@ -1015,8 +923,8 @@ async def _watch(
         try:
             last = await fetch()
             return last, None
-        except (CommandError, TallyError) as e:
-            return last, " ".join(str(e).split())
+        except TallyError as e:
+            return last, " ".join(e.cli_text().split())
 
     async def pause() -> None:
         with contextlib.suppress(TimeoutError):
@@ -1051,17 +959,15 @@ async def _watch(
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """``tally status``: returns the exit code."""
-    prog = "tally status"
+    """``tally status``: returns the exit code (errors are raised, see `consumers.cli.errors`)."""
+    loaded = load(StatusSettings, given_settings(args, StatusSettings), args.config)
     try:
-        if getattr(args, "url", None) and getattr(args, "data_dir", None):
-            raise CommandError("give --url or --data-dir, not both")
-        with _quiet_aiokafka():
-            return asyncio.run(_status_async(args))
-    except (CommandError, TallyError) as e:
-        return _fail(prog, e)
+        with quiet_kafka_logs():
+            return asyncio.run(_status_async(args, loaded))
     except KeyboardInterrupt:
-        return EXIT_OK if args.watch is not None else 130
+        if args.watch is None:
+            raise
+        return EXIT_OK  # Ctrl-C is how --watch ends
 
 
 # ------------------------------------------------------------------ registration

@@ -24,17 +24,19 @@ began (see `consumers.runtime.patches` for why this never overwrites a newer liv
 change with an older source read). Snapshot files are refused there.
 
 A progress bar (rows, rows/s, differences) goes to stderr on a terminal; a
-line every 10 s otherwise.
+line every `progress_interval` (10) seconds otherwise (`consumers.cli.progress`).
+``--definitions``, ``--data-dir``, ``--url``, ``--token``, ``--bootstrap-servers``
+and ``--progress`` are settings (`schemas.config.ReconcileSettings`).
 
-Exit status: 0 in sync (or patched), 2 bad usage / unreadable source /
-unknown aggregate / locked data dir, 3 differences found with
-``--fail-on-drift`` on a dry run.
+Exit status (`schemas.errors.EXIT_CODES`): 0 in sync (or patched), 2 bad usage,
+an unreadable source file or line, an unknown aggregate, 1 a source or consumer
+that does not answer, a missing or locked data dir, an aggregate not ready, 3
+differences found with ``--fail-on-drift`` on a dry run.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -43,11 +45,21 @@ from typing import Any
 
 import msgspec
 
-from engine import Store, StoreLocked, TallyError
+from consumers.cli.errors import DriftFound
+from consumers.cli.parser import add_config, add_setting, given_settings
+from consumers.cli.progress import Tick, progress
+from consumers.cli.settings import Loaded, load
+from consumers.cli.stores import open_store
+from engine import Store, TallyError
+from schemas.config import ReconcileSettings
+from schemas.errors import UsageError
 
 __all__ = ["register", "run_reconcile"]
 
-EXIT_DRIFT = 3
+LOCKED_HINT = (
+    "patch through it with --url http://HOST:PORT and its token in TALLY_TOKEN (its HTTP API), "
+    "or stop it first (a dry run is read-only and works either way)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,7 +80,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "  tally reconcile scores --source kafka:game.scores --definitions defs.py --data-dir ./data\n"
             "  tally reconcile scores --source postgresql://app@db/app --definitions defs.py --data-dir ./data \\\n"
             "      --patch --url http://127.0.0.1:8750    # while the consumer runs; token in $TALLY_TOKEN\n"
-            "\nexit status: 0 in sync or patched, 2 error, 3 drift found (with --fail-on-drift)"
+            "\nexit status: 0 in sync or patched, 1 unreachable source/consumer or locked\n"
+            "data dir, "
+            "2 bad usage or source, 3 drift found (with --fail-on-drift)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -79,10 +93,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="postgresql://... URL, kafka:TOPIC (a compacted change topic read to its end), "
         "or a .jsonl / .csv snapshot file",
     )
-    p.add_argument(
-        "--bootstrap-servers",
+    add_setting(
+        p,
+        ReconcileSettings,
+        "bootstrap_servers",
         metavar="HOST:PORT",
-        help="Kafka for a kafka: source (default 127.0.0.1:9092)",
+        help="Kafka for a kafka: source",
     )
     p.add_argument(
         "--table",
@@ -99,13 +115,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=["jsonl", "csv"],
         help="snapshot file format (default: from the extension)",
     )
-    p.add_argument(
-        "--definitions",
-        help="Python file or module with the TableAggregate (env TALLY_DEFINITIONS)",
+    add_setting(
+        p, ReconcileSettings, "definitions", help="Python file or module with the TableAggregate"
     )
-    p.add_argument(
-        "--data-dir", help="the store directory (env TALLY_DATA_DIR, default ./tally-data)"
-    )
+    add_setting(p, ReconcileSettings, "data_dir", metavar="DIR", help="the store directory")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--dry-run",
@@ -117,21 +130,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="fix the differences: offline (no consumer on --data-dir), or through the running consumer with --url",
     )
-    p.add_argument(
-        "--url",
-        help="with --patch: the running consumer's HTTP API; fixes are applied inside it, never over a newer "
-        "live change (env TALLY_URL)",
+    add_setting(
+        p,
+        ReconcileSettings,
+        "url",
+        help="with --patch: the running consumer's HTTP API; fixes are applied inside it, never "
+        "over a newer live change",
     )
-    p.add_argument(
-        "--token",
+    add_setting(
+        p,
+        ReconcileSettings,
+        "token",
         help="the consumer's token, for --url; prefer the environment variable TALLY_TOKEN "
         "(a flag is visible in the process list)",
     )
-    p.add_argument(
-        "--progress",
+    add_setting(
+        p,
+        ReconcileSettings,
+        "progress",
         choices=["auto", "bar", "lines", "none"],
-        default="auto",
-        help="progress on stderr: a bar on a terminal, a line every 10 s otherwise (default auto)",
+        help="progress on stderr: a bar on a terminal, a line every progress_interval seconds "
+        "otherwise (auto)",
     )
     p.add_argument(
         "--examples", type=int, default=10, metavar="N", help="examples kept per class (default 10)"
@@ -147,10 +166,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--fail-on-drift", action="store_true", help="exit 3 when a dry run finds differences"
     )
+    add_config(p)
     p.set_defaults(func=run_reconcile)
 
 
-def _open_source(args: argparse.Namespace, definition: Any) -> Any:
+def _open_source(args: argparse.Namespace, settings: ReconcileSettings, definition: Any) -> Any:
     from consumers.reconcile.sources import (
         SourceError,
         postgres_source,
@@ -166,11 +186,9 @@ def _open_source(args: argparse.Namespace, definition: Any) -> Any:
         topic = src[len("kafka:") :].lstrip("/")
         if not topic:
             raise SourceError("a topic source is kafka:TOPIC, e.g. --source kafka:game.scores")
-        bootstrap = (
-            args.bootstrap_servers or os.environ.get("TALLY_BOOTSTRAP_SERVERS") or "127.0.0.1:9092"
-        )
         return topic_source(
-            bootstrap, topic, args.table or definition.table, ids, column_types=definition.columns
+            settings.bootstrap_servers,
+            topic, args.table or definition.table, ids, column_types=definition.columns
         )
     if "://" in src:
         raise SourceError(
@@ -182,57 +200,57 @@ def _open_source(args: argparse.Namespace, definition: Any) -> Any:
 
 
 def _open_store(data_dir: str, write: bool) -> Store:
-    if not os.path.isdir(data_dir):
-        raise TallyError(f"no data dir at {data_dir!r}: pass --data-dir")
-    try:
-        return Store.open(data_dir, read_only=not write)
-    except StoreLocked:
-        raise TallyError(
-            f"data dir {data_dir!r} is locked: a consumer is running on it; patch through it with "
-            "--url http://HOST:PORT and its token in TALLY_TOKEN (its HTTP API), or stop it first (a dry run is read-only "
-            "and works either way)"
-        ) from None
+    return open_store(data_dir, read_only=not write, locked_hint=LOCKED_HINT)
 
 
 def run_reconcile(args: argparse.Namespace) -> int:
     from consumers.runtime.definitions import load_definitions
     from engine.reconcile import reconcile
 
-    spec = args.definitions or os.environ.get("TALLY_DEFINITIONS")
+    loaded = load(ReconcileSettings, given_settings(args, ReconcileSettings), args.config)
+    settings = loaded.settings
+    spec = settings.definitions
     if not spec:
-        raise TallyError("reconcile needs the aggregate's definition: pass --definitions FILE")
+        raise UsageError(
+            "reconcile needs the aggregate's definition: pass --definitions FILE "
+            "(or $TALLY_DEFINITIONS)"
+        )
     if args.examples < 0 or args.batch_size < 1:
-        raise TallyError("--examples must be >= 0 and --batch-size >= 1")
+        raise UsageError("--examples must be >= 0 and --batch-size >= 1")
     defs = {d.name: d for d in load_definitions(spec)}
     definition = defs.get(args.aggregate)
     if definition is None:
-        raise TallyError(
+        raise UsageError(
             f"no aggregate named {args.aggregate!r} in {spec!r} (defined: {', '.join(defs) or 'none'})"
         )
-    data_dir = args.data_dir or os.environ.get("TALLY_DATA_DIR") or "./tally-data"
-    url = args.url or os.environ.get("TALLY_URL")
-    if args.url and not args.patch:
-        raise TallyError("--url is for --patch through a running consumer; a dry run reads --data-dir directly")
+    data_dir = settings.data_dir
+    url = settings.url
+    if loaded.origin.get("url") == "flag" and not args.patch:
+        raise UsageError(
+            "--url is for --patch through a running consumer; a dry run reads --data-dir directly"
+        )
     live = bool(args.patch and url)
     if live and not _reads_at_run_time(args.source):
-        raise TallyError(
+        raise UsageError(
             "a snapshot file cannot patch a running consumer: its moment is unknown, so fixes could undo "
             "newer live changes. Reconcile against the table (postgresql://...) or topic (kafka:...), or "
             "stop the consumer and --patch offline"
         )
     # Postgres connects and snapshot files are checked here, before the store opens;
     # a kafka: source connects when it is first read.
-    source = _open_source(args, definition)
+    source = _open_source(args, settings, definition)
     estimate = _estimate(args, definition)
     if live:
-        report = _live_patch(args, definition, source, data_dir, url or "", estimate)
+        report = _live_patch(args, loaded, definition, source, url or "", estimate)
     else:
         store = _open_store(data_dir, args.patch)
         try:
             gen = store.generation(args.aggregate)
             if gen is not None and gen.active is None:
                 raise TallyError(
-                    f"aggregate {args.aggregate!r} has no ready generation yet (it is being built by replay)"
+                    f"aggregate {args.aggregate!r} has no ready generation yet (it is being built "
+                    "by replay)",
+                    hint="reconcile once the consumer has built it (`tally status` shows progress)",
                 )
             if args.patch and gen is not None and gen.building is not None:
                 raise TallyError(
@@ -240,7 +258,7 @@ def run_reconcile(args: argparse.Namespace) -> int:
                     "patch after the rebuild finishes"
                 )
             agg = store.aggregate(args.aggregate)
-            with _progress(args.progress, estimate) as progress:
+            with _progress(settings, estimate) as on_progress:
                 report = reconcile(
                     agg,
                     definition,
@@ -248,7 +266,7 @@ def run_reconcile(args: argparse.Namespace) -> int:
                     apply=args.patch,
                     examples=args.examples,
                     batch_size=args.batch_size,
-                    progress=progress,
+                    progress=on_progress,
                 )
         finally:
             store.close()
@@ -257,7 +275,12 @@ def run_reconcile(args: argparse.Namespace) -> int:
     else:
         _print_report(report)
     if args.fail_on_drift and report.patched is None and not report.in_sync:
-        return EXIT_DRIFT
+        sys.stdout.flush()
+        raise DriftFound(
+            f"{report.differences} difference(s) between {args.aggregate!r} and the source "
+            "(--fail-on-drift)",
+            hint="see the report above; --patch fixes them",
+        )
     return 0
 
 
@@ -274,38 +297,49 @@ def _estimate(args: argparse.Namespace, definition: Any) -> int | None:
 
 
 def _live_patch(
-    args: argparse.Namespace, definition: Any, source: Any, data_dir: str, url: str, estimate: int | None
+    args: argparse.Namespace,
+    loaded: Loaded[ReconcileSettings],
+    definition: Any,
+    source: Any,
+    url: str,
+    estimate: int | None,
 ) -> Any:
     """Diff read-only here; fixes applied inside the running consumer (`consumers.runtime.patches`)."""
     from consumers.client import TallyClient
     from consumers.client.patcher import RemotePatcher
     from engine.reconcile import diff
 
-    token = args.token or os.environ.get("TALLY_TOKEN")
-    client = TallyClient(url, timeout=60.0, token=token)
+    settings = loaded.settings
+    data_dir = settings.data_dir
+    client = TallyClient(url, timeout=60.0, token=settings.token)
     name = args.aggregate
     patcher = RemotePatcher(client, name, batch_size=min(args.batch_size, 5_000))
     session = patcher.begin()  # before the source is read: see consumers.runtime.patches
     try:
         if session["fingerprint"] != definition.fingerprint:
-            raise TallyError(
+            raise UsageError(
                 f"the consumer at {url} runs another definition of {name!r} (fingerprint "
                 f"{session['fingerprint']} vs {definition.fingerprint} in "
-                f"{args.definitions or os.environ.get('TALLY_DEFINITIONS')}): "
+                f"{settings.definitions}): "
                 "reconcile with the definitions file the consumer runs"
             )
         store = _open_store(data_dir, False)
         try:
             agg = store.aggregate(name)
             if agg.physical != session["generation"]:
-                raise TallyError(
+                raise UsageError(
                     f"{name!r} in {data_dir!r} is generation {agg.physical!r} but the consumer at {url} "
                     f"writes {session['generation']!r}: is --data-dir the consumer's data dir?"
                 )
             t0 = time.perf_counter()
-            with _progress(args.progress, estimate) as progress:
+            with _progress(settings, estimate) as on_progress:
                 report = diff(
-                    agg, definition, source, examples=args.examples, on_change=patcher, progress=progress
+                    agg,
+                    definition,
+                    source,
+                    examples=args.examples,
+                    on_change=patcher,
+                    progress=on_progress,
                 )
         finally:
             store.close()
@@ -318,58 +352,32 @@ def _live_patch(
     return report
 
 
+def _detail(tick: Tick) -> str:
+    of = f" of ~{tick.total:,} (estimated)" if tick.total else ""
+    diffs = int(tick.fields.get("differences", 0))
+    return f"{tick.done:,}{of} rows, {tick.rate:,.0f} rows/s, {diffs:,} differences"
+
+
 @contextmanager
-def _progress(mode: str, total: int | None) -> Iterator[Callable[[int, int], None] | None]:
-    """A ``progress(rows, differences)`` callback for `engine.reconcile.diff`, drawing on stderr."""
-    if mode == "none":
+def _progress(
+    settings: ReconcileSettings, total: int | None
+) -> Iterator[Callable[[int, int], None] | None]:
+    """A ``progress(rows, differences)`` callback for `engine.reconcile.diff` (None: none shown)."""
+    if settings.progress == "none":
         yield None
         return
-    if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+    with progress(
+        settings.progress,
+        title="reconcile",
+        total=total,
+        detail=_detail,
+        interval=settings.progress_interval,
+    ) as shown:
 
-        with Progress(
-            TextColumn("reconcile"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("rows · {task.fields[rate]} rows/s · {task.fields[diffs]} differences"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        ) as bar:
-            task = bar.add_task("rows", total=total, rate="-", diffs=0)
-            t0 = time.perf_counter()
+        def update(rows: int, differences: int) -> None:
+            shown.update(rows, differences=differences)
 
-            def draw(rows: int, diffs: int) -> None:
-                rate = rows / max(1e-9, time.perf_counter() - t0)
-                if total is not None and rows > total:
-                    bar.update(task, total=rows)
-                bar.update(task, completed=rows, rate=f"{rate:,.0f}", diffs=diffs)
-
-            yield draw
-        return
-    t0 = last = time.perf_counter()
-
-    def line(rows: int, diffs: int) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        if now - last < 10.0:
-            return
-        last = now
-        rate = rows / max(1e-9, now - t0)
-        of = f"/{total} (estimated)" if total else ""
-        sys.stderr.write(f"reconcile: {rows}{of} rows, {rate:,.0f} rows/s, {diffs} differences\n")
-        sys.stderr.flush()
-
-    yield line
+        yield update
 
 
 def _fmt(side: dict[str, Any] | None) -> str:

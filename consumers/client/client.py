@@ -31,10 +31,10 @@ from typing import Any
 import msgspec
 
 from engine import Bounds, Item, Order, Page, Query, TallyError
+from schemas.config import DEFAULT_URL
+from schemas.errors import EXIT_RUNTIME, EXIT_USAGE, Unreachable
 
-__all__ = ["DEFAULT_URL", "ClientError", "TallyClient"]
-
-DEFAULT_URL = "http://127.0.0.1:8750"
+__all__ = ["DEFAULT_URL", "ClientError", "ServerUnreachable", "TallyClient"]
 
 BoundsArg = Bounds | Mapping[str, Any] | None
 QueryArg = Query | Mapping[str, Any]
@@ -44,7 +44,11 @@ _decoder = msgspec.json.Decoder()
 
 
 class ClientError(TallyError):
-    """An HTTP API call failed: ``status`` (None if no answer), ``code``, and the message."""
+    """An HTTP API call failed: ``status`` (None if no answer), ``code``, and the message.
+
+    Its exit code follows the answer: a 4xx (or a value the client refused to send) is the
+    caller's to fix (2), a 5xx the server's (1, e.g. 503 while an aggregate is being built).
+    """
 
     def __init__(
         self,
@@ -52,11 +56,23 @@ class ClientError(TallyError):
         status: int | None = None,
         code: str | None = None,
         details: Mapping[str, Any] | None = None,
+        *,
+        advice: str | None = None,
+        hint: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, advice=advice, hint=hint)
         self.status = status
         self.code = code
         self.details = dict(details or {})
+        self.exit_code = EXIT_RUNTIME if status is not None and status >= 500 else EXIT_USAGE
+
+
+class ServerUnreachable(ClientError, Unreachable):
+    """No HTTP answer at all: nothing listens at the url, or the connection failed (exit 1)."""
+
+    def __init__(self, message: str, *, advice: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, advice=advice, hint=hint)
+        self.exit_code = EXIT_RUNTIME
 
 
 def _tup(v: Any) -> Any:
@@ -136,10 +152,14 @@ class TallyClient:
             raise self._error(method, url, e.code, raw) from None
         except (OSError, http.client.HTTPException) as e:  # URLError, refused, reset, timeout
             reason = getattr(e, "reason", e)
-            raise ClientError(
-                f"cannot reach tally at {self.url} ({method} {path}): {reason}. Is a consumer running "
-                "with its HTTP API there? Start one with `tally consume DEFINITIONS --http HOST:PORT` "
-                "or pass the right url to TallyClient"
+            start = (
+                "is a consumer running with its HTTP API there? Start one with "
+                "`tally consume DEFINITIONS --http HOST:PORT`, or pass the right "
+            )
+            raise ServerUnreachable(
+                f"cannot reach tally at {self.url} ({method} {path}): {reason}",
+                advice=start + "url to TallyClient",
+                hint=start + "--url (or $TALLY_URL)",
             ) from None
 
     @staticmethod

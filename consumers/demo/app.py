@@ -23,8 +23,11 @@ What it does, in order:
    to try next, and stops (``--serve`` keeps the consumer and the HTTP API
    running until Ctrl-C).
 
-Exit status: 0 verified, 1 a mismatch or a runtime failure (broker, store),
-2 bad usage, 130 interrupted.
+Exit status (`schemas.errors.EXIT_CODES`): 0 verified, 1 a mismatch or a
+runtime failure (broker, store), 2 bad usage, 130 interrupted. Errors are
+raised (`DemoFailed` and the rest of the tree) and reported by
+`consumers.cli.errors`. The broker address is the one setting
+(`schemas.config.DemoSettings`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import math
 import os
 import random
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -51,19 +53,20 @@ from typing import Any, Final
 
 import msgspec
 
+from consumers.cli.parser import add_config, add_setting, given_settings
+from consumers.cli.settings import load
+from consumers.signals import on_stop_signals
 from engine import AggregateNotReady, Store, TallyError
 from schemas import ConfigError
-from schemas.config import DEFAULT_HTTP, ConsumerSettings
+from schemas.config import DEFAULT_BOOTSTRAP_SERVERS, DEFAULT_HTTP, ConsumerSettings, DemoSettings
+from schemas.errors import Interrupted, Unreachable, UsageError
 
 __all__ = ["Answers", "ScoreStream", "engine_answers", "oracle_answers", "register"]
 
 PROG: Final = "tally demo"
 EXIT_OK: Final = 0
-EXIT_FAIL: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_INTERRUPTED: Final = 130
 
-DEFAULT_BOOTSTRAP: Final = "127.0.0.1:9092"
+DEFAULT_BOOTSTRAP: Final = DEFAULT_BOOTSTRAP_SERVERS
 DEFAULT_TOPIC: Final = "tally-demo.scores"
 TABLE: Final = "scores"
 PARTITIONS: Final = 3
@@ -98,12 +101,9 @@ NAMES: Final = (
 )  # fmt: skip
 
 
-class DemoError(Exception):
-    """A failure to report as one line on stderr, with an exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
-        super().__init__(message)
-        self.code = code
+class DemoFailed(TallyError):
+    """The demo could not show what it promised: a mismatch with the oracle, or a broker,
+    topic or consumer failure (exit 1, or the exit code of the consumer's error)."""
 
 
 # ------------------------------------------------------------------ the stream
@@ -347,7 +347,9 @@ def _addresses(bootstrap: str) -> list[tuple[str, int]]:
         try:
             out.append((host.strip("[]") or "127.0.0.1", int(port)))
         except ValueError:
-            raise DemoError(f"--bootstrap-servers takes HOST:PORT[,HOST:PORT...], got {bootstrap!r}", EXIT_USAGE) from None
+            raise ConfigError(
+                f"--bootstrap-servers takes HOST:PORT[,HOST:PORT...], got {bootstrap!r}"
+            ) from None
     return out
 
 
@@ -368,7 +370,7 @@ def ensure_broker(bootstrap: str, say: Callable[[str], None]) -> None:
     host_ports = _addresses(bootstrap)
     default = len(host_ports) == 1 and host_ports[0][1] == 9092 and host_ports[0][0] in ("127.0.0.1", "localhost")
     if not default:
-        raise DemoError(
+        raise Unreachable(
             f"no Kafka broker answers at {bootstrap}: start it, or drop --bootstrap-servers to use "
             f"(and auto-start) the local one at {DEFAULT_BOOTSTRAP}"
         )
@@ -380,7 +382,9 @@ def ensure_broker(bootstrap: str, say: Callable[[str], None]) -> None:
     env = {**os.environ, "TALLY_BROKER_PROG": f"python {shown}"}
     res = subprocess.run([*launcher, "start", "--port", "9092"], stdin=subprocess.DEVNULL, check=False, env=env)
     if res.returncode != 0 or not broker_answers(bootstrap, timeout=5.0):
-        raise DemoError(f"`python {shown} start` failed (exit {res.returncode}); see its output above")
+        raise DemoFailed(
+            f"`python {shown} start` failed (exit {res.returncode}); see its output above"
+        )
 
 
 async def ensure_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> int:
@@ -398,7 +402,9 @@ async def ensure_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> int
             code = err[1]
             if code not in (0, TOPIC_ALREADY_EXISTS):
                 msg = err[2] if len(err) > 2 else ""
-                raise DemoError(f"creating topic {topic!r} failed: Kafka error {code} {msg or ''}".strip())
+                raise DemoFailed(
+                    f"creating topic {topic!r} failed: Kafka error {code} {msg or ''}".strip()
+                )
         deadline = time.monotonic() + timeout
         while True:
             (meta,) = await admin.describe_topics([topic])
@@ -406,7 +412,9 @@ async def ensure_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> int
             if meta.get("error_code") == 0 and parts and all(p.get("leader", -1) >= 0 for p in parts):
                 return len(parts)
             if time.monotonic() > deadline:
-                raise DemoError(f"topic {topic!r} has no leader after {timeout:g}s: is the broker healthy?")
+                raise DemoFailed(
+                    f"topic {topic!r} has no leader after {timeout:g}s: is the broker healthy?"
+                )
             await asyncio.sleep(0.05)
     finally:
         await admin.close()
@@ -435,7 +443,7 @@ async def read_topic_rows(consumer: Any, topic: str, tps: list[Any]) -> tuple[di
                 elif ev.kind == "truncate":
                     rows.clear()
     except TimeoutError:
-        raise DemoError(f"reading the existing records of {topic!r} timed out") from None
+        raise DemoFailed(f"reading the existing records of {topic!r} timed out") from None
     return rows, records
 
 
@@ -639,28 +647,33 @@ def _options(args: argparse.Namespace) -> Options:
     short = bool(args.short)
     events = args.events if args.events is not None else (SHORT_EVENTS if short else DEFAULT_EVENTS)
     if events < 1:
-        raise DemoError(f"--events must be at least 1, got {events}", EXIT_USAGE)
+        raise UsageError(f"--events must be at least 1, got {events}")
     if args.rate is not None:
         if args.rate < 0:
-            raise DemoError(f"--rate must be 0 (as fast as possible) or positive, got {args.rate:g}", EXIT_USAGE)
+            raise UsageError(
+                f"--rate must be 0 (as fast as possible) or positive, got {args.rate:g}"
+            )
         rate = float(args.rate)
     else:
         rate = events / (SHORT_SECONDS if short else DEFAULT_SECONDS)
-    bootstrap = args.bootstrap_servers or os.environ.get("TALLY_BOOTSTRAP_SERVERS") or DEFAULT_BOOTSTRAP
+    settings = load(DemoSettings, given_settings(args, DemoSettings), args.config).settings
+    bootstrap = settings.bootstrap_servers
     _addresses(bootstrap)
     http: str | None = None
     if not args.no_http:
         http = args.http or DEFAULT_HTTP
         if importlib.util.find_spec("consumers.http.app") is None:
             if args.http or args.serve:
-                raise DemoError("this build has no HTTP API (consumers/http/app.py); run without --http/--serve")
+                raise UsageError(
+                    "this build has no HTTP API (consumers/http/app.py); run without --http/--serve"
+                )
             http = None
     elif args.http:
-        raise DemoError("give --http or --no-http, not both", EXIT_USAGE)
+        raise UsageError("give --http or --no-http, not both")
     live = sys.stdout.isatty() and not args.plain
     interval = args.interval if args.interval is not None else (0.5 if short else (1.0 if live else 2.0))
     if interval <= 0:
-        raise DemoError(f"--interval must be positive, got {interval:g}", EXIT_USAGE)
+        raise UsageError(f"--interval must be positive, got {interval:g}")
     return Options(
         events=events,
         rate=rate,
@@ -696,9 +709,7 @@ async def _demo(opts: Options) -> int:
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    remove_signals = on_stop_signals(loop, lambda _sig: stop.set())
 
     configure_logging("warning", "auto")
     defs_path = _definitions_path()
@@ -724,10 +735,7 @@ async def _demo(opts: Options) -> int:
             )
 
         data_dir = opts.data_dir or tempfile.mkdtemp(prefix="tally-demo-")
-        try:
-            store = Store.open(data_dir)
-        except TallyError as e:
-            raise DemoError(str(e)) from None
+        store = Store.open(data_dir)
         settings = ConsumerSettings(
             definitions=defs_path,
             bootstrap_servers=opts.bootstrap,
@@ -837,10 +845,10 @@ async def _demo(opts: Options) -> int:
             try:
                 producer_task.result()
             except ProduceError as e:
-                raise DemoError(f"producing to {opts.topic} failed: {e}") from None
+                raise DemoFailed(f"producing to {opts.topic} failed: {e}") from None
             if stop.is_set():
                 _say("interrupted: stopping the consumer")
-                return EXIT_INTERRUPTED
+                raise Interrupted("interrupted")
 
             # Caught up = every aggregate is ready (no replay still building it) and
             # every partition's committed offset reached its end offset.
@@ -854,10 +862,10 @@ async def _demo(opts: Options) -> int:
                 if task.done():
                     _raise_task_error(task)
                 if stop.is_set():
-                    return EXIT_INTERRUPTED
+                    raise Interrupted("interrupted")
                 if time.monotonic() > deadline:
                     detail = ", ".join(f"{tp.partition}: {stored.get(tp, 0)}/{end}" for tp, end in behind.items())
-                    raise DemoError(
+                    raise DemoFailed(
                         "the consumer did not catch up within 120s "
                         f"(partition: committed/end {detail or 'all done'}; aggregates ready: {ready()})"
                     )
@@ -866,7 +874,7 @@ async def _demo(opts: Options) -> int:
                 await asyncio.sleep(0.1)
             got = snapshot()
             if isinstance(got, str):
-                raise DemoError(f"the aggregates are not ready after catching up: {got}")
+                raise DemoFailed(f"the aggregates are not ready after catching up: {got}")
             final = got
             prog.caught_up = True
             if live_obj is not None:
@@ -887,7 +895,7 @@ async def _demo(opts: Options) -> int:
         if mismatches:
             for m in mismatches:
                 print(f"{PROG}: mismatch: {m}", file=sys.stderr)
-            raise DemoError(f"verification against the in-memory oracle failed: {mismatches[0]}")
+            raise DemoFailed(f"verification against the in-memory oracle failed: {mismatches[0]}")
         _say(
             "verified against an in-memory oracle: ✓ (every answer above, and every item of "
             "leaderboard, by_game and high_scores)"
@@ -916,9 +924,7 @@ async def _demo(opts: Options) -> int:
             await reader.stop()
         if store is not None:
             store.close()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
+        remove_signals()
 
 
 def _building_note(progress: Any) -> str:
@@ -935,13 +941,15 @@ def _building_note(progress: Any) -> str:
 
 def _raise_task_error(task: asyncio.Task[int]) -> None:
     if task.cancelled():
-        raise DemoError("the consumer was cancelled")
+        raise DemoFailed("the consumer was cancelled")
     exc = task.exception()
     if exc is None:
-        raise DemoError(f"the consumer stopped early (exit {task.result()})")
+        raise DemoFailed(f"the consumer stopped early (exit {task.result()})")
     if isinstance(exc, TallyError):
-        raise DemoError(f"the consumer failed: {exc}", EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAIL)
-    raise DemoError(f"the consumer failed: {type(exc).__name__}: {exc}")
+        failed = DemoFailed(f"the consumer failed: {exc.cli_text()}")
+        failed.exit_code = exc.exit_code  # a bad setting stays a usage error
+        raise failed
+    raise DemoFailed(f"the consumer failed: {type(exc).__name__}: {exc}")
 
 
 def _print_next(data_dir: str, opts: Options, stream: ScoreStream) -> None:
@@ -991,6 +999,8 @@ The broker: --bootstrap-servers, $TALLY_BOOTSTRAP_SERVERS, else {DEFAULT_BOOTSTR
 started by the bundled launcher (python -m ...demo.broker) when nothing answers there. The topic ({DEFAULT_TOPIC}) is kept
 between runs; a new run's oracle starts from what it already holds.
 exit status: 0 verified, 1 mismatch or runtime failure, 2 bad usage, 130 interrupted.
+The broker address is a setting: --bootstrap-servers, TALLY_BOOTSTRAP_SERVERS, or
+bootstrap_servers in the [demo] section (or at top level) of the TOML file (--config).
 """
 
 
@@ -1008,17 +1018,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
-    def error(message: str) -> Any:
-        p.exit(EXIT_USAGE, f"{PROG}: error: {message} (see `{PROG} --help`)\n")
-
-    setattr(p, "error", error)  # noqa: B010 - single-line usage errors
     p.add_argument("--events", type=int, metavar="N", help=f"change events to produce (default {DEFAULT_EVENTS:,}; --short {SHORT_EVENTS:,})")
     p.add_argument("--short", action="store_true", help=f"a quick run: {SHORT_EVENTS:,} events in about {SHORT_SECONDS:g}s")
     p.add_argument(
         "--rate", type=float, metavar="PER_S", help=f"events per second (default: spread over ~{DEFAULT_SECONDS:g}s; 0 = as fast as possible)"
     )
     p.add_argument("--serve", action="store_true", help="after the stream, keep the consumer and HTTP API running until Ctrl-C")
-    p.add_argument("--bootstrap-servers", metavar="HOST:PORT", help=f"Kafka brokers (default $TALLY_BOOTSTRAP_SERVERS, else {DEFAULT_BOOTSTRAP})")
+    add_setting(
+        p,
+        DemoSettings,
+        "bootstrap_servers",
+        metavar="HOST:PORT",
+        help="Kafka brokers (the default one is started when nothing answers there)",
+    )
+    add_config(p)
     p.add_argument("--data-dir", metavar="DIR", help="where the consumer keeps its state (default: a new temp dir)")
     p.add_argument("--topic", default=DEFAULT_TOPIC, help=f"the compacted topic to use (default {DEFAULT_TOPIC})")
     p.add_argument("--http", metavar="HOST:PORT", help=f"serve the HTTP API here (default {DEFAULT_HTTP})")
@@ -1030,16 +1043,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``tally demo``; returns the exit code."""
-    try:
-        opts = _options(args)
-        return asyncio.run(_demo(opts))
-    except DemoError as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return e.code
-    except TallyError as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_FAIL
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    """Run ``tally demo``; returns the exit code (errors are raised, see `consumers.cli.errors`)."""
+    opts = _options(args)
+    return asyncio.run(_demo(opts))

@@ -74,7 +74,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLarg
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import RecordMetadata
 
-from schemas.errors import ConfigError, InvalidEvent, TallyError
+from schemas.config import DEFAULT_BOOTSTRAP_SERVERS, DEFAULT_CONNECT_TIMEOUT
+from schemas.errors import ConfigError, InvalidEvent, TallyError, Unreachable
 from schemas.events import NativeEvent, NativeOp
 from schemas.keys import (
     IdField,
@@ -95,9 +96,7 @@ __all__ = [
     "SyncChangeProducer",
 ]
 
-DEFAULT_BOOTSTRAP_SERVERS: Final = "127.0.0.1:9092"
 DEFAULT_MAX_BATCH_SIZE: Final = 256 * 1024
-DEFAULT_CONNECT_TIMEOUT: Final = 15.0
 _RECORD_OVERHEAD: Final = (
     64  # bytes a record costs in a batch besides its key and value (upper bound)
 )
@@ -115,12 +114,19 @@ class ProduceError(TallyError):
     unknown or when the failure came before anything was enqueued).
     """
 
-    def __init__(self, message: str, undelivered: int = 0) -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        undelivered: int = 0,
+        *,
+        advice: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, advice=advice, hint=hint)
         self.undelivered = undelivered
 
 
-class BrokerUnavailable(ProduceError):
+class BrokerUnavailable(ProduceError, Unreachable):
     """No broker answered at the bootstrap address within the connect timeout."""
 
 
@@ -218,8 +224,11 @@ class ChangeProducer:
             else:
                 reason = _describe(exc)
             raise BrokerUnavailable(
-                f"cannot connect to Kafka at {self.servers}: {reason}; check the address and that "
-                "the broker is running (the local one: scripts/kafka start)"
+                f"cannot connect to Kafka at {self.servers}: {reason}",
+                advice="check the address and that the broker is running (the local one: "
+                "scripts/kafka start)",
+                hint="check --bootstrap-servers (or $TALLY_BOOTSTRAP_SERVERS) and that the "
+                "broker is running (the local one: scripts/kafka start)",
             ) from exc
         except BaseException:
             await producer.stop()

@@ -3,10 +3,18 @@ each yielding ``(encoded id, row)`` in id order for `engine.reconcile`."""
 
 from consumers.reconcile.sources import (
     SourceError,
+    SourceUnreachable,
     postgres_row_estimate,
     postgres_source,
     snapshot_source,
     topic_source,
 )
 
-__all__ = ["SourceError", "postgres_row_estimate", "postgres_source", "snapshot_source", "topic_source"]
+__all__ = [
+    "SourceError",
+    "SourceUnreachable",
+    "postgres_row_estimate",
+    "postgres_source",
+    "snapshot_source",
+    "topic_source",
+]

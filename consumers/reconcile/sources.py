@@ -10,8 +10,9 @@
   trusted. The merge in `engine.reconcile.diff` also checks the order and
   stops with `SourceOrderError` if it is ever violated.
 * `snapshot_source` — a JSON Lines (one object per line) or CSV file (header
-  row; cells read by `consumers.csv_cells.infer_value`, the rule `tally
-  produce` uses: a JSON number is that number, an empty cell None, anything
+  row), read by `consumers.rows`, the reader `tally produce` uses, with its
+  strict rules (no NaN, no ragged rows, UTF-8, the line in every error; a CSV
+  cell that is a JSON number is that number, an empty cell None, anything
   else the string). Files need not be sorted: they are
   sorted by encoded id with an external merge sort (sorted runs of
   ``run_rows`` rows spilled to temporary files), so memory stays bounded.
@@ -19,26 +20,34 @@
   latest row per id (decoded like the consumer decodes), spilled to a
   temporary SQLite file and read back ordered by encoded id.
 
-Errors are `SourceError` (a `TallyError`) with a one-line message.
+Errors are `SourceError` (a `UsageError`: exit 2) with a one-line message,
+`SourceUnreachable` (exit 1) when Postgres or Kafka does not answer, and
+`consumers.rows.RowError` (exit 2) for a bad line of a snapshot file.
 """
 
 from __future__ import annotations
 
-import csv
 import heapq
-import json
 import os
 import pickle
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from consumers.rows import infer_value
+from consumers.rows import Lines, RowError, format_of, read_rows
 from engine import TallyError, decode_key, encode_key
 from engine.keys import key_repr
-from schemas import DecodeFormat
+from schemas import DecodeFormat, InvalidEvent, row_id
+from schemas.errors import EXIT_RUNTIME, Unreachable, UsageError
 
-__all__ = ["SourceError", "postgres_row_estimate", "postgres_source", "snapshot_source", "topic_source"]
+__all__ = [
+    "SourceError",
+    "SourceUnreachable",
+    "postgres_row_estimate",
+    "postgres_source",
+    "snapshot_source",
+    "topic_source",
+]
 
 Keyed = Iterator[tuple[bytes, Mapping[str, Any]]]
 
@@ -47,8 +56,14 @@ _INT_OIDS = {20, 21, 23}  # int8, int2, int4
 _TEXT_OIDS = {25, 1043, 1042, 19}  # text, varchar, bpchar, name
 
 
-class SourceError(TallyError):
-    """A source that cannot be read (unreachable, malformed, unsupported)."""
+class SourceError(UsageError):
+    """A source that cannot be read as given (malformed, unsupported, missing): exit 2."""
+
+
+class SourceUnreachable(SourceError, Unreachable):
+    """Postgres or Kafka did not answer, or the connection failed while reading: exit 1."""
+
+    exit_code = EXIT_RUNTIME
 
 
 def _ident(name: str) -> str:
@@ -84,7 +99,7 @@ def postgres_source(
         conn = psycopg.connect(url, connect_timeout=int(max(1, connect_timeout)), autocommit=False)
     except psycopg.Error as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SourceError(f"cannot connect to Postgres at {_redact(url)}: {msg}") from None
+        raise SourceUnreachable(f"cannot connect to Postgres at {_redact(url)}: {msg}") from None
     return _pg_rows(conn, table, list(id_columns), fetch_size, dict_row, psycopg)
 
 
@@ -155,7 +170,7 @@ def _pg_rows(
                             ) from None
                         yield eid, row
     except psycopg.OperationalError as e:
-        raise SourceError(
+        raise SourceUnreachable(
             f"Postgres connection failed while reading {table!r}: {str(e).strip()}"
         ) from None
     finally:
@@ -165,38 +180,22 @@ def _pg_rows(
 # ------------------------------------------------------------------ snapshot files
 
 
-def _file_rows(path: str, fmt: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
+def _file_rows(
+    path: str, fmt: str, id_fields: Sequence[str]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The rows of a snapshot file, by the reader `tally produce` uses (`consumers.rows`)."""
     try:
-        f = open(path, newline="" if fmt == "csv" else None, encoding="utf-8")  # noqa: SIM115 (closed below)
+        f = open(path, "rb")  # noqa: SIM115 (closed below)
     except OSError as e:
         raise SourceError(f"cannot open snapshot file {path!r}: {e.strerror}") from None
     with f:
-        if fmt == "csv":
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
-                raise SourceError(
-                    f"snapshot file {path!r} is empty: a CSV snapshot needs a header row"
-                )
-            for row in reader:
-                if None in row:
-                    raise SourceError(f"{path}:{reader.line_num}: more cells than header columns")
-                yield (
-                    reader.line_num,
-                    {k: infer_value(v) if v is not None else None for k, v in row.items()},
-                )
-        else:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise SourceError(f"{path}:{n}: not valid JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise SourceError(
-                        f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}"
-                    )
-                yield n, row
+        yield from read_rows(
+            Lines(f),
+            "csv" if fmt == "csv" else "jsonl",
+            where=path,
+            required_columns=id_fields,
+            column_hint="choose the id column(s) with --id-column",
+        )
 
 
 def snapshot_source(
@@ -208,13 +207,10 @@ def snapshot_source(
 ) -> Keyed:
     """Rows of a JSON Lines or CSV snapshot, sorted by encoded id (external sort; bounded memory).
 
-    ``fmt``: ``jsonl`` or ``csv`` (default: from the extension, ``.csv`` → csv,
-    anything else → JSON Lines). A duplicated id is an error.
+    ``fmt``: ``jsonl`` or ``csv`` (default: from the extension — ``.jsonl``, ``.ndjson``,
+    ``.json`` or ``.csv``). A duplicated id is an error, like a missing or null one.
     """
-    if fmt is None:
-        fmt = "csv" if path.lower().endswith(".csv") else "jsonl"
-    if fmt not in ("csv", "jsonl"):
-        raise SourceError(f"snapshot format must be csv or jsonl, got {fmt!r}")
+    fmt = format_of(path, fmt, flag="--format")
     if not os.path.isfile(path):
         raise SourceError(f"snapshot file {path!r} does not exist")
     fields = list(id_fields)
@@ -247,15 +243,18 @@ def _sorted(path: str, fmt: str, fields: list[str], run_rows: int) -> Keyed:
                     return
 
     try:
-        for line, row in _file_rows(path, fmt):
+        id_field = single if single is not None else tuple(fields)
+        for line, row in _file_rows(path, fmt, fields):
             try:
-                rid = row[single] if single is not None else tuple(row[c] for c in fields)
-            except KeyError as e:
-                raise SourceError(f"{path}:{line}: row has no id field {e.args[0]!r}") from None
+                rid = row_id(row, id_field)
+            except InvalidEvent as e:
+                raise RowError(
+                    path, line, f"{e}; choose the id column(s) with --id-column"
+                ) from None
             try:
                 eid = encode_key(rid)
             except TallyError as e:
-                raise SourceError(f"{path}:{line}: invalid id {rid!r}: {e}") from None
+                raise RowError(path, line, f"invalid id {rid!r}: {e}") from None
             buf.append((eid, line, row))
             if len(buf) >= run_rows:
                 spill()
@@ -269,13 +268,17 @@ def _sorted(path: str, fmt: str, fields: list[str], run_rows: int) -> Keyed:
             buf.sort(key=lambda t: t[0])
             merged = iter(buf)
         prev: tuple[bytes, int] | None = None
-        for eid, line, row in merged:
+        for eid, line, found in merged:
             if prev is not None and prev[0] == eid:
-                raise SourceError(
-                    f"{path}: id {key_repr(decode_key(eid))} appears twice (lines {prev[1]} and {line})"
+                first, second = sorted((prev[1], line))
+                raise RowError(
+                    path,
+                    second,
+                    f"id {key_repr(decode_key(eid))} appears twice (also on line {first}): a "
+                    "snapshot holds one row per id",
                 )
             prev = (eid, line)
-            yield eid, row
+            yield eid, found
     finally:
         import shutil
 
@@ -351,8 +354,10 @@ def _topic_rows(
             await asyncio.wait_for(consumer.start(), timeout)
         except (KafkaError, OSError, asyncio.TimeoutError) as e:
             await consumer.stop()
-            raise SourceError(
-                f"cannot reach Kafka at {bootstrap}: {e or type(e).__name__}"
+            raise SourceUnreachable(
+                f"cannot reach Kafka at {bootstrap}: {e or type(e).__name__}",
+                hint="check --bootstrap-servers (or $TALLY_BOOTSTRAP_SERVERS) and that the "
+                "broker is running",
             ) from None
         try:
             parts = await _partitions(bootstrap, topic, timeout)
@@ -380,7 +385,9 @@ def _topic_rows(
                     _write(ups)
                     ups = []
             except TimeoutError:
-                raise SourceError(f"reading topic {topic!r} to its end took more than {timeout:.0f}s") from None
+                raise SourceUnreachable(
+                    f"reading topic {topic!r} to its end took more than {timeout:.0f}s"
+                ) from None
         finally:
             await consumer.stop()
 

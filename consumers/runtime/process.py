@@ -49,6 +49,7 @@ from consumers.runtime.patches import PatchSessions
 from consumers.runtime.stats import ConsumerStats
 from consumers.runtime.streams import LIVE, Stream, offset_key, stored_offsets
 from consumers.runtime.topicmap import mapping_hint
+from consumers.signals import on_stop_signals
 from engine import Store, TableAggregate
 from engine.triggers import Applier
 from schemas import BadRecord, ChangeEvent, ConfigError, EventDecoder
@@ -76,9 +77,8 @@ class ConsumerProcess:
         settings: ConsumerSettings,
         definitions: Sequence[TableAggregate],
         store: Store,
-        *,
-        stale: str = "serve",
     ) -> None:
+        stale = settings.stale
         if stale not in ("serve", "drop"):
             raise ConfigError(f"stale policy must be 'serve' or 'drop', got {stale!r}")
         self.settings = settings
@@ -204,10 +204,7 @@ class ConsumerProcess:
     async def run(self, *, until_caught_up: bool = False, install_signals: bool = True) -> int:
         """Consume until stopped (or caught up); returns the process exit code."""
         loop = asyncio.get_running_loop()
-        if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, self._on_signal, sig)
+        remove_signals = on_stop_signals(loop, self._on_signal) if install_signals else None
         self._plan_generations()
         # Millions of short-lived rows and items would make the cyclic GC walk the whole heap
         # again and again (it showed up as ~40% of replay time); our data has no cycles to
@@ -239,10 +236,8 @@ class ConsumerProcess:
             await self._close()
             if http is not None:
                 await http.cleanup()
-            if install_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    with contextlib.suppress(NotImplementedError, RuntimeError):
-                        loop.remove_signal_handler(sig)
+            if remove_signals is not None:
+                remove_signals()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self.log.info(

@@ -17,7 +17,7 @@ from typing import Final
 
 from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
-from ..errors import StoreLocked, TallyError
+from ..errors import StoreLocked, StoreNotFound, TallyError
 from .metadata import CF_IDS, CF_LOG, CF_META, CF_NODES, COLUMN_FAMILIES
 
 __all__ = ["BLOCK_CACHE_BYTES", "Database"]
@@ -84,9 +84,12 @@ class Database:
         try:
             if self.read_only:
                 if not os.path.exists(os.path.join(self.path, "CURRENT")):
-                    raise TallyError(
-                        f"no tally store at {self.path!r}: check --data-dir, or start a consumer "
-                        "there first (read-only opens never create a store)"
+                    raise StoreNotFound(
+                        f"no tally store at {self.path!r}",
+                        advice="open the path a consumer writes, or start one there first "
+                        "(read-only opens never create a store)",
+                        hint="check --data-dir (or $TALLY_DATA_DIR), or start a consumer there "
+                        "first (read-only opens never create a store)",
                     )
                 self.manifest = read_current(self.path)
                 if self._secondary_dir is None:
@@ -115,8 +118,10 @@ class Database:
             if "lock" in msg.lower():
                 raise StoreLocked(
                     f"cannot open store at {self.path!r}: {msg} — another process is writing this "
-                    "store; open it with read_only=True (or `tally query --data-dir`), or stop the "
-                    "other writer"
+                    "store",
+                    advice="open it with read_only=True, or stop the other writer",
+                    hint="read it with `tally query --data-dir` (read-only), or stop the other "
+                    "writer",
                 ) from e
             raise TallyError(f"cannot open store at {self.path!r}: {msg}") from e
         db = self._db

@@ -12,7 +12,7 @@ import random as _random
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .btree import Tree
+from .btree import Sum, Tree
 from .errors import (
     InvalidArgument,
     InvalidKey,
@@ -38,7 +38,7 @@ class Prepared(NamedTuple):
     key: bytes
     id: bytes
     namespace: bytes
-    sum_value: int | float
+    sum_value: Sum
 
 __all__ = ["Aggregate", "Prepared"]
 
@@ -78,7 +78,7 @@ def _encode_id(id: Any) -> bytes:
     return encode_key(id)
 
 
-def _first(entry: tuple[bytes, int | float]) -> bytes:
+def _first(entry: tuple[bytes, Sum]) -> bytes:
     return entry[0]
 
 
@@ -90,7 +90,7 @@ def _order(order: Any) -> bool:
     raise InvalidArgument(f"order must be 'asc' or 'desc', got {key_repr(order)}")
 
 
-def _unchanged(old: IdEntry, ens: bytes, ek: bytes, s: int | float) -> bool:
+def _unchanged(old: IdEntry, ens: bytes, ek: bytes, s: Sum) -> bool:
     """The id already holds exactly this item (a sum of another type, 5 vs 5.0, is a change)."""
     return old.ns == ens and old.key == ek and old.sum == s and type(old.sum) is type(s)
 
@@ -100,7 +100,7 @@ def _drops_when_empty(store: Store, max_node_size: int) -> bool:
     return max_node_size == store.max_node_size
 
 
-def _item(ek: bytes, s: int | float, namespace: Any) -> Item:
+def _item(ek: bytes, s: Sum, namespace: Any) -> Item:
     key, j = decode_keys(ek, 0)
     id_, _ = decode_keys(ek, j)
     return Item(key, id_, s, namespace)
@@ -174,7 +174,7 @@ class Aggregate:
             encode_key(key), _encode_id(id), encode_key(namespace), _check_sum(sum_value), mode, id
         )
 
-    def _write_enc(self, ek: bytes, eid: bytes, ens: bytes, s: int | float, mode: str, id: Any) -> bool:
+    def _write_enc(self, ek: bytes, eid: bytes, ens: bytes, s: Sum, mode: str, id: Any) -> bool:
         """mode: 'insert' (strict), 'replace' (strict), 'upsert'."""
         store = self.store
         with store.transaction() as tx:
@@ -227,7 +227,7 @@ class Aggregate:
             assert aid is not None
             get_id, set_id = tx.get_id, tx.set_id
             dels: dict[bytes, list[bytes]] = {}
-            ins: dict[bytes, list[tuple[bytes, int | float]]] = {}
+            ins: dict[bytes, list[tuple[bytes, Sum]]] = {}
             changed = 0
             for eid, new in changes.items():
                 idk = aid + eid
@@ -257,7 +257,7 @@ class Aggregate:
         aid: bytes,
         ens: bytes,
         dels: list[bytes],
-        ins: list[tuple[bytes, int | float]],
+        ins: list[tuple[bytes, Sum]],
         rebuild_ratio: float,
     ) -> None:
         store = self.store
@@ -327,15 +327,15 @@ class Aggregate:
             tx.set_id(aid + eid, old, None)
             return True
 
-    def insert(self, key: Any, id: Any, sum_value: int | float = 0, namespace: Any = None) -> None:
+    def insert(self, key: Any, id: Any, sum_value: Sum = 0, namespace: Any = None) -> None:
         """Add an item; raise `ItemExists` if the id is taken. O(log n)."""
         self._write(key, id, sum_value, namespace, "insert")
 
-    def replace(self, id: Any, key: Any, sum_value: int | float = 0, namespace: Any = None) -> None:
+    def replace(self, id: Any, key: Any, sum_value: Sum = 0, namespace: Any = None) -> None:
         """Change an existing item (maybe across namespaces); `ItemNotFound` if absent. O(log n)."""
         self._write(key, id, sum_value, namespace, "replace")
 
-    def upsert(self, key: Any, id: Any, sum_value: int | float = 0, namespace: Any = None) -> bool:
+    def upsert(self, key: Any, id: Any, sum_value: Sum = 0, namespace: Any = None) -> bool:
         """Make the item for ``id`` be exactly this; True if anything changed. O(log n)."""
         return self._write(key, id, sum_value, namespace, "upsert")
 
@@ -447,7 +447,7 @@ class Aggregate:
             return tree.count()
         return tree.rank(hi) - (tree.rank(lo) if lo is not None else 0)
 
-    def sum(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> int | float:
+    def sum(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Sum:
         """Sum of the items' sum values in range. O(log n)."""
         tree, lo, hi = self._range(namespace, bounds)
         if tree is None:
@@ -603,7 +603,7 @@ class Aggregate:
         """`count` for each query, in input order."""
         return [self.count(q.namespace, q.bounds) for q in self._queries(queries)]
 
-    def sum_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[int | float]:
+    def sum_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[Sum]:
         """`sum` for each query, in input order."""
         return [self.sum(q.namespace, q.bounds) for q in self._queries(queries)]
 
@@ -619,7 +619,7 @@ class Aggregate:
         aid = store.agg_id(self.physical, False)
         if aid is None:
             return
-        seen: dict[bytes, tuple[bytes, bytes, int | float]] = {}
+        seen: dict[bytes, tuple[bytes, bytes, Sum]] = {}
         n = len(P_TREE) + len(aid)
         for tk in store.tree_keys(aid):
             meta = store.tree_meta(tk)

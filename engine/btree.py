@@ -19,20 +19,24 @@ from __future__ import annotations
 import random as _random
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
-from typing import Any, Protocol
+from decimal import Decimal
+from typing import Any, Protocol, TypeAlias
 
 import msgspec
 
 from .errors import StoreCorrupted
 
-__all__ = ["Node", "NodeStore", "Tree", "TreeMeta"]
+Sum: TypeAlias = "int | float | Decimal"
+"""An item's or a subtree's sum value."""
+
+__all__ = ["Node", "NodeStore", "Sum", "Tree", "TreeMeta"]
 
 
 class Node(msgspec.Struct, array_like=True, gc=False):
     """A tree node. A leaf has no children."""
 
     keys: list[bytes]
-    sums: list[Any]  # int | float; ints beyond 64 bits are stored as msgpack ext (see store)
+    sums: list[int | float | Decimal]  # ints beyond 64 bits are stored as msgpack ext (codec)
     children: list[int] = msgspec.field(default_factory=list)
     counts: list[int] = msgspec.field(default_factory=list)
 
@@ -79,7 +83,7 @@ def _count(n: Node) -> int:
     return sum(n.counts) if n.children else len(n.keys)
 
 
-def _sum(n: Node) -> int | float:
+def _sum(n: Node) -> Sum:
     return sum(n.sums)
 
 
@@ -106,7 +110,7 @@ class Tree:
         """Items in the tree. O(B)."""
         return _count(self.ns.get_node(self.base | self.meta.root))
 
-    def total(self) -> int | float:
+    def total(self) -> Sum:
         """Sum of all items. O(B)."""
         return _sum(self.ns.get_node(self.base | self.meta.root))
 
@@ -128,7 +132,7 @@ class Tree:
             node = get(base | nid)
         return r + bisect_left(node.keys, x)
 
-    def select(self, k: int) -> tuple[bytes, int | float]:
+    def select(self, k: int) -> tuple[bytes, Sum]:
         """The k-th item (0-based). Caller ensures 0 <= k < count. O(B log n)."""
         get = self.ns.get_node
         base = self.base
@@ -144,11 +148,11 @@ class Tree:
             node = get(base | nid)
         return node.keys[k], node.sums[k]
 
-    def range_sum(self, lo: bytes | None, hi: bytes | None) -> int | float:
+    def range_sum(self, lo: bytes | None, hi: bytes | None) -> Sum:
         """Sum of items in [lo, hi), added from whole children where possible."""
         return self._range_sum(self.meta.root, lo, hi)
 
-    def _range_sum(self, ref: int, lo: bytes | None, hi: bytes | None) -> int | float:
+    def _range_sum(self, ref: int, lo: bytes | None, hi: bytes | None) -> Sum:
         node = self.ns.get_node(self.base | ref)
         if not node.children:
             i = 0 if lo is None else bisect_left(node.keys, lo)
@@ -160,19 +164,20 @@ class Tree:
             return self._range_sum(node.children[i], lo, hi)
         if i > j:
             return 0
-        left = self._range_sum(node.children[i], lo, None) if lo is not None else node.sums[i]
-        right = self._range_sum(node.children[j], None, hi) if hi is not None else node.sums[j]
+        # Any: a tree never mixes float and Decimal (see the notes), which mypy cannot see.
+        left: Any = self._range_sum(node.children[i], lo, None) if lo is not None else node.sums[i]
+        right: Any = self._range_sum(node.children[j], None, hi) if hi is not None else node.sums[j]
         return left + sum(node.sums[i + 1 : j]) + right
 
     def items(
         self, lo: bytes | None, hi: bytes | None, reverse: bool = False
-    ) -> Iterator[tuple[bytes, int | float]]:
+    ) -> Iterator[tuple[bytes, Sum]]:
         """Items with lo <= key < hi, in order. Lazy; O(log n + k)."""
         return self._walk(self.meta.root, lo, hi, reverse)
 
     def _walk(
         self, ref: int, lo: bytes | None, hi: bytes | None, reverse: bool
-    ) -> Iterator[tuple[bytes, int | float]]:
+    ) -> Iterator[tuple[bytes, Sum]]:
         node = self.ns.get_node(self.base | ref)
         keys = node.keys
         if not node.children:
@@ -192,7 +197,7 @@ class Tree:
                 children[c], lo if c == i else None, hi if c == j else None, reverse
             )
 
-    def random_in(self, lo: bytes | None, hi: bytes | None, rng: _random.Random) -> tuple[bytes, int | float] | None:
+    def random_in(self, lo: bytes | None, hi: bytes | None, rng: _random.Random) -> tuple[bytes, Sum] | None:
         a = self.rank(lo) if lo is not None else 0
         b = self.rank(hi)
         if b <= a:
@@ -215,7 +220,7 @@ class Tree:
             node = get(base | ref)
         return path, ref, node
 
-    def insert(self, key: bytes, value: int | float) -> None:
+    def insert(self, key: bytes, value: Sum) -> None:
         """Insert a key that is not present. O(B log n)."""
         path, ref, node = self._descend(key)
         pos = bisect_left(node.keys, key)
@@ -226,7 +231,7 @@ class Tree:
         self.ns.put_node(self.base | ref, node)
         self._fix_up(path, ref, node, 1, value)
 
-    def delete(self, key: bytes) -> int | float:
+    def delete(self, key: bytes) -> Sum:
         """Delete a present key; return its sum value. O(B log n)."""
         path, ref, node = self._descend(key)
         pos = bisect_left(node.keys, key)
@@ -239,7 +244,7 @@ class Tree:
         return value
 
     def _fix_up(
-        self, path: list[tuple[int, Node, int]], ref: int, node: Node, delta: int, dsum: int | float
+        self, path: list[tuple[int, Node, int]], ref: int, node: Node, delta: int, dsum: Sum
     ) -> None:
         """Walk from a changed node to the root: counts, sums, splits, merges.
 
@@ -262,7 +267,7 @@ class Tree:
             else:
                 parent.counts[c] += delta
                 if exact and type(parent.sums[c]) is int:
-                    parent.sums[c] += dsum
+                    parent.sums[c] += dsum  # type: ignore[operator]  # both ints here
                 else:
                     parent.sums[c] = _sum(node)
             ns.put_node(self.base | pref, parent)
@@ -391,7 +396,7 @@ class Tree:
 
     # ---- bulk build ------------------------------------------------------------
 
-    def build(self, entries: list[tuple[bytes, int | float]]) -> None:
+    def build(self, entries: list[tuple[bytes, Sum]]) -> None:
         """Replace this (empty) tree by one built bottom-up from sorted, unique entries. O(n).
 
         Nodes are filled to 3/4 of the max size, so later inserts rarely split.
@@ -400,7 +405,7 @@ class Tree:
         m = self.meta.max_node_size
         old_root = self.meta.root
         # level: (first key, last key, local id, count, sum) per node
-        level: list[tuple[bytes, bytes, int, int, int | float]] = []
+        level: list[tuple[bytes, bytes, int, int, Sum]] = []
         for lo, hi in _chunks(len(entries), m):
             part = entries[lo:hi]
             keys = [k for k, _ in part]
@@ -409,7 +414,7 @@ class Tree:
             level.append((keys[0], keys[-1], nid, len(keys), sum(sums)))
         height = 1
         while len(level) > 1:
-            up: list[tuple[bytes, bytes, int, int, int | float]] = []
+            up: list[tuple[bytes, bytes, int, int, Sum]] = []
             for lo, hi in _chunks(len(level), internal_max(m)):
                 run = level[lo:hi]
                 seps = [_separator(run[i][1], run[i + 1][0]) for i in range(len(run) - 1)]
@@ -429,7 +434,7 @@ class Tree:
         m = self.meta.max_node_size
         depths: set[int] = set()
 
-        def check(ref: int, lo: bytes | None, hi: bytes | None, depth: int, is_root: bool) -> tuple[int, int | float]:
+        def check(ref: int, lo: bytes | None, hi: bytes | None, depth: int, is_root: bool) -> tuple[int, Sum]:
             node = self.ns.get_node(self.base | ref)
             where = f"node {ref} of tree {self.meta.tid} (depth {depth})"
             if node.children:
@@ -442,7 +447,7 @@ class Tree:
                 if any(a >= b for a, b in zip(node.keys, node.keys[1:], strict=False)):
                     raise StoreCorrupted(f"{where}: separators out of order")
                 total_c = 0
-                total_s: int | float = 0
+                total_s: Any = 0  # one of int/float/Decimal trees: never float + Decimal
                 for i, child in enumerate(node.children):
                     clo = lo if i == 0 else node.keys[i - 1]
                     chi = hi if i == n - 1 else node.keys[i]
@@ -499,7 +504,9 @@ def _separator(left: bytes, right: bytes) -> bytes:
     return right[: i + 1]
 
 
-def _same_sum(a: int | float, b: int | float) -> bool:
+def _same_sum(a: Sum, b: Sum) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
+    if isinstance(a, Decimal) or isinstance(b, Decimal):
+        return type(a) is type(b) and a == b
     return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))

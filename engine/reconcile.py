@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .aggregate import Prepared, prepare_encoded_id
+from .btree import Sum
 from .errors import InvalidArgument, TallyError
 from .keys import decode_key, encode_key, key_repr
 from .state import IdEntry
@@ -121,7 +122,7 @@ def keyed(
         yield encode_key(row_id(row)), row
 
 
-def _side(ns: bytes, key: bytes, s: int | float) -> dict[str, Any]:
+def _side(ns: bytes, key: bytes, s: Sum) -> dict[str, Any]:
     return {"namespace": decode_key(ns), "key": decode_key(key), "sum": s}
 
 

@@ -32,6 +32,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Final, NoReturn
 
 import msgspec
@@ -204,7 +205,9 @@ class LocalReader:
     def count(self, aggregate: str, namespace: Any = None, bounds: Any = None) -> int:
         return int(self._agg(aggregate).count(namespace, bounds))
 
-    def sum(self, aggregate: str, namespace: Any = None, bounds: Any = None) -> int | float:
+    def sum(
+        self, aggregate: str, namespace: Any = None, bounds: Any = None
+    ) -> int | float | Decimal:
         return self._agg(aggregate).sum(namespace, bounds)
 
     def at(self, aggregate: str, offset: int, namespace: Any = None, bounds: Any = None) -> Item:
@@ -244,7 +247,9 @@ class LocalReader:
     def count_batch(self, aggregate: str, queries: list[dict[str, Any]]) -> list[int]:
         return self._agg(aggregate).count_batch(queries)
 
-    def sum_batch(self, aggregate: str, queries: list[dict[str, Any]]) -> list[int | float]:
+    def sum_batch(
+        self, aggregate: str, queries: list[dict[str, Any]]
+    ) -> list[int | float | Decimal]:
         return self._agg(aggregate).sum_batch(queries)
 
     def at_batch(self, aggregate: str, queries: list[dict[str, Any]]) -> list[Item]:

@@ -12,6 +12,17 @@ Nodes live in a `NodeStore` (the node cache of `engine.state.cache`); a
 tree only knows its root reference, its height and its max node size. Float
 sums are recomputed from the children whenever a node changes, so they cannot
 drift however many updates they see; int sums are adjusted by exact deltas.
+
+**Decimal sums are exact.** A tree whose meta says ``decimal`` may hold
+`decimal.Decimal` sums: all its arithmetic (node sums, fix-ups, range sums,
+totals, validation) runs in `engine.decimals.exact()`, so neither rounding nor
+the caller's decimal context touches them, and its sums are recomputed from the
+children like float sums. Floats and Decimals cannot be added exactly, so one
+tree never holds both: `admit` refuses a float while the tree holds a Decimal
+and vice versa (ints mix with either). A subtree's sum has the type of what it
+holds (Decimal if any Decimal, else float if any float, else int), so the
+root's sums tell in O(B) whether the tree holds a type; the ``decimal`` flag
+makes the common case O(1).
 """
 
 from __future__ import annotations
@@ -20,16 +31,18 @@ import random as _random
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any, Protocol, TypeAlias
 
 import msgspec
 
-from .errors import StoreCorrupted
+from .decimals import exact
+from .errors import InvalidArgument, StoreCorrupted
 
 Sum: TypeAlias = "int | float | Decimal"
 """An item's or a subtree's sum value."""
 
-__all__ = ["Node", "NodeStore", "Sum", "Tree", "TreeMeta"]
+__all__ = ["Node", "NodeStore", "Sum", "Tree", "TreeMeta", "mixed_sums"]
 
 
 class Node(msgspec.Struct, array_like=True, gc=False):
@@ -46,6 +59,8 @@ class TreeMeta(msgspec.Struct, array_like=True):
 
     Node ids are local to a tree (``root``, ``children``, ``next_nid``); the
     store addresses a node globally as ``tid << NID_BITS | local id``.
+    ``decimal``: the tree may hold Decimal sums (and then holds no float). Metas stored
+    before it existed read back with False; older readers ignore it.
     """
 
     tid: int
@@ -53,6 +68,7 @@ class TreeMeta(msgspec.Struct, array_like=True):
     height: int
     max_node_size: int
     next_nid: int = 1
+    decimal: bool = False
 
 
 NID_BITS = 40
@@ -87,6 +103,16 @@ def _sum(n: Node) -> Sum:
     return sum(n.sums)
 
 
+def mixed_sums(value_type: type, held: type) -> str:
+    """The error for a sum value that cannot join a tree holding sums of type ``held``."""
+    name = {float: "float", Decimal: "Decimal"}
+    return (
+        f"a {name.get(value_type, value_type.__name__)} sum_value cannot join sums of type "
+        f"{name.get(held, held.__name__)} in one namespace: floats and Decimals cannot be "
+        "added exactly; make sum_value return one type: Decimal(str(x)) or float(x)"
+    )
+
+
 class Tree:
     """Operations on one tree. Cheap to construct; holds no nodes itself."""
 
@@ -112,7 +138,31 @@ class Tree:
 
     def total(self) -> Sum:
         """Sum of all items. O(B)."""
+        if self.meta.decimal:
+            with exact():
+                return _sum(self.ns.get_node(self.base | self.meta.root))
         return _sum(self.ns.get_node(self.base | self.meta.root))
+
+    def holds(self, t: type) -> bool:
+        """The tree holds an item sum of type ``t`` (float or Decimal). O(B)."""
+        return t in map(type, self.ns.get_node(self.base | self.meta.root).sums)
+
+    def sum_conflict(self, t: type) -> type | None:
+        """The sum type held here that a value of type ``t`` cannot be added to exactly, or
+        None. O(1) unless the value's type differs from the tree's flag, then O(B)."""
+        if t is Decimal:
+            return None if self.meta.decimal or not self.holds(float) else float
+        if t is float and self.meta.decimal and self.holds(Decimal):
+            return Decimal
+        return None
+
+    def admit(self, t: type) -> None:
+        """Ready the tree for a sum of type ``t`` (float or Decimal), or raise
+        `InvalidArgument` if it holds the other type. Changes only the ``decimal`` flag."""
+        held = self.sum_conflict(t)
+        if held is not None:
+            raise InvalidArgument(mixed_sums(t, held))
+        self.meta.decimal = t is Decimal
 
     def rank(self, x: bytes | None) -> int:
         """Number of items with key < x (x None = +infinity). O(B log n)."""
@@ -150,6 +200,9 @@ class Tree:
 
     def range_sum(self, lo: bytes | None, hi: bytes | None) -> Sum:
         """Sum of items in [lo, hi), added from whole children where possible."""
+        if self.meta.decimal:
+            with exact():
+                return self._range_sum(self.meta.root, lo, hi)
         return self._range_sum(self.meta.root, lo, hi)
 
     def _range_sum(self, ref: int, lo: bytes | None, hi: bytes | None) -> Sum:
@@ -197,7 +250,9 @@ class Tree:
                 children[c], lo if c == i else None, hi if c == j else None, reverse
             )
 
-    def random_in(self, lo: bytes | None, hi: bytes | None, rng: _random.Random) -> tuple[bytes, Sum] | None:
+    def random_in(
+        self, lo: bytes | None, hi: bytes | None, rng: _random.Random
+    ) -> tuple[bytes, Sum] | None:
         a = self.rank(lo) if lo is not None else 0
         b = self.rank(hi)
         if b <= a:
@@ -221,7 +276,13 @@ class Tree:
         return path, ref, node
 
     def insert(self, key: bytes, value: Sum) -> None:
-        """Insert a key that is not present. O(B log n)."""
+        """Insert a key that is not present. O(B log n).
+
+        `InvalidArgument` (before any change) for a float into a tree holding Decimals or
+        the reverse; callers that must not fail midway check `sum_conflict` first."""
+        t = type(value)
+        if t is not int and (t is Decimal) is not self.meta.decimal:
+            self.admit(t)
         path, ref, node = self._descend(key)
         pos = bisect_left(node.keys, key)
         if pos < len(node.keys) and node.keys[pos] == key:
@@ -229,7 +290,11 @@ class Tree:
         node.keys.insert(pos, key)
         node.sums.insert(pos, value)
         self.ns.put_node(self.base | ref, node)
-        self._fix_up(path, ref, node, 1, value)
+        if self.meta.decimal:
+            with exact():
+                self._fix_up(path, ref, node, 1, value)
+        else:
+            self._fix_up(path, ref, node, 1, value)
 
     def delete(self, key: bytes) -> Sum:
         """Delete a present key; return its sum value. O(B log n)."""
@@ -240,7 +305,11 @@ class Tree:
         del node.keys[pos]
         value = node.sums.pop(pos)
         self.ns.put_node(self.base | ref, node)
-        self._fix_up(path, ref, node, -1, -value)
+        if self.meta.decimal:
+            with exact():
+                self._fix_up(path, ref, node, -1, -value)  # exact here
+        else:
+            self._fix_up(path, ref, node, -1, -value)
         return value
 
     def _fix_up(
@@ -249,7 +318,8 @@ class Tree:
         """Walk from a changed node to the root: counts, sums, splits, merges.
 
         ``dsum`` is the change of the subtree's sum: int sums are adjusted
-        exactly; anything involving a float is recomputed from the children.
+        exactly; anything involving a float or a Decimal is recomputed from the
+        children (so a subtree's sum has the type of what it holds).
         """
         exact = type(dsum) is int
         ns = self.ns
@@ -400,7 +470,19 @@ class Tree:
         """Replace this (empty) tree by one built bottom-up from sorted, unique entries. O(n).
 
         Nodes are filled to 3/4 of the max size, so later inserts rarely split.
+        `InvalidArgument` (before any change) if the entries mix float and Decimal sums.
         """
+        kinds = set(map(type, map(itemgetter(1), entries)))
+        if Decimal in kinds and float in kinds:
+            raise InvalidArgument(mixed_sums(float, Decimal))
+        self.meta.decimal = Decimal in kinds
+        if self.meta.decimal:
+            with exact():
+                self._build(entries)
+        else:
+            self._build(entries)
+
+    def _build(self, entries: list[tuple[bytes, Sum]]) -> None:
         ns = self.ns
         m = self.meta.max_node_size
         old_root = self.meta.root
@@ -431,10 +513,18 @@ class Tree:
 
     def validate(self) -> int:
         """Assert every invariant; return the item count. O(n)."""
+        if self.meta.decimal:
+            with exact():
+                return self._validate()
+        return self._validate()
+
+    def _validate(self) -> int:
         m = self.meta.max_node_size
         depths: set[int] = set()
 
-        def check(ref: int, lo: bytes | None, hi: bytes | None, depth: int, is_root: bool) -> tuple[int, Sum]:
+        def check(
+            ref: int, lo: bytes | None, hi: bytes | None, depth: int, is_root: bool
+        ) -> tuple[int, Sum]:
             node = self.ns.get_node(self.base | ref)
             where = f"node {ref} of tree {self.meta.tid} (depth {depth})"
             if node.children:
@@ -472,6 +562,11 @@ class Tree:
             return n, sum(node.sums)
 
         count, _ = check(self.meta.root, None, None, 1, True)
+        if self.holds(Decimal) and (not self.meta.decimal or self.holds(float)):
+            raise StoreCorrupted(
+                f"tree {self.meta.tid} holds Decimal sums but its meta says decimal="
+                f"{self.meta.decimal}, or it also holds floats"
+            )
         if len(depths) > 1:
             raise StoreCorrupted(f"leaves at different depths {sorted(depths)}")
         if depths and depths != {self.meta.height}:
@@ -507,6 +602,6 @@ def _separator(left: bytes, right: bytes) -> bytes:
 def _same_sum(a: Sum, b: Sum) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    if isinstance(a, Decimal) or isinstance(b, Decimal):
+    if isinstance(a, Decimal) or isinstance(b, Decimal):  # exact, one type (see the notes)
         return type(a) is type(b) and a == b
     return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))

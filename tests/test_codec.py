@@ -11,8 +11,8 @@ from decimal import Decimal
 
 import msgspec
 
-from engine import IdEntry, Node
-from engine.state.codec import decode_id, decode_log, decode_node, encode, encode_node
+from engine import IdEntry, Node, TreeMeta
+from engine.state.codec import decode_id, decode_log, decode_node, decode_tree, encode, encode_node
 
 
 def test_node_sums_keep_their_type_and_exponent() -> None:
@@ -45,3 +45,20 @@ def test_id_entries_and_log_records_keep_decimal_sums() -> None:
     log = decode_log(encode([(b"id", None, e), (b"id", e, IdEntry(b"", b"", 0.5))]))
     assert log[0][2] == e and str(log[0][2].sum) == "99999999999.99"
     assert log[1][1] == e and type(log[1][2].sum) is float
+
+
+def test_tree_meta_decimal_flag_reads_both_ways() -> None:
+    """Metas stored before the flag existed read back without it; a reader of the old five
+    fields reads new metas."""
+    assert decode_tree(msgspec.msgpack.encode([1, 2, 3, 4, 5])) == TreeMeta(1, 2, 3, 4, 5)
+    assert decode_tree(encode(TreeMeta(1, 2, 3, 4, 5, True))).decimal is True
+
+    class OldMeta(msgspec.Struct, array_like=True):
+        tid: int
+        root: int
+        height: int
+        max_node_size: int
+        next_nid: int = 1
+
+    old = msgspec.msgpack.decode(encode(TreeMeta(1, 2, 3, 4, 5, True)), type=OldMeta)
+    assert old == OldMeta(1, 2, 3, 4, 5)

@@ -47,6 +47,10 @@ from engine import (
     StoreCorrupted,
     TallyError,
 )
+from schemas.values import REQUEST_DECODER, TypedValueError, from_json
+
+_JSON_OUT: Final = msgspec.json.Encoder(decimal_format="number")
+"""Answers as HTTP writes them (`schemas.values`), but raising on what JSON cannot hold."""
 
 __all__ = ["CommandError", "bounds_from_args", "parse_value", "register"]
 
@@ -110,19 +114,25 @@ def _tupled(value: Any) -> Any:
 
 
 def parse_value(text: str) -> Any:
-    """A KEY/ID/NS from the command line: JSON when it parses (arrays → tuples), else the string."""
+    """A KEY/ID/NS from the command line: JSON when it parses (arrays → tuples; typed values
+    like ``{"$decimal": "12.10"}`` as in HTTP requests, `schemas.values`), else the string."""
     try:
-        value = msgspec.json.decode(text)
+        value = REQUEST_DECODER.decode(text)
     except msgspec.DecodeError:
         return text
-    return _tupled(value)
+    try:
+        return _tupled(from_json(value))
+    except TypedValueError as e:
+        raise CommandError(str(e)) from None
 
 
 def _json_arg(text: str, what: str, example: str) -> Any:
     try:
-        return msgspec.json.decode(text)
+        return from_json(REQUEST_DECODER.decode(text))
     except msgspec.DecodeError as e:
         raise CommandError(f"{what} is not valid JSON ({e}): {text!r}; e.g. {example}") from None
+    except TypedValueError as e:
+        raise CommandError(f"{what}: {e}") from None
 
 
 def bounds_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -264,7 +274,7 @@ def _client(url: str, timeout: float) -> Any:
 
     if timeout <= 0:
         raise CommandError(f"--timeout must be positive, got {timeout:g}")
-    return TallyClient(url, timeout=timeout)
+    return TallyClient(url, timeout=timeout, decimals=True)  # exact sums, the digits as sent
 
 
 def _url(args: argparse.Namespace) -> str | None:
@@ -339,11 +349,13 @@ def _console(stderr: bool = False) -> Any:
 
 
 def _show(value: Any) -> str:
-    """A key/id/namespace as you would type it back (JSON; see the value rule)."""
+    """A key/id/namespace as you would type it back (JSON; see the value rule) — except typed
+    values, shown as in HTTP answers: a Decimal as its digits, a datetime as an ISO string
+    (typed back as ``{"$decimal": "12.1"}``, ``{"$datetime": "..."}``)."""
     if isinstance(value, (bytes, bytearray)):
         return repr(bytes(value))
     try:
-        return msgspec.json.encode(value).decode()
+        return _JSON_OUT.encode(value).decode()
     except (TypeError, msgspec.EncodeError):
         return repr(value)
 
@@ -392,7 +404,7 @@ def _items_table(items: Sequence[Any], title: str, numbers: Sequence[Any] | None
 
 def _to_json(value: Any) -> str:
     try:
-        return msgspec.json.encode(value).decode()
+        return _JSON_OUT.encode(value).decode()
     except (TypeError, msgspec.EncodeError) as e:
         raise CommandError(f"the answer cannot be written as JSON: {e}", EXIT_RUNTIME) from None
 

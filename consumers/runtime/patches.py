@@ -41,7 +41,9 @@ Wire format of a chunk: ``application/msgpack``, ``{"changes": [[eid, key,
 namespace, sum] | [eid], ...]}`` — encoded id, key and namespace bytes as
 produced by `engine.encode_key` (the client computes them with the same
 definition: it refuses to send when its definition's fingerprint differs from
-the one the session reports), ``[eid]`` alone meaning "absent".
+the one the session reports), ``[eid]`` alone meaning "absent". A sum is a msgpack int
+or float, or a string of a Decimal's digits (msgspec's encoding of a Decimal; no sum is
+ever a string otherwise).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -325,7 +328,13 @@ def decode_changes(body: bytes) -> list[Change]:
             _canonical(eid, f"changes[{i}] id")
             key = _canonical(c[1], f"changes[{i}] key")
             ns = _canonical(c[2], f"changes[{i}] namespace")
-            out.append((eid, prepare_encoded_id(key, eid, c[3], ns)))
+            s = c[3]
+            if type(s) is str:
+                try:
+                    s = Decimal(s)
+                except InvalidOperation:
+                    raise InvalidArgument(f"changes[{i}] sum {s!r} is not a Decimal") from None
+            out.append((eid, prepare_encoded_id(key, eid, s, ns)))
         else:
             raise InvalidArgument(f"changes[{i}] has {len(c)} elements: use [eid, key, namespace, sum] or [eid]")
     return out

@@ -54,19 +54,20 @@ bits dropped), escaped and terminated like a string: a longer fraction with
 the same prefix is larger, exactly as bytes order says.
 
 Let ``N(e) = 8 * ceil(max(56, e + 1) / 8)``: every int and float with exponent
-``e`` has at most ``N(e)`` fraction bits. A Decimal with at most ``N(e)``
-fraction bits (every one equal to an int or a float among them) is written
-exactly like that int/float. Any other Decimal (12.10, 1 + 2**-67) writes the
+``e`` has at most ``N(e)`` fraction bits. A Decimal equal to an int or a float
+is written exactly like it. Any other Decimal (12.10, 1 + 2**-54) writes the
 first ``N(e)`` fraction bits of ``|x|`` in full (trailing zeros kept), escaped,
 then a marker ``FF`` (above every escaped byte and the terminator), then the
 decimal digits of the remainder ``r`` (``|x| * 2**(N-e)`` minus its floor, in
-(0, 1), a finite decimal) after the point without trailing zeros, then ``00``.
-Why that is exact: a number of the same exponent with at most ``N`` bits either
-differs from ``x`` within the first ``N`` bits, or equals the ``N``-bit prefix
-(its bytes end at ``00`` or continue with escaped zero bytes where ``x`` has
-``FF``: smaller, right since ``r > 0``); two such Decimals with the same
-prefix compare by ``r``, whose digit strings compare like the fractions. The
-decoder tells the forms apart by length: more than ``N / 8`` fraction bytes.
+[0, 1), a finite decimal; 0 only for a dyadic beyond a float's precision) after
+the point without trailing zeros, then ``00``.
+Why that is exact: an int or float ``y`` of the same exponent has at most ``N``
+bits, so it either differs from ``x`` within the first ``N`` bits, or equals
+the ``N``-bit prefix — then ``r > 0`` (``x`` is no int or float), and ``y``'s
+bytes end at ``00`` or continue with escaped zero bytes where ``x`` has more
+bytes or ``FF``: smaller, as it is. Two such Decimals with the same prefix
+compare by ``r``, whose digit strings compare like the fractions. The decoder
+tells the forms apart by length: more than ``N / 8`` fraction bytes.
 """
 
 from __future__ import annotations
@@ -298,8 +299,7 @@ def _encode_decimal(d: Decimal) -> bytes:
         num = -num
     if not den & (den - 1):  # dyadic: num / 2**shift with num odd
         shift = den.bit_length() - 1
-        nbits = num.bit_length() - 1
-        if nbits <= _frac_bytes(nbits - shift) << 3:
+        if num.bit_length() <= 53 and shift <= 1074:  # a float holds it: the float's bytes
             mag = _encode_magnitude(num, shift)
             return b"\x03" + mag.translate(_INVERT) if neg else b"\x05" + mag
     mag = _encode_exotic(num, den, -exp)
@@ -312,7 +312,7 @@ def _encode_exotic(num: int, den: int, k: int) -> bytes:
     if (num << -e if e < 0 else num) < (den << e if e > 0 else den):
         e -= 1  # now 2**e <= x < 2**(e + 1)
     nb = _frac_bytes(e)
-    q, rem = divmod(num << ((nb << 3) - e), den)  # rem > 0: else x has <= N bits
+    q, rem = divmod(num << ((nb << 3) - e), den)  # rem 0: a dyadic within N bits
     frac = (q ^ (1 << (nb << 3))).to_bytes(nb, "big")
     if 1 in frac or 0 in frac:
         frac = frac.replace(b"\x01", b"\x01\x02").replace(b"\x00", b"\x01\x01")
@@ -442,9 +442,7 @@ def _decode_magnitude(b: bytes, i: int) -> tuple[int | float | Decimal, int]:
     shift += tz
     if shift >= 0:
         return n << shift, j + 1
-    if shift >= -1074 and n.bit_length() <= 53:
-        return math.ldexp(n, shift), j + 1  # a float holds it exactly
-    return Decimal(n * 5**-shift).scaleb(shift, EXACT), j + 1
+    return math.ldexp(n, shift), j + 1
 
 
 def _decode_exotic(e: int, frac: bytes) -> Decimal:
@@ -454,7 +452,7 @@ def _decode_exotic(e: int, frac: bytes) -> Decimal:
         raise InvalidKey(f"corrupt key encoding: a number's fraction is too long in {frac!r}")
     digits = frac[nb + 1 :]
     k = len(digits)
-    d = int(digits) if k <= 600 else int(Decimal(digits.decode("ascii")))
+    d = int(digits) if 0 < k <= 600 else int(Decimal(digits.decode("ascii") or "0"))
     q = (1 << (nb << 3)) | int.from_bytes(frac[:nb], "big")
     s = (nb << 3) - e
     return Decimal((q * 10**k + d) * 5**s).scaleb(-(k + s), EXACT).normalize(EXACT)

@@ -427,9 +427,9 @@ def _decode_magnitude(b: bytes, i: int) -> tuple[int | float | Decimal, int]:
         frac = b[i:j]
         if 1 in frac:
             frac = _unescape(frac)
-        if len(frac) > 7 and len(frac) > _frac_bytes(e):
-            return _decode_exotic(e, frac), j + 1
         nbits = len(frac) << 3
+        if nbits > 56 and nbits > e + 8:  # more than N(e) bits: a Decimal (see the notes)
+            return _decode_exotic(e, frac), j + 1
         n = (1 << nbits) | int.from_bytes(frac, "big")
     else:
         nbits = 0

@@ -9,7 +9,9 @@ the key codec passes `EXACT` explicitly. The caller's context is neither read no
 Accepted Decimals are those PostgreSQL's ``numeric`` can hold: at most
 `MAX_DIGITS_BEFORE_POINT` digits before the decimal point and `MAX_DIGITS_AFTER_POINT`
 after. The bound keeps keys and exact sums of bounded size (``Decimal('1e-999999999')``
-would otherwise make a billion-digit sum).
+would otherwise make a billion-digit sum). A sum value counts its digits as written
+(``Decimal('1.000')`` has 3 places); a key, which is a value, counts its value's
+(``Decimal('1.000')`` is the key 1).
 """
 
 from __future__ import annotations

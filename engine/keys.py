@@ -263,15 +263,14 @@ _POS_EXP = [b"\x05" + _encode_exp(e) for e in range(64)]
 # ---- Decimals ------------------------------------------------------------------------
 
 
-def _frac_bytes(e: int) -> int:
-    """``N(e) / 8``: bytes of fraction every int and float of exponent ``e`` fits in."""
-    return max(7, (e + 8) >> 3)
-
-
 def _digits(n: int, width: int) -> bytes:
     """``n`` in decimal ASCII, zero-padded to ``width`` (past the int/str digit limit too)."""
     s = str(n) if width <= 600 else str(Decimal(n))
     return s.rjust(width, "0").encode("ascii")
+
+
+_FIVE_MAX = 5**MAX_DIGITS_AFTER_POINT
+_POW10 = [10**k for k in range(64)]
 
 
 def _encode_decimal(d: Decimal) -> bytes:
@@ -284,26 +283,36 @@ def _encode_decimal(d: Decimal) -> bytes:
         return b"\x03\x00" if d.is_signed() else b"\x05\xff"
     if d.is_zero():
         return _ZERO
-    exp = d.as_tuple().exponent
-    assert isinstance(exp, int)
-    if d.adjusted() >= MAX_DIGITS_BEFORE_POINT or exp < -MAX_DIGITS_AFTER_POINT:
-        raise InvalidKey(
-            f"Decimal key {key_repr(d)} is out of range: {decimal_range_error(d)} "
-            "(PostgreSQL numeric's limits)"
-        )
+    adj = d.adjusted()
+    if not -MAX_DIGITS_AFTER_POINT <= adj < MAX_DIGITS_BEFORE_POINT:
+        raise _decimal_out_of_range(d)
+    # Cheap now: the exponent is within the digits written plus the range.
     num, den = d.as_integer_ratio()
     if den == 1:
         return _encode_number(num)
     neg = num < 0
     if neg:
         num = -num
-    if not den & (den - 1):  # dyadic: num / 2**shift with num odd
-        shift = den.bit_length() - 1
-        if num.bit_length() <= 53 and shift <= 1074:  # a float holds it: the float's bytes
-            mag = _encode_magnitude(num, shift)
-            return b"\x03" + mag.translate(_INVERT) if neg else b"\x05" + mag
-    mag = _encode_exotic(num, den, -exp)
+    a = (den & -den).bit_length() - 1  # den = 2**a * 5**b
+    five = den >> a
+    if five == 1 and num.bit_length() <= 53 and a <= 1074:
+        # A float holds it (a dyadic num / 2**a, num odd, within a float's bits): its bytes.
+        mag = _encode_magnitude(num, a)
+        return b"\x03" + mag.translate(_INVERT) if neg else b"\x05" + mag
+    if a > MAX_DIGITS_AFTER_POINT or five > _FIVE_MAX:
+        raise _decimal_out_of_range(d)
+    # The value's decimal places are max(a, b); 5**b has > 2.32 * b bits: k >= them.
+    mag = _encode_exotic(num, den, max(a, five.bit_length() * 431 // 1000 + 1))
     return b"\x03" + mag.translate(_INVERT) if neg else b"\x05" + mag
+
+
+def _decimal_out_of_range(d: Decimal) -> InvalidKey:
+    why = decimal_range_error(d) or (
+        f"it has more than {MAX_DIGITS_AFTER_POINT} digits after the decimal point"
+    )
+    return InvalidKey(
+        f"Decimal key {key_repr(d)} is out of range: {why} (PostgreSQL numeric's limits)"
+    )
 
 
 def _encode_exotic(num: int, den: int, k: int) -> bytes:
@@ -311,13 +320,17 @@ def _encode_exotic(num: int, den: int, k: int) -> bytes:
     e = num.bit_length() - den.bit_length()
     if (num << -e if e < 0 else num) < (den << e if e > 0 else den):
         e -= 1  # now 2**e <= x < 2**(e + 1)
-    nb = _frac_bytes(e)
+    nb = max(7, (e + 8) >> 3)  # N(e) / 8
     q, rem = divmod(num << ((nb << 3) - e), den)  # rem 0: a dyadic within N bits
     frac = (q ^ (1 << (nb << 3))).to_bytes(nb, "big")
     if 1 in frac or 0 in frac:
         frac = frac.replace(b"\x01", b"\x01\x02").replace(b"\x00", b"\x01\x01")
-    digits = _digits(rem * 10**k // den, k).rstrip(b"0")
-    return _encode_exp(e) + frac + b"\xff" + digits + b"\x00"
+    if rem:
+        digits = _digits(rem * (_POW10[k] if k < 64 else 10**k) // den, k).rstrip(b"0")
+    else:
+        digits = b""
+    exp = _EXP1[e + 0x40] if -0x40 <= e < 0x40 else _encode_exp(e)
+    return exp + frac + b"\xff" + digits + b"\x00"
 
 
 # ---- dates, times, timedeltas, UUIDs ---------------------------------------------------
@@ -447,7 +460,7 @@ def _decode_magnitude(b: bytes, i: int) -> tuple[int | float | Decimal, int]:
 
 def _decode_exotic(e: int, frac: bytes) -> Decimal:
     """A Decimal written as N(e) fraction bits, FF, the remainder's digits (see top)."""
-    nb = _frac_bytes(e)
+    nb = max(7, (e + 8) >> 3)  # N(e) / 8
     if frac[nb] != 0xFF:
         raise InvalidKey(f"corrupt key encoding: a number's fraction is too long in {frac!r}")
     digits = frac[nb + 1 :]

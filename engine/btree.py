@@ -280,9 +280,9 @@ class Tree:
 
         `InvalidArgument` (before any change) for a float into a tree holding Decimals or
         the reverse; callers that must not fail midway check `sum_conflict` first."""
-        t = type(value)
-        if t is not int and (t is Decimal) is not self.meta.decimal:
-            self.admit(t)
+        meta = self.meta
+        if (meta.decimal or type(value) is Decimal) and type(value) is not int:
+            self.admit(type(value))  # a float into a Decimal tree, or a Decimal into any
         path, ref, node = self._descend(key)
         pos = bisect_left(node.keys, key)
         if pos < len(node.keys) and node.keys[pos] == key:
@@ -290,7 +290,7 @@ class Tree:
         node.keys.insert(pos, key)
         node.sums.insert(pos, value)
         self.ns.put_node(self.base | ref, node)
-        if self.meta.decimal:
+        if meta.decimal:
             with exact():
                 self._fix_up(path, ref, node, 1, value)
         else:

@@ -3,6 +3,11 @@
 An aggregate holds items ``(key, id, sum_value)`` in namespaces, one counted
 B-tree per namespace, plus an id index so any write can address an item by
 id alone. ``n`` below is the number of items in the namespace read.
+
+Sum values are ints (64-bit), floats or Decimals (finite, within PostgreSQL
+numeric's range); bools count as ints. Decimal sums are exact (`engine.btree`).
+A namespace holds float or Decimal sums, never both (ints mix with either):
+a write that would mix them raises `InvalidArgument` before changing anything.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import math
 import random as _random
 from collections.abc import Iterable, Iterator, Mapping
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .btree import Tree
+from .btree import Sum, Tree, mixed_sums
+from .decimals import check_decimal
 from .errors import (
     InvalidArgument,
     InvalidKey,
@@ -23,6 +30,7 @@ from .errors import (
 )
 from .keys import decode_key, decode_keys, encode_key, key_repr
 from .state import IdEntry, check_node_size
+from .state.codec import same_item
 from .state.metadata import P_TREE, tree_key, watermark_key
 from .types import Bounds, Item, Order, Page, Query, decode_cursor, encode_cursor, normalize_bounds
 
@@ -38,7 +46,7 @@ class Prepared(NamedTuple):
     key: bytes
     id: bytes
     namespace: bytes
-    sum_value: int | float
+    sum_value: Sum
     pos: bytes | None = None
     """The source position of the change (encoded, e.g. a Postgres LSN), when known: kept with
     the item so a truncate at a position spares the items changed after it (`Aggregate.truncate`)."""
@@ -48,7 +56,7 @@ __all__ = ["Aggregate", "Prepared"]
 _INT64 = 1 << 63
 
 
-def _check_sum(v: Any) -> int | float:
+def _check_sum(v: Any) -> Sum:
     t = type(v)
     if t is int:
         if -_INT64 <= v < _INT64:
@@ -56,12 +64,17 @@ def _check_sum(v: Any) -> int | float:
     elif t is float:
         if math.isfinite(v):
             return v
+    elif t is Decimal:
+        if v.is_finite():
+            return check_decimal(v, "sum_value")
     elif isinstance(v, bool):
         return int(v)
     elif isinstance(v, (int, float)):
         return _check_sum(int(v) if isinstance(v, int) else float(v))
+    elif isinstance(v, Decimal):
+        return _check_sum(Decimal(v))
     raise InvalidArgument(
-        f"sum_value must be a finite int (64-bit) or float, got {key_repr(v)}"
+        f"sum_value must be a finite int (64-bit), float or Decimal, got {key_repr(v)}"
     )
 
 
@@ -86,7 +99,7 @@ def _encode_id(id: Any) -> bytes:
     return encode_key(id)
 
 
-def _first(entry: tuple[bytes, int | float]) -> bytes:
+def _first(entry: tuple[bytes, Sum]) -> bytes:
     return entry[0]
 
 
@@ -98,9 +111,9 @@ def _order(order: Any) -> bool:
     raise InvalidArgument(f"order must be 'asc' or 'desc', got {key_repr(order)}")
 
 
-def _unchanged(old: IdEntry, ens: bytes, ek: bytes, s: int | float) -> bool:
-    """The id already holds exactly this item (a sum of another type, 5 vs 5.0, is a change)."""
-    return old.ns == ens and old.key == ek and old.sum == s and type(old.sum) is type(s)
+def _unchanged(old: IdEntry, ens: bytes, ek: bytes, s: Sum) -> bool:
+    """The id already holds exactly this item (see `same_item`)."""
+    return same_item(old, ens, ek, s)
 
 
 def _drops_when_empty(store: StateStore, max_node_size: int) -> bool:
@@ -108,7 +121,7 @@ def _drops_when_empty(store: StateStore, max_node_size: int) -> bool:
     return max_node_size == store.max_node_size
 
 
-def _item(ek: bytes, s: int | float, namespace: Any) -> Item:
+def _item(ek: bytes, s: Sum, namespace: Any) -> Item:
     key, j = decode_keys(ek, 0)
     id_, _ = decode_keys(ek, j)
     return Item(key, id_, s, namespace)
@@ -147,9 +160,11 @@ class Aggregate:
         return self._phys
 
     def _tree(self, namespace: Any) -> Tree | None:
+        return self._tree_enc(encode_key(namespace))
+
+    def _tree_enc(self, ens: bytes) -> Tree | None:
         store = self.store
         phys = self.physical
-        ens = encode_key(namespace)
         tree = self._trees.get(ens, _MISSING)
         if tree is _MISSING:
             aid = store.agg_id(phys, False)
@@ -182,7 +197,7 @@ class Aggregate:
             encode_key(key), _encode_id(id), encode_key(namespace), _check_sum(sum_value), mode, id
         )
 
-    def _write_enc(self, ek: bytes, eid: bytes, ens: bytes, s: int | float, mode: str, id: Any) -> bool:
+    def _write_enc(self, ek: bytes, eid: bytes, ens: bytes, s: Sum, mode: str, id: Any) -> bool:
         """mode: 'insert' (strict), 'replace' (strict), 'upsert'."""
         store = self.store
         with store.transaction() as tx:
@@ -201,6 +216,8 @@ class Aggregate:
                     )
                 if _unchanged(old, ens, ek, s):
                     return False
+                if type(s) is not int:  # before the old item comes out (a new id: insert checks)
+                    self._check_sum_type(aid, ens, s)
                 otk, otree = self._take_out(aid, eid, old, id)
                 if ens == old.ns:
                     otree.insert(ek + eid, s)
@@ -208,7 +225,13 @@ class Aggregate:
                     return True
                 self._maybe_drop(otk, otree)
             tk = tree_key(aid, ens)
-            self._tree_at(tk).insert(ek + eid, s)
+            try:
+                self._tree_at(tk).insert(ek + eid, s)  # refuses mixed sums before any change
+            except InvalidArgument as e:
+                raise InvalidArgument(
+                    f"aggregate {self.name!r}, namespace {key_repr(decode_key(ens))}: "
+                    f"sum_value {key_repr(s)}: {e}"
+                ) from None
             store.touch_tree(tk)
             tx.set_id(idk, old, IdEntry(ens, ek, s))
             return True
@@ -228,14 +251,17 @@ class Aggregate:
         the new ones (O(n + k log k) instead of k random writes). This is how
         replays and large batches load fast. Returns the number of ids changed.
         ``before`` (if given) receives each id's entry as it was (None: absent).
+        Changes that would mix float and Decimal sums in a namespace (with each other or
+        with what it holds) raise `InvalidArgument` before anything changes.
         """
         store = self.store
         with store.transaction() as tx:
             aid = store.agg_id(self.physical, True)
             assert aid is not None
+            self._check_sum_types(aid, changes)
             get_id, set_id = tx.get_id, tx.set_id
             dels: dict[bytes, list[bytes]] = {}
-            ins: dict[bytes, list[tuple[bytes, int | float]]] = {}
+            ins: dict[bytes, list[tuple[bytes, Sum]]] = {}
             changed = 0
             for eid, new in changes.items():
                 idk = aid + eid
@@ -264,12 +290,30 @@ class Aggregate:
                 self._apply_tree(aid, ens, dels.get(ens, []), ins.get(ens, []), rebuild_ratio)
             return changed
 
+    def _check_sum_types(self, aid: bytes, changes: Mapping[bytes, Prepared | None]) -> None:
+        """`apply_many`'s check that no namespace would mix float and Decimal sums."""
+        kinds: dict[bytes, tuple[type, Sum]] = {}
+        for new in changes.values():
+            if new is not None and type(new[3]) is not int:
+                t = type(new[3])
+                seen = kinds.get(new[2])
+                if seen is None:
+                    kinds[new[2]] = (t, new[3])
+                elif seen[0] is not t:
+                    raise InvalidArgument(
+                        f"aggregate {self.name!r}, namespace {key_repr(decode_key(new[2]))}: "
+                        f"sum values {key_repr(seen[1])} and {key_repr(new[3])} in one batch: "
+                        + mixed_sums(t, seen[0])
+                    )
+        for ens, (_, v) in kinds.items():
+            self._check_sum_type(aid, ens, v)
+
     def _apply_tree(
         self,
         aid: bytes,
         ens: bytes,
         dels: list[bytes],
-        ins: list[tuple[bytes, int | float]],
+        ins: list[tuple[bytes, Sum]],
         rebuild_ratio: float,
     ) -> None:
         store = self.store
@@ -316,6 +360,29 @@ class Aggregate:
         store.touch_tree(tk)
         return tk, tree
 
+    def sum_conflict(self, ens: bytes, value: Sum) -> str | None:
+        """Why ``value`` cannot be a sum in the namespace ``ens`` (encoded) as it is now —
+        it holds sums of the other of float/Decimal — or None. O(1) when the namespace
+        already has the value's type (its tree's flag), else O(B)."""
+        t = type(value)
+        if t is int:
+            return None
+        tree = self._tree_enc(ens)
+        held = None if tree is None else tree.sum_conflict(t)
+        if held is None:
+            return None
+        return (
+            f"aggregate {self.name!r}, namespace {key_repr(decode_key(ens))}: sum_value "
+            f"{key_repr(value)}: {mixed_sums(t, held)}"
+        )
+
+    def _check_sum_type(self, aid: bytes, ens: bytes, value: Sum) -> None:
+        meta = self.store.tree_meta(tree_key(aid, ens))
+        if meta is not None and meta.decimal is not (type(value) is Decimal):
+            why = self.sum_conflict(ens, value)
+            if why is not None:
+                raise InvalidArgument(why)
+
     def _maybe_drop(self, tk: bytes, tree: Tree) -> None:
         if (
             tree.meta.height == 1
@@ -339,15 +406,15 @@ class Aggregate:
             tx.set_id(aid + eid, old, None)
             return True
 
-    def insert(self, key: Any, id: Any, sum_value: int | float = 0, namespace: Any = None) -> None:
+    def insert(self, key: Any, id: Any, sum_value: Sum = 0, namespace: Any = None) -> None:
         """Add an item; raise `ItemExists` if the id is taken. O(log n)."""
         self._write(key, id, sum_value, namespace, "insert")
 
-    def replace(self, id: Any, key: Any, sum_value: int | float = 0, namespace: Any = None) -> None:
+    def replace(self, id: Any, key: Any, sum_value: Sum = 0, namespace: Any = None) -> None:
         """Change an existing item (maybe across namespaces); `ItemNotFound` if absent. O(log n)."""
         self._write(key, id, sum_value, namespace, "replace")
 
-    def upsert(self, key: Any, id: Any, sum_value: int | float = 0, namespace: Any = None) -> bool:
+    def upsert(self, key: Any, id: Any, sum_value: Sum = 0, namespace: Any = None) -> bool:
         """Make the item for ``id`` be exactly this; True if anything changed. O(log n)."""
         return self._write(key, id, sum_value, namespace, "upsert")
 
@@ -493,8 +560,11 @@ class Aggregate:
             return tree.count()
         return tree.rank(hi) - (tree.rank(lo) if lo is not None else 0)
 
-    def sum(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> int | float:
-        """Sum of the items' sum values in range. O(log n)."""
+    def sum(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Sum:
+        """Sum of the items' sum values in range (0 if none). O(log n).
+
+        A Decimal when the range holds a Decimal sum: exact, with the largest number of
+        decimal places among them (as SQL's sum of a numeric column)."""
         tree, lo, hi = self._range(namespace, bounds)
         if tree is None:
             return 0
@@ -653,7 +723,7 @@ class Aggregate:
         """`count` for each query, in input order."""
         return [self.count(q.namespace, q.bounds) for q in self._queries(queries)]
 
-    def sum_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[int | float]:
+    def sum_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[Sum]:
         """`sum` for each query, in input order."""
         return [self.sum(q.namespace, q.bounds) for q in self._queries(queries)]
 
@@ -669,7 +739,7 @@ class Aggregate:
         aid = store.agg_id(self.physical, False)
         if aid is None:
             return
-        seen: dict[bytes, tuple[bytes, bytes, int | float]] = {}
+        seen: dict[bytes, tuple[bytes, bytes, Sum]] = {}
         n = len(P_TREE) + len(aid)
         for tk in store.tree_keys(aid):
             meta = store.tree_meta(tk)

@@ -12,6 +12,17 @@ Nodes live in a `NodeStore` (the node cache of `engine.state.cache`); a
 tree only knows its root reference, its height and its max node size. Float
 sums are recomputed from the children whenever a node changes, so they cannot
 drift however many updates they see; int sums are adjusted by exact deltas.
+
+**Decimal sums are exact.** A tree whose meta says ``decimal`` may hold
+`decimal.Decimal` sums: all its arithmetic (node sums, fix-ups, range sums,
+totals, validation) runs in `engine.decimals.exact()`, so neither rounding nor
+the caller's decimal context touches them, and its sums are recomputed from the
+children like float sums. Floats and Decimals cannot be added exactly, so one
+tree never holds both: `admit` refuses a float while the tree holds a Decimal
+and vice versa (ints mix with either). A subtree's sum has the type of what it
+holds (Decimal if any Decimal, else float if any float, else int), so the
+root's sums tell in O(B) whether the tree holds a type; the ``decimal`` flag
+makes the common case O(1).
 """
 
 from __future__ import annotations
@@ -19,20 +30,26 @@ from __future__ import annotations
 import random as _random
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
-from typing import Any, Protocol
+from decimal import Decimal
+from operator import itemgetter
+from typing import Any, Protocol, TypeAlias
 
 import msgspec
 
-from .errors import StoreCorrupted
+from .decimals import exact
+from .errors import InvalidArgument, StoreCorrupted
 
-__all__ = ["Node", "NodeStore", "Tree", "TreeMeta"]
+Sum: TypeAlias = "int | float | Decimal"
+"""An item's or a subtree's sum value."""
+
+__all__ = ["Node", "NodeStore", "Sum", "Tree", "TreeMeta", "mixed_sums"]
 
 
 class Node(msgspec.Struct, array_like=True, gc=False):
     """A tree node. A leaf has no children."""
 
     keys: list[bytes]
-    sums: list[Any]  # int | float; ints beyond 64 bits are stored as msgpack ext (see store)
+    sums: list[int | float | Decimal]  # ints beyond 64 bits are stored as msgpack ext (codec)
     children: list[int] = msgspec.field(default_factory=list)
     counts: list[int] = msgspec.field(default_factory=list)
 
@@ -42,6 +59,8 @@ class TreeMeta(msgspec.Struct, array_like=True):
 
     Node ids are local to a tree (``root``, ``children``, ``next_nid``); the
     store addresses a node globally as ``tid << NID_BITS | local id``.
+    ``decimal``: the tree may hold Decimal sums (and then holds no float). Metas stored
+    before it existed read back with False; older readers ignore it.
     """
 
     tid: int
@@ -49,6 +68,7 @@ class TreeMeta(msgspec.Struct, array_like=True):
     height: int
     max_node_size: int
     next_nid: int = 1
+    decimal: bool = False
 
 
 NID_BITS = 40
@@ -79,8 +99,18 @@ def _count(n: Node) -> int:
     return sum(n.counts) if n.children else len(n.keys)
 
 
-def _sum(n: Node) -> int | float:
+def _sum(n: Node) -> Sum:
     return sum(n.sums)
+
+
+def mixed_sums(value_type: type, held: type) -> str:
+    """The error for a sum value that cannot join a tree holding sums of type ``held``."""
+    name = {float: "float", Decimal: "Decimal"}
+    return (
+        f"a {name.get(value_type, value_type.__name__)} sum_value cannot join sums of type "
+        f"{name.get(held, held.__name__)} in one namespace: floats and Decimals cannot be "
+        "added exactly; make sum_value return one type: Decimal(str(x)) or float(x)"
+    )
 
 
 class Tree:
@@ -106,9 +136,33 @@ class Tree:
         """Items in the tree. O(B)."""
         return _count(self.ns.get_node(self.base | self.meta.root))
 
-    def total(self) -> int | float:
+    def total(self) -> Sum:
         """Sum of all items. O(B)."""
+        if self.meta.decimal:
+            with exact():
+                return _sum(self.ns.get_node(self.base | self.meta.root))
         return _sum(self.ns.get_node(self.base | self.meta.root))
+
+    def holds(self, t: type) -> bool:
+        """The tree holds an item sum of type ``t`` (float or Decimal). O(B)."""
+        return t in map(type, self.ns.get_node(self.base | self.meta.root).sums)
+
+    def sum_conflict(self, t: type) -> type | None:
+        """The sum type held here that a value of type ``t`` cannot be added to exactly, or
+        None. O(1) unless the value's type differs from the tree's flag, then O(B)."""
+        if t is Decimal:
+            return None if self.meta.decimal or not self.holds(float) else float
+        if t is float and self.meta.decimal and self.holds(Decimal):
+            return Decimal
+        return None
+
+    def admit(self, t: type) -> None:
+        """Ready the tree for a sum of type ``t`` (float or Decimal), or raise
+        `InvalidArgument` if it holds the other type. Changes only the ``decimal`` flag."""
+        held = self.sum_conflict(t)
+        if held is not None:
+            raise InvalidArgument(mixed_sums(t, held))
+        self.meta.decimal = t is Decimal
 
     def rank(self, x: bytes | None) -> int:
         """Number of items with key < x (x None = +infinity). O(B log n)."""
@@ -128,7 +182,7 @@ class Tree:
             node = get(base | nid)
         return r + bisect_left(node.keys, x)
 
-    def select(self, k: int) -> tuple[bytes, int | float]:
+    def select(self, k: int) -> tuple[bytes, Sum]:
         """The k-th item (0-based). Caller ensures 0 <= k < count. O(B log n)."""
         get = self.ns.get_node
         base = self.base
@@ -144,11 +198,14 @@ class Tree:
             node = get(base | nid)
         return node.keys[k], node.sums[k]
 
-    def range_sum(self, lo: bytes | None, hi: bytes | None) -> int | float:
+    def range_sum(self, lo: bytes | None, hi: bytes | None) -> Sum:
         """Sum of items in [lo, hi), added from whole children where possible."""
+        if self.meta.decimal:
+            with exact():
+                return self._range_sum(self.meta.root, lo, hi)
         return self._range_sum(self.meta.root, lo, hi)
 
-    def _range_sum(self, ref: int, lo: bytes | None, hi: bytes | None) -> int | float:
+    def _range_sum(self, ref: int, lo: bytes | None, hi: bytes | None) -> Sum:
         node = self.ns.get_node(self.base | ref)
         if not node.children:
             i = 0 if lo is None else bisect_left(node.keys, lo)
@@ -160,19 +217,20 @@ class Tree:
             return self._range_sum(node.children[i], lo, hi)
         if i > j:
             return 0
-        left = self._range_sum(node.children[i], lo, None) if lo is not None else node.sums[i]
-        right = self._range_sum(node.children[j], None, hi) if hi is not None else node.sums[j]
+        # Any: a tree never mixes float and Decimal (see the notes), which mypy cannot see.
+        left: Any = self._range_sum(node.children[i], lo, None) if lo is not None else node.sums[i]
+        right: Any = self._range_sum(node.children[j], None, hi) if hi is not None else node.sums[j]
         return left + sum(node.sums[i + 1 : j]) + right
 
     def items(
         self, lo: bytes | None, hi: bytes | None, reverse: bool = False
-    ) -> Iterator[tuple[bytes, int | float]]:
+    ) -> Iterator[tuple[bytes, Sum]]:
         """Items with lo <= key < hi, in order. Lazy; O(log n + k)."""
         return self._walk(self.meta.root, lo, hi, reverse)
 
     def _walk(
         self, ref: int, lo: bytes | None, hi: bytes | None, reverse: bool
-    ) -> Iterator[tuple[bytes, int | float]]:
+    ) -> Iterator[tuple[bytes, Sum]]:
         node = self.ns.get_node(self.base | ref)
         keys = node.keys
         if not node.children:
@@ -192,7 +250,9 @@ class Tree:
                 children[c], lo if c == i else None, hi if c == j else None, reverse
             )
 
-    def random_in(self, lo: bytes | None, hi: bytes | None, rng: _random.Random) -> tuple[bytes, int | float] | None:
+    def random_in(
+        self, lo: bytes | None, hi: bytes | None, rng: _random.Random
+    ) -> tuple[bytes, Sum] | None:
         a = self.rank(lo) if lo is not None else 0
         b = self.rank(hi)
         if b <= a:
@@ -215,8 +275,14 @@ class Tree:
             node = get(base | ref)
         return path, ref, node
 
-    def insert(self, key: bytes, value: int | float) -> None:
-        """Insert a key that is not present. O(B log n)."""
+    def insert(self, key: bytes, value: Sum) -> None:
+        """Insert a key that is not present. O(B log n).
+
+        `InvalidArgument` (before any change) for a float into a tree holding Decimals or
+        the reverse; callers that must not fail midway check `sum_conflict` first."""
+        meta = self.meta
+        if (meta.decimal or type(value) is Decimal) and type(value) is not int:
+            self.admit(type(value))  # a float into a Decimal tree, or a Decimal into any
         path, ref, node = self._descend(key)
         pos = bisect_left(node.keys, key)
         if pos < len(node.keys) and node.keys[pos] == key:
@@ -224,9 +290,13 @@ class Tree:
         node.keys.insert(pos, key)
         node.sums.insert(pos, value)
         self.ns.put_node(self.base | ref, node)
-        self._fix_up(path, ref, node, 1, value)
+        if meta.decimal:
+            with exact():
+                self._fix_up(path, ref, node, 1, value)
+        else:
+            self._fix_up(path, ref, node, 1, value)
 
-    def delete(self, key: bytes) -> int | float:
+    def delete(self, key: bytes) -> Sum:
         """Delete a present key; return its sum value. O(B log n)."""
         path, ref, node = self._descend(key)
         pos = bisect_left(node.keys, key)
@@ -235,16 +305,21 @@ class Tree:
         del node.keys[pos]
         value = node.sums.pop(pos)
         self.ns.put_node(self.base | ref, node)
-        self._fix_up(path, ref, node, -1, -value)
+        if self.meta.decimal:
+            with exact():
+                self._fix_up(path, ref, node, -1, -value)  # exact here
+        else:
+            self._fix_up(path, ref, node, -1, -value)
         return value
 
     def _fix_up(
-        self, path: list[tuple[int, Node, int]], ref: int, node: Node, delta: int, dsum: int | float
+        self, path: list[tuple[int, Node, int]], ref: int, node: Node, delta: int, dsum: Sum
     ) -> None:
         """Walk from a changed node to the root: counts, sums, splits, merges.
 
         ``dsum`` is the change of the subtree's sum: int sums are adjusted
-        exactly; anything involving a float is recomputed from the children.
+        exactly; anything involving a float or a Decimal is recomputed from the
+        children (so a subtree's sum has the type of what it holds).
         """
         exact = type(dsum) is int
         ns = self.ns
@@ -262,7 +337,7 @@ class Tree:
             else:
                 parent.counts[c] += delta
                 if exact and type(parent.sums[c]) is int:
-                    parent.sums[c] += dsum
+                    parent.sums[c] += dsum  # type: ignore[operator]  # both ints here
                 else:
                     parent.sums[c] = _sum(node)
             ns.put_node(self.base | pref, parent)
@@ -391,16 +466,28 @@ class Tree:
 
     # ---- bulk build ------------------------------------------------------------
 
-    def build(self, entries: list[tuple[bytes, int | float]]) -> None:
+    def build(self, entries: list[tuple[bytes, Sum]]) -> None:
         """Replace this (empty) tree by one built bottom-up from sorted, unique entries. O(n).
 
         Nodes are filled to 3/4 of the max size, so later inserts rarely split.
+        `InvalidArgument` (before any change) if the entries mix float and Decimal sums.
         """
+        kinds = set(map(type, map(itemgetter(1), entries)))
+        if Decimal in kinds and float in kinds:
+            raise InvalidArgument(mixed_sums(float, Decimal))
+        self.meta.decimal = Decimal in kinds
+        if self.meta.decimal:
+            with exact():
+                self._build(entries)
+        else:
+            self._build(entries)
+
+    def _build(self, entries: list[tuple[bytes, Sum]]) -> None:
         ns = self.ns
         m = self.meta.max_node_size
         old_root = self.meta.root
         # level: (first key, last key, local id, count, sum) per node
-        level: list[tuple[bytes, bytes, int, int, int | float]] = []
+        level: list[tuple[bytes, bytes, int, int, Sum]] = []
         for lo, hi in _chunks(len(entries), m):
             part = entries[lo:hi]
             keys = [k for k, _ in part]
@@ -409,7 +496,7 @@ class Tree:
             level.append((keys[0], keys[-1], nid, len(keys), sum(sums)))
         height = 1
         while len(level) > 1:
-            up: list[tuple[bytes, bytes, int, int, int | float]] = []
+            up: list[tuple[bytes, bytes, int, int, Sum]] = []
             for lo, hi in _chunks(len(level), internal_max(m)):
                 run = level[lo:hi]
                 seps = [_separator(run[i][1], run[i + 1][0]) for i in range(len(run) - 1)]
@@ -426,10 +513,18 @@ class Tree:
 
     def validate(self) -> int:
         """Assert every invariant; return the item count. O(n)."""
+        if self.meta.decimal:
+            with exact():
+                return self._validate()
+        return self._validate()
+
+    def _validate(self) -> int:
         m = self.meta.max_node_size
         depths: set[int] = set()
 
-        def check(ref: int, lo: bytes | None, hi: bytes | None, depth: int, is_root: bool) -> tuple[int, int | float]:
+        def check(
+            ref: int, lo: bytes | None, hi: bytes | None, depth: int, is_root: bool
+        ) -> tuple[int, Sum]:
             node = self.ns.get_node(self.base | ref)
             where = f"node {ref} of tree {self.meta.tid} (depth {depth})"
             if node.children:
@@ -442,7 +537,7 @@ class Tree:
                 if any(a >= b for a, b in zip(node.keys, node.keys[1:], strict=False)):
                     raise StoreCorrupted(f"{where}: separators out of order")
                 total_c = 0
-                total_s: int | float = 0
+                total_s: Any = 0  # one of int/float/Decimal trees: never float + Decimal
                 for i, child in enumerate(node.children):
                     clo = lo if i == 0 else node.keys[i - 1]
                     chi = hi if i == n - 1 else node.keys[i]
@@ -467,6 +562,11 @@ class Tree:
             return n, sum(node.sums)
 
         count, _ = check(self.meta.root, None, None, 1, True)
+        if self.holds(Decimal) and (not self.meta.decimal or self.holds(float)):
+            raise StoreCorrupted(
+                f"tree {self.meta.tid} holds Decimal sums but its meta says decimal="
+                f"{self.meta.decimal}, or it also holds floats"
+            )
         if len(depths) > 1:
             raise StoreCorrupted(f"leaves at different depths {sorted(depths)}")
         if depths and depths != {self.meta.height}:
@@ -499,7 +599,9 @@ def _separator(left: bytes, right: bytes) -> bytes:
     return right[: i + 1]
 
 
-def _same_sum(a: int | float, b: int | float) -> bool:
+def _same_sum(a: Sum, b: Sum) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
+    if isinstance(a, Decimal) or isinstance(b, Decimal):  # exact, one type (see the notes)
+        return type(a) is type(b) and a == b
     return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))

@@ -4,13 +4,30 @@ Comparing two encodings with plain bytes comparison gives the documented total
 order of the values::
 
     None < numbers < False < True < str < bytes < tuple/list
+         < date < datetime < time < timedelta < UUID
 
-* Numbers compare numerically and exactly across int and float, big ints
-  included; -0.0 == 0.0; NaN is rejected.  An integral number decodes as an
-  int (``1.0`` reads back as ``1``; they are the same key).
+* Numbers (int, float, `decimal.Decimal`) compare numerically and exactly
+  across types, big ints and long Decimals included; -0.0 == 0 ==
+  Decimal('-0'); NaN (float or Decimal) is rejected; Decimal infinities are the
+  float infinities. Equal numbers are the same key whatever their type: a
+  number reads back as an int if it is integral (``1.0`` and ``Decimal('1.00')``
+  read back as ``1``), else as a float if a float equals it exactly
+  (``Decimal('12.5')`` reads back as ``12.5``), else as a Decimal equal to it
+  (``Decimal('12.10')`` reads back as ``Decimal('12.1')``: trailing zeros are
+  not kept). Decimals must fit PostgreSQL's numeric (`engine.decimals`).
 * Strings compare by code point (UTF-8 order is code-point order).
 * Tuples and lists compare element-wise, a shorter prefix first; both decode
   as tuples.
+* ``datetime`` is an instant: an aware one is compared in UTC (equal instants
+  with different offsets are the same key) and reads back as an aware
+  datetime in UTC (its offset is not kept); a naive one is taken as UTC wall
+  time and reads back naive. A naive and an aware datetime of the same instant
+  are different keys (Python never calls them equal), adjacent, naive first.
+* ``time`` likewise: one with a fixed UTC offset is compared in UTC (as Python
+  does, without wrapping at midnight) and reads back in UTC — or, when the UTC
+  time falls outside the day, with an offset that keeps its instant.
+* ``date`` by day, ``timedelta`` by length (negative first), ``UUID`` by its 16
+  bytes (PostgreSQL's uuid order).
 
 Every encoding is *prefix-free* (self-delimiting), so ``encode(k) + encode(id)``
 orders exactly like the pair ``(k, id)``.  The tree relies on that.
@@ -29,24 +46,51 @@ Layout (first byte is a type tag; ``0x01`` ends a tuple and sorts first)::
     0x08 escaped-utf8 00      str   (inside, 01 is written 01 02 and 00 as 01 01)
     0x09 escaped 00           bytes
     0x0A elements... 01       tuple / list
+    0x0B days(4)              date: proleptic ordinal (0001-01-01 is 1)
+    0x0C us(8) flag(1)        datetime: microseconds since 1970 (+2**63); 00 naive, 01 aware
+    0x0D us(5) flag(1)        time: microseconds since midnight, in UTC if aware (+2**39)
+    0x0E us(9)                timedelta: microseconds (+2**71)
+    0x0F bytes(16)            UUID
 
 A number ``|x| = 2**e * 1.f`` writes ``e`` as an order-preserving signed
 integer, then the fraction bits ``f`` left-aligned in bytes (trailing zero
 bits dropped), escaped and terminated like a string: a longer fraction with
 the same prefix is larger, exactly as bytes order says.
+
+Let ``N(e) = 8 * ceil(max(56, e + 1) / 8)``: every int and float with exponent
+``e`` has at most ``N(e)`` fraction bits. A Decimal equal to an int or a float
+is written exactly like it. Any other Decimal (12.10, 1 + 2**-54) writes the
+first ``N(e)`` fraction bits of ``|x|`` in full (trailing zeros kept), escaped,
+then a marker ``FF`` (above every escaped byte and the terminator), then the
+decimal digits of the remainder ``r`` (``|x| * 2**(N-e)`` minus its floor, in
+[0, 1), a finite decimal; 0 only for a dyadic beyond a float's precision) after
+the point without trailing zeros, then ``00``.
+Why that is exact: an int or float ``y`` of the same exponent has at most ``N``
+bits, so it either differs from ``x`` within the first ``N`` bits, or equals
+the ``N``-bit prefix — then ``r > 0`` (``x`` is no int or float), and ``y``'s
+bytes end at ``00`` or continue with escaped zero bytes where ``x`` has more
+bytes or ``FF``: smaller, as it is. Two such Decimals with the same prefix
+compare by ``r``, whose digit strings compare like the fractions. The decoder
+tells the forms apart by length: more than ``N / 8`` fraction bytes.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
+import uuid as _uuid
+from collections.abc import Callable
+from decimal import Decimal
 from typing import Any, TypeAlias
 
+from .decimals import EXACT, MAX_DIGITS_AFTER_POINT, MAX_DIGITS_BEFORE_POINT, decimal_range_error
 from .errors import InvalidKey
 
 __all__ = ["MAX_KEY_DEPTH", "Key", "decode_key", "decode_keys", "encode_key", "key_repr"]
 
 Key: TypeAlias = Any
-"""None, bool, int, float, str, bytes, or a tuple/list of keys."""
+"""None, bool, int, float, Decimal, str, bytes, date, datetime, time, timedelta, UUID,
+or a tuple/list of keys."""
 
 MAX_KEY_DEPTH = 32
 """Deepest nesting of tuples/lists in a key, id or namespace (a flat tuple nests 1).
@@ -68,6 +112,11 @@ TAG_TRUE = 0x07
 TAG_STR = 0x08
 TAG_BYTES = 0x09
 TAG_TUPLE = 0x0A
+TAG_DATE = 0x0B
+TAG_DATETIME = 0x0C
+TAG_TIME = 0x0D
+TAG_TIMEDELTA = 0x0E
+TAG_UUID = 0x0F
 
 _NONE = b"\x02"
 _ZERO = b"\x04"
@@ -199,11 +248,7 @@ def _encode_into(value: Any, out: list[bytes], depth: int) -> None:
             _encode_into(v, out, depth + 1)
         out.append(b"\x01")
     else:
-        raise InvalidKey(
-            f"unsupported key value {key_repr(value)} of type {type(value).__name__}: "
-            "keys, ids and namespaces must be None, bool, int, float, str, bytes, "
-            "or tuples/lists of those"
-        )
+        out.append(_encode_other(value))
 
 
 def encode_key(value: Key) -> bytes:
@@ -241,6 +286,162 @@ _2_63 = 1 << 63
 _POS_EXP = [b"\x05" + _encode_exp(e) for e in range(64)]
 
 
+# ---- Decimals ------------------------------------------------------------------------
+
+
+def _digits(n: int, width: int) -> bytes:
+    """``n`` in decimal ASCII, zero-padded to ``width`` (past the int/str digit limit too)."""
+    s = str(n) if width <= 600 else str(Decimal(n))
+    return s.rjust(width, "0").encode("ascii")
+
+
+_FIVE_MAX = 5**MAX_DIGITS_AFTER_POINT
+_POW10 = [10**k for k in range(64)]
+
+
+def _encode_decimal(d: Decimal) -> bytes:
+    if not d.is_finite():
+        if d.is_nan():
+            raise InvalidKey(
+                f"{d!r} cannot be a key, id or namespace: NaN is unordered; "
+                "use None or a sentinel number"
+            )
+        return b"\x03\x00" if d.is_signed() else b"\x05\xff"
+    if d.is_zero():
+        return _ZERO
+    adj = d.adjusted()
+    if not -MAX_DIGITS_AFTER_POINT <= adj < MAX_DIGITS_BEFORE_POINT:
+        raise _decimal_out_of_range(d)
+    # Cheap now: the exponent is within the digits written plus the range.
+    num, den = d.as_integer_ratio()
+    if den == 1:
+        return _encode_number(num)
+    neg = num < 0
+    if neg:
+        num = -num
+    a = (den & -den).bit_length() - 1  # den = 2**a * 5**b
+    five = den >> a
+    if five == 1 and num.bit_length() <= 53 and a <= 1074:
+        # A float holds it (a dyadic num / 2**a, num odd, within a float's bits): its bytes.
+        mag = _encode_magnitude(num, a)
+        return b"\x03" + mag.translate(_INVERT) if neg else b"\x05" + mag
+    if a > MAX_DIGITS_AFTER_POINT or five > _FIVE_MAX:
+        raise _decimal_out_of_range(d)
+    # The value's decimal places are max(a, b); 5**b has > 2.32 * b bits: k >= them.
+    mag = _encode_exotic(num, den, max(a, five.bit_length() * 431 // 1000 + 1))
+    return b"\x03" + mag.translate(_INVERT) if neg else b"\x05" + mag
+
+
+def _decimal_out_of_range(d: Decimal) -> InvalidKey:
+    why = decimal_range_error(d) or (
+        f"it has more than {MAX_DIGITS_AFTER_POINT} digits after the decimal point"
+    )
+    return InvalidKey(
+        f"Decimal key {key_repr(d)} is out of range: {why} (PostgreSQL numeric's limits)"
+    )
+
+
+def _encode_exotic(num: int, den: int, k: int) -> bytes:
+    """The magnitude of ``num / den`` (> 0, ``den`` divides ``10**k``) beyond N(e) bits."""
+    e = num.bit_length() - den.bit_length()
+    if (num << -e if e < 0 else num) < (den << e if e > 0 else den):
+        e -= 1  # now 2**e <= x < 2**(e + 1)
+    nb = max(7, (e + 8) >> 3)  # N(e) / 8
+    q, rem = divmod(num << ((nb << 3) - e), den)  # rem 0: a dyadic within N bits
+    frac = (q ^ (1 << (nb << 3))).to_bytes(nb, "big")
+    if 1 in frac or 0 in frac:
+        frac = frac.replace(b"\x01", b"\x01\x02").replace(b"\x00", b"\x01\x01")
+    if rem:
+        digits = _digits(rem * (_POW10[k] if k < 64 else 10**k) // den, k).rstrip(b"0")
+    else:
+        digits = b""
+    exp = _EXP1[e + 0x40] if -0x40 <= e < 0x40 else _encode_exp(e)
+    return exp + frac + b"\xff" + digits + b"\x00"
+
+
+# ---- dates, times, timedeltas, UUIDs ---------------------------------------------------
+
+_UTC = _dt.UTC
+_EPOCH = _dt.datetime(1970, 1, 1)
+_EPOCH_UTC = _EPOCH.replace(tzinfo=_UTC)
+_DAY_US = 86_400_000_000
+_B39 = 1 << 39
+_B63 = 1 << 63
+_B71 = 1 << 71
+
+
+def _us(td: _dt.timedelta) -> int:
+    return (td.days * 86_400 + td.seconds) * 1_000_000 + td.microseconds
+
+
+_MIN_US = _us(_dt.datetime.min - _EPOCH)
+_MAX_US = _us(_dt.datetime.max - _EPOCH)
+
+
+def _encode_datetime(v: _dt.datetime) -> bytes:
+    if v.utcoffset() is None:
+        return b"\x0c" + (_us(v - _EPOCH) + _B63).to_bytes(8, "big") + b"\x00"
+    us = _us(v - _EPOCH_UTC)
+    if not _MIN_US <= us <= _MAX_US:
+        raise InvalidKey(
+            f"datetime key {key_repr(v)} cannot be a key: its instant in UTC is outside "
+            "years 1-9999 (datetime's range)"
+        )
+    return b"\x0c" + (us + _B63).to_bytes(8, "big") + b"\x01"
+
+
+def _encode_date(v: _dt.date) -> bytes:
+    return b"\x0b" + v.toordinal().to_bytes(4, "big")
+
+
+def _encode_time(v: _dt.time) -> bytes:
+    us = ((v.hour * 60 + v.minute) * 60 + v.second) * 1_000_000 + v.microsecond
+    off = v.utcoffset()
+    if off is None:
+        return b"\x0d" + (us + _B39).to_bytes(5, "big") + b"\x00"
+    # Whole seconds of the offset (floored), as Python compares aware times.
+    us -= (off.days * 86_400 + off.seconds) * 1_000_000
+    return b"\x0d" + (us + _B39).to_bytes(5, "big") + b"\x01"
+
+
+def _encode_timedelta(v: _dt.timedelta) -> bytes:
+    return b"\x0e" + (_us(v) + _B71).to_bytes(9, "big")
+
+
+def _encode_uuid(v: _uuid.UUID) -> bytes:
+    return b"\x0f" + v.bytes
+
+
+_OTHER: dict[type, Callable[[Any], bytes]] = {
+    Decimal: _encode_decimal,
+    _dt.datetime: _encode_datetime,
+    _dt.date: _encode_date,
+    _dt.time: _encode_time,
+    _dt.timedelta: _encode_timedelta,
+    _uuid.UUID: _encode_uuid,
+}
+"""Encoders of the key types beyond the builtins; subclasses by isinstance, in this order
+(datetime before date, its base class)."""
+
+
+def _encode_other(value: Any) -> bytes:
+    enc = _OTHER.get(type(value))
+    if enc is None:
+        for base, f in _OTHER.items():
+            if isinstance(value, base):
+                enc = f
+                break
+        else:
+            raise InvalidKey(
+                f"unsupported key value {key_repr(value)} of type {type(value).__name__}: "
+                "keys, ids and namespaces must be None, bool, int, float, Decimal, str, "
+                "bytes, date, datetime, time, timedelta, UUID, or tuples/lists of those "
+                "(for a JSON object or array column, extract a value from it in the "
+                "definition)"
+            )
+    return enc(value)
+
+
 def _decode_exp(b: bytes, i: int) -> tuple[int, int]:
     c = b[i]
     if 0x40 <= c < 0xC0:
@@ -253,7 +454,7 @@ def _decode_exp(b: bytes, i: int) -> tuple[int, int]:
     return -0x41 - v, i + 1 + n
 
 
-def _decode_magnitude(b: bytes, i: int) -> tuple[int | float, int]:
+def _decode_magnitude(b: bytes, i: int) -> tuple[int | float | Decimal, int]:
     c = b[i]
     if 0x40 <= c < 0xC0:
         e = c - 0x80
@@ -266,6 +467,8 @@ def _decode_magnitude(b: bytes, i: int) -> tuple[int | float, int]:
         if 1 in frac:
             frac = _unescape(frac)
         nbits = len(frac) << 3
+        if nbits > 56 and nbits > e + 8:  # more than N(e) bits: a Decimal (see the notes)
+            return _decode_exotic(e, frac), j + 1
         n = (1 << nbits) | int.from_bytes(frac, "big")
     else:
         nbits = 0
@@ -279,6 +482,19 @@ def _decode_magnitude(b: bytes, i: int) -> tuple[int | float, int]:
     if shift >= 0:
         return n << shift, j + 1
     return math.ldexp(n, shift), j + 1
+
+
+def _decode_exotic(e: int, frac: bytes) -> Decimal:
+    """A Decimal written as N(e) fraction bits, FF, the remainder's digits (see top)."""
+    nb = max(7, (e + 8) >> 3)  # N(e) / 8
+    if frac[nb] != 0xFF:
+        raise InvalidKey(f"corrupt key encoding: a number's fraction is too long in {frac!r}")
+    digits = frac[nb + 1 :]
+    k = len(digits)
+    d = int(digits) if 0 < k <= 600 else int(Decimal(digits.decode("ascii") or "0"))
+    q = (1 << (nb << 3)) | int.from_bytes(frac[:nb], "big")
+    s = (nb << 3) - e
+    return Decimal((q * 10**k + d) * 5**s).scaleb(-(k + s), EXACT).normalize(EXACT)
 
 
 def _decode_at(b: bytes, i: int) -> tuple[Any, int]:
@@ -311,7 +527,8 @@ def _decode_at(b: bytes, i: int) -> tuple[Any, int]:
             j += 1
         j = b.index(b"\xff", j) + 1
         mag, _ = _decode_magnitude(b[i + 1 : j].translate(_INVERT), 0)
-        return -mag, j
+        # Decimal's unary minus rounds to the caller's context; copy_negate is exact.
+        return (mag.copy_negate() if type(mag) is Decimal else -mag), j
     if tag == TAG_FALSE:
         return False, i + 1
     if tag == TAG_TRUE:
@@ -323,12 +540,50 @@ def _decode_at(b: bytes, i: int) -> tuple[Any, int]:
             v, j = _decode_at(b, j)
             items.append(v)
         return tuple(items), j + 1
+    if TAG_DATE <= tag <= TAG_UUID:
+        return _decode_fixed(b, i, tag)
     raise InvalidKey(f"corrupt key encoding: unknown tag 0x{tag:02x} at byte {i} of {b!r}")
 
 
 def _nested_too_deep(b: bytes) -> InvalidKey:
     # encode_key never nests deeper than MAX_KEY_DEPTH: only forged or corrupt bytes get here.
     return InvalidKey(f"corrupt key encoding: tuples nested far deeper than {MAX_KEY_DEPTH} in {key_repr(b)}")
+
+
+_WIDTH = {TAG_DATE: 4, TAG_DATETIME: 9, TAG_TIME: 6, TAG_TIMEDELTA: 9, TAG_UUID: 16}
+
+
+def _time_of(us: int, tz: _dt.tzinfo | None) -> _dt.time:
+    s, micro = divmod(us, 1_000_000)
+    return _dt.time(s // 3600, s // 60 % 60, s % 60, micro, tz)
+
+
+def _decode_fixed(b: bytes, i: int, tag: int) -> tuple[Any, int]:
+    """The fixed-width encodings: date, datetime, time, timedelta, UUID."""
+    j = i + 1 + _WIDTH[tag]
+    if j > len(b):
+        raise InvalidKey(f"corrupt key encoding: truncated value at byte {i} of {b!r}")
+    if tag == TAG_UUID:
+        return _uuid.UUID(bytes=b[i + 1 : j]), j
+    if tag == TAG_DATE:
+        return _dt.date.fromordinal(int.from_bytes(b[i + 1 : j], "big")), j
+    if tag == TAG_TIMEDELTA:
+        return _dt.timedelta(microseconds=int.from_bytes(b[i + 1 : j], "big") - _B71), j
+    flag = b[j - 1]
+    if flag > 1:
+        raise InvalidKey(f"corrupt key encoding: bad flag {flag} at byte {j - 1} of {b!r}")
+    if tag == TAG_DATETIME:
+        us = int.from_bytes(b[i + 1 : j - 1], "big") - _B63
+        return (_EPOCH_UTC if flag else _EPOCH) + _dt.timedelta(microseconds=us), j
+    us = int.from_bytes(b[i + 1 : j - 1], "big") - _B39
+    if not flag:
+        return _time_of(us, None), j
+    if 0 <= us < _DAY_US:
+        return _time_of(us, _UTC), j
+    # The UTC time is outside the day (e.g. 00:30+01:00): keep the instant with the
+    # smallest whole-second offset that brings the wall time into the day.
+    off_s = -(us // 1_000_000) if us < 0 else (_DAY_US - 1 - us) // 1_000_000
+    return _time_of(us + off_s * 1_000_000, _dt.timezone(_dt.timedelta(seconds=off_s))), j
 
 
 def decode_key(b: bytes) -> Key:

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .aggregate import Prepared, prepare_encoded_id
+from .btree import Sum
 from .errors import InvalidArgument, TallyError
 from .keys import decode_key, encode_key, key_repr
 from .state import IdEntry
@@ -123,7 +125,7 @@ def keyed(
         yield encode_key(row_id(row)), row
 
 
-def _side(ns: bytes, key: bytes, s: int | float) -> dict[str, Any]:
+def _side(ns: bytes, key: bytes, s: Sum) -> dict[str, Any]:
     return {"namespace": decode_key(ns), "key": decode_key(key), "sum": s}
 
 
@@ -332,7 +334,13 @@ def decode_fixes(body: bytes) -> list[Change]:
             _canonical(eid, f"changes[{i}] id")
             key = _canonical(c[1], f"changes[{i}] key")
             ns = _canonical(c[2], f"changes[{i}] namespace")
-            out.append((eid, prepare_encoded_id(key, eid, c[3], ns)))
+            sv = c[3]
+            if type(sv) is str:  # a Decimal sum travels as its digits
+                try:
+                    sv = Decimal(sv)
+                except InvalidOperation:
+                    raise InvalidArgument(f"changes[{i}] sum {sv!r} is not a Decimal") from None
+            out.append((eid, prepare_encoded_id(key, eid, sv, ns)))
         else:
             raise InvalidArgument(f"changes[{i}] has {len(c)} elements: use [eid, key, namespace, sum] or [eid]")
     return out

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from schemas.errors import ConfigError
 from schemas.typed import ColumnType, parse_column_type
 
+from .btree import Sum
 from .errors import InvalidArgument
 from .keys import key_repr
 
@@ -36,7 +37,7 @@ class RowItem(NamedTuple):
     namespace: Any
     key: Any
     id: Any
-    sum_value: int | float
+    sum_value: Sum
 
 
 def _extractor(spec: Extractor, what: str, default: Any) -> Callable[[Row], Any]:
@@ -234,7 +235,7 @@ class BoundTableAggregate:
     def count(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> int:
         return self.aggregate.count(namespace, bounds)
 
-    def sum(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> int | float:
+    def sum(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Sum:
         return self.aggregate.sum(namespace, bounds)
 
     def at(self, offset: int, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item:
@@ -277,7 +278,7 @@ class BoundTableAggregate:
     def count_batch(self, queries: Sequence[Query | Mapping[str, Any]]) -> list[int]:
         return self.aggregate.count_batch(queries)
 
-    def sum_batch(self, queries: Sequence[Query | Mapping[str, Any]]) -> list[int | float]:
+    def sum_batch(self, queries: Sequence[Query | Mapping[str, Any]]) -> list[Sum]:
         return self.aggregate.sum_batch(queries)
 
     def at_batch(self, queries: Sequence[Query | Mapping[str, Any]]) -> list[Item]:

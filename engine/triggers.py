@@ -24,6 +24,12 @@ Every trigger converges to a state, so duplicates and replays change nothing.
 An event is *planned* first (user functions run, keys are validated and
 encoded) and only then applied, so a bad event applies to none of its
 aggregates and never half of them.
+
+**Sum types.** A namespace holds float or Decimal sums, never both. Planning
+refuses (as a bad record) an event whose sum would join a namespace holding
+the other type — as stored, or as planned since the last flush. The check is
+conservative within a batch: a float for a namespace whose last Decimal the
+same batch removes is still refused.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from schemas.typed import UNAVAILABLE
 
 from .aggregate import Aggregate, Prepared
 from .aggregate import prepare_encoded_id as prepare
-from .errors import TallyError
+from .btree import mixed_sums
+from .errors import AggregateNotReady, InvalidArgument, TallyError
 from .keys import decode_key, encode_key
 from .state import IdEntry
 from .store import Store
@@ -132,6 +139,9 @@ class Applier:
         self.by_table: dict[str, list[tuple[TableAggregate, Aggregate]]] = {}
         self.names: dict[Aggregate, str] = {}
         self.filtered: set[Aggregate] = set()
+        self.sum_types: dict[tuple[Aggregate, bytes], type] = {}
+        """(aggregate, encoded namespace) → float or Decimal: the non-int sum type planned
+        there since the last flush (see the notes on sum types)."""
         physical = physical or {}
         for d in self.definitions:
             agg = store.aggregate(physical.get(d.name, d.name))
@@ -157,6 +167,7 @@ class Applier:
                 try:
                     eid = encode_key(ev.id)
                     planned: list[Op] = []
+                    typed: list[tuple[Aggregate, bytes, type]] | None = None
                     row = ev.row
                     assert row is not None
                     for d, agg in targets:
@@ -164,7 +175,13 @@ class Applier:
                         if it is None:
                             planned.append((DELETE, agg, eid, evop, pos))
                         else:
-                            planned.append((UPSERT, agg, prepare(it[1], eid, it[2], it[0], pos), evop, pos))
+                            p = prepare(it[1], eid, it[2], it[0], pos)
+                            if type(p[3]) is not int:
+                                typed = self._check_sum_type(agg, p, typed)
+                            planned.append((UPSERT, agg, p, evop, pos))
+                    if typed:
+                        for agg, ens, t in typed:
+                            self.sum_types[agg, ens] = t
                 except Exception as e:  # user code in sort_key/filter/... raised, or a bad key
                     bad.append((i, _unapplicable(ev, d, e)))
                     continue
@@ -179,6 +196,32 @@ class Applier:
             elif kind == "truncate":
                 ops.extend((CLEAR, agg, pos, None, pos) for _, agg in targets)
         return ops, bad
+
+    def _check_sum_type(
+        self, agg: Aggregate, p: Prepared, typed: list[tuple[Aggregate, bytes, type]] | None
+    ) -> list[tuple[Aggregate, bytes, type]] | None:
+        """Refuse a float or Decimal sum that would join the other type in its namespace;
+        return ``typed`` with the (aggregate, namespace, type) to record if the event passes."""
+        t = type(p[3])
+        ens = p[2]
+        planned = self.sum_types.get((agg, ens))
+        if planned is t:
+            return typed
+        if planned is not None:
+            raise InvalidArgument(
+                f"namespace {decode_key(ens)!r}: sum_value {p[3]!r}: {mixed_sums(t, planned)}"
+                " (an earlier event of this batch gave it the other type)"
+            )
+        try:
+            why = agg.sum_conflict(ens, p[3])
+        except AggregateNotReady:
+            why = None  # not this event's fault: applying it raises the same, as before
+        if why is not None:
+            raise InvalidArgument(why)
+        if typed is None:
+            typed = []
+        typed.append((agg, ens, t))
+        return typed
 
     def apply(self, ops: Iterable[Op]) -> ApplyResult:
         """Run planned ops; call inside `Store.batch()` so they commit with the offsets.
@@ -302,6 +345,7 @@ class Applier:
 
     def flush(self, pending: Pending) -> ApplyResult:
         """Write what ``pending`` holds (inside `Store.batch()`)."""
+        self.sum_types.clear()  # the trees know them from now on
         changed = 0
         for agg, at in pending.cleared.items():
             agg.truncate(at)

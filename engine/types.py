@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any, Literal
 
 import msgspec
@@ -37,7 +38,7 @@ class Item(msgspec.Struct, frozen=True):
 
     key: Any
     id: Any
-    sum_value: int | float
+    sum_value: int | float | Decimal
     namespace: Any = None
 
 

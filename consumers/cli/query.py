@@ -32,6 +32,7 @@ import contextlib
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -52,6 +53,10 @@ from engine import (
 )
 from schemas.config import DEFAULT_BOOTSTRAP_SERVERS, QuerySettings, StatusSettings
 from schemas.errors import UsageError
+from schemas.values import REQUEST_DECODER, TypedValueError, from_json
+
+_JSON_OUT: Final = msgspec.json.Encoder(decimal_format="number")
+"""Answers as HTTP writes them (`schemas.values`), but raising on what JSON cannot hold."""
 
 __all__ = ["bounds_from_args", "parse_value", "register"]
 
@@ -85,19 +90,25 @@ def _tupled(value: Any) -> Any:
 
 
 def parse_value(text: str) -> Any:
-    """A KEY/ID/NS from the command line: JSON when it parses (arrays → tuples), else the string."""
+    """A KEY/ID/NS from the command line: JSON when it parses (arrays → tuples; typed values
+    like ``{"$decimal": "12.10"}`` as in HTTP requests, `schemas.values`), else the string."""
     try:
-        value = msgspec.json.decode(text)
+        value = REQUEST_DECODER.decode(text)
     except msgspec.DecodeError:
         return text
-    return _tupled(value)
+    try:
+        return _tupled(from_json(value))
+    except TypedValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _json_arg(text: str, what: str, example: str) -> Any:
     try:
-        return msgspec.json.decode(text)
+        return from_json(REQUEST_DECODER.decode(text))
     except msgspec.DecodeError as e:
         raise UsageError(f"{what} is not valid JSON ({e}): {text!r}; e.g. {example}") from None
+    except TypedValueError as e:
+        raise UsageError(f"{what}: {e}") from None
 
 
 def bounds_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -182,7 +193,9 @@ class LocalReader:
     def count(self, aggregate: str, namespace: Any = None, bounds: Any = None) -> int:
         return int(self._agg(aggregate).count(namespace, bounds))
 
-    def sum(self, aggregate: str, namespace: Any = None, bounds: Any = None) -> int | float:
+    def sum(
+        self, aggregate: str, namespace: Any = None, bounds: Any = None
+    ) -> int | float | Decimal:
         return self._agg(aggregate).sum(namespace, bounds)
 
     def at(self, aggregate: str, offset: int, namespace: Any = None, bounds: Any = None) -> Item:
@@ -222,7 +235,9 @@ class LocalReader:
     def count_batch(self, aggregate: str, queries: list[dict[str, Any]]) -> list[int]:
         return self._agg(aggregate).count_batch(queries)
 
-    def sum_batch(self, aggregate: str, queries: list[dict[str, Any]]) -> list[int | float]:
+    def sum_batch(
+        self, aggregate: str, queries: list[dict[str, Any]]
+    ) -> list[int | float | Decimal]:
         return self._agg(aggregate).sum_batch(queries)
 
     def at_batch(self, aggregate: str, queries: list[dict[str, Any]]) -> list[Item]:
@@ -235,7 +250,9 @@ class LocalReader:
 def _client(url: str, timeout: float) -> Any:
     from consumers.client import TallyClient
 
-    return TallyClient(url, timeout=timeout)
+    if timeout <= 0:
+        raise UsageError(f"--timeout must be positive, got {timeout:g}")
+    return TallyClient(url, timeout=timeout, decimals=True)  # exact sums, the digits as sent
 
 
 _Q = TypeVar("_Q", bound=QuerySettings)
@@ -268,11 +285,13 @@ def _console(stderr: bool = False) -> Any:
 
 
 def _show(value: Any) -> str:
-    """A key/id/namespace as you would type it back (JSON; see the value rule)."""
+    """A key/id/namespace as you would type it back (JSON; see the value rule) — except typed
+    values, shown as in HTTP answers: a Decimal as its digits, a datetime as an ISO string
+    (typed back as ``{"$decimal": "12.1"}``, ``{"$datetime": "..."}``)."""
     if isinstance(value, (bytes, bytearray)):
         return repr(bytes(value))
     try:
-        return msgspec.json.encode(value).decode()
+        return _JSON_OUT.encode(value).decode()
     except (TypeError, msgspec.EncodeError):
         return repr(value)
 
@@ -319,15 +338,15 @@ def _items_table(items: Sequence[Any], title: str, numbers: Sequence[Any] | None
     return Group(Text(title, style="bold"), t)
 
 
-def _to_json(value: Any) -> str:
+def answer_json(value: Any) -> str:
     try:
-        return msgspec.json.encode(value).decode()
+        return _JSON_OUT.encode(value).decode()
     except (TypeError, msgspec.EncodeError) as e:
         raise TallyError(f"the answer cannot be written as JSON: {e}") from None
 
 
 def _emit_json(value: Any) -> None:
-    sys.stdout.write(_to_json(value) + "\n")
+    sys.stdout.write(answer_json(value) + "\n")
     sys.stdout.flush()
 
 

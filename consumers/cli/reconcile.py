@@ -271,7 +271,9 @@ def run_reconcile(args: argparse.Namespace) -> int:
         finally:
             store.close()
     if args.json:
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+        # Decimal keys and sums as exact JSON numbers, like the HTTP API's answers.
+        out = msgspec.json.Encoder(decimal_format="number").encode(report)
+        sys.stdout.write(out.decode() + "\n")
     else:
         _print_report(report)
     if args.fail_on_drift and report.patched is None and not report.in_sync:

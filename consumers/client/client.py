@@ -13,9 +13,16 @@ and namespaces come back as tuples)::
     page = tally.paginate("leaderboard", cursor=page.cursor, page_size=50)
 
 Errors raise `ClientError` (a `TallyError`) with the server's ``status`` and
-``code``; an unreachable server raises one naming the URL. Keys must be JSON
-values: None, bool, int, float (not NaN/inf), str, and tuples/lists of those
-(bytes keys cannot be sent over JSON).
+``code``; an unreachable server raises one naming the URL. Keys are None, bool,
+int, float (not NaN/inf), str, Decimal, date, datetime, time, timedelta, UUID and
+tuples/lists of those; the typed ones are sent as ``{"$decimal": ...}``-style
+objects (`schemas.values`), so a bound on a Decimal key is exact (bytes keys
+cannot be sent over JSON).
+
+What comes back is JSON: numbers with a fraction are floats, or Decimals with
+their exact digits with ``TallyClient(url, decimals=True)`` (a Decimal sum, or a
+Decimal key, read exactly); datetime, date, time and UUID keys come back as their
+ISO / canonical strings (JSON has no such types).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -33,6 +41,7 @@ import msgspec
 from engine import Bounds, Item, Order, Page, Query, TallyError
 from schemas.config import DEFAULT_URL
 from schemas.errors import EXIT_RUNTIME, EXIT_USAGE, Unreachable
+from schemas.values import to_json
 
 __all__ = ["DEFAULT_URL", "ClientError", "ServerUnreachable", "TallyClient"]
 
@@ -41,6 +50,7 @@ QueryArg = Query | Mapping[str, Any]
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
+_decimal_decoder = msgspec.json.Decoder(float_hook=Decimal)
 
 
 class ClientError(TallyError):
@@ -110,10 +120,19 @@ def _check(value: Any, where: str) -> None:
 class TallyClient:
     """Synchronous client of one consumer's HTTP API."""
 
-    def __init__(self, url: str = DEFAULT_URL, timeout: float = 10.0, token: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout: float = 10.0,
+        token: str | None = None,
+        *,
+        decimals: bool = False,
+    ) -> None:
+        """``decimals``: read numbers with a fraction as exact Decimals instead of floats."""
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.token = token
+        self._decoder = _decimal_decoder if decimals else _decoder
 
     def __repr__(self) -> str:
         return f"TallyClient({self.url!r})"
@@ -186,7 +205,7 @@ class TallyClient:
     ) -> Any:
         status, raw = self._request(method, path, body, ok, raw=raw, content_type=content_type)
         try:
-            return _decoder.decode(raw)
+            return self._decoder.decode(raw)
         except msgspec.DecodeError:
             raise ClientError(
                 f"{method} {self.url}{path} answered HTTP {status} with a body that is not JSON: "
@@ -199,7 +218,7 @@ class TallyClient:
             raise ClientError(f"aggregate must be a non-empty name, got {aggregate!r}")
         _check(args, op)
         path = f"/v1/aggregates/{urllib.parse.quote(aggregate, safe='')}/{op}"
-        return self._json("POST", path, args)["result"]
+        return self._json("POST", path, to_json(args))["result"]
 
     @staticmethod
     def _range(namespace: Any, bounds: BoundsArg) -> dict[str, Any]:

@@ -47,6 +47,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from decimal import Decimal
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, Final
@@ -191,7 +192,7 @@ class Answers:
     """What the demo asks the leaderboard; from the engine, or from the oracle."""
 
     total: int = 0
-    total_sum: int | float = 0
+    total_sum: int | float | Decimal = 0
     p50: Any = None
     p95: Any = None
     above_threshold: int = 0

@@ -102,6 +102,7 @@ from engine.reconcile import decode_fixes
 from engine.triggers import DRIFT_KINDS
 from schemas import ConfigError
 from schemas.config import ConsumerSettings
+from schemas.values import REQUEST_DECODER, RESPONSE_ENCODER, TypedValueError, from_json
 
 __all__ = [
     "MAX_BODY",
@@ -180,15 +181,8 @@ TOKEN_ROUTES: web.AppKey[list[tuple[str, re.Pattern[str], str]]] = web.AppKey("t
 BODY_TIMEOUT: web.AppKey[float] = web.AppKey("tally.body_timeout")
 CONNECTIONS: web.AppKey[ConnectionStats] = web.AppKey("tally.connections")
 
-_decoder = msgspec.json.Decoder()
-
-
-def _enc_hook(obj: Any) -> Any:
-    # Values msgspec cannot encode natively (e.g. a progress object): their str().
-    return str(obj)
-
-
-_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+_decoder = REQUEST_DECODER  # then from_json: typed values (schemas.values)
+_encoder = RESPONSE_ENCODER  # Decimals as exact JSON numbers, dates as ISO strings
 
 
 class ApiError(Exception):
@@ -347,7 +341,7 @@ async def _body_args(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        value = _decoder.decode(raw)
+        value = from_json(_decoder.decode(raw))
     except msgspec.DecodeError as e:
         raise ApiError(
             400,
@@ -355,6 +349,8 @@ async def _body_args(request: web.Request) -> dict[str, Any]:
             f"request body is not valid JSON ({e}); send an object of arguments, e.g. "
             '{"namespace": "chess", "bounds": {"lower": {"key": 1000}}}',
         ) from None
+    except TypedValueError as e:
+        raise ApiError(400, "invalid_argument", str(e)) from None
     if not isinstance(value, dict):
         raise ApiError(
             400,
@@ -372,7 +368,9 @@ def _query_args(request: web.Request) -> dict[str, Any]:
         if len(values) > 1:
             raise ApiError(400, "bad_request", f"query parameter {k!r} is given {len(values)} times; give it once")
         try:
-            out[k] = _decoder.decode(values[0].encode())
+            out[k] = from_json(_decoder.decode(values[0].encode()))
+        except TypedValueError as e:
+            raise ApiError(400, "invalid_argument", f"query parameter {k}: {e}") from None
         except msgspec.DecodeError:
             raise ApiError(
                 400,

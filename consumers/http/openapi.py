@@ -124,13 +124,40 @@ FIELD_SCHEMAS: dict[str, Schema] = {
 _COMPONENT_SCHEMAS: dict[str, Schema] = {
     "Key": {
         "description": (
-            "A sort key, id or namespace: null, number, boolean, string, or an array of keys "
-            "(a tuple). Total order: null < numbers < false < true < strings < bytes < arrays; "
-            "arrays compare element-wise, a shorter prefix first. Objects are rejected. "
+            "A sort key, id or namespace: null, number, boolean, string, an array of keys "
+            "(a tuple), or a typed value (`TypedValue`). Total order: null < numbers < false "
+            "< true < strings < bytes < arrays < dates < datetimes < times < timedeltas < "
+            "UUIDs; numbers compare exactly across ints, floats and decimals; arrays compare "
+            "element-wise, a shorter prefix first. In answers a decimal is a JSON number with "
+            "its exact digits, dates and times ISO 8601 strings (aware datetimes in UTC), a "
+            "UUID its string. In requests a plain number is an int or a float (12.1 is the "
+            "float, not the decimal 12.1): write other types as a `TypedValue`. "
             "(bytes keys, possible from msgpack events, are rendered as base64 strings.)"
         ),
-        "type": ["null", "number", "boolean", "string", "array"],
-        "items": _ref("Key"),
+        "anyOf": [
+            {"type": ["null", "number", "boolean", "string", "array"], "items": _ref("Key")},
+            _ref("TypedValue"),
+        ],
+    },
+    "TypedValue": {
+        "type": "object",
+        "description": (
+            'A value JSON has no type for, in requests: {"$decimal": "12.10"} (or a number: '
+            'its digits as written), {"$datetime": "2024-01-01T00:00:00Z"} (RFC 3339; no '
+            'offset: naive), {"$date": "2024-01-01"}, {"$time": "12:30:00"}, '
+            '{"$timedelta": "PT90S"} (ISO 8601 duration), {"$uuid": "..."}.'
+        ),
+        "minProperties": 1,
+        "maxProperties": 1,
+        "additionalProperties": False,
+        "properties": {
+            "$decimal": {"type": ["string", "number"]},
+            "$datetime": {"type": "string", "format": "date-time"},
+            "$date": {"type": "string", "format": "date"},
+            "$time": {"type": "string", "format": "time"},
+            "$timedelta": {"type": "string", "format": "duration"},
+            "$uuid": {"type": "string", "format": "uuid"},
+        },
     },
     "Bound": {
         "type": "object",
@@ -173,7 +200,10 @@ _COMPONENT_SCHEMAS: dict[str, Schema] = {
         "properties": {
             "key": _ref("Key"),
             "id": _ref("Key"),
-            "sum_value": {"type": "number"},
+            "sum_value": {
+                "type": "number",
+                "description": "int, float or decimal (a decimal's exact digits)",
+            },
             "namespace": _ref("Key"),
         },
     },

@@ -41,7 +41,9 @@ Wire format of a chunk: ``application/msgpack``, ``{"changes": [[eid, key,
 namespace, sum] | [eid], ...]}`` — encoded id, key and namespace bytes as
 produced by `engine.encode_key` (the client computes them with the same
 definition: it refuses to send when its definition's fingerprint differs from
-the one the session reports), ``[eid]`` alone meaning "absent".
+the one the session reports), ``[eid]`` alone meaning "absent". A sum is a msgpack int
+or float, or a string of a Decimal's digits (msgspec's encoding of a Decimal; no sum is
+ever a string otherwise).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from ..btree import Node, Tree, TreeMeta
 from ..catalog import GEN_SEP, Generation
 from ..errors import InvalidArgument, ReadOnlyStore, StoreCorrupted, TallyError
 from .cache import NodeCache
-from .codec import IdEntry, decode_gen, decode_log, decode_tree, encode
+from .codec import IdEntry, decode_gen, decode_log, decode_tree, encode, same_item
 from .db import Database
 from .metadata import (
     FORMAT_VERSION,
@@ -271,7 +271,7 @@ class StateStore:
     def _redo(self, idk: bytes, old: IdEntry | None, new: IdEntry | None) -> None:
         """Redo one logged change on the trees (the id index already has it)."""
         aid, eid = idk[:4], idk[4:]
-        if old is not None and new is not None and old.ns == new.ns and old.key == new.key and old.sum == new.sum and type(old.sum) is type(new.sum):
+        if old is not None and new is not None and same_item(old, new.ns, new.key, new.sum):
             return  # only the source position moved: the trees hold the same item
         if old is not None:
             tk = tree_key(aid, old.ns)

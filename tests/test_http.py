@@ -39,14 +39,10 @@ from kafka_util import create_topic, produce, unique_topic
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.client import ClientError, TallyClient
-from consumers.http.app import (
-    MAX_BODY,
-    MAX_PAGE_SIZE,
-    OPS,
-    ProtectedRoute,
-    create_app,
-    start_http,
-)
+from consumers.http.app import create_app, start_http
+from consumers.http.common import MAX_BODY
+from consumers.http.maintenance import ProtectedRoute
+from consumers.http.reads import MAX_PAGE_SIZE
 from consumers.runtime.process import ConsumerProcess
 from consumers.runtime.stats import LATENCY_BUCKETS, ConsumerStats
 from engine import (
@@ -66,6 +62,7 @@ from engine import (
 from engine.triggers import DRIFT_KINDS
 from schemas import ConfigError, NativeEvent, encode_native
 from schemas.config import ConsumerSettings
+from schemas.reads import READ_OPS
 
 TABLE = "scores"
 GAMES = ("chess", "go", "shogi")
@@ -593,7 +590,7 @@ BAD: list[tuple[str, str, bytes | None, int, str, str]] = [
     ("POST", "/v1/aggregates/by_game/count", b'{"nmspace": "go"}', 400, "unknown_field", "nmspace"),
     ("POST", "/v1/aggregates/by_game/namespaces", b'{"namespace": "go"}', 400, "unknown_field", "no arguments"),
     ("POST", "/v1/aggregates/by_game/count_batch", b'{"queries": 5}', 400, "invalid_argument", "queries"),
-    ("POST", "/v1/aggregates/by_game/count_batch", b'{"queries": [5]}', 400, "invalid_argument", "query"),
+    ("POST", "/v1/aggregates/by_game/count_batch", b'{"queries": [5]}', 400, "invalid_argument", "queries[0]"),
     ("POST", "/v1/aggregates/by_game/count_batch", b'{"queries": [{"bounds": 7}]}', 400, "invalid_argument", "bounds"),
     ("POST", "/v1/aggregates/by_game/at_batch", b'{"queries": [{"offset": "x"}]}', 400, "invalid_argument", "offset"),
     ("POST", "/v1/aggregates/by_game/count", b'{"namespace": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "bad_request", "deeply"),
@@ -919,9 +916,9 @@ def test_openapi_describes_exactly_the_registered_routes(store: Store, served: S
     # The live process serves the same shape, with its aggregate names.
     doc = served.client.openapi()
     _check_openapi(doc)
-    assert {p for _, p in _doc_routes(doc)} >= {f"/v1/aggregates/{{name}}/{op}" for op in OPS}
+    assert {p for _, p in _doc_routes(doc)} >= {f"/v1/aggregates/{{name}}/{op}" for op in READ_OPS}
     assert doc["paths"]["/v1/aggregates/{name}/count"]["parameters"][0]["schema"]["enum"] == ["by_game", "pairs", "ratings"]
-    for op in OPS:
+    for op in READ_OPS:
         assert {"get", "post"} <= set(doc["paths"][f"/v1/aggregates/{{name}}/{op}"])
 
 

@@ -292,6 +292,9 @@ _JSON_TYPES = {
 }
 
 
+_WORDS = {"an int >= 1": "a positive int", "an int >= 0": "a non-negative int"}
+
+
 def _strip(tp: Any) -> Any:
     """``tp`` without `Annotated` metadata."""
     while typing.get_origin(tp) is Annotated:
@@ -383,6 +386,7 @@ def args_error(op: ReadOp, error: msgspec.ValidationError) -> tuple[str, str]:
         return "invalid_argument", f"{where} needs {got[1]!r} (it takes {fields})"
     if got := re.match(r"Expected `(.*?)`(.*?)(?:, got `(.*)`)?$", what):
         expected = _expected(got[1], tp) + got[2]
+        expected = _WORDS.get(expected, expected)
         given = f", got {_JSON_TYPES.get(got[3], got[3])}" if got[3] else ""
         if path == "$":
             return "bad_request", (

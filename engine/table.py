@@ -23,6 +23,7 @@ from typing import (
 )
 
 from schemas.errors import ConfigError
+from schemas.reads import READ_OPS
 from schemas.typed import ColumnType, parse_column_type
 
 from .aggregate import Aggregate
@@ -277,3 +278,16 @@ class BoundTableAggregate:
     namespaces = _Read(Aggregate.namespaces)
     get = _Read(Aggregate.get)
     validate = _Read(Aggregate.validate)
+
+
+def _every_read_op(cls: type[Any]) -> None:
+    """Give ``cls`` a read for each op of `READ_OPS` it does not declare (untyped for mypy
+    until declared, but there: adding an op to the table is enough to have it here)."""
+    for op in READ_OPS:
+        if op not in cls.__dict__:
+            method = getattr(Aggregate, op, None)
+            assert method is not None, f"READ_OPS has {op!r}, engine.Aggregate no such method"
+            setattr(cls, op, _Read(method))
+
+
+_every_read_op(BoundTableAggregate)

@@ -20,13 +20,13 @@ from __future__ import annotations
 import re
 import typing
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, NamedTuple
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta
 
 __all__ = [
-    "ANSWERS",
     "KEY_SCHEMA",
     "READ_OPS",
     "REF_TEMPLATE",
@@ -179,19 +179,27 @@ class NoArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 # ---- the table -------------------------------------------------------------------------
 
 
-class ReadOp(NamedTuple):
+@dataclass(frozen=True)
+class ReadOp:
     """One read op: its arguments, its result type and its documentation."""
 
     name: str
     """The `engine.Aggregate` method (and the HTTP route's last segment)."""
     args: type[msgspec.Struct]
-    """Its keyword arguments (a Struct; field names = the method's parameters)."""
+    """Its keyword arguments (a Struct; field names = the method's parameters, in order)."""
     result: Any
     """The type of its result."""
     summary: str
     description: str = ""
-    example: Mapping[str, Any] = {}
+    example: Mapping[str, Any] = field(default_factory=dict)
     """Arguments of a typical call (error messages show it)."""
+    answer: type[msgspec.Struct] = field(init=False, repr=False, compare=False)
+    """Its answer over HTTP, ``{"result": ...}`` (a Struct named e.g. ``CountResult``)."""
+
+    def __post_init__(self) -> None:
+        camel = "".join(part.capitalize() for part in self.name.split("_"))
+        answer = msgspec.defstruct(f"{camel}Result", [("result", self.result)], frozen=True)
+        object.__setattr__(self, "answer", answer)
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -267,15 +275,6 @@ READ_OPS: dict[str, ReadOp] = {
         ),
     )
 }
-
-ANSWERS: dict[str, type[msgspec.Struct]] = {
-    name: msgspec.defstruct(
-        "".join(part.capitalize() for part in name.split("_")) + "Result", [("result", op.result)]
-    )
-    for name, op in READ_OPS.items()
-}
-"""The answer of each op over HTTP, ``{"result": ...}`` (encoded and decoded with these)."""
-
 
 # ---- validation errors, said in words ------------------------------------------------------
 

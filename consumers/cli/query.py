@@ -381,7 +381,8 @@ _EXAMPLES: Final[dict[str, str]] = {
     "namespaces": "tally query by_game namespaces",
     "count_batch": "tally query leaderboard count-batch "
     "'[{\"bounds\": {\"lower\": {\"key\": 1000}}}, {}]'",
-    "sum_batch": "tally query by_game sum-batch '[{\"namespace\": \"chess\"}, {\"namespace\": \"go\"}]'",
+    "sum_batch": "tally query by_game sum-batch "
+    "'[{\"namespace\": \"chess\"}, {\"namespace\": \"go\"}]'",
     "at_batch": "tally query leaderboard at-batch '[{\"offset\": 0}, {\"offset\": -1}]'",
 }
 _ALIASES: Final[dict[str, list[str]]] = {"paginate": ["page"]}
@@ -433,7 +434,9 @@ def _add_op_arguments(p: argparse.ArgumentParser, op: ReadOp) -> None:
         if not required:
             kw.update(dest=field, default=argparse.SUPPRESS)
         if field == "queries":
-            kw["help"] = "JSON list of {namespace, bounds, offset} objects; @FILE reads a file, - stdin"
+            kw["help"] = (
+                "JSON list of {namespace, bounds, offset} objects; @FILE reads a file, - stdin"
+            )
         elif typing.get_origin(tp) is Literal:
             kw["choices"] = list(typing.get_args(tp))
         elif tp is int:

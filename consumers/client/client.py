@@ -37,7 +37,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 import msgspec
 
 from engine import Aggregate, Item, Page, TallyError
-from schemas.reads import ANSWERS, READ_OPS
+from schemas.reads import READ_OPS
 
 __all__ = ["DEFAULT_URL", "ClientError", "RemoteAggregate", "TallyClient"]
 
@@ -45,9 +45,8 @@ DEFAULT_URL = "http://127.0.0.1:8750"
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
-_answers: dict[str, msgspec.json.Decoder[Any]] = {
-    op: msgspec.json.Decoder(answer) for op, answer in ANSWERS.items()
-}
+_answers: dict[type[msgspec.Struct], msgspec.json.Decoder[Any]] = {}
+"""A reused typed decoder per answer type (made on first use)."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -125,7 +124,9 @@ class _Read(Generic[P, R]):
     @overload
     def __get__(self, client: None, owner: type[Any]) -> _Read[P, R]: ...
     @overload
-    def __get__(self, client: TallyClient, owner: type[Any]) -> Callable[Concatenate[str, P], R]: ...
+    def __get__(
+        self, client: TallyClient, owner: type[Any]
+    ) -> Callable[Concatenate[str, P], R]: ...
     def __get__(self, client: TallyClient | None, owner: type[Any]) -> Any:
         if client is None:
             return self
@@ -172,6 +173,19 @@ class RemoteAggregate:
     sum_batch = _AggregateRead(Aggregate.sum_batch)
     at_batch = _AggregateRead(Aggregate.at_batch)
     namespaces = _AggregateRead(Aggregate.namespaces)
+
+
+def _every_read_op(cls: type[Any], make: Callable[[Any], Any]) -> None:
+    """Give ``cls`` a read for each op of `READ_OPS` it does not declare (untyped for mypy
+    until declared, but there: adding an op to the table is enough to have it here)."""
+    for op in READ_OPS:
+        if op not in cls.__dict__:
+            method = getattr(Aggregate, op, None)
+            assert method is not None, f"READ_OPS has {op!r}, engine.Aggregate no such method"
+            setattr(cls, op, make(method))
+
+
+_every_read_op(RemoteAggregate, _AggregateRead)
 
 
 class TallyClient:
@@ -275,8 +289,11 @@ class TallyClient:
         _check(body, op)
         path = f"/v1/aggregates/{urllib.parse.quote(aggregate, safe='')}/{op}"
         status, raw = self._request("POST", path, body)
+        decoder = _answers.get(spec.answer)
+        if decoder is None:
+            decoder = _answers[spec.answer] = msgspec.json.Decoder(spec.answer)
         try:
-            answer = _answers[op].decode(raw)
+            answer = decoder.decode(raw)
         except msgspec.DecodeError as e:
             raise ClientError(
                 f"POST {self.url}{path} answered HTTP {status} with a body that is not a "
@@ -365,3 +382,6 @@ class TallyClient:
         """The OpenAPI 3.1 document of the API."""
         result: dict[str, Any] = self._json("GET", "/openapi.json")
         return result
+
+
+_every_read_op(TallyClient, _Read)

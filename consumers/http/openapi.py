@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.reads import ANSWERS, KEY_SCHEMA, READ_OPS, REF_TEMPLATE, ReadOp
+from schemas.reads import KEY_SCHEMA, READ_OPS, REF_TEMPLATE, ReadOp
 from schemas.status import AggregateStatus, Error, Health, Ready, Status
 
 __all__ = [
@@ -106,7 +106,7 @@ def _components(maximum: Mapping[str, int]) -> Schema:
     args schemas that have it.
     """
     types: list[Any] = [op.args for op in READ_OPS.values()]
-    types += [ANSWERS[name] for name in READ_OPS]
+    types += [op.answer for op in READ_OPS.values()]
     types += [Error, Status, AggregateStatus, Health, Ready]
     _, schemas = msgspec.json.schema_components(types, ref_template=REF_TEMPLATE)
     schemas["Key"] = KEY_SCHEMA
@@ -124,7 +124,7 @@ def _op_path(op: ReadOp, components: Schema, aggregates: Sequence[str]) -> Schem
     if aggregates:
         name_schema["enum"] = list(aggregates)
     responses: Schema = {
-        "200": _ok(op.summary, _ref(ANSWERS[op.name].__name__)),
+        "200": _ok(op.summary, _ref(op.answer.__name__)),
         "400": _error(
             f"Bad arguments (the message says which and how to fix them), or {_MALFORMED}."
         ),

@@ -35,7 +35,7 @@ from consumers.http.common import (
     short,
 )
 from consumers.http.status import aggregate_statuses
-from schemas.reads import ANSWERS, READ_OPS, ReadOp, args_error
+from schemas.reads import READ_OPS, ReadOp, args_error
 
 __all__ = ["HTTP_MAXIMUM", "MAX_PAGE_SIZE", "add_routes", "decode_args", "query_args"]
 
@@ -108,7 +108,7 @@ def query_args(request: web.Request) -> bytes:
 
 def _handler(op: ReadOp) -> Handler:
     decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(op.args)
-    answer = ANSWERS[op.name]
+    answer = op.answer
     asdict = msgspec.structs.asdict
     method = op.name
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import consumer_util
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -63,6 +64,16 @@ from engine.triggers import DRIFT_KINDS
 from schemas import ConfigError, NativeEvent, encode_native
 from schemas.config import ConsumerSettings
 from schemas.reads import READ_OPS
+from schemas.status import (
+    AggregateStatus,
+    DeadLetterStatus,
+    Error,
+    ErrorDetail,
+    Health,
+    PartitionStatus,
+    Ready,
+    Status,
+)
 
 TABLE = "scores"
 GAMES = ("chess", "go", "shogi")
@@ -920,6 +931,42 @@ def test_openapi_describes_exactly_the_registered_routes(store: Store, served: S
     assert doc["paths"]["/v1/aggregates/{name}/count"]["parameters"][0]["schema"]["enum"] == ["by_game", "pairs", "ratings"]
     for op in READ_OPS:
         assert {"get", "post"} <= set(doc["paths"][f"/v1/aggregates/{{name}}/{op}"])
+
+
+def _fields_of(struct: Any) -> set[str]:
+    return set(struct.__struct_fields__)
+
+
+def test_answers_have_exactly_the_fields_of_their_structs(store: Store) -> None:
+    # The OpenAPI document is generated from schemas.status; the answers are built as dicts,
+    # so hold each to its Struct: it decodes, and it has no field the Struct does not name.
+    tp = TopicPartition("scores", 0)
+    proc = fake_process(store, assigned=[tp])
+    proc.stats.offsets[tp], proc.stats.end_offsets[tp] = 5, 9
+    store.aggregate("by_game").insert(1, 1, 1, "go")
+
+    async def steps(c: TestClient[Any, Any]) -> None:
+        raw = await (await c.get("/status")).read()
+        st = msgspec.json.decode(raw, type=Status)
+        doc = json.loads(raw)
+        assert set(doc) == _fields_of(Status)
+        assert set(doc["dead_letter"]) <= _fields_of(DeadLetterStatus)
+        assert all(set(a) == _fields_of(AggregateStatus) for a in doc["aggregates"])
+        assert all(set(p) == _fields_of(PartitionStatus) for p in doc["partitions"])
+        assert st.aggregates[0].items == 1 and st.partitions[0].lag == 4
+        listed = json.loads(await (await c.get("/v1/aggregates")).read())["result"]
+        assert [set(a) for a in listed] == [_fields_of(AggregateStatus)] * len(DEFINITIONS)
+        for path, struct in [("/readyz", Ready), ("/healthz", Health)]:
+            raw = await (await c.get(path)).read()
+            msgspec.json.decode(raw, type=struct)
+            assert set(json.loads(raw)) <= _fields_of(struct), path
+        for method, path in [("POST", "/v1/aggregates/nope/count"), ("POST", "/v1/aggregates/by_game/at")]:
+            raw = await (await c.request(method, path, data=b"{}")).read()
+            err = msgspec.json.decode(raw, type=Error)
+            assert err.error.code in ("unknown_aggregate", "missing_field")
+            assert set(json.loads(raw)["error"]) <= _fields_of(ErrorDetail)
+
+    serve(create_app(proc, None), steps)
 
 
 # ---------------------------------------------------------------- start_http and the CLI

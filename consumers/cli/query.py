@@ -351,7 +351,7 @@ examples:
   tally query leaderboard count --lower 1000 --lower-exclusive   # scores above 1000
   tally query leaderboard index-of 1520 --id 17 --order desc     # rank from the top
   tally query leaderboard at -1 --json                           # the highest score
-  tally query by_game page --namespace chess --page-size 25 --order desc
+  tally query by_game paginate --namespace chess --page-size 25 --order desc
   tally query high_scores count --prefix '["chess"]'             # tuple keys by prefix
   tally query --url http://127.0.0.1:8750 leaderboard sum
   tally query leaderboard count-batch '[{{"namespace": null}}, {{"bounds": {{"eq": 1000}}}}]'
@@ -376,8 +376,8 @@ _EXAMPLES: Final[dict[str, str]] = {
     "min": "tally query leaderboard min --namespace chess",
     "max": "tally query leaderboard max --upper 1000",
     "random": "tally query leaderboard random --lower 1000",
-    "paginate": "tally query leaderboard page --page-size 25 --order desc\n"
-    "  tally query leaderboard page --page-size 25 --order desc --cursor CURSOR",
+    "paginate": "tally query leaderboard paginate --page-size 25 --order desc\n"
+    "  tally query leaderboard paginate --page-size 25 --order desc --cursor CURSOR",
     "namespaces": "tally query by_game namespaces",
     "count_batch": "tally query leaderboard count-batch "
     "'[{\"bounds\": {\"lower\": {\"key\": 1000}}}, {}]'",

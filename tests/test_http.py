@@ -320,6 +320,10 @@ def test_every_op_matches_the_engine(served: Served) -> None:
     for op in ("count_batch", "sum_batch"):
         check_same(served, "by_game", op, queries=queries)
     check_same(served, "by_game", "at_batch", queries=queries[:-1])
+    # Any iterable of queries, as the engine takes them (a generator too).
+    assert served.client.count_batch("by_game", (q for q in queries)) == _engine(
+        served, "by_game", "count_batch", queries=queries
+    )[1]
     check_same(served, "by_game", "at_batch", queries=[*queries[:-1], {"namespace": "go", "offset": 10**6}])
     for agg in ("by_game", "pairs", "ratings"):
         check_same(served, agg, "namespaces")

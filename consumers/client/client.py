@@ -48,6 +48,7 @@ _decoder = msgspec.json.Decoder()
 _answers: dict[type[msgspec.Struct], msgspec.json.Decoder[Any]] = {}
 """A reused typed decoder per answer type (made on first use)."""
 
+_JSON_CONTAINERS = (str, bytes, bytearray, memoryview, list, tuple, Mapping, msgspec.Struct)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -286,6 +287,9 @@ class TallyClient:
             if name in body:
                 raise TypeError(f"{op}() got multiple values for argument {name!r}")
             body[name] = value
+        for name, value in body.items():
+            if isinstance(value, Iterable) and not isinstance(value, _JSON_CONTAINERS):
+                body[name] = list(value)  # e.g. queries given as a generator, as Aggregate takes
         _check(body, op)
         path = f"/v1/aggregates/{urllib.parse.quote(aggregate, safe='')}/{op}"
         status, raw = self._request("POST", path, body)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from consumers.http.common import (
@@ -35,6 +36,12 @@ from consumers.http.common import (
 )
 from consumers.http.openapi import RouteDoc, route_operation_id
 from engine.reconcile import decode_fixes
+from schemas.maintenance import (
+    PatchChunkAnswer,
+    PatchSessionAnswer,
+    PatchTotalsAnswer,
+    RebuildAnswer,
+)
 
 __all__ = [
     "PROTECTED_ROUTES",
@@ -55,7 +62,8 @@ class ProtectedRoute:
     summary: str
     description: str = ""
     request_schema: dict[str, Any] | None = None
-    response_schema: dict[str, Any] | None = None
+    response_schema: dict[str, Any] | type[msgspec.Struct] | None = None
+    """The success answer: a Struct (its schema is generated), or a JSON schema."""
     status: int = 200
     """The success status the handler answers."""
     errors: Mapping[int, str] = field(default_factory=dict)
@@ -90,7 +98,7 @@ def protected_route(
     summary: str,
     description: str = "",
     request_schema: dict[str, Any] | None = None,
-    response_schema: dict[str, Any] | None = None,
+    response_schema: dict[str, Any] | type[msgspec.Struct] | None = None,
     status: int = 200,
     errors: Mapping[int, str] | None = None,
     request_media_type: str = "application/json",
@@ -167,7 +175,7 @@ def template_regex(path: str) -> re.Pattern[str]:
         "one has caught up; then the switch is atomic. Answers 202 at once; follow progress in /status."
     ),
     status=202,
-    response_schema={"type": "object", "properties": {"result": {"type": "object"}}},
+    response_schema=RebuildAnswer,
     errors={404: "Unknown aggregate.", 501: "This process cannot rebuild aggregates."},
 )
 async def rebuild(request: web.Request) -> web.StreamResponse:
@@ -188,22 +196,6 @@ def _patch_sessions(request: web.Request) -> Any:
     return sessions
 
 
-_SESSION_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "result": {
-            "type": "object",
-            "properties": {
-                "session": {"type": "string"},
-                "aggregate": {"type": "string"},
-                "generation": {"type": "string"},
-                "fingerprint": {"type": "string"},
-            },
-        }
-    },
-}
-
-
 @protected_route(
     "POST",
     "/v1/aggregates/{name}/patch-sessions",
@@ -213,7 +205,7 @@ _SESSION_SCHEMA: dict[str, Any] = {
         "the session skip those ids (the live change is newer than any source read after this call). "
         "Used by `tally reconcile --patch --url`; see consumers/runtime/patches.py for the rule."
     ),
-    response_schema=_SESSION_SCHEMA,
+    response_schema=PatchSessionAnswer,
     status=201,
     errors={
         404: "Unknown aggregate.",
@@ -262,19 +254,7 @@ async def patch_begin(request: web.Request) -> web.StreamResponse:
         "`catching_up` when the live stream has not yet read up to the offsets of the session's start: "
         "send the chunk again."
     ),
-    response_schema={
-        "type": "object",
-        "properties": {
-            "result": {
-                "type": "object",
-                "properties": {
-                    "received": {"type": "integer"},
-                    "changed": {"type": "integer"},
-                    "skipped_live": {"type": "integer"},
-                },
-            }
-        },
-    },
+    response_schema=PatchChunkAnswer,
     request_media_type="application/msgpack",
     request_schema={
         "type": "object",
@@ -323,7 +303,7 @@ async def patch_chunk(request: web.Request) -> web.StreamResponse:
     "DELETE",
     "/v1/aggregates/{name}/patch-sessions/{session}",
     summary="Close a patch session; answers its totals",
-    response_schema={"type": "object", "properties": {"result": {"type": "object"}}},
+    response_schema=PatchTotalsAnswer,
     errors={
         404: "`unknown_session` (expired or never opened) or unknown aggregate.",
         501: "This process cannot patch aggregates.",

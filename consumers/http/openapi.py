@@ -51,7 +51,10 @@ class RouteDoc:
     summary: str
     description: str = ""
     request_schema: Schema | None = None
-    response_schema: Schema = field(default_factory=lambda: {"type": "object"})
+    response_schema: Schema | type[msgspec.Struct] = field(
+        default_factory=lambda: {"type": "object"}
+    )
+    """The success answer: a Struct (its schema is generated) or a JSON schema."""
     status: int = 200
     """The success status."""
     errors: Mapping[int, str] = field(default_factory=dict)
@@ -99,7 +102,7 @@ def openapi_path(path: str) -> str:
     return re.sub(r"\{([^}:]+):[^}]*\}", r"{\1}", path)
 
 
-def _components(maximum: Mapping[str, int]) -> Schema:
+def _components(maximum: Mapping[str, int], routes: Sequence[RouteDoc] = ()) -> Schema:
     """Every component schema: generated from the Structs, plus ``Key``.
 
     ``maximum``: argument → its largest value over HTTP (e.g. ``page_size``), added to the
@@ -108,6 +111,7 @@ def _components(maximum: Mapping[str, int]) -> Schema:
     types: list[Any] = [op.args for op in READ_OPS.values()]
     types += [op.answer for op in READ_OPS.values()]
     types += [Error, Status, AggregateStatus, Health, Ready]
+    types += [r.response_schema for r in routes if isinstance(r.response_schema, type)]
     _, schemas = msgspec.json.schema_components(types, ref_template=REF_TEMPLATE)
     schemas["Key"] = KEY_SCHEMA
     for op in READ_OPS.values():
@@ -177,6 +181,11 @@ def _op_path(op: ReadOp, components: Schema, aggregates: Sequence[str]) -> Schem
     }
 
 
+def _route_answer(route: RouteDoc) -> Schema:
+    answer = route.response_schema
+    return _ref(answer.__name__) if isinstance(answer, type) else answer
+
+
 def route_operation_id(method: str, path: str) -> str:
     """The operationId of an extra route, e.g. ``post_v1_aggregates_name_rebuild``."""
     return f"{method.lower()}_{path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}"
@@ -199,7 +208,7 @@ def build_openapi(
         version = metadata.version("tally")
     except metadata.PackageNotFoundError:
         version = "0.0.0"
-    schemas = _components(maximum or {})
+    schemas = _components(maximum or {}, routes)
 
     paths: dict[str, Any] = {
         "/v1/aggregates": {
@@ -292,7 +301,7 @@ def build_openapi(
             "tags": ["maintenance"],
             "responses": {
                 **_transport_errors(body=r.request_schema is not None),
-                str(r.status): _ok(r.summary, r.response_schema),
+                str(r.status): _ok(r.summary, _route_answer(r)),
                 "400": _error(f"Bad arguments, or {_MALFORMED}."),
                 **{str(code): _error(why) for code, why in sorted(r.errors.items())},
             },

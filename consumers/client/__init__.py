@@ -1,6 +1,9 @@
-"""`TallyClient`: the Python client of the HTTP API (standard library only)."""
+"""`TallyClient`: the Python client of the HTTP API (standard library only).
 
-from consumers.client.client import DEFAULT_URL, ClientError, TallyClient
+`TallyClient.aggregate(name)` gives a `RemoteAggregate`, with `engine.Aggregate`'s reads.
+"""
+
+from consumers.client.client import DEFAULT_URL, ClientError, RemoteAggregate, TallyClient
 from consumers.client.patcher import RemotePatcher
 
-__all__ = ["DEFAULT_URL", "ClientError", "RemotePatcher", "TallyClient"]
+__all__ = ["DEFAULT_URL", "ClientError", "RemoteAggregate", "RemotePatcher", "TallyClient"]

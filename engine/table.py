@@ -10,24 +10,34 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    NamedTuple,
+    ParamSpec,
+    TypeVar,
+    overload,
+)
 
 from schemas.errors import ConfigError
+from schemas.reads import READ_OPS
 from schemas.typed import ColumnType, parse_column_type
 
-from .btree import Sum
-from .errors import InvalidArgument
+from .aggregate import Aggregate
+from .errors import InvalidArgument, ItemNotFound
 from .keys import key_repr
 
 if TYPE_CHECKING:
-    from .aggregate import Aggregate
     from .store import Store
-    from .types import Bounds, Item, Order, Page, Query
 
 __all__ = ["BoundTableAggregate", "RowItem", "TableAggregate"]
 
 Row = Mapping[str, Any]
+P = ParamSpec("P")
+R = TypeVar("R")
 Extractor = Callable[[Row], Any] | str | Sequence[str] | None
 
 
@@ -37,7 +47,7 @@ class RowItem(NamedTuple):
     namespace: Any
     key: Any
     id: Any
-    sum_value: Sum
+    sum_value: int | float
 
 
 def _extractor(spec: Extractor, what: str, default: Any) -> Callable[[Row], Any]:
@@ -183,8 +193,31 @@ class TableAggregate:
         return BoundTableAggregate(self, store.aggregate(self.name))
 
 
+class _Read(Generic[P, R]):
+    """A read of `BoundTableAggregate`: the `Aggregate` method it is made from, of the bound
+    aggregate (``bound.count`` is ``bound.aggregate.count``), typed with that method's
+    signature, so the two cannot drift apart."""
+
+    def __init__(self, method: Callable[Concatenate[Aggregate, P], R]) -> None:
+        self.name = method.__name__
+        self.__doc__ = method.__doc__
+
+    @overload
+    def __get__(self, bound: None, owner: type[Any]) -> _Read[P, R]: ...
+    @overload
+    def __get__(self, bound: BoundTableAggregate, owner: type[Any]) -> Callable[P, R]: ...
+    def __get__(self, bound: BoundTableAggregate | None, owner: type[Any]) -> Any:
+        if bound is None:
+            return self
+        return getattr(bound.aggregate, self.name)
+
+
 class BoundTableAggregate:
-    """A `TableAggregate` bound to a store: row-level writes plus every read."""
+    """A `TableAggregate` bound to a store: row-level writes plus every read.
+
+    The reads are the bound `Aggregate`'s own methods (``bound.count(...)`` is
+    ``bound.aggregate.count(...)``), with their signatures.
+    """
 
     def __init__(self, definition: TableAggregate, aggregate: Aggregate) -> None:
         self.definition = definition
@@ -206,8 +239,6 @@ class BoundTableAggregate:
         """Strict: the old row must be present; the new one replaces it (or removes it if filtered out)."""
         old_id = self.definition.row_id(old)
         if self.aggregate.get(old_id) is None:
-            from .errors import ItemNotFound
-
             raise ItemNotFound(f"aggregate {self.aggregate.name!r} has no item with id {key_repr(old_id)} to replace")
         it = self.definition.item(new)
         with self.aggregate.store.batch():
@@ -230,65 +261,33 @@ class BoundTableAggregate:
         id = self.definition.row_id(row_or_id) if isinstance(row_or_id, Mapping) else row_or_id
         return self.aggregate.delete_if_exists(id)
 
-    # ---- reads (delegated) -----------------------------------------------------
+    # ---- reads: the aggregate's own methods -------------------------------------
 
-    def count(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> int:
-        return self.aggregate.count(namespace, bounds)
+    count = _Read(Aggregate.count)
+    sum = _Read(Aggregate.sum)
+    at = _Read(Aggregate.at)
+    index_of = _Read(Aggregate.index_of)
+    min = _Read(Aggregate.min)
+    max = _Read(Aggregate.max)
+    random = _Read(Aggregate.random)
+    paginate = _Read(Aggregate.paginate)
+    iter = _Read(Aggregate.iter)
+    count_batch = _Read(Aggregate.count_batch)
+    sum_batch = _Read(Aggregate.sum_batch)
+    at_batch = _Read(Aggregate.at_batch)
+    namespaces = _Read(Aggregate.namespaces)
+    get = _Read(Aggregate.get)
+    validate = _Read(Aggregate.validate)
 
-    def sum(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Sum:
-        return self.aggregate.sum(namespace, bounds)
 
-    def at(self, offset: int, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item:
-        return self.aggregate.at(offset, namespace, bounds)
+def _every_read_op(cls: type[Any]) -> None:
+    """Give ``cls`` a read for each op of `READ_OPS` it does not declare (untyped for mypy
+    until declared, but there: adding an op to the table is enough to have it here)."""
+    for op in READ_OPS:
+        if op not in cls.__dict__:
+            method = getattr(Aggregate, op, None)
+            assert method is not None, f"READ_OPS has {op!r}, engine.Aggregate no such method"
+            setattr(cls, op, _Read(method))
 
-    def index_of(
-        self,
-        key: Any,
-        id: Any = None,
-        order: Order = "asc",
-        namespace: Any = None,
-        bounds: Bounds | Mapping[str, Any] | None = None,
-    ) -> int:
-        return self.aggregate.index_of(key, id, order, namespace, bounds)
 
-    def min(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item | None:
-        return self.aggregate.min(namespace, bounds)
-
-    def max(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item | None:
-        return self.aggregate.max(namespace, bounds)
-
-    def random(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item | None:
-        return self.aggregate.random(namespace, bounds)
-
-    def paginate(
-        self,
-        cursor: str | None = None,
-        page_size: int = 100,
-        order: Order = "asc",
-        namespace: Any = None,
-        bounds: Bounds | Mapping[str, Any] | None = None,
-    ) -> Page:
-        return self.aggregate.paginate(cursor, page_size, order, namespace, bounds)
-
-    def iter(
-        self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None, order: Order = "asc"
-    ) -> Iterator[Item]:
-        return self.aggregate.iter(namespace, bounds, order)
-
-    def count_batch(self, queries: Sequence[Query | Mapping[str, Any]]) -> list[int]:
-        return self.aggregate.count_batch(queries)
-
-    def sum_batch(self, queries: Sequence[Query | Mapping[str, Any]]) -> list[Sum]:
-        return self.aggregate.sum_batch(queries)
-
-    def at_batch(self, queries: Sequence[Query | Mapping[str, Any]]) -> list[Item]:
-        return self.aggregate.at_batch(queries)
-
-    def namespaces(self) -> list[Any]:
-        return self.aggregate.namespaces()
-
-    def get(self, id: Any) -> Item | None:
-        return self.aggregate.get(id)
-
-    def validate(self) -> None:
-        self.aggregate.validate()
+_every_read_op(BoundTableAggregate)

@@ -1,8 +1,10 @@
-"""Small value types of the public API, and bounds normalization.
+"""Bounds normalization and cursors (the value types live in `schemas.reads`).
 
-Every read takes ``namespace=`` and ``bounds=``; bounds are normalized once
-into a half-open interval of encoded item keys ``[lo, hi)`` (``None`` for an
-open end), which is all the tree ever compares.
+The value types of the public API (`Item`, `Page`, `Bound`, `Bounds`, `Query`) are
+declared with the rest of the read API in `schemas.reads` and re-exported here. Every
+read takes ``namespace=`` and ``bounds=``; bounds are normalized once into a half-open
+interval of encoded item keys ``[lo, hi)`` (``None`` for an open end), which is all the
+tree ever compares.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
-from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
+
+from schemas.reads import Bound, Bounds, Item, Order, Page, Query
 
 from .errors import InvalidArgument, InvalidKey
 from .keys import decode_keys, encode_key, key_repr
@@ -29,54 +32,6 @@ __all__ = [
     "encode_cursor",
     "normalize_bounds",
 ]
-
-Order = Literal["asc", "desc"]
-
-
-class Item(msgspec.Struct, frozen=True):
-    """One item of an aggregate: ordered by ``(key, id)``."""
-
-    key: Any
-    id: Any
-    sum_value: int | float | Decimal
-    namespace: Any = None
-
-
-class Page(msgspec.Struct, frozen=True):
-    """A page of `paginate`. ``cursor`` is opaque; ``is_done`` is exact."""
-
-    items: list[Item]
-    cursor: str | None
-    is_done: bool
-
-
-class Bound(msgspec.Struct, frozen=True):
-    """One end of a range. ``id`` cuts a tie group of equal keys at that id."""
-
-    key: Any
-    inclusive: bool = True
-    id: Any = None
-
-
-class Bounds(msgspec.Struct, frozen=True):
-    """A key range: ``lower``/``upper``, or ``eq``, or ``prefix`` (tuple keys).
-
-    Several given together intersect.
-    """
-
-    lower: Bound | None = None
-    upper: Bound | None = None
-    eq: Any = msgspec.UNSET
-    prefix: tuple[Any, ...] | list[Any] | None = None
-
-
-class Query(msgspec.Struct, frozen=True):
-    """One entry of `count_batch` / `sum_batch` / `at_batch`."""
-
-    namespace: Any = None
-    bounds: Bounds | None = None
-    offset: int = 0
-
 
 _MAX = b"\xff"
 
@@ -118,7 +73,7 @@ def _as_bounds(bounds: Any) -> Bounds:
             _bound(bounds.get("lower"), "lower"),
             _bound(bounds.get("upper"), "upper"),
             bounds.get("eq", msgspec.UNSET),
-            prefix,
+            None if prefix is None else tuple(prefix),
         )
     raise InvalidArgument(
         f"bounds must be a Bounds or a dict (lower/upper/eq/prefix), got {key_repr(bounds)}"

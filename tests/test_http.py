@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import consumer_util
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -39,14 +40,10 @@ from kafka_util import create_topic, produce, unique_topic
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.client import ClientError, TallyClient
-from consumers.http.app import (
-    MAX_BODY,
-    MAX_PAGE_SIZE,
-    OPS,
-    ProtectedRoute,
-    create_app,
-    start_http,
-)
+from consumers.http.app import create_app, start_http
+from consumers.http.common import MAX_BODY
+from consumers.http.maintenance import ProtectedRoute
+from consumers.http.reads import MAX_PAGE_SIZE
 from consumers.runtime.process import ConsumerProcess
 from consumers.runtime.stats import LATENCY_BUCKETS, ConsumerStats
 from engine import (
@@ -66,6 +63,17 @@ from engine import (
 from engine.triggers import DRIFT_KINDS
 from schemas import ConfigError, NativeEvent, encode_native
 from schemas.config import ConsumerSettings
+from schemas.reads import READ_OPS
+from schemas.status import (
+    AggregateStatus,
+    DeadLetterStatus,
+    Error,
+    ErrorDetail,
+    Health,
+    PartitionStatus,
+    Ready,
+    Status,
+)
 
 TABLE = "scores"
 GAMES = ("chess", "go", "shogi")
@@ -312,6 +320,10 @@ def test_every_op_matches_the_engine(served: Served) -> None:
     for op in ("count_batch", "sum_batch"):
         check_same(served, "by_game", op, queries=queries)
     check_same(served, "by_game", "at_batch", queries=queries[:-1])
+    # Any iterable of queries, as the engine takes them (a generator too).
+    assert served.client.count_batch("by_game", (q for q in queries)) == _engine(
+        served, "by_game", "count_batch", queries=queries
+    )[1]
     check_same(served, "by_game", "at_batch", queries=[*queries[:-1], {"namespace": "go", "offset": 10**6}])
     for agg in ("by_game", "pairs", "ratings"):
         check_same(served, agg, "namespaces")
@@ -593,7 +605,7 @@ BAD: list[tuple[str, str, bytes | None, int, str, str]] = [
     ("POST", "/v1/aggregates/by_game/count", b'{"nmspace": "go"}', 400, "unknown_field", "nmspace"),
     ("POST", "/v1/aggregates/by_game/namespaces", b'{"namespace": "go"}', 400, "unknown_field", "no arguments"),
     ("POST", "/v1/aggregates/by_game/count_batch", b'{"queries": 5}', 400, "invalid_argument", "queries"),
-    ("POST", "/v1/aggregates/by_game/count_batch", b'{"queries": [5]}', 400, "invalid_argument", "query"),
+    ("POST", "/v1/aggregates/by_game/count_batch", b'{"queries": [5]}', 400, "invalid_argument", "queries[0]"),
     ("POST", "/v1/aggregates/by_game/count_batch", b'{"queries": [{"bounds": 7}]}', 400, "invalid_argument", "bounds"),
     ("POST", "/v1/aggregates/by_game/at_batch", b'{"queries": [{"offset": "x"}]}', 400, "invalid_argument", "offset"),
     ("POST", "/v1/aggregates/by_game/count", b'{"namespace": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "bad_request", "deeply"),
@@ -919,10 +931,46 @@ def test_openapi_describes_exactly_the_registered_routes(store: Store, served: S
     # The live process serves the same shape, with its aggregate names.
     doc = served.client.openapi()
     _check_openapi(doc)
-    assert {p for _, p in _doc_routes(doc)} >= {f"/v1/aggregates/{{name}}/{op}" for op in OPS}
+    assert {p for _, p in _doc_routes(doc)} >= {f"/v1/aggregates/{{name}}/{op}" for op in READ_OPS}
     assert doc["paths"]["/v1/aggregates/{name}/count"]["parameters"][0]["schema"]["enum"] == ["by_game", "pairs", "ratings"]
-    for op in OPS:
+    for op in READ_OPS:
         assert {"get", "post"} <= set(doc["paths"][f"/v1/aggregates/{{name}}/{op}"])
+
+
+def _fields_of(struct: Any) -> set[str]:
+    return set(struct.__struct_fields__)
+
+
+def test_answers_have_exactly_the_fields_of_their_structs(store: Store) -> None:
+    # The OpenAPI document is generated from schemas.status; the answers are built as dicts,
+    # so hold each to its Struct: it decodes, and it has no field the Struct does not name.
+    tp = TopicPartition("scores", 0)
+    proc = fake_process(store, assigned=[tp])
+    proc.stats.offsets[tp], proc.stats.end_offsets[tp] = 5, 9
+    store.aggregate("by_game").insert(1, 1, 1, "go")
+
+    async def steps(c: TestClient[Any, Any]) -> None:
+        raw = await (await c.get("/status")).read()
+        st = msgspec.json.decode(raw, type=Status)
+        doc = json.loads(raw)
+        assert set(doc) == _fields_of(Status)
+        assert set(doc["dead_letter"]) <= _fields_of(DeadLetterStatus)
+        assert all(set(a) == _fields_of(AggregateStatus) for a in doc["aggregates"])
+        assert all(set(p) == _fields_of(PartitionStatus) for p in doc["partitions"])
+        assert st.aggregates[0].items == 1 and st.partitions[0].lag == 4
+        listed = json.loads(await (await c.get("/v1/aggregates")).read())["result"]
+        assert [set(a) for a in listed] == [_fields_of(AggregateStatus)] * len(DEFINITIONS)
+        for path, struct in [("/readyz", Ready), ("/healthz", Health)]:
+            raw = await (await c.get(path)).read()
+            msgspec.json.decode(raw, type=struct)
+            assert set(json.loads(raw)) <= _fields_of(struct), path
+        for method, path in [("POST", "/v1/aggregates/nope/count"), ("POST", "/v1/aggregates/by_game/at")]:
+            raw = await (await c.request(method, path, data=b"{}")).read()
+            err = msgspec.json.decode(raw, type=Error)
+            assert err.error.code in ("unknown_aggregate", "missing_field")
+            assert set(json.loads(raw)["error"]) <= _fields_of(ErrorDetail)
+
+    serve(create_app(proc, None), steps)
 
 
 # ---------------------------------------------------------------- start_http and the CLI

@@ -50,7 +50,8 @@ from consumer_util import (
 from kafka_util import create_topic, produce, unique_topic
 
 from consumers.client import TallyClient
-from consumers.http.app import MAX_BODY, create_app
+from consumers.http.app import create_app
+from consumers.http.common import MAX_BODY
 from consumers.runtime.patches import PatchError
 from consumers.runtime.stats import ConsumerStats
 from engine import InvalidArgument, Store, TableAggregate, TallyError

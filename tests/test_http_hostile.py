@@ -51,7 +51,8 @@ from consumer_util import (
 from kafka_util import create_topic, produce, unique_topic
 
 from consumers.client import TallyClient
-from consumers.http.app import CONNECTIONS, parse_address, start_http, warn_if_exposed
+from consumers.http.app import parse_address, start_http, warn_if_exposed
+from consumers.http.common import CONNECTIONS
 from consumers.http.limits import ROCKSDB_FIXED_FDS, ConnectionStats, HttpLimits, fd_budget
 from consumers.runtime.stats import ConsumerStats
 from engine import MAX_KEY_DEPTH, Store, TableAggregate, TallyError

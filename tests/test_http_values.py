@@ -214,9 +214,9 @@ def test_cli_reads_typed_values_and_writes_exact_decimals() -> None:
 def test_live_patch_chunks_carry_decimal_sums_exactly() -> None:
     """`tally reconcile --patch --url` sends items as msgpack chunks: a Decimal sum arrives as
     the same Decimal (digits and exponent), not as a string the engine would refuse."""
-    from engine.reconcile import decode_fixes, encode_fixes
     from engine import encode_key
     from engine.aggregate import prepare_encoded_id
+    from engine.reconcile import decode_fixes, encode_fixes
 
     eid = encode_key(7)
     item = prepare_encoded_id(Decimal("12.10"), eid, Decimal("99999999999.90"), MIDNIGHT)

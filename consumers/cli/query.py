@@ -1,10 +1,16 @@
 """`tally query` and `tally status`: every read, from a data dir or a running server.
 
 `tally query AGGREGATE OP ...` answers one read (``count``, ``sum``, ``at``,
-``index-of``, ``min``, ``max``, ``random``, ``page``, ``namespaces`` and the
-``*-batch`` forms) either straight from a store directory, opened read-only
+``index-of``, ``min``, ``max``, ``random``, ``paginate`` (or ``page``), ``namespaces``
+and the ``*-batch`` forms) either straight from a store directory, opened read-only
 (a RocksDB secondary instance, so it works while a consumer writes there), or
 through the HTTP API of a running consumer (``--url``).
+
+The ops, their arguments and their answers come from `schemas.reads.READ_OPS`: each op's
+subcommand takes its args Struct's fields (required ones as positionals, the others as
+``--flags``, namespace and bounds as the range flags), builds that Struct from them, and
+calls ``getattr(handle, op)(**args)`` on a handle that is the store's `engine.Aggregate` or
+the server's `consumers.client.RemoteAggregate` — the same call either way.
 
 Where the answer comes from (`schemas.config.QuerySettings`, resolved by
 `consumers.cli.settings`): ``--url URL``, else ``--data-dir DIR``, else
@@ -30,10 +36,10 @@ import argparse
 import asyncio
 import contextlib
 import sys
+import typing
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from decimal import Decimal
-from typing import Any, Final, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
@@ -43,16 +49,15 @@ from consumers.cli.stores import open_store
 from consumers.logs import quiet_kafka_logs
 from consumers.signals import on_stop_signals
 from engine import (
-    Aggregate,
     AggregateNotReady,
     Item,
-    Order,
     Page,
     Store,
     TallyError,
 )
 from schemas.config import DEFAULT_BOOTSTRAP_SERVERS, QuerySettings, StatusSettings
 from schemas.errors import UsageError
+from schemas.reads import READ_OPS, ReadOp, args_error
 from schemas.values import REQUEST_DECODER, TypedValueError, from_json
 
 _JSON_OUT: Final = msgspec.json.Encoder(decimal_format="number")
@@ -166,85 +171,19 @@ def _queries(text: str, op: str) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ readers
 
 
-class LocalReader:
-    """Reads from a store directory opened read-only; the same calls as `TallyClient`."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def close(self) -> None:
-        self.store.close()
-
-    def aggregates(self) -> list[str]:
-        return self.store.aggregates()
-
-    def _agg(self, name: str) -> Aggregate:
-        known = self.store.aggregates()
-        if name not in known:
-            if known:
-                have = f"known aggregates: {', '.join(known)}"
-            else:
-                have = "it has no aggregates yet (a consumer creates them with their first item)"
-            raise UsageError(
-                f"unknown aggregate {name!r} in the store at {self.store.path!r}: {have}"
-            )
-        return self.store.aggregate(name)
-
-    def count(self, aggregate: str, namespace: Any = None, bounds: Any = None) -> int:
-        return int(self._agg(aggregate).count(namespace, bounds))
-
-    def sum(
-        self, aggregate: str, namespace: Any = None, bounds: Any = None
-    ) -> int | float | Decimal:
-        return self._agg(aggregate).sum(namespace, bounds)
-
-    def at(self, aggregate: str, offset: int, namespace: Any = None, bounds: Any = None) -> Item:
-        return self._agg(aggregate).at(offset, namespace, bounds)
-
-    def index_of(
-        self,
-        aggregate: str,
-        key: Any,
-        id: Any = None,
-        order: Order = "asc",
-        namespace: Any = None,
-        bounds: Any = None,
-    ) -> int:
-        return int(self._agg(aggregate).index_of(key, id, order, namespace, bounds))
-
-    def min(self, aggregate: str, namespace: Any = None, bounds: Any = None) -> Item | None:
-        return self._agg(aggregate).min(namespace, bounds)
-
-    def max(self, aggregate: str, namespace: Any = None, bounds: Any = None) -> Item | None:
-        return self._agg(aggregate).max(namespace, bounds)
-
-    def random(self, aggregate: str, namespace: Any = None, bounds: Any = None) -> Item | None:
-        return self._agg(aggregate).random(namespace, bounds)
-
-    def paginate(
-        self,
-        aggregate: str,
-        cursor: str | None = None,
-        page_size: int = 100,
-        order: Order = "asc",
-        namespace: Any = None,
-        bounds: Any = None,
-    ) -> Page:
-        return self._agg(aggregate).paginate(cursor, page_size, order, namespace, bounds)
-
-    def count_batch(self, aggregate: str, queries: list[dict[str, Any]]) -> list[int]:
-        return self._agg(aggregate).count_batch(queries)
-
-    def sum_batch(
-        self, aggregate: str, queries: list[dict[str, Any]]
-    ) -> list[int | float | Decimal]:
-        return self._agg(aggregate).sum_batch(queries)
-
-    def at_batch(self, aggregate: str, queries: list[dict[str, Any]]) -> list[Item]:
-        return self._agg(aggregate).at_batch(queries)
-
-    def namespaces(self, aggregate: str) -> list[Any]:
-        return self._agg(aggregate).namespaces()
+def _aggregate(reader: Any, name: str) -> Any:
+    """The read handle of aggregate ``name``: an `engine.Aggregate` of a local store (which
+    must hold it), or a server's `consumers.client.RemoteAggregate`."""
+    if not isinstance(reader, Store):
+        return reader.aggregate(name)
+    known = reader.aggregates()
+    if name not in known:
+        if known:
+            have = f"known aggregates: {', '.join(known)}"
+        else:
+            have = "it has no aggregates yet (a consumer creates them with their first item)"
+        raise UsageError(f"unknown aggregate {name!r} in the store at {reader.path!r}: {have}")
+    return reader.aggregate(name)
 
 
 def _client(url: str, timeout: float) -> Any:
@@ -272,7 +211,7 @@ def _open_reader(loaded: Loaded[QuerySettings]) -> Any:
     url, data_dir = _source(loaded)
     if url is not None:
         return _client(url, loaded.settings.timeout)
-    return LocalReader(open_store(data_dir))
+    return open_store(data_dir)
 
 
 # ------------------------------------------------------------------ output
@@ -358,13 +297,13 @@ examples:
   tally query leaderboard count --lower 1000 --lower-exclusive   # scores above 1000
   tally query leaderboard index-of 1520 --id 17 --order desc     # rank from the top
   tally query leaderboard at -1 --json                           # the highest score
-  tally query by_game page --namespace chess --page-size 25 --order desc
+  tally query by_game paginate --namespace chess --page-size 25 --order desc
   tally query high_scores count --prefix '["chess"]'             # tuple keys by prefix
   tally query --url http://127.0.0.1:8750 leaderboard sum
   tally query leaderboard count-batch '[{{"namespace": null}}, {{"bounds": {{"eq": 1000}}}}]'
 
-ops: count, sum, at OFFSET, index-of KEY, min, max, random, page, namespaces,
-count-batch QUERIES, sum-batch QUERIES, at-batch QUERIES (`OP --help` for each).
+ops: count, sum, at OFFSET, index-of KEY, min, max, random, paginate (or page),
+namespaces, count-batch QUERIES, sum-batch QUERIES, at-batch QUERIES (`OP --help` for each).
 Common flags (--namespace, bounds, --json, the source) go before or after OP.
 
 {VALUE_RULE}
@@ -374,40 +313,90 @@ bounds: --lower KEY [--lower-exclusive] [--lower-id ID], --upper KEY
 
 {SOURCE_RULE}"""
 
-# op name -> (help, extra epilog example)
-_OPS: Final[dict[str, tuple[str, str]]] = {
-    "count": ("number of items in range", "tally query leaderboard count --lower 1000 --lower-exclusive"),
-    "sum": ("sum of the items' sum values in range", "tally query by_game sum --namespace chess"),
-    "at": (
-        "the item at OFFSET in (key, id) order; negative counts from the end",
-        "tally query leaderboard at -1        # the largest key",
-    ),
-    "index-of": (
-        "items before KEY (asc), or after it (desc: 0 = the top)",
-        "tally query leaderboard index-of 1520 --id 17 --order desc",
-    ),
-    "min": ("the first item in range", "tally query leaderboard min --namespace chess"),
-    "max": ("the last item in range", "tally query leaderboard max --upper 1000"),
-    "random": ("a uniformly random item in range", "tally query leaderboard random --lower 1000"),
-    "page": (
-        "one page of items; prints the cursor of the next page",
-        "tally query leaderboard page --page-size 25 --order desc\n"
-        "  tally query leaderboard page --page-size 25 --order desc --cursor CURSOR",
-    ),
-    "namespaces": ("namespaces holding at least one item", "tally query by_game namespaces"),
-    "count-batch": (
-        "count for each query of a JSON list",
-        "tally query leaderboard count-batch '[{\"bounds\": {\"lower\": {\"key\": 1000}}}, {}]'",
-    ),
-    "sum-batch": (
-        "sum for each query of a JSON list",
-        "tally query by_game sum-batch '[{\"namespace\": \"chess\"}, {\"namespace\": \"go\"}]'",
-    ),
-    "at-batch": (
-        "at for each query (its \"offset\") of a JSON list",
-        "tally query leaderboard at-batch '[{\"offset\": 0}, {\"offset\": -1}]'",
-    ),
+# Curated examples of each op's `--help` (an op without one gets a generated example).
+_EXAMPLES: Final[dict[str, str]] = {
+    "count": "tally query leaderboard count --lower 1000 --lower-exclusive",
+    "sum": "tally query by_game sum --namespace chess",
+    "at": "tally query leaderboard at -1        # the largest key",
+    "index_of": "tally query leaderboard index-of 1520 --id 17 --order desc",
+    "min": "tally query leaderboard min --namespace chess",
+    "max": "tally query leaderboard max --upper 1000",
+    "random": "tally query leaderboard random --lower 1000",
+    "paginate": "tally query leaderboard paginate --page-size 25 --order desc\n"
+    "  tally query leaderboard paginate --page-size 25 --order desc --cursor CURSOR",
+    "namespaces": "tally query by_game namespaces",
+    "count_batch": "tally query leaderboard count-batch "
+    "'[{\"bounds\": {\"lower\": {\"key\": 1000}}}, {}]'",
+    "sum_batch": "tally query by_game sum-batch "
+    "'[{\"namespace\": \"chess\"}, {\"namespace\": \"go\"}]'",
+    "at_batch": "tally query leaderboard at-batch '[{\"offset\": 0}, {\"offset\": -1}]'",
 }
+_ALIASES: Final[dict[str, list[str]]] = {"paginate": ["page"]}
+"""Older names of ops, still accepted (`page` is what the docs used before `paginate`)."""
+_RANGE: Final = ("namespace", "bounds")
+"""Fields given by the range flags (--namespace, --lower, ... --prefix)."""
+
+
+def _cli_name(op: str) -> str:
+    return op.replace("_", "-")
+
+
+def _unannotated(tp: Any) -> tuple[Any, str]:
+    """(the type without `Annotated`, the description its metadata gives)."""
+    description = ""
+    while typing.get_origin(tp) is Annotated:
+        tp, *meta = typing.get_args(tp)
+        description = next((m.description for m in meta if getattr(m, "description", None)), "")
+    return tp, description
+
+
+def _int_type(metavar: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            hint = " (negative counts from the end)" if metavar == "OFFSET" else ""
+            raise argparse.ArgumentTypeError(
+                f"{metavar} must be an integer{hint}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+def _flag(field: str, required: bool) -> str:
+    return field.upper() if required else f"--{field.replace('_', '-')}"
+
+
+def _add_op_arguments(p: argparse.ArgumentParser, op: ReadOp) -> None:
+    """The op's own arguments, from its args Struct: required fields as positionals, the
+    others as --flags (namespace and bounds come from the range flags)."""
+    hints = typing.get_type_hints(op.args, include_extras=True)
+    for field in op.fields:
+        if field in _RANGE:
+            continue
+        required = field in op.required
+        tp, description = _unannotated(hints[field])
+        kw: dict[str, Any] = {"help": description or None}
+        if not required:
+            kw.update(dest=field, default=argparse.SUPPRESS)
+        if field == "queries":
+            kw["help"] = (
+                "JSON list of {namespace, bounds, offset} objects; @FILE reads a file, - stdin"
+            )
+        elif typing.get_origin(tp) is Literal:
+            kw["choices"] = list(typing.get_args(tp))
+        elif tp is int:
+            kw["type"] = _int_type(_flag(field, required))
+        elif tp is Any:
+            kw["type"] = parse_value
+        if not required and field == "page_size":
+            kw["metavar"] = "N"
+        elif "choices" not in kw:
+            kw["metavar"] = field.upper()
+        if required:
+            p.add_argument(field, **kw)
+        else:
+            p.add_argument(_flag(field, False), **kw)
 
 
 def _add_source_flags(p: argparse.ArgumentParser, suppress: bool, bootstrap: bool = False) -> None:
@@ -468,31 +457,11 @@ def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
     o.add_argument("--json", action="store_true", default=flag, help="print one JSON document")
 
 
-def _order_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--order", choices=["asc", "desc"], default="asc", help="asc (default) or desc")
-
-
-def _offset(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"OFFSET must be an integer (negative counts from the end), got {text!r}") from None
-
-
-def _page_size(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--page-size must be a positive integer, got {text!r}")
-    return n
-
-
 def _register_query(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "query",
-        help="answer a read (count, sum, at, index-of, min, max, random, page, ...) from a data dir or server",
+        help="answer a read (count, sum, at, index-of, min, max, random, paginate, ...) "
+        "from a data dir or server",
         description=(
             "Answer one read of an aggregate: from a store directory opened read-only (safe while a "
             "consumer writes it) or from a running server's HTTP API."
@@ -505,69 +474,69 @@ def _register_query(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("aggregate", metavar="AGGREGATE", help="aggregate name (`tally status` lists them)")
     ops = p.add_subparsers(dest="op", metavar="OP")
     ops.required = True
-    for name, (help_text, example) in _OPS.items():
-        op = ops.add_parser(
+    for op in READ_OPS.values():
+        name = _cli_name(op.name)
+        positionals = " ".join(f.upper() for f in op.required)
+        example = _EXAMPLES.get(op.name) or f"tally query AGGREGATE {name} {positionals}".rstrip()
+        help_text = op.summary[0].lower() + op.summary[1:]
+        sp = ops.add_parser(
             name,
+            aliases=_ALIASES.get(op.name, []),
             help=help_text,
-            description=f"{help_text}.",
+            description=f"{op.summary}. {op.description}".strip(),
             epilog=f"example:\n  {example}\n\n{VALUE_RULE}\n{SOURCE_RULE}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        if name == "at":
-            op.add_argument("offset", type=_offset, metavar="OFFSET", help="0 = first; -1 = last")
-        elif name == "index-of":
-            op.add_argument("key", metavar="KEY", help="the key to look up")
-            op.add_argument("--id", default=None, metavar="ID", help="the item's id: its exact position in a tie group")
-            _order_arg(op)
-        elif name == "page":
-            op.add_argument("--cursor", default=None, help="the cursor printed with the previous page")
-            op.add_argument("--page-size", type=_page_size, default=100, metavar="N", help="items per page (default 100)")
-            _order_arg(op)
-        elif name.endswith("-batch"):
-            op.add_argument(
-                "queries",
-                metavar="QUERIES",
-                help="JSON list of {namespace, bounds, offset} objects; @FILE reads a file, - stdin",
-            )
-        _add_common(op, suppress=True)
-        _add_source_flags(op, suppress=True)
+        sp.set_defaults(read_op=op.name)
+        _add_op_arguments(sp, op)
+        _add_common(sp, suppress=True)
+        _add_source_flags(sp, suppress=True)
     p.set_defaults(func=run_query)
 
 
-def _answer(reader: Any, args: argparse.Namespace) -> Any:
-    agg: str = args.aggregate
-    op: str = args.op
-    if op.endswith("-batch"):
-        given = [f for f in ("namespace", "lower", "upper", "eq", "prefix") if getattr(args, f, None) is not None]
-        if given:
+def _read_args(op: ReadOp, args: argparse.Namespace) -> msgspec.Struct:
+    """The op's args Struct, built from the flags (validated as the HTTP API validates)."""
+    cli_op: str = args.op
+    values: dict[str, Any] = {}
+    if "bounds" in op.fields:
+        bounds = bounds_from_args(args)
+        if bounds is not None:
+            values["bounds"] = bounds
+    if "namespace" in op.fields:
+        if args.namespace is not None:
+            values["namespace"] = parse_value(args.namespace)
+    else:
+        flags = ("namespace", "lower", "upper", "eq", "prefix")
+        given = [f for f in flags if getattr(args, f, None) is not None]
+        if given and "queries" in op.fields:
             raise UsageError(
-                f"{op} takes the namespace and bounds inside each query, not --{given[0]}: "
+                f"{cli_op} takes the namespace and bounds inside each query, not --{given[0]}: "
                 'e.g. \'[{"namespace": "chess", "bounds": {"lower": {"key": 1000}}}]\''
             )
-        queries = _queries(args.queries, op)
-        method = {"count-batch": reader.count_batch, "sum-batch": reader.sum_batch, "at-batch": reader.at_batch}[op]
-        return method(agg, queries)
-    if op == "namespaces":
-        return reader.namespaces(agg)
-    ns = None if args.namespace is None else parse_value(args.namespace)
-    bounds = bounds_from_args(args)
-    if op == "count":
-        return reader.count(agg, namespace=ns, bounds=bounds)
-    if op == "sum":
-        return reader.sum(agg, namespace=ns, bounds=bounds)
-    if op == "at":
-        return reader.at(agg, args.offset, namespace=ns, bounds=bounds)
-    if op == "index-of":
-        key = parse_value(args.key)
-        id_ = None if args.id is None else parse_value(args.id)
-        return reader.index_of(agg, key, id=id_, order=args.order, namespace=ns, bounds=bounds)
-    if op in ("min", "max", "random"):
-        return getattr(reader, op)(agg, namespace=ns, bounds=bounds)
-    if op == "page":
-        return reader.paginate(
-            agg, cursor=args.cursor, page_size=args.page_size, order=args.order, namespace=ns, bounds=bounds
-        )
-    raise UsageError(f"unknown op {op!r}")  # argparse's choices make this unreachable
+        if given:
+            raise UsageError(f"{cli_op} takes no --{given[0]}: it reads the whole aggregate")
+    for field in op.fields:
+        if field not in _RANGE and hasattr(args, field):
+            value = getattr(args, field)
+            values[field] = _queries(value, cli_op) if field == "queries" else value
+    try:
+        return msgspec.convert(values, op.args)
+    except msgspec.ValidationError as e:
+        _, message = args_error(op, e)
+        head, sep, rest = message.partition(" ")
+        field = head.split(".")[0].split("[")[0]
+        if field in op.fields:  # name the flag the user typed
+            head = head.replace(field, _flag(field, field in op.required), 1)
+        raise UsageError(head + sep + rest) from None
+
+
+def _answer(reader: Any, args: argparse.Namespace) -> Any:
+    """One read: ``getattr(handle, op)(**args)``, the handle local or remote alike."""
+    op = READ_OPS[args.read_op]
+    read_args = _read_args(op, args)
+    args.read_args = read_args  # what the answer is printed with
+    handle = _aggregate(reader, args.aggregate)
+    return getattr(handle, op.name)(**msgspec.structs.asdict(read_args))
 
 
 def _page_parts(page: Any) -> tuple[list[Any], str | None, bool]:
@@ -576,47 +545,64 @@ def _page_parts(page: Any) -> tuple[list[Any], str | None, bool]:
     return list(page.items), page.cursor, bool(page.is_done)
 
 
+def _kind(result_type: Any) -> str:
+    """How an answer of this type is shown: number, item, page, items, numbers or keys."""
+    tp, _ = _unannotated(result_type)
+    if typing.get_origin(tp) is list:
+        inner, _ = _unannotated(typing.get_args(tp)[0])
+        return "items" if inner is Item else "keys" if inner is Any else "numbers"
+    if tp is Item or Item in typing.get_args(tp):
+        return "item"
+    if tp is Page:
+        return "page"
+    return "number"
+
+
 def _print_answer(args: argparse.Namespace, result: Any) -> None:
     if args.json:
         _emit_json(result)
         return
     console = _console()
-    op: str = args.op
-    title = f"{args.aggregate} · {op}"
-    if args.namespace is not None and not op.endswith("-batch") and op != "namespaces":
+    op = READ_OPS[args.read_op]
+    read_args: Any = args.read_args
+    title = f"{args.aggregate} · {args.op}"
+    if "namespace" in op.fields and args.namespace is not None:
         title += f" · namespace {_show(parse_value(args.namespace))}"
-    if op in ("count", "sum", "index-of"):
+    kind = _kind(op.result)
+    if kind == "number":
         console.print(_num(result), markup=False)
-    elif op in ("at", "min", "max", "random"):
+    elif kind == "item":
         if result is None:
             console.print("no items in range", markup=False)
         else:
-            numbers = [args.offset] if op == "at" else None
+            numbers = [read_args.offset] if "offset" in op.fields else None
             console.print(_items_table([result], title, numbers))
-    elif op == "page":
+    elif kind == "page":
         items, cursor, done = _page_parts(result)
         if items:
-            console.print(_items_table(items, f"{title} · {len(items)} items ({args.order})"))
+            order = getattr(read_args, "order", "asc")
+            console.print(_items_table(items, f"{title} · {len(items)} items ({order})"))
         else:
             console.print("no items in range", markup=False)
         if done:
             console.print(f"last page (cursor {cursor})" if cursor else "last page", markup=False)
         else:
             console.print(f"next page: --cursor {cursor}", markup=False)
-    elif op == "namespaces":
+    elif kind == "keys":
         if not result:
-            console.print("no namespaces (the aggregate holds no items)", markup=False)
+            console.print(f"no {op.name} (the aggregate holds no items)", markup=False)
         for ns in result:
             console.print("(default)" if ns is None else _show(ns), markup=False)
-    elif op == "at-batch":
-        offsets = [q.get("offset", 0) for q in _queries(args.queries, op)] if args.queries != "-" else None
+    elif kind == "items":
+        queries = getattr(read_args, "queries", None)
+        offsets = [q.offset for q in queries] if queries is not None else None
         console.print(_items_table(result, title, offsets))
-    else:  # count-batch, sum-batch
+    else:  # numbers: count-batch, sum-batch
         from rich import box
         from rich.table import Table
         from rich.text import Text
 
-        what = "count" if op == "count-batch" else "sum"
+        what = op.name.removesuffix("_batch")
         console.print(Text(title, style="bold"))
         t = Table(box=box.SIMPLE_HEAD)
         t.add_column("#", justify="right", style="dim")

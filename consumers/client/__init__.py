@@ -1,6 +1,22 @@
-"""`TallyClient`: the Python client of the HTTP API (standard library only)."""
+"""`TallyClient`: the Python client of the HTTP API (standard library only).
 
-from consumers.client.client import DEFAULT_URL, ClientError, ServerUnreachable, TallyClient
+`TallyClient.aggregate(name)` gives a `RemoteAggregate`, with `engine.Aggregate`'s reads.
+"""
+
+from consumers.client.client import (
+    DEFAULT_URL,
+    ClientError,
+    RemoteAggregate,
+    ServerUnreachable,
+    TallyClient,
+)
 from consumers.client.patcher import RemotePatcher
 
-__all__ = ["DEFAULT_URL", "ClientError", "RemotePatcher", "ServerUnreachable", "TallyClient"]
+__all__ = [
+    "DEFAULT_URL",
+    "ClientError",
+    "RemoteAggregate",
+    "RemotePatcher",
+    "ServerUnreachable",
+    "TallyClient",
+]

@@ -1,8 +1,12 @@
 """`TallyClient`: a small synchronous client of a consumer's HTTP API (stdlib urllib).
 
-Methods mirror `engine.Aggregate`'s reads with the aggregate name first and
-return the same types (`engine.Item`, `engine.Page`; JSON arrays in keys, ids
-and namespaces come back as tuples)::
+Every read goes through one method, ``read(op, aggregate, *args, **kwargs)``, driven by
+`schemas.reads.READ_OPS`: the arguments are those of the `engine.Aggregate` method of that
+name, the answer is decoded with the op's result type (`engine.Item`, `engine.Page`...;
+JSON arrays in keys, ids and namespaces come back as tuples). The typed methods (``count``,
+``at``, ``paginate``...) are that call with the signature of the `Aggregate` method, the
+aggregate name first; ``client.aggregate(name)`` is a handle with exactly `Aggregate`'s
+read signatures (what `tally query` uses, local or remote alike)::
 
     from consumers.client import TallyClient
 
@@ -11,6 +15,7 @@ and namespaces come back as tuples)::
     tally.at("leaderboard", -1)                     # the top item
     page = tally.paginate("leaderboard", page_size=50)
     page = tally.paginate("leaderboard", cursor=page.cursor, page_size=50)
+    tally.aggregate("leaderboard").index_of(1250, id=7, order="desc")
 
 Errors raise `ClientError` (a `TallyError`) with the server's ``status`` and
 ``code``; an unreachable server raises one naming the URL. Keys are None, bool,
@@ -27,30 +32,35 @@ ISO / canonical strings (JSON has no such types).
 
 from __future__ import annotations
 
+import functools
 import http.client
 import math
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 import msgspec
 
-from engine import Bounds, Item, Order, Page, Query, TallyError
+from engine import Aggregate, Item, Page, TallyError
 from schemas.config import DEFAULT_URL
 from schemas.errors import EXIT_RUNTIME, EXIT_USAGE, Unreachable
+from schemas.reads import READ_OPS
 from schemas.values import to_json
 
-__all__ = ["DEFAULT_URL", "ClientError", "ServerUnreachable", "TallyClient"]
-
-BoundsArg = Bounds | Mapping[str, Any] | None
-QueryArg = Query | Mapping[str, Any]
+__all__ = ["DEFAULT_URL", "ClientError", "RemoteAggregate", "ServerUnreachable", "TallyClient"]
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
 _decimal_decoder = msgspec.json.Decoder(float_hook=Decimal)
+_answers: dict[type[msgspec.Struct], msgspec.json.Decoder[Any]] = {}
+"""A reused typed decoder per answer type (made on first use)."""
+
+_JSON_CONTAINERS = (str, bytes, bytearray, memoryview, list, tuple, Mapping, msgspec.Struct)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class ClientError(TallyError):
@@ -86,17 +96,28 @@ class ServerUnreachable(ClientError, Unreachable):
 
 
 def _tup(v: Any) -> Any:
-    if isinstance(v, list):
+    if type(v) is list:
         return tuple(_tup(x) for x in v)
     return v
 
 
-def _item(d: Any) -> Item:
-    return Item(_tup(d["key"]), _tup(d["id"]), d["sum_value"], _tup(d.get("namespace")))
+def _item(it: Item) -> Item:
+    if list in (type(it.key), type(it.id), type(it.namespace)):
+        return Item(_tup(it.key), _tup(it.id), it.sum_value, _tup(it.namespace))
+    return it
 
 
-def _item_or_none(d: Any) -> Item | None:
-    return None if d is None else _item(d)
+def _tuples(result: Any) -> Any:
+    """A decoded answer with JSON arrays in keys, ids and namespaces as tuples (as the engine
+    gives them)."""
+    t = type(result)
+    if t is Item:
+        return _item(result)
+    if t is Page:
+        return Page([_item(x) for x in result.items], result.cursor, result.is_done)
+    if t is list:
+        return [_tuples(x) if type(x) is Item else _tup(x) for x in result]
+    return result
 
 
 def _check(value: Any, where: str) -> None:
@@ -117,6 +138,83 @@ def _check(value: Any, where: str) -> None:
             _check(getattr(value, f), f"{where}.{f}")
 
 
+class _Read(Generic[P, R]):
+    """A read method of `TallyClient`: `TallyClient.read` of the op named like the
+    `engine.Aggregate` method it is made from, typed with that method's signature and the
+    aggregate name first (so the two cannot drift apart)."""
+
+    def __init__(self, method: Callable[Concatenate[Aggregate, P], R]) -> None:
+        self.op = method.__name__
+        assert self.op in READ_OPS, f"{self.op} is not a read op of schemas.reads.READ_OPS"
+        self.__doc__ = method.__doc__
+
+    @overload
+    def __get__(self, client: None, owner: type[Any]) -> _Read[P, R]: ...
+    @overload
+    def __get__(
+        self, client: TallyClient, owner: type[Any]
+    ) -> Callable[Concatenate[str, P], R]: ...
+    def __get__(self, client: TallyClient | None, owner: type[Any]) -> Any:
+        if client is None:
+            return self
+        return functools.partial(client.read, self.op)
+
+
+class _AggregateRead(Generic[P, R]):
+    """A read method of `RemoteAggregate`: the `engine.Aggregate` method's signature."""
+
+    def __init__(self, method: Callable[Concatenate[Aggregate, P], R]) -> None:
+        self.op = method.__name__
+        assert self.op in READ_OPS, f"{self.op} is not a read op of schemas.reads.READ_OPS"
+        self.__doc__ = method.__doc__
+
+    @overload
+    def __get__(self, handle: None, owner: type[Any]) -> _AggregateRead[P, R]: ...
+    @overload
+    def __get__(self, handle: RemoteAggregate, owner: type[Any]) -> Callable[P, R]: ...
+    def __get__(self, handle: RemoteAggregate | None, owner: type[Any]) -> Any:
+        if handle is None:
+            return self
+        return functools.partial(handle.client.read, self.op, handle.name)
+
+
+class RemoteAggregate:
+    """One aggregate of a server: the reads of `engine.Aggregate`, over HTTP."""
+
+    def __init__(self, client: TallyClient, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<RemoteAggregate {self.name!r} at {self.client.url!r}>"
+
+    count = _AggregateRead(Aggregate.count)
+    sum = _AggregateRead(Aggregate.sum)
+    at = _AggregateRead(Aggregate.at)
+    index_of = _AggregateRead(Aggregate.index_of)
+    min = _AggregateRead(Aggregate.min)
+    max = _AggregateRead(Aggregate.max)
+    random = _AggregateRead(Aggregate.random)
+    paginate = _AggregateRead(Aggregate.paginate)
+    count_batch = _AggregateRead(Aggregate.count_batch)
+    sum_batch = _AggregateRead(Aggregate.sum_batch)
+    at_batch = _AggregateRead(Aggregate.at_batch)
+    namespaces = _AggregateRead(Aggregate.namespaces)
+
+
+def _every_read_op(cls: type[Any], make: Callable[[Any], Any]) -> None:
+    """Give ``cls`` a read for each op of `READ_OPS` it does not declare (untyped for mypy
+    until declared, but there: adding an op to the table is enough to have it here)."""
+    for op in READ_OPS:
+        if op not in cls.__dict__:
+            method = getattr(Aggregate, op, None)
+            assert method is not None, f"READ_OPS has {op!r}, engine.Aggregate no such method"
+            setattr(cls, op, make(method))
+
+
+_every_read_op(RemoteAggregate, _AggregateRead)
+
+
 class TallyClient:
     """Synchronous client of one consumer's HTTP API."""
 
@@ -132,6 +230,7 @@ class TallyClient:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.token = token
+        self.decimals = decimals
         self._decoder = _decimal_decoder if decimals else _decoder
 
     def __repr__(self) -> str:
@@ -213,89 +312,67 @@ class TallyClient:
                 status,
             ) from None
 
-    def _read(self, aggregate: str, op: str, **args: Any) -> Any:
+    def read(self, op: str, aggregate: str, /, *args: Any, **kwargs: Any) -> Any:
+        """The read ``op`` of `READ_OPS` on ``aggregate``; the other arguments are those of
+        the `engine.Aggregate` method ``op`` (positional or by name)."""
+        spec = READ_OPS.get(op)
+        if spec is None:
+            raise ClientError(f"unknown read op {op!r}; ops are {', '.join(READ_OPS)}")
         if not isinstance(aggregate, str) or not aggregate:
             raise ClientError(f"aggregate must be a non-empty name, got {aggregate!r}")
-        _check(args, op)
+        if len(args) > len(spec.fields):
+            raise TypeError(f"{op}() takes {len(spec.fields)} arguments, got {len(args)}")
+        body = dict(zip(spec.fields, args, strict=False))
+        for name, value in kwargs.items():
+            if name in body:
+                raise TypeError(f"{op}() got multiple values for argument {name!r}")
+            body[name] = value
+        for name, value in body.items():
+            if isinstance(value, Iterable) and not isinstance(value, _JSON_CONTAINERS):
+                body[name] = list(value)  # e.g. queries given as a generator, as Aggregate takes
+        _check(body, op)
         path = f"/v1/aggregates/{urllib.parse.quote(aggregate, safe='')}/{op}"
-        return self._json("POST", path, to_json(args))["result"]
+        status, raw = self._request("POST", path, to_json(body))
+        answer: Any
+        try:
+            if self.decimals:  # numbers with a fraction as exact Decimals (keys and sums)
+                answer = msgspec.convert(_decimal_decoder.decode(raw), spec.answer)
+            else:
+                decoder = _answers.get(spec.answer)
+                if decoder is None:
+                    decoder = _answers[spec.answer] = msgspec.json.Decoder(spec.answer)
+                answer = decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise ClientError(
+                f"POST {self.url}{path} answered HTTP {status} with a body that is not a "
+                f"{op} answer ({e}): {raw[:200].decode('utf-8', 'replace')}",
+                status,
+            ) from None
+        return _tuples(answer.result)
 
-    @staticmethod
-    def _range(namespace: Any, bounds: BoundsArg) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if namespace is not None:
-            out["namespace"] = namespace
-        if bounds is not None:
-            out["bounds"] = bounds
-        return out
+    def aggregate(self, name: str) -> RemoteAggregate:
+        """A handle on one aggregate of the server, with `engine.Aggregate`'s reads."""
+        return RemoteAggregate(self, name)
 
-    # ---- reads ----------------------------------------------------------------------
+    # ---- reads: `read` with the signatures of engine.Aggregate, the aggregate first -------
 
     def aggregates(self) -> list[dict[str, Any]]:
         """The consumer's aggregates: name, table, topic, state, items, namespaces."""
         result: list[dict[str, Any]] = self._json("GET", "/v1/aggregates")["result"]
         return result
 
-    def count(self, aggregate: str, namespace: Any = None, bounds: BoundsArg = None) -> int:
-        return int(self._read(aggregate, "count", **self._range(namespace, bounds)))
-
-    def sum(self, aggregate: str, namespace: Any = None, bounds: BoundsArg = None) -> int | float:
-        result: int | float = self._read(aggregate, "sum", **self._range(namespace, bounds))
-        return result
-
-    def at(self, aggregate: str, offset: int, namespace: Any = None, bounds: BoundsArg = None) -> Item:
-        return _item(self._read(aggregate, "at", offset=offset, **self._range(namespace, bounds)))
-
-    def index_of(
-        self,
-        aggregate: str,
-        key: Any,
-        id: Any = None,
-        order: Order = "asc",
-        namespace: Any = None,
-        bounds: BoundsArg = None,
-    ) -> int:
-        args: dict[str, Any] = {"key": key, "order": order, **self._range(namespace, bounds)}
-        if id is not None:
-            args["id"] = id
-        return int(self._read(aggregate, "index_of", **args))
-
-    def min(self, aggregate: str, namespace: Any = None, bounds: BoundsArg = None) -> Item | None:
-        return _item_or_none(self._read(aggregate, "min", **self._range(namespace, bounds)))
-
-    def max(self, aggregate: str, namespace: Any = None, bounds: BoundsArg = None) -> Item | None:
-        return _item_or_none(self._read(aggregate, "max", **self._range(namespace, bounds)))
-
-    def random(self, aggregate: str, namespace: Any = None, bounds: BoundsArg = None) -> Item | None:
-        return _item_or_none(self._read(aggregate, "random", **self._range(namespace, bounds)))
-
-    def paginate(
-        self,
-        aggregate: str,
-        cursor: str | None = None,
-        page_size: int = 100,
-        order: Order = "asc",
-        namespace: Any = None,
-        bounds: BoundsArg = None,
-    ) -> Page:
-        args: dict[str, Any] = {"page_size": page_size, "order": order, **self._range(namespace, bounds)}
-        if cursor is not None:
-            args["cursor"] = cursor
-        d = self._read(aggregate, "paginate", **args)
-        return Page([_item(x) for x in d["items"]], d["cursor"], d["is_done"])
-
-    def count_batch(self, aggregate: str, queries: Iterable[QueryArg]) -> list[int]:
-        return [int(x) for x in self._read(aggregate, "count_batch", queries=list(queries))]
-
-    def sum_batch(self, aggregate: str, queries: Iterable[QueryArg]) -> list[int | float]:
-        result: list[int | float] = self._read(aggregate, "sum_batch", queries=list(queries))
-        return result
-
-    def at_batch(self, aggregate: str, queries: Iterable[QueryArg]) -> list[Item]:
-        return [_item(x) for x in self._read(aggregate, "at_batch", queries=list(queries))]
-
-    def namespaces(self, aggregate: str) -> list[Any]:
-        return [_tup(x) for x in self._read(aggregate, "namespaces")]
+    count = _Read(Aggregate.count)
+    sum = _Read(Aggregate.sum)
+    at = _Read(Aggregate.at)
+    index_of = _Read(Aggregate.index_of)
+    min = _Read(Aggregate.min)
+    max = _Read(Aggregate.max)
+    random = _Read(Aggregate.random)
+    paginate = _Read(Aggregate.paginate)
+    count_batch = _Read(Aggregate.count_batch)
+    sum_batch = _Read(Aggregate.sum_batch)
+    at_batch = _Read(Aggregate.at_batch)
+    namespaces = _Read(Aggregate.namespaces)
 
     # ---- operations -------------------------------------------------------------------
 
@@ -353,3 +430,6 @@ class TallyClient:
         """The OpenAPI 3.1 document of the API."""
         result: dict[str, Any] = self._json("GET", "/openapi.json")
         return result
+
+
+_every_read_op(TallyClient, _Read)

@@ -9,15 +9,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from consumers.cli.settings import load_settings
-    from consumers.client.client import ClientError, TallyClient
-    from consumers.client.patcher import RemotePatcher
-    from consumers.producer.producer import ChangeProducer, SyncChangeProducer
-    from consumers.runtime.definitions import load_definitions
-    from consumers.runtime.patches import PatchSessions
-    from consumers.runtime.process import ConsumerProcess
-    from consumers.runtime.stats import ConsumerStats
-    from consumers.runtime.streams import offset_key, stored_offsets
+    from tally.consumers.cli.settings import load_settings
+    from tally.consumers.client.client import ClientError, TallyClient
+    from tally.consumers.client.patcher import RemotePatcher
+    from tally.consumers.producer.producer import ChangeProducer, SyncChangeProducer
+    from tally.consumers.runtime.definitions import load_definitions
+    from tally.consumers.runtime.patches import PatchSessions
+    from tally.consumers.runtime.process import ConsumerProcess
+    from tally.consumers.runtime.stats import ConsumerStats
+    from tally.consumers.runtime.streams import offset_key, stored_offsets
 
 _WHERE = {
     "ChangeProducer": ".producer",
@@ -53,5 +53,5 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
-        raise AttributeError(f"module 'consumers' has no attribute {name!r}")
+        raise AttributeError(f"module 'tally.consumers' has no attribute {name!r}")
     return getattr(importlib.import_module(module, __name__), name)

@@ -1,5 +1,5 @@
-"""``python -m consumers``: the `tally` command line."""
+"""``python -m tally.consumers``: the `tally` command line."""
 
-from consumers.cli import main
+from tally.consumers.cli import main
 
 raise SystemExit(main())

@@ -33,7 +33,7 @@ from typing import IO, Any, Final, Literal
 
 import msgspec
 
-from schemas.errors import InputError, UsageError
+from tally.schemas.errors import InputError, UsageError
 
 __all__ = ["READ_SIZE", "Lines", "RowError", "RowFormat", "format_of", "infer_value", "read_rows"]
 

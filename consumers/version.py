@@ -7,10 +7,11 @@ from typing import Final
 
 __all__ = ["DISTRIBUTION", "version"]
 
-DISTRIBUTION: Final = "tally"
-"""The distribution name in pyproject.toml's [project] (tests hold the two equal). Versions
-are read by this name, never by an import name: a distribution of another name could
-install a module called like ours."""
+DISTRIBUTION: Final = "tally-aggregates"
+"""The distribution name in pyproject.toml's [project] (tests hold the two equal). Not
+``tally``: that name on PyPI is an unrelated project. Versions are read by this name,
+never by an import name: a distribution of another name could install a module called
+like ours."""
 
 
 def version() -> str:

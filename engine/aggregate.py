@@ -5,7 +5,7 @@ B-tree per namespace, plus an id index so any write can address an item by
 id alone. ``n`` below is the number of items in the namespace read.
 
 Sum values are ints (64-bit), floats or Decimals (finite, within PostgreSQL
-numeric's range); bools count as ints. Decimal sums are exact (`engine.btree`).
+numeric's range); bools count as ints. Decimal sums are exact (`tally.engine.btree`).
 A namespace holds float or Decimal sums, never both (ints mix with either):
 a write that would mix them raises `InvalidArgument` before changing anything.
 """
@@ -146,7 +146,7 @@ class Aggregate:
 
     @property
     def physical(self) -> str:
-        """The physical aggregate (generation) this handle reads and writes (`engine.catalog`).
+        """The physical aggregate (generation) this handle reads and writes (`tally.engine.catalog`).
 
         Raises `AggregateNotReady` while no generation is ready (unless ``partial``).
         """

@@ -8,14 +8,14 @@ and range count/sum are O(log n) node visits of O(B) work each.
 Separator invariant: every key of child ``i`` < ``keys[i]`` <= every key of
 child ``i + 1``.
 
-Nodes live in a `NodeStore` (the node cache of `engine.state.cache`); a
+Nodes live in a `NodeStore` (the node cache of `tally.engine.state.cache`); a
 tree only knows its root reference, its height and its max node size. Float
 sums are recomputed from the children whenever a node changes, so they cannot
 drift however many updates they see; int sums are adjusted by exact deltas.
 
 **Decimal sums are exact.** A tree whose meta says ``decimal`` may hold
 `decimal.Decimal` sums: all its arithmetic (node sums, fix-ups, range sums,
-totals, validation) runs in `engine.decimals.exact()`, so neither rounding nor
+totals, validation) runs in `tally.engine.decimals.exact()`, so neither rounding nor
 the caller's decimal context touches them, and its sums are recomputed from the
 children like float sums. Floats and Decimals cannot be added exactly, so one
 tree never holds both: `admit` refuses a float while the tree holds a Decimal

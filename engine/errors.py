@@ -1,14 +1,14 @@
-"""The engine's errors, in the one tree rooted at `schemas.errors.TallyError`.
+"""The engine's errors, in the one tree rooted at `tally.schemas.errors.TallyError`.
 
 Each derives from the kind that says what to do about it (and fixes the `tally`
-command's exit status, see `schemas.errors`): `UsageError` for a wrong call
+command's exit status, see `tally.schemas.errors`): `UsageError` for a wrong call
 (exit 2), plain `TallyError` for a store that cannot serve right now (exit 1).
 Each message says what was wrong and, where it helps, what to do.
 """
 
 from __future__ import annotations
 
-from schemas.errors import TallyError, UsageError
+from tally.schemas.errors import TallyError, UsageError
 
 __all__ = [
     "AggregateNotReady",

@@ -14,7 +14,7 @@ order of the values::
   read back as ``1``), else as a float if a float equals it exactly
   (``Decimal('12.5')`` reads back as ``12.5``), else as a Decimal equal to it
   (``Decimal('12.10')`` reads back as ``Decimal('12.1')``: trailing zeros are
-  not kept). Decimals must fit PostgreSQL's numeric (`engine.decimals`).
+  not kept). Decimals must fit PostgreSQL's numeric (`tally.engine.decimals`).
 * Strings compare by code point (UTF-8 order is code-point order).
 * Tuples and lists compare element-wise, a shorter prefix first; both decode
   as tuples.

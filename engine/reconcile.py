@@ -1,7 +1,7 @@
 """Diff-and-patch repair: compare a source of truth with an aggregate's id index.
 
 The source is an iterator of ``(encoded id, row)`` pairs **sorted by encoded
-id** (`engine.encode_key` order: numbers numerically, strings by code point,
+id** (`tally.engine.encode_key` order: numbers numerically, strings by code point,
 tuples element-wise) with each id at most once. `diff` walks it and the
 aggregate's id index (also in encoded-id order) in ONE streaming merge, so
 memory stays bounded by the number of examples kept (and, with a patch sink,
@@ -25,7 +25,7 @@ repaired aggregate is byte-for-byte what a replay would have built.
 An out-of-order or duplicated source id raises `SourceOrderError` at once
 (rather than reporting nonsense): the caller must sort by encoded id.
 
-No Kafka, HTTP or Postgres here: sources live in ``consumers.reconcile.sources``.
+No Kafka, HTTP or Postgres here: sources live in ``tally.consumers.reconcile.sources``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`Store`: a directory of named aggregates (the engine's entry point).
 
 The state underneath — RocksDB, node cache, transactions, checkpoints — is
-`engine.state`; this class adds the aggregate handles.
+`tally.engine.state`; this class adds the aggregate handles.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Store(StateStore):
     def aggregate(self, name: str, *, partial: bool = False) -> Aggregate:
         """The handle of a named aggregate (created on its first write). O(1).
 
-        For an aggregate with generations (see `engine.catalog`), the handle
+        For an aggregate with generations (see `tally.engine.catalog`), the handle
         follows the active generation; with none ready its reads raise
         `AggregateNotReady`, unless ``partial=True`` (read the one being built).
         """

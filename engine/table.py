@@ -22,9 +22,9 @@ from typing import (
     overload,
 )
 
-from schemas.errors import ConfigError
-from schemas.reads import READ_OPS
-from schemas.typed import ColumnType, parse_column_type
+from tally.schemas.errors import ConfigError
+from tally.schemas.reads import READ_OPS
+from tally.schemas.typed import ColumnType, parse_column_type
 
 from .aggregate import Aggregate
 from .errors import InvalidArgument, ItemNotFound
@@ -102,7 +102,7 @@ class TableAggregate:
     yours to bump to force a rebuild when behaviour changes in a way the
     fingerprint cannot see (e.g. a helper function it calls). ``columns`` declares
     column types (``{"amount": "numeric(12,2)", "created_at": "timestamptz"}``) for
-    records that carry no schema, so rows reach the functions typed (`schemas.typed`).
+    records that carry no schema, so rows reach the functions typed (`tally.schemas.typed`).
     """
 
     def __init__(

@@ -37,8 +37,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from schemas import BadRecord, ChangeEvent
-from schemas.typed import UNAVAILABLE
+from tally.schemas import BadRecord, ChangeEvent
+from tally.schemas.typed import UNAVAILABLE
 
 from .aggregate import Aggregate, Prepared
 from .aggregate import prepare_encoded_id as prepare

@@ -1,7 +1,7 @@
-"""Bounds normalization and cursors (the value types live in `schemas.reads`).
+"""Bounds normalization and cursors (the value types live in `tally.schemas.reads`).
 
 The value types of the public API (`Item`, `Page`, `Bound`, `Bounds`, `Query`) are
-declared with the rest of the read API in `schemas.reads` and re-exported here. Every
+declared with the rest of the read API in `tally.schemas.reads` and re-exported here. Every
 read takes ``namespace=`` and ``bounds=``; bounds are normalized once into a half-open
 interval of encoded item keys ``[lo, hi)`` (``None`` for an open end), which is all the
 tree ever compares.
@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.reads import Bound, Bounds, Item, Order, Page, Query
+from tally.schemas.reads import Bound, Bounds, Item, Order, Page, Query
 
 from .errors import InvalidArgument, InvalidKey
 from .keys import decode_keys, encode_key, key_repr

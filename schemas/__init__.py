@@ -3,9 +3,9 @@
 This module only re-exports; each shape lives in its own submodule.
 """
 
-from schemas.decode import DEFAULT_ID_FIELDS, DecodeFormat, EventDecoder
-from schemas.errors import BadRecord, ConfigError, InvalidEvent, TallyError
-from schemas.events import (
+from tally.schemas.decode import DEFAULT_ID_FIELDS, DecodeFormat, EventDecoder
+from tally.schemas.errors import BadRecord, ConfigError, InvalidEvent, TallyError
+from tally.schemas.events import (
     DEBEZIUM_OPS,
     NATIVE_OPS,
     ChangeEvent,
@@ -19,7 +19,7 @@ from schemas.events import (
     decode_native,
     encode_native,
 )
-from schemas.keys import IdField, encode_event, key_for_id, row_id, truncate_key
+from tally.schemas.keys import IdField, encode_event, key_for_id, row_id, truncate_key
 
 __all__ = [
     "DEBEZIUM_OPS",

@@ -1,6 +1,6 @@
 """Settings of every `tally` command: one Struct per command, and every default, here.
 
-Each command's settings are resolved by `consumers.cli.settings` from, highest first:
+Each command's settings are resolved by `tally.consumers.cli.settings` from, highest first:
 
 1. its command-line flag (``--data-dir``; `consume` also takes ``--topic`` for `topics`),
 2. the environment variable ``TALLY_<FIELD>`` (upper case: ``TALLY_DATA_DIR``),
@@ -23,8 +23,8 @@ from typing import Annotated, ClassVar, Final, Literal
 
 import msgspec
 
-from schemas.errors import ConfigError
-from schemas.typed import DEFAULT_PLACEHOLDER
+from tally.schemas.errors import ConfigError
+from tally.schemas.typed import DEFAULT_PLACEHOLDER
 
 __all__ = [
     "COMMANDS",
@@ -101,7 +101,7 @@ class ConsumerSettings(Settings):
     ``columns=`` arrive in records without a schema."""
     unavailable_placeholder: str = DEFAULT_PLACEHOLDER
     """The connector's ``unavailable.value.placeholder``: the value Debezium sends for an
-    unchanged TOASTed column. It never becomes data (see `schemas.typed`)."""
+    unchanged TOASTed column. It never becomes data (see `tally.schemas.typed`)."""
     dlq_topic: str = "{topic}.dlq"
     """Dead-letter topic; ``{topic}`` is replaced by the source topic."""
     group_id: str = "tally"
@@ -124,7 +124,7 @@ class ConsumerSettings(Settings):
     http_max_connections: Positive | None = None
     """Open HTTP connections at most; a connection beyond it is answered 503 and closed at
     once. None (default): what the open-file limit leaves after RocksDB, Kafka and the
-    process (`consumers.http.limits.fd_budget`), at most 4096. Higher admits more clients at
+    process (`tally.consumers.http.limits.fd_budget`), at most 4096. Higher admits more clients at
     once, each costing a file descriptor and some memory; a cap above what the file limit
     leaves lets clients starve RocksDB of files again."""
     http_idle_timeout: Seconds = 15.0

@@ -1,6 +1,6 @@
 """Turn Kafka records ``(key, value, topic)`` into normalized `ChangeEvent`s.
 
-`EventDecoder.decode` accepts every shape described in `schemas.events`
+`EventDecoder.decode` accepts every shape described in `tally.schemas.events`
 (native JSON/msgpack, the Debezium envelope with or without the JSON
 converter's ``schema``/``payload`` wrapper, tombstones, ExtractNewRecordState
 rows) and raises `BadRecord` — never anything else — for a record it cannot
@@ -73,8 +73,8 @@ from typing import Any, Final, Literal, TypeAlias
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
-from schemas.errors import BadRecord, ConfigError
-from schemas.events import (
+from tally.schemas.errors import BadRecord, ConfigError
+from tally.schemas.events import (
     NATIVE_JSON_DECODER,
     NATIVE_MSGPACK_DECODER,
     NATIVE_OPS,
@@ -83,7 +83,7 @@ from schemas.events import (
     DebeziumSource,
     NativeEvent,
 )
-from schemas.typed import (
+from tally.schemas.typed import (
     DEFAULT_PLACEHOLDER,
     ColumnType,
     DecimalHandling,
@@ -122,7 +122,7 @@ class _Probe(msgspec.Struct):
     meta_lsn: Any = msgspec.field(default=UNSET, name="__lsn")
 
 
-# One typed decoder per shape, built once. Native decoders live in schemas.events.
+# One typed decoder per shape, built once. Native decoders live in tally.schemas.events.
 _PROBE_JSON: Final = msgspec.json.Decoder(_Probe | None)
 _ENVELOPE_JSON: Final = msgspec.json.Decoder(DebeziumEnvelope)
 _ROW_JSON: Final = msgspec.json.Decoder(dict[str, Any])
@@ -520,7 +520,7 @@ class EventDecoder:
 
     def _type_row(self, row: dict[str, Any], table: str, schema: Raw | None, shape: str, wire: WireFormat) -> None:
         """Convert ``row`` in place: the schema's logical types, the declared column types,
-        and placeholders of values the source did not send (`schemas.typed`)."""
+        and placeholders of values the source did not send (`tally.schemas.typed`)."""
         declared = self._declared.get(table)
         if schema is None and declared is None and not self._scan:
             return

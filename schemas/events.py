@@ -1,7 +1,7 @@
 """Shapes of the change events that cross the Kafka boundary.
 
 Three families of record arrive on a topic, and all of them are normalized
-into one `ChangeEvent` (what consumers apply) by `schemas.decode.EventDecoder`:
+into one `ChangeEvent` (what consumers apply) by `tally.schemas.decode.EventDecoder`:
 
 * `NativeEvent` — tally's own change event, JSON or msgpack, produced by an
   application that writes its changes to Kafka itself.
@@ -170,7 +170,7 @@ def decode_native(data: bytes) -> NativeEvent:
     """Decode one native event, JSON or msgpack (sniffed from the first byte).
 
     Raises `msgspec.DecodeError` / `msgspec.ValidationError` on a bad value; use
-    `schemas.decode.EventDecoder` to turn Kafka records into `ChangeEvent`s with
+    `tally.schemas.decode.EventDecoder` to turn Kafka records into `ChangeEvent`s with
     `BadRecord` errors instead.
     """
     if data and data[0] < 0x80:  # JSON text starts with ASCII; a msgpack map never does

@@ -4,7 +4,7 @@ What producers (ours, or any other service) and consumers agree on:
 
 * The Kafka **key** of a row's event is the JSON encoding of its row id
   (`key_for_id`): int ``7`` → ``b"7"``, str ``"abc"`` → ``b'"abc"'``, a
-  composite id ``(3, "eu")`` → ``b'[3,"eu"]'``. `schemas.decode.EventDecoder`
+  composite id ``(3, "eu")`` → ``b'[3,"eu"]'``. `tally.schemas.decode.EventDecoder`
   reads the same id back from such a key. Keys are byte-identical for equal
   ids, so **all changes of one row land in one partition, in order**
   (partitioning is aiokafka's default murmur2 partitioner, the same as the

@@ -1,6 +1,6 @@
 """Shapes of the answers of the token-protected routes (rebuild, live patch sessions).
 
-The OpenAPI document is generated from these (`consumers.http.openapi`); the patch chunk's
+The OpenAPI document is generated from these (`tally.consumers.http.openapi`); the patch chunk's
 request body (msgpack, keys as encoded bytes) is the one shape described by hand there.
 """
 

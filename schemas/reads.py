@@ -80,7 +80,7 @@ TYPED_VALUE_SCHEMA: dict[str, Any] = {
         'A value JSON has no type for, in requests: {"$decimal": "12.10"} (or a number: '
         'its digits as written), {"$datetime": "2024-01-01T00:00:00Z"} (RFC 3339; no '
         'offset: naive), {"$date": "2024-01-01"}, {"$time": "12:30:00"}, '
-        '{"$timedelta": "PT90S"} (ISO 8601 duration), {"$uuid": "..."} (`schemas.values`).'
+        '{"$timedelta": "PT90S"} (ISO 8601 duration), {"$uuid": "..."} (`tally.schemas.values`).'
     ),
     "minProperties": 1,
     "maxProperties": 1,
@@ -94,7 +94,7 @@ TYPED_VALUE_SCHEMA: dict[str, Any] = {
         "$uuid": {"type": "string", "format": "uuid"},
     },
 }
-"""The ``TypedValue`` component (see `schemas.values`)."""
+"""The ``TypedValue`` component (see `tally.schemas.values`)."""
 
 Key = Annotated[Any, Meta(extra_json_schema={"$ref": REF_TEMPLATE.format(name="Key")})]
 """A key, id or namespace (see `KEY_SCHEMA`); decoded as is and checked by the engine."""

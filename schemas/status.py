@@ -1,6 +1,6 @@
 """Shapes of the HTTP API's other answers: errors, /status, /readyz, /healthz.
 
-The OpenAPI document is generated from these Structs (`consumers.http.openapi`), and
+The OpenAPI document is generated from these Structs (`tally.consumers.http.openapi`), and
 ``tests/test_http_fuzz.py`` holds the server's answers to them.
 """
 

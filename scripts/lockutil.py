@@ -35,7 +35,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = ROOT / "pyproject.toml"
 LOCK = ROOT / "requirements.lock"
 MARK = "# pyproject.toml dependencies sha256: "
-PROJECT = "tally"
+
+
+def _project_name() -> str:
+    with PYPROJECT.open("rb") as f:
+        return re.sub(r"[-_.]+", "-", tomllib.load(f)["project"]["name"]).lower()
+
+
+PROJECT = _project_name()
+"""This project's distribution (normalized), read from pyproject.toml."""
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)")
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 

@@ -113,7 +113,7 @@ TEAMS = ("red", "blue", "green", "gold", "white")
 
 DEFINITIONS = '''
 """Aggregates for the consumer integration tests (written by tests/consumer_util.py)."""
-from engine import TableAggregate
+from tally.engine import TableAggregate
 
 # default namespace, int sum
 scores = TableAggregate("scores", table="players", sort_key="score", sum_value="score")
@@ -139,7 +139,7 @@ by_tag = TableAggregate(
 
 def write_definitions(directory: Path) -> tuple[str, list[Any]]:
     """Write the definitions file; returns (path, the loaded TableAggregates)."""
-    from consumers import load_definitions
+    from tally.consumers import load_definitions
 
     path = directory / "defs_consumer_tests.py"
     path.write_text(textwrap.dedent(DEFINITIONS))
@@ -380,7 +380,7 @@ def log_events(text: str, event: str) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def open_store(data_dir: Path | str) -> Iterator[Any]:
-    from engine import Store
+    from tally.engine import Store
 
     store = Store.open(str(data_dir), read_only=True)
     try:
@@ -391,7 +391,7 @@ def open_store(data_dir: Path | str) -> Iterator[Any]:
 
 def offsets_of(store: Any, topic: str, stream: str = "live") -> dict[int, int]:
     """{partition: next offset} the store has committed for ``topic`` (live stream by default)."""
-    from consumers import stored_offsets
+    from tally.consumers import stored_offsets
 
     return {tp.partition: off for tp, off in stored_offsets(store, stream).items() if tp.topic == topic}
 

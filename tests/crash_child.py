@@ -81,7 +81,7 @@ def apply_to_oracle(state: dict[Any, tuple[Any, Any, Any]], ops: list[Op]) -> No
 def main() -> None:
     path, seed, limit, max_node_size, cache_nodes, at_limit = sys.argv[1:7]
     assert at_limit in ("park", "finish"), at_limit
-    from engine import Store
+    from tally.engine import Store
 
     print("opening", flush=True)
     t0 = time.perf_counter()

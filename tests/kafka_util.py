@@ -22,7 +22,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from consumers.topics import read_to_end
+from tally.consumers.topics import read_to_end
 
 TOPIC_ALREADY_EXISTS = 36
 KAFKA_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "kafka"

@@ -48,10 +48,10 @@ from oracle import (
     total_items,
 )
 
-from consumers import load_definitions, stored_offsets
-from consumers.runtime.process import ConsumerProcess
-from engine import AggregateNotReady, Store
-from schemas.config import ConsumerSettings
+from tally.consumers import load_definitions, stored_offsets
+from tally.consumers.runtime.process import ConsumerProcess
+from tally.engine import AggregateNotReady, Store
+from tally.schemas.config import ConsumerSettings
 
 # ---------------------------------------------------------------- definitions
 
@@ -71,7 +71,7 @@ _AGGS = {
 def write_defs(directory: Path, name: str, *aggs: str) -> tuple[str, list[Any]]:
     """A definitions file holding ``aggs`` (keys of _AGGS); (path, loaded definitions)."""
     path = directory / f"{name}.py"
-    path.write_text("from engine import TableAggregate\n\n" + "".join(_AGGS[a] for a in aggs))
+    path.write_text("from tally.engine import TableAggregate\n\n" + "".join(_AGGS[a] for a in aggs))
     return str(path), load_definitions(str(path))
 
 
@@ -783,7 +783,7 @@ def test_rebuild_over_http_needs_the_token_and_switches_generation(
     import json
     import socket
 
-    from consumers.client import ClientError, TallyClient
+    from tally.consumers.client import ClientError, TallyClient
 
     topic = unique_topic("backfill-http-rebuild")
     create_topic(kafka_bootstrap, topic, partitions=2)
@@ -872,13 +872,13 @@ def test_replay_dead_letters_rows_its_new_definition_cannot_apply(kafka_bootstra
     """Live never planned a new aggregate, so the replay must report the rows it cannot apply."""
     from consumer_util import dlq_records
 
-    from schemas import BadRecord, EventDecoder
+    from tally.schemas import BadRecord, EventDecoder
 
     topic, data, _ = deployment(kafka_bootstrap, tmp_path, "backfill-dlq", "A", events=3000, n_ids=300)
     assert dlq_records(kafka_bootstrap, topic) == []  # A applies every row
     path = tmp_path / "v2.py"
     path.write_text(
-        "from engine import TableAggregate\n\n" + _AGGS["A"]
+        "from tally.engine import TableAggregate\n\n" + _AGGS["A"]
         + 'C = TableAggregate("C", table="players", sort_key=lambda r: 1 // (r["level"] - 3))\n'
     )
     run_consume(str(path), topic, data, kafka_bootstrap)

@@ -30,7 +30,7 @@ import pytest
 from consumer_util import TALLY, child_env, free_port, tail, wait_exit, wait_for
 from kafka_util import create_topic, unique_topic
 
-from engine import Store
+from tally.engine import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFINITIONS = str(ROOT / "consumers" / "demo" / "leaderboard.py")
@@ -82,7 +82,7 @@ def expected_rows() -> tuple[list[tuple[str, dict[str, Any]]], dict[int, dict[st
 
 
 async def _produce(bootstrap: str, topic: str, events: list[tuple[str, dict[str, Any]]]) -> None:
-    from consumers.producer import ChangeProducer
+    from tally.consumers.producer import ChangeProducer
 
     async with ChangeProducer(bootstrap) as p:
         for op, row in events:
@@ -476,7 +476,7 @@ def test_status_watch_refreshes_until_ctrl_c(built: Built, tmp_path: Path) -> No
 
 
 @pytest.mark.kafka
-@pytest.mark.skipif(importlib.util.find_spec("consumers.http.app") is None, reason="consumers/http/app.py not in this build")
+@pytest.mark.skipif(importlib.util.find_spec("tally.consumers.http.app") is None, reason="consumers/http/app.py not in this build")
 def test_query_url_matches_data_dir(built: Built, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -570,8 +570,8 @@ def test_demo_bad_usage() -> None:
     ],
 )
 def test_settings_out_of_range_are_refused_from_any_layer(cli: dict[str, Any], env: dict[str, str], field: str) -> None:
-    from consumers.cli.settings import load_settings
-    from schemas import ConfigError
+    from tally.consumers.cli.settings import load_settings
+    from tally.schemas import ConfigError
 
     with pytest.raises(ConfigError, match=rf"invalid setting: .*\$\.{field}"):
         load_settings(cli, None, env)

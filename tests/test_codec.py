@@ -11,8 +11,15 @@ from decimal import Decimal
 
 import msgspec
 
-from engine import IdEntry, Node, TreeMeta
-from engine.state.codec import decode_id, decode_log, decode_node, decode_tree, encode, encode_node
+from tally.engine import IdEntry, Node, TreeMeta
+from tally.engine.state.codec import (
+    decode_id,
+    decode_log,
+    decode_node,
+    decode_tree,
+    encode,
+    encode_node,
+)
 
 
 def test_node_sums_keep_their_type_and_exponent() -> None:

@@ -49,7 +49,7 @@ from oracle import (
     total_items,
 )
 
-from engine import AggregateNotReady
+from tally.engine import AggregateNotReady
 
 STRESS = os.environ.get("TALLY_STRESS") == "1"
 

@@ -29,9 +29,9 @@ from consumer_util import (
 )
 from kafka_util import create_topic, produce, read_all, unique_topic
 
-from consumers.cli.settings import load_settings
-from consumers.runtime.topicmap import mapping_hint, similar_topics
-from schemas import ConfigError
+from tally.consumers.cli.settings import load_settings
+from tally.consumers.runtime.topicmap import mapping_hint, similar_topics
+from tally.schemas import ConfigError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -71,7 +71,7 @@ def test_topic_pattern_maps_every_table_and_a_topic_flag_wins(
     produce(kafka_bootstrap, other, [(b"9", envelope(b, {"id": 9, "v": 9}))])
     defs = tmp_path / "defs.py"
     defs.write_text(textwrap.dedent(f"""
-        from engine import TableAggregate
+        from tally.engine import TableAggregate
         agg_a = TableAggregate("agg_a", table={a!r}, sort_key="v")
         agg_b = TableAggregate("agg_b", table={b!r}, sort_key="v")
     """))
@@ -91,7 +91,7 @@ def test_topic_pattern_maps_every_table_and_a_topic_flag_wins(
 
 def test_a_topic_pattern_without_the_table_is_refused(tmp_path: Path) -> None:
     defs = tmp_path / "defs.py"
-    defs.write_text("from engine import TableAggregate\n"
+    defs.write_text("from tally.engine import TableAggregate\n"
                     "x = TableAggregate('x', table='t', sort_key='v')\n")
     res = consume(defs, tmp_path / "data", "127.0.0.1:1", "--topic-pattern", "dbz.public.orders")
     assert res.returncode == 2
@@ -109,7 +109,7 @@ def test_waiting_for_a_topic_names_the_look_alikes_and_the_flag(
         create_topic(kafka_bootstrap, f"{prefix}.public.{table}")
     defs = tmp_path / "defs.py"
     defs.write_text(textwrap.dedent(f"""
-        from engine import TableAggregate
+        from tally.engine import TableAggregate
         o = TableAggregate("o", table={orders!r}, sort_key="v")
         u = TableAggregate("u", table={users!r}, sort_key="v")
         n = TableAggregate("n", table={lonely!r}, sort_key="v")
@@ -176,7 +176,7 @@ def test_debezium_settings_come_from_flags_environment_and_toml(tmp_path: Path) 
 
 
 WIRE_DEFS = '''
-from engine import TableAggregate
+from tally.engine import TableAggregate
 
 COLUMNS = {"amount": "numeric(12,2)", "t": "time"}
 amount_text = TableAggregate("amount_text", table=TABLE, sort_key=lambda r: str(r["amount"]),

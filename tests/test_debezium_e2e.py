@@ -130,7 +130,7 @@ REPLICA_IDENTITY = {"toast_f": "full"}
 
 DEFINITIONS = '''
 """Written by tests/test_debezium_e2e.py: the aggregates every configuration's consumer runs."""
-from engine import TableAggregate
+from tally.engine import TableAggregate
 
 T = {tables!r}
 COLUMNS = {columns!r}
@@ -155,7 +155,7 @@ trunc = TableAggregate("trunc", table=T["trunc"], sort_key="v", sum_value="v")
 
 READER = '''
 """Written by tests/test_debezium_e2e.py: a definition that reads a TOASTed column."""
-from engine import TableAggregate
+from tally.engine import TableAggregate
 
 toast_note = TableAggregate("toast_note", table={table!r},
                             sort_key=lambda r: len(r["note"]), sum_value="n")
@@ -666,7 +666,7 @@ def differences(got: dict[str, Any], want: dict[str, Any], limit: int = 12) -> l
 
 def reconcile(tally: Tally, spec: Spec, table: str, pg_url: str, *extra: str) -> dict[str, Any]:
     """`tally reconcile` (the CLI's code, in this process) against the Postgres table."""
-    from consumers.cli.main import main
+    from tally.consumers.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     args = ["reconcile", spec.name, "--source", pg_url, "--table", table,

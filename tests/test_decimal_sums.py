@@ -34,9 +34,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from sortedcontainers import SortedList
 
-from engine import Applier, InvalidArgument, Store, TableAggregate, decode_key, encode_key
-from engine.aggregate import prepare_encoded_id
-from schemas import ChangeEvent
+from tally.engine import Applier, InvalidArgument, Store, TableAggregate, decode_key, encode_key
+from tally.engine.aggregate import prepare_encoded_id
+from tally.schemas import ChangeEvent
 
 REPO = Path(__file__).resolve().parents[1]
 ORACLE = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
@@ -420,7 +420,7 @@ CHILD = textwrap.dedent(
     """
     import datetime as dt, os, signal, sys
     from decimal import Decimal
-    from engine import Store
+    from tally.engine import Store
     store = Store.open(sys.argv[1], max_node_size=4, checkpoint_changes=10**9)
     agg = store.aggregate("a")
     for b in range(30):

@@ -1,4 +1,4 @@
-"""Drift signals of the trigger path (`engine.triggers`, ``Applier(drift=True)``), on a real store.
+"""Drift signals of the trigger path (`tally.engine.triggers`, ``Applier(drift=True)``), on a real store.
 
 A live event whose source op contradicts what the aggregate holds says the
 aggregate was out of step before it: an update/delete of an id it does not
@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import Store, TableAggregate
-from engine.triggers import DRIFT_KINDS, Applier
-from schemas import ChangeEvent
+from tally.engine import Store, TableAggregate
+from tally.engine.triggers import DRIFT_KINDS, Applier
+from tally.schemas import ChangeEvent
 
 PLAIN = TableAggregate("plain", table="t", sort_key="v", sum_value="v")
 FILTERED = TableAggregate("positive", table="t", sort_key="v", filter=lambda r: r["v"] >= 0)

@@ -1,11 +1,11 @@
-"""The drift warning's throttle (`consumers.runtime.drift.DriftLog`), with structlog's capture."""
+"""The drift warning's throttle (`tally.consumers.runtime.drift.DriftLog`), with structlog's capture."""
 
 from __future__ import annotations
 
 import structlog
 from structlog.testing import capture_logs
 
-from consumers.runtime.drift import DriftLog
+from tally.consumers.runtime.drift import DriftLog
 
 
 class Clock:

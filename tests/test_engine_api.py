@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from engine import (
+from tally.engine import (
     Bound,
     Bounds,
     InvalidArgument,
@@ -780,7 +780,7 @@ def test_table_aggregate_persists(tmp_path: Path) -> None:
 READER = textwrap.dedent(
     """
     import json, sys
-    from engine import ReadOnlyStore, Store
+    from tally.engine import ReadOnlyStore, Store
     s = Store.open(sys.argv[1], read_only=True)
     agg = s.aggregate("agg")
     def report():
@@ -998,7 +998,7 @@ def test_keys_with_long_common_prefixes(store: Any) -> None:
 
 
 def test_a_second_writer_gets_store_locked(tmp_path: Path) -> None:
-    from engine import StoreLocked
+    from tally.engine import StoreLocked
 
     with Store.open(tmp_path / "s") as first:
         first.aggregate("a").insert(1, 1)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import Store, encode_key
+from tally.engine import Store, encode_key
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -271,7 +271,7 @@ def test_sigkill_inside_every_phase_keeps_batches_atomic(tmp_path: Path) -> None
 
 METADATA_ONLY_CHILD = """
 import os, sys
-from engine import Store
+from tally.engine import Store
 s = Store.open(sys.argv[1])
 agg = s.aggregate("agg")
 for i in range(20):

@@ -33,7 +33,7 @@ from hypothesis.stateful import (
 )
 from sortedcontainers import SortedList
 
-from engine import (
+from tally.engine import (
     Bound,
     Bounds,
     Item,

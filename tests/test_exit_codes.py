@@ -1,4 +1,4 @@
-"""The exit-code table (`schemas.errors.EXIT_CODES`), each kind through a real subcommand.
+"""The exit-code table (`tally.schemas.errors.EXIT_CODES`), each kind through a real subcommand.
 
 Every row of the table is provoked through the `tally` entry point as a user runs it (a
 subprocess), and each failure must be one line ``tally COMMAND: error: ...`` on stderr
@@ -23,11 +23,11 @@ import pytest
 from consumer_util import TALLY, child_env, free_port, wait_exit, wait_for
 from kafka_util import create_topic, unique_topic
 
-from consumers.version import DISTRIBUTION
-from engine import Store, TableAggregate
-from engine.triggers import Applier
-from schemas import ChangeEvent
-from schemas.errors import (
+from tally.consumers.version import DISTRIBUTION
+from tally.engine import Store, TableAggregate
+from tally.engine.triggers import Applier
+from tally.schemas import ChangeEvent
+from tally.schemas.errors import (
     EXIT_CODES,
     EXIT_DRIFT,
     EXIT_INTERRUPTED,
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(300)
 
 DEFS = """
-from engine import TableAggregate
+from tally.engine import TableAggregate
 scores = TableAggregate("scores", table="scores", sort_key="score", sum_value="score")
 """
 
@@ -111,7 +111,7 @@ def test_version_is_the_installed_distributions() -> None:
     assert project["name"] == DISTRIBUTION  # the one constant follows the distribution's name
     for argv in (
         [TALLY, "--version"],
-        [str(Path(TALLY).parent / "python"), "-m", "consumers", "--version"],
+        [str(Path(TALLY).parent / "python"), "-m", "tally.consumers", "--version"],
     ):
         res = subprocess.run(
             argv, capture_output=True, text=True, timeout=60, env=child_env(), check=False

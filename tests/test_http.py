@@ -39,14 +39,14 @@ from consumer_util import free_port
 from kafka_util import create_topic, produce, unique_topic
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.client import ClientError, TallyClient
-from consumers.http.app import create_app, start_http
-from consumers.http.common import MAX_BODY
-from consumers.http.maintenance import ProtectedRoute
-from consumers.http.reads import MAX_PAGE_SIZE
-from consumers.runtime.process import ConsumerProcess
-from consumers.runtime.stats import LATENCY_BUCKETS, ConsumerStats
-from engine import (
+from tally.consumers.client import ClientError, TallyClient
+from tally.consumers.http.app import create_app, start_http
+from tally.consumers.http.common import MAX_BODY
+from tally.consumers.http.maintenance import ProtectedRoute
+from tally.consumers.http.reads import MAX_PAGE_SIZE
+from tally.consumers.runtime.process import ConsumerProcess
+from tally.consumers.runtime.stats import LATENCY_BUCKETS, ConsumerStats
+from tally.engine import (
     AggregateNotReady,
     Bound,
     Bounds,
@@ -60,11 +60,11 @@ from engine import (
     TableAggregate,
     TallyError,
 )
-from engine.triggers import DRIFT_KINDS
-from schemas import ConfigError, NativeEvent, encode_native
-from schemas.config import ConsumerSettings
-from schemas.reads import READ_OPS
-from schemas.status import (
+from tally.engine.triggers import DRIFT_KINDS
+from tally.schemas import ConfigError, NativeEvent, encode_native
+from tally.schemas.config import ConsumerSettings
+from tally.schemas.reads import READ_OPS
+from tally.schemas.status import (
     AggregateStatus,
     DeadLetterStatus,
     Error,
@@ -942,7 +942,7 @@ def _fields_of(struct: Any) -> set[str]:
 
 
 def test_answers_have_exactly_the_fields_of_their_structs(store: Store) -> None:
-    # The OpenAPI document is generated from schemas.status; the answers are built as dicts,
+    # The OpenAPI document is generated from tally.schemas.status; the answers are built as dicts,
     # so hold each to its Struct: it decodes, and it has no field the Struct does not name.
     tp = TopicPartition("scores", 0)
     proc = fake_process(store, assigned=[tp])
@@ -1008,12 +1008,12 @@ def test_cli_consume_serves_http_and_reports_a_taken_port(kafka_bootstrap: str, 
     produce(kafka_bootstrap, topic, [event("insert", i, row(i)) for i in range(200)])
     defs = tmp_path / "defs.py"
     defs.write_text(textwrap.dedent(f"""
-        from engine import TableAggregate
+        from tally.engine import TableAggregate
         by_game = TableAggregate("by_game", table={TABLE!r}, namespace="game", sort_key="score", sum_value="score")
     """))
     port = free_port()
     data = tmp_path / "data"
-    cmd = [sys.executable, "-m", "consumers.cli.main", "consume", str(defs), "--bootstrap-servers", kafka_bootstrap,
+    cmd = [sys.executable, "-m", "tally.consumers.cli.main", "consume", str(defs), "--bootstrap-servers", kafka_bootstrap,
            "--topic", f"{TABLE}={topic}", "--log-format", "json", "--group-id", unique_topic("g")]
     log = tmp_path / "consumer.log"
     log_file = log.open("w")

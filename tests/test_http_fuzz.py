@@ -49,13 +49,13 @@ from consumer_util import (
 )
 from kafka_util import create_topic, produce, unique_topic
 
-from consumers.client import TallyClient
-from consumers.http.app import create_app
-from consumers.http.common import MAX_BODY
-from consumers.runtime.patches import PatchError
-from consumers.runtime.stats import ConsumerStats
-from engine import InvalidArgument, Store, TableAggregate, TallyError
-from schemas.config import ConsumerSettings
+from tally.consumers.client import TallyClient
+from tally.consumers.http.app import create_app
+from tally.consumers.http.common import MAX_BODY
+from tally.consumers.runtime.patches import PatchError
+from tally.consumers.runtime.stats import ConsumerStats
+from tally.engine import InvalidArgument, Store, TableAggregate, TallyError
+from tally.schemas.config import ConsumerSettings
 
 FUZZ_EXAMPLES = int(os.environ.get("TALLY_FUZZ_EXAMPLES") or 15)
 """Examples per operation in schemathesis' fuzzing phase (its coverage phase is fixed)."""
@@ -210,8 +210,7 @@ class _RefusingPatches:
 
 def _patch_statuses() -> set[int]:
     """Every status consumers/runtime/patches.py can refuse a patch request with."""
-    import consumers.runtime.patches as lp
-
+    import tally.consumers.runtime.patches as lp
     return {int(s) for s in re.findall(r"PatchError\(\s*(\d{3})", inspect.getsource(lp))}
 
 

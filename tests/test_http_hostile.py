@@ -50,14 +50,14 @@ from consumer_util import (
 )
 from kafka_util import create_topic, produce, unique_topic
 
-from consumers.client import TallyClient
-from consumers.http.app import parse_address, start_http, warn_if_exposed
-from consumers.http.common import CONNECTIONS
-from consumers.http.limits import ROCKSDB_FIXED_FDS, ConnectionStats, HttpLimits, fd_budget
-from consumers.runtime.stats import ConsumerStats
-from engine import MAX_KEY_DEPTH, Store, TableAggregate, TallyError
-from schemas import ConfigError
-from schemas.config import ConsumerSettings
+from tally.consumers.client import TallyClient
+from tally.consumers.http.app import parse_address, start_http, warn_if_exposed
+from tally.consumers.http.common import CONNECTIONS
+from tally.consumers.http.limits import ROCKSDB_FIXED_FDS, ConnectionStats, HttpLimits, fd_budget
+from tally.consumers.runtime.stats import ConsumerStats
+from tally.engine import MAX_KEY_DEPTH, Store, TableAggregate, TallyError
+from tally.schemas import ConfigError
+from tally.schemas.config import ConsumerSettings
 
 # ---------------------------------------------------------------- in-process server
 
@@ -582,7 +582,7 @@ def test_cli_refuses_an_http_address_without_host_and_says_prefer_tally_token(tm
 
 
 def test_http_guard_settings_come_from_flags_environment_and_file_and_are_checked(tmp_path: Path) -> None:
-    from consumers.cli.settings import load_settings
+    from tally.consumers.cli.settings import load_settings
 
     env = {"TALLY_HTTP_MAX_CONNECTIONS": "12", "TALLY_HTTP_IDLE_TIMEOUT": "2.5", "TALLY_HTTP_BODY_TIMEOUT": "4"}
     toml = tmp_path / "tally.toml"

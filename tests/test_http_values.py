@@ -22,14 +22,14 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from consumers.cli.query import answer_json, parse_value
-from consumers.client import TallyClient
-from consumers.http.app import create_app
-from consumers.runtime.process import ConsumerStats
-from engine import Bound, Bounds, Store, TableAggregate
-from schemas.config import ConsumerSettings
-from schemas.errors import UsageError
-from schemas.values import REQUEST_DECODER, TypedValueError, from_json, to_json
+from tally.consumers.cli.query import answer_json, parse_value
+from tally.consumers.client import TallyClient
+from tally.consumers.http.app import create_app
+from tally.consumers.runtime.process import ConsumerStats
+from tally.engine import Bound, Bounds, Store, TableAggregate
+from tally.schemas.config import ConsumerSettings
+from tally.schemas.errors import UsageError
+from tally.schemas.values import REQUEST_DECODER, TypedValueError, from_json, to_json
 
 UTC = dt.UTC
 DEFS = [
@@ -171,7 +171,7 @@ def test_client_sends_typed_values_and_reads_decimals_when_asked(store: Store) -
 
 
 # ---------------------------------------------------------------------------
-# schemas.values and the CLI's value rule
+# tally.schemas.values and the CLI's value rule
 
 
 def test_to_json_and_from_json_round_trip_typed_values() -> None:
@@ -214,9 +214,9 @@ def test_cli_reads_typed_values_and_writes_exact_decimals() -> None:
 def test_live_patch_chunks_carry_decimal_sums_exactly() -> None:
     """`tally reconcile --patch --url` sends items as msgpack chunks: a Decimal sum arrives as
     the same Decimal (digits and exponent), not as a string the engine would refuse."""
-    from engine import encode_key
-    from engine.aggregate import prepare_encoded_id
-    from engine.reconcile import decode_fixes, encode_fixes
+    from tally.engine import encode_key
+    from tally.engine.aggregate import prepare_encoded_id
+    from tally.engine.reconcile import decode_fixes, encode_fixes
 
     eid = encode_key(7)
     item = prepare_encoded_id(Decimal("12.10"), eid, Decimal("99999999999.90"), MIDNIGHT)

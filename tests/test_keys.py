@@ -31,7 +31,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from engine import InvalidKey, TallyError, decode_key, encode_key
+from tally.engine import InvalidKey, TallyError, decode_key, encode_key
 
 # ---------------------------------------------------------------------------
 # Oracle
@@ -677,7 +677,7 @@ def _nested(depth: int, kind: type = tuple) -> Any:
 
 @pytest.mark.parametrize("kind", [tuple, list])
 def test_keys_nested_up_to_max_depth_round_trip(kind: type) -> None:
-    from engine import MAX_KEY_DEPTH
+    from tally.engine import MAX_KEY_DEPTH
 
     deepest = _nested(MAX_KEY_DEPTH, kind)
     assert decode_key(encode_key(deepest)) == _nested(MAX_KEY_DEPTH, tuple)
@@ -689,7 +689,7 @@ def test_keys_nested_up_to_max_depth_round_trip(kind: type) -> None:
 @pytest.mark.parametrize("depth", [33, 980, 5000])
 @pytest.mark.parametrize("kind", [tuple, list])
 def test_keys_nested_deeper_than_max_depth_are_rejected_clearly(depth: int, kind: type) -> None:
-    from engine import MAX_KEY_DEPTH
+    from tally.engine import MAX_KEY_DEPTH
 
     assert MAX_KEY_DEPTH == 32
     value = _nested(depth, kind)
@@ -707,7 +707,7 @@ def test_forged_deep_encodings_are_corrupt_not_a_recursion_error() -> None:
     forged = b"\x0a" * 5000 + b"\x02" + b"\x01" * 5000  # encode_key never writes this
     with pytest.raises(InvalidKey, match="corrupt key encoding: tuples nested far deeper than 32"):
         decode_key(forged)
-    from engine.keys import decode_keys
+    from tally.engine.keys import decode_keys
 
     with pytest.raises(InvalidKey, match="corrupt key encoding"):
         decode_keys(forged, 0)

@@ -31,12 +31,12 @@ from consumer_util import TALLY, child_env, free_port, open_store, tail, topic_e
 from kafka_util import create_topic, unique_topic
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.client import ClientError, RemotePatcher, TallyClient
-from consumers.producer import SyncChangeProducer
-from consumers.reconcile.sources import postgres_source
-from engine import TableAggregate
-from engine.reconcile import diff, encode_fixes
-from schemas import NativeEvent
+from tally.consumers.client import ClientError, RemotePatcher, TallyClient
+from tally.consumers.producer import SyncChangeProducer
+from tally.consumers.reconcile.sources import postgres_source
+from tally.engine import TableAggregate
+from tally.engine.reconcile import diff, encode_fixes
+from tally.schemas import NativeEvent
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg (psycopg[binary]) is not installed in this venv")
 
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "sekret"
 
 DEFS = """
-from engine import TableAggregate
+from tally.engine import TableAggregate
 scores = TableAggregate("scores", table={table!r}, sort_key="score", sum_value="score", namespace="game")
 """
 

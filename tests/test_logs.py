@@ -8,7 +8,7 @@ import logging
 
 import structlog
 
-from consumers.logs import configure_logging, get_logger
+from tally.consumers.logs import configure_logging, get_logger
 
 
 def _lines(buf: io.StringIO) -> list[dict[str, object]]:

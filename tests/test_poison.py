@@ -37,8 +37,8 @@ from consumer_util import (
 from kafka_util import create_topic, produce, read_all, unique_topic
 from oracle import assert_store_matches, expected_items
 
-from consumers.client import ClientError, TallyClient
-from consumers.runtime.deadletters import Limit, build_dead_letter
+from tally.consumers.client import ClientError, TallyClient
+from tally.consumers.runtime.deadletters import Limit, build_dead_letter
 
 DEFAULT_LIMIT = 1_048_588  # the broker's message.max.bytes (Kafka's default; scripts/kafka keeps it)
 

@@ -19,17 +19,17 @@ import pytest
 from consumer_util import wait_exit, wait_for
 from kafka_util import create_topic, read_all, unique_topic
 
-from consumers.cli import produce as cli_produce
-from consumers.producer import (
+from tally.consumers.cli import produce as cli_produce
+from tally.consumers.producer import (
     BrokerUnavailable,
     ChangeProducer,
     ProduceError,
     SyncChangeProducer,
 )
-from schemas.decode import EventDecoder
-from schemas.errors import InvalidEvent
-from schemas.events import ChangeEvent, NativeEvent
-from schemas.keys import encode_event, key_for_id, row_id, truncate_key
+from tally.schemas.decode import EventDecoder
+from tally.schemas.errors import InvalidEvent
+from tally.schemas.events import ChangeEvent, NativeEvent
+from tally.schemas.keys import encode_event, key_for_id, row_id, truncate_key
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -330,7 +330,7 @@ def test_unreachable_broker_and_misuse() -> None:
         assert not p.started
 
     asyncio.run(go())
-    from schemas.errors import ConfigError
+    from tally.schemas.errors import ConfigError
 
     with pytest.raises(ConfigError, match="idempotent"):
         ChangeProducer(enable_idempotence=False)
@@ -368,7 +368,7 @@ def test_sync_facade(kafka_bootstrap: str) -> None:
 def produce_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """Run `tally produce ARGV` in-process through the `tally` entry point (its parser and its
     one error reporter); returns (exit code, stdout, stderr)."""
-    from consumers.cli import main
+    from tally.consumers.cli import main
 
     code = main(["produce", *argv])
     out, err = capsys.readouterr()
@@ -486,14 +486,14 @@ def test_cli_csv_no_infer_and_stdin(
         "2": {"id": "2", "v": ""},
     }
 
-    # stdin (JSONL), through `python -m consumers.cli.produce`, with the broker from the environment.
+    # stdin (JSONL), through `python -m tally.consumers.cli.produce`, with the broker from the environment.
     topic2 = unique_topic("cli-stdin")
     env = {**os.environ, "TALLY_BOOTSTRAP_SERVERS": kafka_bootstrap}
     res = subprocess.run(
         [
             PYTHON,
             "-m",
-            "consumers.cli.produce",
+            "tally.consumers.cli.produce",
             "--table",
             "t",
             "--topic",
@@ -524,7 +524,7 @@ def test_cli_publishes_a_slow_pipe_as_lines_arrive(kafka_bootstrap: str) -> None
         [
             PYTHON,
             "-m",
-            "consumers.cli.produce",
+            "tally.consumers.cli.produce",
             "--table",
             "t",
             "--topic",
@@ -677,7 +677,7 @@ def test_cli_unreachable_broker(tmp_path: Path) -> None:
         [
             PYTHON,
             "-m",
-            "consumers.cli.produce",
+            "tally.consumers.cli.produce",
             "--table",
             "t",
             "--topic",

@@ -1,4 +1,4 @@
-"""The read API is declared once (`schemas.reads.READ_OPS`) and every reader follows it.
+"""The read API is declared once (`tally.schemas.reads.READ_OPS`) and every reader follows it.
 
 Unit tests: the table agrees with `engine.Aggregate`'s methods (what makes
 ``getattr(aggregate, op)(**args)`` right), every reader offers every op, argument errors
@@ -23,12 +23,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from consumers.cli.main import build_parser, main
-from consumers.client.client import RemoteAggregate, TallyClient, _tuples
-from consumers.http.openapi import build_openapi
-from consumers.http.reads import MAX_PAGE_SIZE
-from engine import Aggregate, BoundTableAggregate, Store, TableAggregate
-from schemas.reads import KEY_SCHEMA, READ_OPS, REF_TEMPLATE, args_error
+from tally.consumers.cli.main import build_parser, main
+from tally.consumers.client.client import RemoteAggregate, TallyClient, _tuples
+from tally.consumers.http.openapi import build_openapi
+from tally.consumers.http.reads import MAX_PAGE_SIZE
+from tally.engine import Aggregate, BoundTableAggregate, Store, TableAggregate
+from tally.schemas.reads import KEY_SCHEMA, READ_OPS, REF_TEMPLATE, args_error
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,7 +195,7 @@ ADD_AN_OP = """
 import asyncio, contextlib, io, json, sys, threading, types
 
 import msgspec
-from schemas.reads import READ_OPS, Key, ReadOp
+from tally.schemas.reads import READ_OPS, Key, ReadOp
 
 
 class GetArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -207,12 +207,12 @@ READ_OPS["get"] = ReadOp("get", GetArgs, READ_OPS["min"].result, "The item of an
                          example={"id": 7})
 
 from aiohttp import web
-from consumers.cli.main import main
-from consumers.client import TallyClient
-from consumers.http.app import create_app
-from consumers.runtime.stats import ConsumerStats
-from engine import Store, TableAggregate
-from schemas.config import ConsumerSettings
+from tally.consumers.cli.main import main
+from tally.consumers.client import TallyClient
+from tally.consumers.http.app import create_app
+from tally.consumers.runtime.stats import ConsumerStats
+from tally.engine import Store, TableAggregate
+from tally.schemas.config import ConsumerSettings
 
 data = sys.argv[1]
 out = {}

@@ -1,4 +1,4 @@
-"""Diff-and-patch repair (`engine.reconcile`, `tally reconcile`) against a REAL PostgreSQL and a real store.
+"""Diff-and-patch repair (`tally.engine.reconcile`, `tally reconcile`) against a REAL PostgreSQL and a real store.
 
 PostgreSQL is run by scripts/postgres (Debian packages, installed with apt-get
 if missing; a throwaway cluster under $TALLY_CACHE_DIR/pg-PORT). The tests skip
@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from engine import Store, TableAggregate, encode_key
-from engine.reconcile import SourceOrderError, diff, keyed, patch, reconcile
-from engine.triggers import Applier
-from schemas import ChangeEvent
+from tally.engine import Store, TableAggregate, encode_key
+from tally.engine.reconcile import SourceOrderError, diff, keyed, patch, reconcile
+from tally.engine.triggers import Applier
+from tally.schemas import ChangeEvent
 
 ROOT = Path(__file__).resolve().parents[1]
 psycopg = pytest.importorskip(
@@ -31,7 +31,7 @@ psycopg = pytest.importorskip(
 )
 
 DEFS = """
-from engine import TableAggregate
+from tally.engine import TableAggregate
 scores = TableAggregate(
     "scores", table=TABLE, sort_key="score", sum_value="score", namespace="game",
     filter=lambda r: r["score"] >= 0,
@@ -133,7 +133,7 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from consumers.cli import main
+    from tally.consumers.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -145,7 +145,7 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 
 
 def test_in_sync_after_build(tmp_path: Path, pg_url: str, table: str) -> None:
-    from consumers.reconcile.sources import postgres_source
+    from tally.consumers.reconcile.sources import postgres_source
 
     store = build_store(tmp_path / "s", pg_url, table)
     try:
@@ -160,7 +160,7 @@ def test_in_sync_after_build(tmp_path: Path, pg_url: str, table: str) -> None:
 def test_dry_run_reports_exactly_the_drift_then_patch_converges(
     tmp_path: Path, pg_url: str, table: str
 ) -> None:
-    from consumers.reconcile.sources import postgres_source
+    from tally.consumers.reconcile.sources import postgres_source
 
     store = build_store(tmp_path / "s", pg_url, table)
     try:
@@ -219,7 +219,7 @@ def test_progress_reports_rows_and_differences(tmp_path: Path) -> None:
 
 
 def test_text_ids_with_c_collation(tmp_path: Path, pg_url: str) -> None:
-    from consumers.reconcile.sources import postgres_source
+    from tally.consumers.reconcile.sources import postgres_source
 
     name = f"rc_{uuid.uuid4().hex[:10]}"
     # a non-C default collation would order "B" < "a" ... : the source must ORDER BY ... COLLATE "C"
@@ -301,7 +301,7 @@ def test_cli_snapshot_files(tmp_path: Path, pg_url: str, table: str) -> None:
         r = json.loads(out)
         assert (r["missing"], r["extra"], r["wrong"]) == (2, 4, 5), f
     # external sort path: tiny runs
-    from consumers.reconcile.sources import snapshot_source
+    from tally.consumers.reconcile.sources import snapshot_source
 
     got = [e for e, _ in snapshot_source(str(jl), ["id"], run_rows=7)]
     assert got == sorted(got) and len(got) == len(src)
@@ -412,8 +412,8 @@ def test_cli_compacted_topic_source(
 
 def test_csv_snapshot_cells_follow_tally_produce_rule(tmp_path: Path) -> None:
     """A CSV file produced with `tally produce` and reconciled against must read the same both ways."""
-    from consumers.cli import produce as cli_produce
-    from consumers.reconcile.sources import snapshot_source
+    from tally.consumers.cli import produce as cli_produce
+    from tally.consumers.reconcile.sources import snapshot_source
 
     path = tmp_path / "snap.csv"
     path.write_text("id,a,b,c,d,e\n1,true,,1e400,7,2.5\n")

@@ -14,9 +14,9 @@ import types
 import pytest
 from aiokafka.structs import TopicPartition
 
-from consumers.runtime.streams import Stream
-from engine import AggregateNotReady
-from engine.catalog import Generation, not_ready
+from tally.consumers.runtime.streams import Stream
+from tally.engine import AggregateNotReady
+from tally.engine.catalog import Generation, not_ready
 
 
 def _stream() -> Stream:

@@ -1,5 +1,5 @@
-"""The one JSON Lines / CSV row reader (`consumers.rows`), and the progress display
-(`consumers.cli.progress`) that `tally produce` and `tally reconcile` share.
+"""The one JSON Lines / CSV row reader (`tally.consumers.rows`), and the progress display
+(`tally.consumers.cli.progress`) that `tally produce` and `tally reconcile` share.
 
 The reader's rules are strict and every error names the line; `tally produce --dry-run`
 and `tally reconcile`'s snapshot source must refuse a bad file with the same message
@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from consumers.cli import main
-from consumers.cli.progress import Tick, progress
-from consumers.reconcile.sources import snapshot_source
-from consumers.rows import Lines, RowError, format_of, read_rows
-from schemas.errors import EXIT_USAGE, UsageError
+from tally.consumers.cli import main
+from tally.consumers.cli.progress import Tick, progress
+from tally.consumers.reconcile.sources import snapshot_source
+from tally.consumers.rows import Lines, RowError, format_of, read_rows
+from tally.schemas.errors import EXIT_USAGE, UsageError
 
 
 def rows(data: bytes, fmt: str = "jsonl", **kw: Any) -> list[tuple[int, dict[str, Any]]]:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import (
+from tally.schemas import (
     BadRecord,
     ChangeEvent,
     ConfigError,

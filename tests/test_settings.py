@@ -1,6 +1,6 @@
 """The one settings layer: flag > environment > TOML file > default, for every command.
 
-`consumers.cli.settings.load` in process for the rules (sections over top-level keys,
+`tally.consumers.cli.settings.load` in process for the rules (sections over top-level keys,
 shared keys, typos refused, the layer named in errors), and `tally query` / `tally status`
 as subprocesses for the precedence a user sees: each layer points at a different store
 (or at a server that does not answer), and the answer says which one was read.
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from consumer_util import TALLY, child_env, free_port
 
-from consumers.cli.settings import load
-from engine import Store, TableAggregate
-from engine.triggers import Applier
-from schemas import ChangeEvent, ConfigError
-from schemas.config import (
+from tally.consumers.cli.settings import load
+from tally.engine import Store, TableAggregate
+from tally.engine.triggers import Applier
+from tally.schemas import ChangeEvent, ConfigError
+from tally.schemas.config import (
     COMMANDS,
     DEFAULT_BOOTSTRAP_SERVERS,
     ConsumerSettings,
@@ -215,7 +215,7 @@ def test_the_source_is_the_url_or_data_dir_of_the_highest_layer(tmp_path: Path) 
 def test_tally_status_takes_its_broker_from_the_status_section(tmp_path: Path) -> None:
     """The same rules for another command: [status] over the top-level key, env over both,
     the flag over all; `tally status` names the broker it asked for the lag."""
-    from consumers.runtime.streams import offset_key
+    from tally.consumers.runtime.streams import offset_key
 
     build_store(tmp_path / "tally-data", 1)
     with Store.open(tmp_path / "tally-data") as store, store.batch() as b:

@@ -15,9 +15,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import Store, TableAggregate
-from engine.triggers import Applier
-from schemas import ChangeEvent
+from tally.engine import Store, TableAggregate
+from tally.engine.triggers import Applier
+from tally.schemas import ChangeEvent
 
 AGG = TableAggregate("scores", table="scores", sort_key="score", sum_value="score")
 

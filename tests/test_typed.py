@@ -1,4 +1,4 @@
-"""Typed values (`schemas.typed`): Debezium's logical types and declared column types."""
+"""Typed values (`tally.schemas.typed`): Debezium's logical types and declared column types."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from uuid import UUID
 
 import pytest
 
-from engine import Store, TableAggregate
-from engine.triggers import Applier
-from schemas import ConfigError, EventDecoder
-from schemas.typed import UNAVAILABLE, UnavailableValue, parse_column_type
+from tally.engine import Store, TableAggregate
+from tally.engine.triggers import Applier
+from tally.schemas import ConfigError, EventDecoder
+from tally.schemas.typed import UNAVAILABLE, UnavailableValue, parse_column_type
 
 
 def _b64_unscaled(n: int) -> str:

@@ -2,7 +2,7 @@
 
 Every subcommand raises; `run_command` catches: a `TallyError` becomes one line on
 stderr, ``tally COMMAND: error: MESSAGE`` (its CLI ``hint`` when it has one) and the exit
-code of its kind (`schemas.errors.EXIT_CODES`); Ctrl-C becomes ``tally COMMAND:
+code of its kind (`tally.schemas.errors.EXIT_CODES`); Ctrl-C becomes ``tally COMMAND:
 interrupted`` and 130. Anything else is a bug and keeps its traceback.
 """
 
@@ -14,7 +14,7 @@ import textwrap
 from collections.abc import Callable
 from typing import Final
 
-from schemas.errors import (
+from tally.schemas.errors import (
     EXIT_CODES,
     EXIT_DRIFT,
     EXIT_INTERRUPTED,

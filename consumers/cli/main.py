@@ -1,10 +1,10 @@
 """The `tally` command line.
 
 Every subcommand has ``--help`` with an example. Errors are one clear line on
-stderr and the exit code of their kind (`schemas.errors.EXIT_CODES`, listed in
+stderr and the exit code of their kind (`tally.schemas.errors.EXIT_CODES`, listed in
 `tally --help`), never a traceback: every subcommand raises, and
-`consumers.cli.errors.run_command` reports. Settings of every subcommand come
-from `consumers.cli.settings` (flag > environment > TOML file > default).
+`tally.consumers.cli.errors.run_command` reports. Settings of every subcommand come
+from `tally.consumers.cli.settings` (flag > environment > TOML file > default).
 """
 
 from __future__ import annotations
@@ -18,26 +18,26 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from consumers.cli.errors import exit_codes_text, run_command
-from consumers.cli.parser import Parser, add_config, add_setting, given_settings
-from consumers.cli.settings import ENV_CONFIG, load, parse_topic_map
-from consumers.cli.stores import open_store
-from consumers.version import DISTRIBUTION, version
-from engine import Store
-from schemas.config import ConsumerSettings, RebuildSettings
-from schemas.errors import UsageError
+from tally.consumers.cli.errors import exit_codes_text, run_command
+from tally.consumers.cli.parser import Parser, add_config, add_setting, given_settings
+from tally.consumers.cli.settings import ENV_CONFIG, load, parse_topic_map
+from tally.consumers.cli.stores import open_store
+from tally.consumers.version import DISTRIBUTION, version
+from tally.engine import Store
+from tally.schemas.config import ConsumerSettings, RebuildSettings
+from tally.schemas.errors import UsageError
 
 if TYPE_CHECKING:
-    from consumers.http.limits import FdBudget
+    from tally.consumers.http.limits import FdBudget
 
 __all__ = ["build_parser", "main"]
 
 # Subcommand modules: each exposes register(subparsers).
 _SUBCOMMANDS = (
-    "consumers.cli.produce",
-    "consumers.cli.query",
-    "consumers.demo.app",
-    "consumers.cli.reconcile",
+    "tally.consumers.cli.produce",
+    "tally.consumers.cli.query",
+    "tally.consumers.demo.app",
+    "tally.consumers.cli.reconcile",
 )
 
 EPILOG = f"""\
@@ -172,9 +172,9 @@ def _consume_parser(sub: argparse._SubParsersAction[Parser]) -> None:
 
 
 def _run_consume(args: argparse.Namespace) -> int:
-    from consumers.logs import configure_logging
-    from consumers.runtime.definitions import load_definitions
-    from consumers.runtime.process import ConsumerProcess
+    from tally.consumers.logs import configure_logging
+    from tally.consumers.runtime.definitions import load_definitions
+    from tally.consumers.runtime.process import ConsumerProcess
 
     cli = given_settings(args, ConsumerSettings)
     cli["topics"] = parse_topic_map(args.topic) if args.topic else None
@@ -188,7 +188,7 @@ def _run_consume(args: argparse.Namespace) -> int:
             "`tally consume consumers/demo/leaderboard.py` (or $TALLY_DEFINITIONS)"
         )
     if settings.http:
-        from consumers.http import parse_address
+        from tally.consumers.http import parse_address
 
         parse_address(settings.http)  # a bad --http fails here, before the store opens
     configure_logging(settings.log_level, settings.log_format)
@@ -210,8 +210,8 @@ def _run_consume(args: argparse.Namespace) -> int:
 def _file_budget() -> FdBudget:
     """Lift the open-file limit to its hard value and share it (consumers/http/limits.py):
     RocksDB, Kafka and the process get their files first, HTTP clients only the rest."""
-    from consumers.http.limits import fd_budget, raise_nofile_limit
-    from consumers.logs import get_logger
+    from tally.consumers.http.limits import fd_budget, raise_nofile_limit
+    from tally.consumers.logs import get_logger
 
     before, after = raise_nofile_limit()
     budget = fd_budget(after)
@@ -267,7 +267,7 @@ def _run_rebuild(args: argparse.Namespace) -> int:
     loaded = load(RebuildSettings, given_settings(args, RebuildSettings), args.config)
     s = loaded.settings
     if s.url and loaded.rank("url") >= loaded.rank("data_dir"):
-        from consumers.client import TallyClient
+        from tally.consumers.client import TallyClient
 
         result = TallyClient(s.url, timeout=s.timeout, token=s.token).rebuild(args.aggregate)
         print(f"rebuild of {args.aggregate!r} started: {result}")
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``tally ARGV``; returns the exit status (see `schemas.errors.EXIT_CODES`)."""
+    """Run ``tally ARGV``; returns the exit status (see `tally.schemas.errors.EXIT_CODES`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     return run_command(f"tally {args.command}", args.func, args)

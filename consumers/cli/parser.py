@@ -2,7 +2,7 @@
 
 `Parser` reports a usage error as one line (exit 2); every subcommand's parser is one
 (argparse makes sub-parsers of the parent's class). `add_setting` adds the flag of a
-setting of `schemas.config` with its environment variable and default in the help, taken
+setting of `tally.schemas.config` with its environment variable and default in the help, taken
 from the Struct, so a default is written once.
 """
 
@@ -13,9 +13,9 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from consumers.cli.settings import ENV_CONFIG, env_name
-from schemas.config import Settings
-from schemas.errors import EXIT_USAGE
+from tally.consumers.cli.settings import ENV_CONFIG, env_name
+from tally.schemas.config import Settings
+from tally.schemas.errors import EXIT_USAGE
 
 __all__ = ["Parser", "add_config", "add_setting", "default_of", "given_settings"]
 
@@ -28,7 +28,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def default_of(kind: type[Settings], field: str) -> Any:
-    """The default of ``kind.field`` as declared in `schemas.config`."""
+    """The default of ``kind.field`` as declared in `tally.schemas.config`."""
     for f in msgspec.structs.fields(kind):
         if f.name == field:
             if f.default is not msgspec.NODEFAULT:

@@ -1,13 +1,13 @@
 """`tally produce`: publish rows or native change events from a JSON Lines or CSV file.
 
-Each input record becomes one native change event (`schemas.events.NativeEvent`)
-published through `consumers.producer.ChangeProducer` (idempotent, keyed by
+Each input record becomes one native change event (`tally.schemas.events.NativeEvent`)
+published through `tally.consumers.producer.ChangeProducer` (idempotent, keyed by
 the JSON-encoded row id, so all changes of a row stay in one partition, in
-order). Exit codes (`schemas.errors`): 0 done, 2 bad usage or input, 1 Kafka
+order). Exit codes (`tally.schemas.errors`): 0 done, 2 bad usage or input, 1 Kafka
 unreachable or a delivery failed, 130 interrupted. Errors are one line on
-stderr (`consumers.cli.errors`), never a traceback.
+stderr (`tally.consumers.cli.errors`), never a traceback.
 
-Input (FILE, or ``-`` for stdin), read by `consumers.rows` — the reader `tally
+Input (FILE, or ``-`` for stdin), read by `tally.consumers.rows` — the reader `tally
 reconcile` reads snapshot files with, so both read a file alike:
 
 * **JSON Lines** (``.jsonl``, ``.ndjson``, ``.json``; stdin by default): one
@@ -31,10 +31,10 @@ whole record batches. On an input error the events before the bad line are
 still published (re-running after the fix is harmless: tally applies changes
 idempotently by id); ``--dry-run`` checks a file without publishing.
 
-Progress goes to stderr (`consumers.cli.progress`: a bar on a terminal, a line
+Progress goes to stderr (`tally.consumers.cli.progress`: a bar on a terminal, a line
 every `progress_interval` seconds otherwise, none with ``--no-progress``). The
 final summary goes to stdout. ``--bootstrap-servers``, ``--timeout`` and
-``--progress`` are settings (`schemas.config.ProduceSettings`: also
+``--progress`` are settings (`tally.schemas.config.ProduceSettings`: also
 ``TALLY_<NAME>`` and the ``[produce]`` section of the TOML file).
 """
 
@@ -55,17 +55,17 @@ from typing import IO, Final, cast
 
 import msgspec
 
-from consumers.cli.errors import run_command
-from consumers.cli.parser import Parser, add_config, add_setting, given_settings
-from consumers.cli.progress import Tick, progress
-from consumers.cli.settings import load
-from consumers.logs import quiet_kafka_logs
-from consumers.producer import ChangeProducer, ProduceError
-from consumers.rows import Lines, RowError, format_of, infer_value, read_rows
-from schemas.config import ProduceSettings
-from schemas.errors import InvalidEvent, TallyError, UsageError
-from schemas.events import NativeEvent, NativeOp
-from schemas.keys import ProduceFormat, encode_event, row_id
+from tally.consumers.cli.errors import run_command
+from tally.consumers.cli.parser import Parser, add_config, add_setting, given_settings
+from tally.consumers.cli.progress import Tick, progress
+from tally.consumers.cli.settings import load
+from tally.consumers.logs import quiet_kafka_logs
+from tally.consumers.producer import ChangeProducer, ProduceError
+from tally.consumers.rows import Lines, RowError, format_of, infer_value, read_rows
+from tally.schemas.config import ProduceSettings
+from tally.schemas.errors import InvalidEvent, TallyError, UsageError
+from tally.schemas.events import NativeEvent, NativeOp
+from tally.schemas.keys import ProduceFormat, encode_event, row_id
 
 __all__ = ["infer_value", "main", "register", "run"]
 
@@ -201,7 +201,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m consumers.cli.produce ...``: the same as ``tally produce ...``."""
+    """``python -m tally.consumers.cli.produce ...``: the same as ``tally produce ...``."""
     p = Parser(
         prog=PROG,
         description=DESCRIPTION,
@@ -261,7 +261,7 @@ def _open(opts: _Options) -> tuple[IO[bytes], int | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``tally produce``; returns the exit code (errors are raised: `consumers.cli.errors`)."""
+    """Run ``tally produce``; returns the exit code (errors are raised: `tally.consumers.cli.errors`)."""
     settings = load(ProduceSettings, given_settings(args, ProduceSettings), args.config).settings
     opts = _options(args)
     stream, size = _open(opts)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
-from schemas.config import ProgressMode
+from tally.schemas.config import ProgressMode
 
 __all__ = ["Progress", "Tick", "progress"]
 

@@ -6,14 +6,14 @@ and the ``*-batch`` forms) either straight from a store directory, opened read-o
 (a RocksDB secondary instance, so it works while a consumer writes there), or
 through the HTTP API of a running consumer (``--url``).
 
-The ops, their arguments and their answers come from `schemas.reads.READ_OPS`: each op's
+The ops, their arguments and their answers come from `tally.schemas.reads.READ_OPS`: each op's
 subcommand takes its args Struct's fields (required ones as positionals, the others as
 ``--flags``, namespace and bounds as the range flags), builds that Struct from them, and
 calls ``getattr(handle, op)(**args)`` on a handle that is the store's `engine.Aggregate` or
-the server's `consumers.client.RemoteAggregate` — the same call either way.
+the server's `tally.consumers.client.RemoteAggregate` — the same call either way.
 
-Where the answer comes from (`schemas.config.QuerySettings`, resolved by
-`consumers.cli.settings`): ``--url URL``, else ``--data-dir DIR``, else
+Where the answer comes from (`tally.schemas.config.QuerySettings`, resolved by
+`tally.consumers.cli.settings`): ``--url URL``, else ``--data-dir DIR``, else
 ``$TALLY_URL``, else ``$TALLY_DATA_DIR``, else ``url`` / ``data_dir`` of the TOML
 file (``[query]`` / ``[status]`` or top level), else ``./tally-data``.
 
@@ -25,7 +25,7 @@ bool, ``null`` None, ``ana`` and ``'"ana"'`` both the string "ana",
 Output: a readable table on a terminal (items as rows: #, key, id, sum,
 namespace; single numbers plainly, so ``$(tally query ... count)`` works), or
 one JSON document with ``--json``. Errors are raised and reported as one line
-on stderr by `consumers.cli.errors`; exit status 2 for bad usage, arguments,
+on stderr by `tally.consumers.cli.errors`; exit status 2 for bad usage, arguments,
 JSON or an unknown aggregate, 1 when the server is unreachable or the data dir
 is missing, 0 otherwise.
 """
@@ -43,25 +43,25 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
-from consumers.cli.parser import add_setting, given_settings
-from consumers.cli.settings import Loaded, load
-from consumers.cli.stores import open_store
-from consumers.logs import quiet_kafka_logs
-from consumers.signals import on_stop_signals
-from engine import (
+from tally.consumers.cli.parser import add_setting, given_settings
+from tally.consumers.cli.settings import Loaded, load
+from tally.consumers.cli.stores import open_store
+from tally.consumers.logs import quiet_kafka_logs
+from tally.consumers.signals import on_stop_signals
+from tally.engine import (
     AggregateNotReady,
     Item,
     Page,
     Store,
     TallyError,
 )
-from schemas.config import DEFAULT_BOOTSTRAP_SERVERS, QuerySettings, StatusSettings
-from schemas.errors import UsageError
-from schemas.reads import READ_OPS, ReadOp, args_error
-from schemas.values import REQUEST_DECODER, TypedValueError, from_json
+from tally.schemas.config import DEFAULT_BOOTSTRAP_SERVERS, QuerySettings, StatusSettings
+from tally.schemas.errors import UsageError
+from tally.schemas.reads import READ_OPS, ReadOp, args_error
+from tally.schemas.values import REQUEST_DECODER, TypedValueError, from_json
 
 _JSON_OUT: Final = msgspec.json.Encoder(decimal_format="number")
-"""Answers as HTTP writes them (`schemas.values`), but raising on what JSON cannot hold."""
+"""Answers as HTTP writes them (`tally.schemas.values`), but raising on what JSON cannot hold."""
 
 __all__ = ["bounds_from_args", "parse_value", "register"]
 
@@ -96,7 +96,7 @@ def _tupled(value: Any) -> Any:
 
 def parse_value(text: str) -> Any:
     """A KEY/ID/NS from the command line: JSON when it parses (arrays → tuples; typed values
-    like ``{"$decimal": "12.10"}`` as in HTTP requests, `schemas.values`), else the string."""
+    like ``{"$decimal": "12.10"}`` as in HTTP requests, `tally.schemas.values`), else the string."""
     try:
         value = REQUEST_DECODER.decode(text)
     except msgspec.DecodeError:
@@ -173,7 +173,7 @@ def _queries(text: str, op: str) -> list[dict[str, Any]]:
 
 def _aggregate(reader: Any, name: str) -> Any:
     """The read handle of aggregate ``name``: an `engine.Aggregate` of a local store (which
-    must hold it), or a server's `consumers.client.RemoteAggregate`."""
+    must hold it), or a server's `tally.consumers.client.RemoteAggregate`."""
     if not isinstance(reader, Store):
         return reader.aggregate(name)
     known = reader.aggregates()
@@ -187,7 +187,7 @@ def _aggregate(reader: Any, name: str) -> Any:
 
 
 def _client(url: str, timeout: float) -> Any:
-    from consumers.client import TallyClient
+    from tally.consumers.client import TallyClient
 
     if timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {timeout:g}")
@@ -400,7 +400,7 @@ def _add_op_arguments(p: argparse.ArgumentParser, op: ReadOp) -> None:
 
 
 def _add_source_flags(p: argparse.ArgumentParser, suppress: bool, bootstrap: bool = False) -> None:
-    """The source settings (`schemas.config.QuerySettings`); SUPPRESSed on the op parsers."""
+    """The source settings (`tally.schemas.config.QuerySettings`); SUPPRESSed on the op parsers."""
     kind = StatusSettings if bootstrap else QuerySettings
     d: Any = argparse.SUPPRESS if suppress else None
     g = p.add_argument_group("source")
@@ -613,7 +613,7 @@ def _print_answer(args: argparse.Namespace, result: Any) -> None:
 
 
 def run_query(args: argparse.Namespace) -> int:
-    """``tally query``: returns the exit code (errors are raised, see `consumers.cli.errors`)."""
+    """``tally query``: returns the exit code (errors are raised, see `tally.consumers.cli.errors`)."""
     loaded = load(QuerySettings, given_settings(args, QuerySettings), getattr(args, "config", None))
     reader = _open_reader(loaded)
     try:
@@ -710,7 +710,7 @@ class _Broker:
 
 
 def _local_status(store: Store, broker_ends: dict[Any, int] | None) -> dict[str, Any]:
-    from consumers.runtime.streams import stored_offsets
+    from tally.consumers.runtime.streams import stored_offsets
 
     aggregates = []
     for name in store.aggregates():
@@ -888,7 +888,7 @@ async def _status_async(args: argparse.Namespace, loaded: Loaded[StatusSettings]
         cleanup.append(broker.close)
 
         async def fetch_local() -> dict[str, Any]:
-            from consumers.runtime.streams import stored_offsets
+            from tally.consumers.runtime.streams import stored_offsets
 
             store.refresh()
             ends = await broker.end_offsets(list(stored_offsets(store)))
@@ -964,7 +964,7 @@ async def _watch(
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """``tally status``: returns the exit code (errors are raised, see `consumers.cli.errors`)."""
+    """``tally status``: returns the exit code (errors are raised, see `tally.consumers.cli.errors`)."""
     loaded = load(StatusSettings, given_settings(args, StatusSettings), args.config)
     try:
         with quiet_kafka_logs():

@@ -7,8 +7,8 @@ SOURCE is a ``postgresql://`` URL (read the table ``--table``, default the
 definition's table, ordered by ``--id-column``, default the definition's
 ``id_field``), ``kafka:TOPIC`` (a compacted change topic read to its end,
 latest row per id; ``--bootstrap-servers``) or a JSON Lines / CSV snapshot
-file. See `engine.reconcile` for
-the classes (missing / extra / wrong) and `consumers.reconcile.sources` for
+file. See `tally.engine.reconcile` for
+the classes (missing / extra / wrong) and `tally.consumers.reconcile.sources` for
 the ordering assumptions.
 
 ``--dry-run`` (the default) opens the data dir read-only (a RocksDB
@@ -20,15 +20,15 @@ write path (`Aggregate.apply_many`) in batches.
 ``--patch --url URL --token T`` patches a *running* consumer: the diff reads
 the data dir read-only and each fix is applied inside the consumer between
 two live batches, skipping ids the live stream wrote since the reconcile
-began (see `consumers.runtime.patches` for why this never overwrites a newer live
+began (see `tally.consumers.runtime.patches` for why this never overwrites a newer live
 change with an older source read). Snapshot files are refused there.
 
 A progress bar (rows, rows/s, differences) goes to stderr on a terminal; a
-line every `progress_interval` (10) seconds otherwise (`consumers.cli.progress`).
+line every `progress_interval` (10) seconds otherwise (`tally.consumers.cli.progress`).
 ``--definitions``, ``--data-dir``, ``--url``, ``--token``, ``--bootstrap-servers``
-and ``--progress`` are settings (`schemas.config.ReconcileSettings`).
+and ``--progress`` are settings (`tally.schemas.config.ReconcileSettings`).
 
-Exit status (`schemas.errors.EXIT_CODES`): 0 in sync (or patched), 2 bad usage,
+Exit status (`tally.schemas.errors.EXIT_CODES`): 0 in sync (or patched), 2 bad usage,
 an unreadable source file or line, an unknown aggregate, 1 a source or consumer
 that does not answer, a missing or locked data dir, an aggregate not ready, 3
 differences found with ``--fail-on-drift`` on a dry run.
@@ -45,14 +45,14 @@ from typing import Any
 
 import msgspec
 
-from consumers.cli.errors import DriftFound
-from consumers.cli.parser import add_config, add_setting, given_settings
-from consumers.cli.progress import Tick, progress
-from consumers.cli.settings import Loaded, load
-from consumers.cli.stores import open_store
-from engine import Store, TallyError
-from schemas.config import ReconcileSettings
-from schemas.errors import UsageError
+from tally.consumers.cli.errors import DriftFound
+from tally.consumers.cli.parser import add_config, add_setting, given_settings
+from tally.consumers.cli.progress import Tick, progress
+from tally.consumers.cli.settings import Loaded, load
+from tally.consumers.cli.stores import open_store
+from tally.engine import Store, TallyError
+from tally.schemas.config import ReconcileSettings
+from tally.schemas.errors import UsageError
 
 __all__ = ["register", "run_reconcile"]
 
@@ -171,7 +171,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _open_source(args: argparse.Namespace, settings: ReconcileSettings, definition: Any) -> Any:
-    from consumers.reconcile.sources import (
+    from tally.consumers.reconcile.sources import (
         SourceError,
         postgres_source,
         snapshot_source,
@@ -204,8 +204,8 @@ def _open_store(data_dir: str, write: bool) -> Store:
 
 
 def run_reconcile(args: argparse.Namespace) -> int:
-    from consumers.runtime.definitions import load_definitions
-    from engine.reconcile import reconcile
+    from tally.consumers.runtime.definitions import load_definitions
+    from tally.engine.reconcile import reconcile
 
     loaded = load(ReconcileSettings, given_settings(args, ReconcileSettings), args.config)
     settings = loaded.settings
@@ -292,7 +292,7 @@ def _reads_at_run_time(src: str) -> bool:
 
 def _estimate(args: argparse.Namespace, definition: Any) -> int | None:
     if args.source.startswith(("postgresql://", "postgres://")):
-        from consumers.reconcile.sources import postgres_row_estimate
+        from tally.consumers.reconcile.sources import postgres_row_estimate
 
         return postgres_row_estimate(args.source, args.table or definition.table)
     return None
@@ -306,17 +306,17 @@ def _live_patch(
     url: str,
     estimate: int | None,
 ) -> Any:
-    """Diff read-only here; fixes applied inside the running consumer (`consumers.runtime.patches`)."""
-    from consumers.client import TallyClient
-    from consumers.client.patcher import RemotePatcher
-    from engine.reconcile import diff
+    """Diff read-only here; fixes applied inside the running consumer (`tally.consumers.runtime.patches`)."""
+    from tally.consumers.client import TallyClient
+    from tally.consumers.client.patcher import RemotePatcher
+    from tally.engine.reconcile import diff
 
     settings = loaded.settings
     data_dir = settings.data_dir
     client = TallyClient(url, timeout=60.0, token=settings.token)
     name = args.aggregate
     patcher = RemotePatcher(client, name, batch_size=min(args.batch_size, 5_000))
-    session = patcher.begin()  # before the source is read: see consumers.runtime.patches
+    session = patcher.begin()  # before the source is read: see tally.consumers.runtime.patches
     try:
         if session["fingerprint"] != definition.fingerprint:
             raise UsageError(
@@ -364,7 +364,7 @@ def _detail(tick: Tick) -> str:
 def _progress(
     settings: ReconcileSettings, total: int | None
 ) -> Iterator[Callable[[int, int], None] | None]:
-    """A ``progress(rows, differences)`` callback for `engine.reconcile.diff` (None: none shown)."""
+    """A ``progress(rows, differences)`` callback for `tally.engine.reconcile.diff` (None: none shown)."""
     if settings.progress == "none":
         yield None
         return

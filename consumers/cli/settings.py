@@ -1,6 +1,6 @@
 """The one settings layer of every `tally` command: flag > environment > TOML file > default.
 
-A command's settings are a Struct of `schemas.config` (the defaults live there, once).
+A command's settings are a Struct of `tally.schemas.config` (the defaults live there, once).
 `load` resolves one:
 
 1. flags the user gave (``None`` = not given),
@@ -27,8 +27,8 @@ from typing import Any, Final, Generic, Literal, TypeVar
 
 import msgspec
 
-from schemas import ConfigError
-from schemas.config import COMMANDS, ConsumerSettings, Settings
+from tally.schemas import ConfigError
+from tally.schemas.config import COMMANDS, ConsumerSettings, Settings
 
 __all__ = [
     "ENV_CONFIG",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from engine import Store, StoreLocked, StoreNotFound
+from tally.engine import Store, StoreLocked, StoreNotFound
 
 __all__ = ["open_store"]
 

@@ -3,14 +3,14 @@
 `TallyClient.aggregate(name)` gives a `RemoteAggregate`, with `engine.Aggregate`'s reads.
 """
 
-from consumers.client.client import (
+from tally.consumers.client.client import (
     DEFAULT_URL,
     ClientError,
     RemoteAggregate,
     ServerUnreachable,
     TallyClient,
 )
-from consumers.client.patcher import RemotePatcher
+from tally.consumers.client.patcher import RemotePatcher
 
 __all__ = [
     "DEFAULT_URL",

@@ -1,14 +1,14 @@
 """`TallyClient`: a small synchronous client of a consumer's HTTP API (stdlib urllib).
 
 Every read goes through one method, ``read(op, aggregate, *args, **kwargs)``, driven by
-`schemas.reads.READ_OPS`: the arguments are those of the `engine.Aggregate` method of that
+`tally.schemas.reads.READ_OPS`: the arguments are those of the `engine.Aggregate` method of that
 name, the answer is decoded with the op's result type (`engine.Item`, `engine.Page`...;
 JSON arrays in keys, ids and namespaces come back as tuples). The typed methods (``count``,
 ``at``, ``paginate``...) are that call with the signature of the `Aggregate` method, the
 aggregate name first; ``client.aggregate(name)`` is a handle with exactly `Aggregate`'s
 read signatures (what `tally query` uses, local or remote alike)::
 
-    from consumers.client import TallyClient
+    from tally.consumers.client import TallyClient
 
     tally = TallyClient("http://127.0.0.1:8750")
     tally.count("by_game", namespace="chess", bounds={"lower": {"key": 1000}})
@@ -21,7 +21,7 @@ Errors raise `ClientError` (a `TallyError`) with the server's ``status`` and
 ``code``; an unreachable server raises one naming the URL. Keys are None, bool,
 int, float (not NaN/inf), str, Decimal, date, datetime, time, timedelta, UUID and
 tuples/lists of those; the typed ones are sent as ``{"$decimal": ...}``-style
-objects (`schemas.values`), so a bound on a Decimal key is exact (bytes keys
+objects (`tally.schemas.values`), so a bound on a Decimal key is exact (bytes keys
 cannot be sent over JSON).
 
 What comes back is JSON: numbers with a fraction are floats, or Decimals with
@@ -44,11 +44,11 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 import msgspec
 
-from engine import Aggregate, Item, Page, TallyError
-from schemas.config import DEFAULT_URL
-from schemas.errors import EXIT_RUNTIME, EXIT_USAGE, Unreachable
-from schemas.reads import READ_OPS
-from schemas.values import to_json
+from tally.engine import Aggregate, Item, Page, TallyError
+from tally.schemas.config import DEFAULT_URL
+from tally.schemas.errors import EXIT_RUNTIME, EXIT_USAGE, Unreachable
+from tally.schemas.reads import READ_OPS
+from tally.schemas.values import to_json
 
 __all__ = ["DEFAULT_URL", "ClientError", "RemoteAggregate", "ServerUnreachable", "TallyClient"]
 
@@ -145,7 +145,7 @@ class _Read(Generic[P, R]):
 
     def __init__(self, method: Callable[Concatenate[Aggregate, P], R]) -> None:
         self.op = method.__name__
-        assert self.op in READ_OPS, f"{self.op} is not a read op of schemas.reads.READ_OPS"
+        assert self.op in READ_OPS, f"{self.op} is not a read op of tally.schemas.reads.READ_OPS"
         self.__doc__ = method.__doc__
 
     @overload
@@ -165,7 +165,7 @@ class _AggregateRead(Generic[P, R]):
 
     def __init__(self, method: Callable[Concatenate[Aggregate, P], R]) -> None:
         self.op = method.__name__
-        assert self.op in READ_OPS, f"{self.op} is not a read op of schemas.reads.READ_OPS"
+        assert self.op in READ_OPS, f"{self.op} is not a read op of tally.schemas.reads.READ_OPS"
         self.__doc__ = method.__doc__
 
     @overload
@@ -401,7 +401,7 @@ class TallyClient:
         return result
 
     def patch_chunk(self, aggregate: str, session: str, body: bytes) -> dict[str, Any]:
-        """Send one msgpack chunk (`engine.reconcile.encode_fixes`); its counts."""
+        """Send one msgpack chunk (`tally.engine.reconcile.encode_fixes`); its counts."""
         doc = self._json(
             "POST", self._session_path(aggregate, session), raw=body, content_type="application/msgpack"
         )

@@ -1,7 +1,7 @@
 """`RemotePatcher`: the client side of live patching (`tally reconcile --patch --url`).
 
-A `engine.reconcile.diff` sink: fixes are sent in chunks to a patch session of the running
-consumer, which applies them between two of its batches (see `consumers.runtime.patches`
+A `tally.engine.reconcile.diff` sink: fixes are sent in chunks to a patch session of the running
+consumer, which applies them between two of its batches (see `tally.consumers.runtime.patches`
 for the rule that keeps a fix from overwriting a newer live change).
 """
 
@@ -11,9 +11,9 @@ import contextlib
 import time
 from typing import Any, Final
 
-from consumers.client.client import ClientError, TallyClient
-from engine import Prepared, TallyError
-from engine.reconcile import Change, encode_fixes
+from tally.consumers.client.client import ClientError, TallyClient
+from tally.engine import Prepared, TallyError
+from tally.engine.reconcile import Change, encode_fixes
 
 __all__ = ["CHUNK_BYTES", "RemotePatcher"]
 
@@ -22,7 +22,7 @@ CHUNK_BYTES: Final = 512 << 10
 
 
 class RemotePatcher:
-    """A `engine.reconcile.diff` sink that sends fixes to a live consumer's patch session.
+    """A `tally.engine.reconcile.diff` sink that sends fixes to a live consumer's patch session.
 
     ``begin()`` before the source is read; call it per fix; ``close()`` sends
     the rest and ends the session (``abort()`` ends it without sending).

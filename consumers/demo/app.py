@@ -3,7 +3,7 @@
 What it does, in order:
 
 1. makes sure a Kafka broker answers (on the default 127.0.0.1:9092 it runs
-   the local broker launcher shipped in this package, `consumers.demo.broker`, when
+   the local broker launcher shipped in this package, `tally.consumers.demo.broker`, when
    none does: it fetches Apache Kafka from Maven Central on first use);
 2. creates the compacted topic ``tally-demo.scores`` (3 partitions);
 3. reads what earlier demo runs left in that topic, so the in-memory oracle
@@ -23,11 +23,11 @@ What it does, in order:
    to try next, and stops (``--serve`` keeps the consumer and the HTTP API
    running until Ctrl-C).
 
-Exit status (`schemas.errors.EXIT_CODES`): 0 verified, 1 a mismatch or a
+Exit status (`tally.schemas.errors.EXIT_CODES`): 0 verified, 1 a mismatch or a
 runtime failure (broker, store), 2 bad usage, 130 interrupted. Errors are
 raised (`DemoFailed` and the rest of the tree) and reported by
-`consumers.cli.errors`. The broker address is the one setting
-(`schemas.config.DemoSettings`).
+`tally.consumers.cli.errors`. The broker address is the one setting
+(`tally.schemas.config.DemoSettings`).
 """
 
 from __future__ import annotations
@@ -54,13 +54,18 @@ from typing import Any, Final
 
 import msgspec
 
-from consumers.cli.parser import add_config, add_setting, given_settings
-from consumers.cli.settings import load
-from consumers.signals import on_stop_signals
-from engine import AggregateNotReady, Store, TallyError
-from schemas import ConfigError
-from schemas.config import DEFAULT_BOOTSTRAP_SERVERS, DEFAULT_HTTP, ConsumerSettings, DemoSettings
-from schemas.errors import Interrupted, Unreachable, UsageError
+from tally.consumers.cli.parser import add_config, add_setting, given_settings
+from tally.consumers.cli.settings import load
+from tally.consumers.signals import on_stop_signals
+from tally.engine import AggregateNotReady, Store, TallyError
+from tally.schemas import ConfigError
+from tally.schemas.config import (
+    DEFAULT_BOOTSTRAP_SERVERS,
+    DEFAULT_HTTP,
+    ConsumerSettings,
+    DemoSettings,
+)
+from tally.schemas.errors import Interrupted, Unreachable, UsageError
 
 __all__ = ["Answers", "ScoreStream", "engine_answers", "oracle_answers", "register"]
 
@@ -423,8 +428,8 @@ async def ensure_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> int
 
 async def read_topic_rows(consumer: Any, topic: str, tps: list[Any]) -> tuple[dict[Any, dict[str, Any]], int]:
     """The rows the topic holds now (latest image per id, deletes applied) and its record count."""
-    from consumers.topics import read_to_end
-    from schemas import BadRecord, EventDecoder
+    from tally.consumers.topics import read_to_end
+    from tally.schemas import BadRecord, EventDecoder
 
     decoder = EventDecoder(topic_tables={topic: TABLE}, known_tables={TABLE})
     rows: dict[Any, dict[str, Any]] = {}
@@ -663,7 +668,7 @@ def _options(args: argparse.Namespace) -> Options:
     http: str | None = None
     if not args.no_http:
         http = args.http or DEFAULT_HTTP
-        if importlib.util.find_spec("consumers.http.app") is None:
+        if importlib.util.find_spec("tally.consumers.http.app") is None:
             if args.http or args.serve:
                 raise UsageError(
                     "this build has no HTTP API (consumers/http/app.py); run without --http/--serve"
@@ -702,11 +707,11 @@ async def _demo(opts: Options) -> int:
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition
 
-    from consumers.logs import configure_logging
-    from consumers.producer import ChangeProducer, ProduceError
-    from consumers.runtime.definitions import load_definitions
-    from consumers.runtime.process import ConsumerProcess
-    from consumers.runtime.streams import stored_offsets
+    from tally.consumers.logs import configure_logging
+    from tally.consumers.producer import ChangeProducer, ProduceError
+    from tally.consumers.runtime.definitions import load_definitions
+    from tally.consumers.runtime.process import ConsumerProcess
+    from tally.consumers.runtime.streams import stored_offsets
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -1044,6 +1049,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``tally demo``; returns the exit code (errors are raised, see `consumers.cli.errors`)."""
+    """Run ``tally demo``; returns the exit code (errors are raised, see `tally.consumers.cli.errors`)."""
     opts = _options(args)
     return asyncio.run(_demo(opts))

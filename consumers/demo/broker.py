@@ -59,7 +59,7 @@ SLF4J_VERSION = "1.7.36"  # the slf4j-api line kafka 3.9 is built against
 RELOAD4J_VERSION = "1.2.25"  # the log4j 1.x fork kafka 3.9 ships in its tarball
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.6.1"
 HOST = "127.0.0.1"
-PROG = os.environ.get("TALLY_BROKER_PROG") or "python -m consumers.demo.broker"
+PROG = os.environ.get("TALLY_BROKER_PROG") or "python -m tally.consumers.demo.broker"
 """How the user runs this launcher (for messages): `scripts/kafka` in a checkout."""
 NODE_ID = 1
 DEFAULT_PORT = 9092

@@ -4,7 +4,7 @@ Rows look like {"id": 17, "player": "ana", "game": "chess", "score": 1250}.
 Copy this file and change the functions to fit your tables.
 """
 
-from engine import TableAggregate
+from tally.engine import TableAggregate
 
 # Every score, ordered by score: rank, percentiles, top-N, "how many above 1000".
 leaderboard = TableAggregate("leaderboard", table="scores", sort_key="score", sum_value="score")

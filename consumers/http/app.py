@@ -3,12 +3,12 @@
 This module assembles the app (`create_app`), serves it (`start_http`) and turns every
 error into the JSON envelope (its middleware). The routes live by role:
 
-* `consumers.http.reads` — ``/v1/aggregates`` and the reads of `schemas.reads.READ_OPS`
+* `tally.consumers.http.reads` — ``/v1/aggregates`` and the reads of `tally.schemas.reads.READ_OPS`
   (``POST /v1/aggregates/{name}/{op}``, or ``GET`` with JSON-encoded query parameters);
-* `consumers.http.status` — ``/status``, ``/readyz``, ``/healthz``;
-* `consumers.http.metrics` — ``/metrics`` (Prometheus text format);
-* `consumers.http.maintenance` — the token-protected rebuild and patch-session routes;
-* `consumers.http.openapi` — ``GET /openapi.json``, generated from the same tables.
+* `tally.consumers.http.status` — ``/status``, ``/readyz``, ``/healthz``;
+* `tally.consumers.http.metrics` — ``/metrics`` (Prometheus text format);
+* `tally.consumers.http.maintenance` — the token-protected rebuild and patch-session routes;
+* `tally.consumers.http.openapi` — ``GET /openapi.json``, generated from the same tables.
 
 For example::
 
@@ -25,7 +25,7 @@ an aggregate being built: 503 with its ``progress``). Anything unexpected is
 a logged 500 JSON error, never a dropped connection. A client that goes away
 mid-request is an info line, not an error.
 
-**Transport** (`consumers.http.limits`, settings ``http_*``). Connections are
+**Transport** (`tally.consumers.http.limits`, settings ``http_*``). Connections are
 capped (over the cap: 503 ``too_many_connections``, closed at once; the
 default cap is what the open-file limit leaves after RocksDB, Kafka and the
 process) and timed: idle, headers (from a request's first byte) and body
@@ -34,7 +34,7 @@ requests use the same JSON envelope. ``GET /openapi.json`` documents all of
 it per operation, and ``tests/test_http_fuzz.py`` fuzzes the running server
 against that document.
 
-**Token.** The state-changing routes (`consumers.http.maintenance.PROTECTED_ROUTES`) are
+**Token.** The state-changing routes (`tally.consumers.http.maintenance.PROTECTED_ROUTES`) are
 registered, behind `require_token`, only when the process has a token; without one they
 do not exist at all.
 """
@@ -51,8 +51,8 @@ import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from consumers.http import metrics, reads, status
-from consumers.http.common import (
+from tally.consumers.http import metrics, reads, status
+from tally.consumers.http.common import (
     BODY_TIMEOUT,
     CONNECTIONS,
     DEFINITIONS,
@@ -67,20 +67,26 @@ from consumers.http.common import (
     encoder,
     too_large,
 )
-from consumers.http.limits import ConnectionStats, HttpLimits, LimitedSite
-from consumers.http.maintenance import (
+from tally.consumers.http.limits import ConnectionStats, HttpLimits, LimitedSite
+from tally.consumers.http.maintenance import (
     PROTECTED_ROUTES,
     ProtectedRoute,
     require_token,
     template_regex,
 )
-from consumers.http.openapi import build_openapi
-from consumers.logs import get_logger
-from consumers.runtime.patches import PatchError
-from engine import AggregateNotReady, InvalidArgument, InvalidKey, OffsetOutOfRange, TallyError
-from engine.catalog import not_ready
-from schemas import ConfigError
-from schemas.reads import READ_OPS
+from tally.consumers.http.openapi import build_openapi
+from tally.consumers.logs import get_logger
+from tally.consumers.runtime.patches import PatchError
+from tally.engine import (
+    AggregateNotReady,
+    InvalidArgument,
+    InvalidKey,
+    OffsetOutOfRange,
+    TallyError,
+)
+from tally.engine.catalog import not_ready
+from tally.schemas import ConfigError
+from tally.schemas.reads import READ_OPS
 
 __all__ = ["create_app", "parse_address", "start_http", "warn_if_exposed"]
 
@@ -194,7 +200,7 @@ async def start_http(
     Stop it with ``await runner.cleanup()``. Raises `ConfigError` for a bad
     address or a port that cannot be bound (e.g. already in use). Connections
     are capped and timed by ``limits`` (default: from the process's settings and
-    open-file limit; see `consumers.http.limits`). Listening on an address beyond
+    open-file limit; see `tally.consumers.http.limits`). Listening on an address beyond
     loopback is logged as a warning naming it.
     """
     host, port = parse_address(address)

@@ -3,7 +3,7 @@
 The served process (`Served`, `Stats`), the application keys handlers read it through,
 the error envelope (`ApiError`: ``{"error": {"code", "message", ...}}``), JSON answers,
 and the bounded read of a request body (`read_body`). Route modules (`reads`, `status`,
-`metrics`, `maintenance`) import this; `consumers.http.app` assembles them.
+`metrics`, `maintenance`) import this; `tally.consumers.http.app` assembles them.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any, Protocol
 from aiohttp import web
 from aiokafka.structs import TopicPartition
 
-from consumers.http.limits import ConnectionStats
-from consumers.logs import get_logger
-from engine import Store, TableAggregate
-from schemas.config import ConsumerSettings
-from schemas.values import RESPONSE_ENCODER
+from tally.consumers.http.limits import ConnectionStats
+from tally.consumers.logs import get_logger
+from tally.engine import Store, TableAggregate
+from tally.schemas.config import ConsumerSettings
+from tally.schemas.values import RESPONSE_ENCODER
 
 __all__ = [
     "BODY_TIMEOUT",
@@ -49,7 +49,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Stats(Protocol):
-    """The counters the API reports (`consumers.runtime.stats.ConsumerStats` has them)."""
+    """The counters the API reports (`tally.consumers.runtime.stats.ConsumerStats` has them)."""
 
     started: float
     events: int
@@ -96,7 +96,7 @@ CONNECTIONS: web.AppKey[ConnectionStats] = web.AppKey("tally.connections")
 
 encoder = RESPONSE_ENCODER
 """The JSON encoder of every answer: Decimals as exact JSON numbers, dates as ISO strings
-(`schemas.values`)."""
+(`tally.schemas.values`)."""
 
 
 def json_response(

@@ -20,7 +20,7 @@ its next file and the consumer died. So:
   flood with no reason given; a 503 costs nothing more and tells a client why.
 * **Timeouts** (`Connection`): idle (keep-alive: no request in flight),
   headers (first byte of a request to the end of its headers: slow-loris),
-  body (enforced where handlers read it, `consumers.http.common.read_body`: 408).
+  body (enforced where handlers read it, `tally.consumers.http.common.read_body`: 408).
 * **One error shape**: aiohttp's own answers to malformed requests (a request
   line or header over the size limit, a bad header...) were plain text; they
   are the API's ``{"error": {"code", "message"}}`` envelope too.
@@ -48,7 +48,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from consumers.logs import get_logger
+from tally.consumers.logs import get_logger
 
 try:
     import resource
@@ -229,7 +229,7 @@ class Connection(RequestHandler):
       of the last response. It stops at a request's first byte.
     * Headers: from a request's first byte, its headers must be complete within
       the header timeout, or the connection is answered 408 and closed.
-    * Body: `consumers.http.common.read_body` bounds the wait for a body a handler
+    * Body: `tally.consumers.http.common.read_body` bounds the wait for a body a handler
       reads; a body nobody reads is drained for at most `LINGER` s after the answer.
     """
 

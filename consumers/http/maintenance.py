@@ -8,7 +8,7 @@ With ``--token``, (``Authorization: Bearer <token>``)::
     DELETE /v1/aggregates/{name}/patch-sessions/{session}  close it; its totals
 
 State-changing routes are declared with `protected_route` (they land in
-`PROTECTED_ROUTES`); `consumers.http.app.create_app` registers them, wrapped in
+`PROTECTED_ROUTES`); `tally.consumers.http.app.create_app` registers them, wrapped in
 `require_token`, only when the process has a token, so without one they do not exist at
 all. Declare them in this module (or in one it imports) so they are registered before
 `create_app` runs.
@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from consumers.http.common import (
+from tally.consumers.http.common import (
     PROCESS,
     ApiError,
     Handler,
@@ -34,9 +34,9 @@ from consumers.http.common import (
     json_response,
     read_body,
 )
-from consumers.http.openapi import RouteDoc, route_operation_id
-from engine.reconcile import decode_fixes
-from schemas.maintenance import (
+from tally.consumers.http.openapi import RouteDoc, route_operation_id
+from tally.engine.reconcile import decode_fixes
+from tally.schemas.maintenance import (
     PatchChunkAnswer,
     PatchSessionAnswer,
     PatchTotalsAnswer,
@@ -249,7 +249,7 @@ async def patch_begin(request: web.Request) -> web.StreamResponse:
     summary="Apply a chunk of fixes in a patch session",
     description=(
         'Body: application/msgpack {"changes": [[id, key, namespace, sum] | [id]]} with keys as '
-        "engine.encode_key bytes ([id] alone: the id must be absent). Applied between two live batches "
+        "tally.engine.encode_key bytes ([id] alone: the id must be absent). Applied between two live batches "
         "through the events' write path, skipping ids written live since the session opened. 503 "
         "`catching_up` when the live stream has not yet read up to the offsets of the session's start: "
         "send the chunk again."
@@ -263,7 +263,7 @@ async def patch_begin(request: web.Request) -> web.StreamResponse:
             "changes": {
                 "type": "array",
                 "description": "[id, key, namespace, sum] (upsert) or [id] (must be absent); keys, ids and "
-                "namespaces as engine.encode_key bytes (msgpack bin).",
+                "namespaces as tally.engine.encode_key bytes (msgpack bin).",
                 "items": {
                     "oneOf": [
                         {"type": "array", "minItems": 4, "maxItems": 4},

@@ -7,11 +7,11 @@ import time
 
 from aiohttp import web
 
-from consumers.http.common import CONNECTIONS, PROCESS, Served
-from consumers.http.limits import ConnectionStats
-from consumers.http.status import aggregate_statuses
-from consumers.runtime.stats import LATENCY_BUCKETS
-from engine.triggers import DRIFT_KINDS
+from tally.consumers.http.common import CONNECTIONS, PROCESS, Served
+from tally.consumers.http.limits import ConnectionStats
+from tally.consumers.http.status import aggregate_statuses
+from tally.consumers.runtime.stats import LATENCY_BUCKETS
+from tally.engine.triggers import DRIFT_KINDS
 
 __all__ = ["add_routes", "render_metrics"]
 

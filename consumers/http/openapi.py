@@ -1,10 +1,10 @@
 """The OpenAPI 3.1 document of the consumer's HTTP API, generated from the Structs.
 
-`consumers.http.app` serves it at ``GET /openapi.json``, built once per app from the
-same tables that register the routes: the read ops of `schemas.reads.READ_OPS` (their
+`tally.consumers.http.app` serves it at ``GET /openapi.json``, built once per app from the
+same tables that register the routes: the read ops of `tally.schemas.reads.READ_OPS` (their
 args and result Structs) and the token-protected routes; the other answers' shapes are
-the Structs of `schemas.status`. Every schema comes from `msgspec.json.schema_components`
-but the ``Key`` component (`schemas.reads.KEY_SCHEMA`: what a key is cannot be said with
+the Structs of `tally.schemas.status`. Every schema comes from `msgspec.json.schema_components`
+but the ``Key`` component (`tally.schemas.reads.KEY_SCHEMA`: what a key is cannot be said with
 a Python type) and the token routes' own request/response schemas (a msgpack body).
 ``tests/test_http.py`` checks document and router in both directions, and
 ``tests/test_http_fuzz.py`` holds the server to the document.
@@ -24,8 +24,9 @@ from typing import Any
 
 import msgspec
 
-from schemas.reads import KEY_SCHEMA, READ_OPS, REF_TEMPLATE, TYPED_VALUE_SCHEMA, ReadOp
-from schemas.status import AggregateStatus, Error, Health, Ready, Status
+from tally.consumers.version import DISTRIBUTION
+from tally.schemas.reads import KEY_SCHEMA, READ_OPS, REF_TEMPLATE, TYPED_VALUE_SCHEMA, ReadOp
+from tally.schemas.status import AggregateStatus, Error, Health, Ready, Status
 
 __all__ = [
     "RouteDoc",
@@ -206,7 +207,7 @@ def build_openapi(
     (token-protected) routes. ``maximum``: argument → its largest value over HTTP.
     """
     try:
-        version = metadata.version("tally")
+        version = metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         version = "0.0.0"
     schemas = _components(maximum or {}, routes)

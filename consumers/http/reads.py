@@ -1,4 +1,4 @@
-"""The read routes, one pair per op of `schemas.reads.READ_OPS`, and the aggregates' list.
+"""The read routes, one pair per op of `tally.schemas.reads.READ_OPS`, and the aggregates' list.
 
 ::
 
@@ -8,7 +8,7 @@
 
 A request's arguments are decoded straight into the op's args Struct (one typed decoder
 per op, unknown fields refused); whatever does not fit becomes a 400 saying which argument
-and what it must be (`schemas.reads.args_error`). Then ``getattr(aggregate, op)(**args)``
+and what it must be (`tally.schemas.reads.args_error`). Then ``getattr(aggregate, op)(**args)``
 and the answer, ``{"result": ...}``, encoded from the op's result type.
 
 **Consistency.** Handlers read the store synchronously, without awaiting in between, and
@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from consumers.http.common import (
+from tally.consumers.http.common import (
     PROCESS,
     ApiError,
     Handler,
@@ -35,9 +35,9 @@ from consumers.http.common import (
     read_body,
     short,
 )
-from consumers.http.status import aggregate_statuses
-from schemas.reads import READ_OPS, ReadOp, args_error
-from schemas.values import TypedValueError, from_json
+from tally.consumers.http.status import aggregate_statuses
+from tally.schemas.reads import READ_OPS, ReadOp, args_error
+from tally.schemas.values import TypedValueError, from_json
 
 __all__ = ["HTTP_MAXIMUM", "MAX_PAGE_SIZE", "add_routes", "decode_args", "query_args"]
 
@@ -51,7 +51,7 @@ _EXAMPLE = '{"namespace": "chess", "bounds": {"lower": {"key": 1000}}}'
 
 
 def typed_args(value: Any) -> Any:
-    """Keys of an args Struct with their typed values (`schemas.values.from_json`)."""
+    """Keys of an args Struct with their typed values (`tally.schemas.values.from_json`)."""
     if isinstance(value, msgspec.Struct):
         fields = value.__struct_fields__
         return msgspec.structs.replace(value, **{f: typed_args(getattr(value, f)) for f in fields})

@@ -1,7 +1,7 @@
 """Status and probes: ``GET /status``, ``/readyz`` and ``/healthz``.
 
-`aggregate_statuses` is also what ``GET /v1/aggregates`` lists (`consumers.http.reads`)
-and what /metrics counts (`consumers.http.metrics`).
+`aggregate_statuses` is also what ``GET /v1/aggregates`` lists (`tally.consumers.http.reads`)
+and what /metrics counts (`tally.consumers.http.metrics`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 
 from aiohttp import web
 
-from consumers.http.common import PROCESS, Served, Stats, json_response
-from consumers.runtime.deadletters import DeadLetterHealth
-from engine import AggregateNotReady
-from engine.triggers import DRIFT_KINDS
+from tally.consumers.http.common import PROCESS, Served, Stats, json_response
+from tally.consumers.runtime.deadletters import DeadLetterHealth
+from tally.engine import AggregateNotReady
+from tally.engine.triggers import DRIFT_KINDS
 
 __all__ = ["add_routes", "aggregate_statuses", "readiness", "status"]
 

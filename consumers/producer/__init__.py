@@ -1,7 +1,7 @@
-"""`ChangeProducer`: publish tally's native change events to Kafka (see `schemas.keys` for the
+"""`ChangeProducer`: publish tally's native change events to Kafka (see `tally.schemas.keys` for the
 key contract)."""
 
-from consumers.producer.producer import (
+from tally.consumers.producer.producer import (
     DEFAULT_BOOTSTRAP_SERVERS,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_BATCH_SIZE,

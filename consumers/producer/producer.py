@@ -1,7 +1,7 @@
 """Publish tally's native change events to Kafka: `ChangeProducer`.
 
 This is the small producer API other services use to tell tally about their
-changes (see `schemas.events.NativeEvent` for the event itself)::
+changes (see `tally.schemas.events.NativeEvent` for the event itself)::
 
     async with ChangeProducer("127.0.0.1:9092") as p:
         ack = await p.insert("scores", "scores", {"id": 7, "player": "ada", "score": 91})
@@ -21,7 +21,7 @@ partition is full (back-pressure). For bulk loads `send_many` /
 `insert_many` / `bulk` skip the per-event futures and build whole record
 batches per partition (about 3x faster; see "Throughput").
 
-The key contract (row id → Kafka key → partition) is `schemas.keys`.
+The key contract (row id → Kafka key → partition) is `tally.schemas.keys`.
 
 Delivery
 --------
@@ -74,10 +74,10 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLarg
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import RecordMetadata
 
-from schemas.config import DEFAULT_BOOTSTRAP_SERVERS, DEFAULT_CONNECT_TIMEOUT
-from schemas.errors import ConfigError, InvalidEvent, TallyError, Unreachable
-from schemas.events import NativeEvent, NativeOp
-from schemas.keys import (
+from tally.schemas.config import DEFAULT_BOOTSTRAP_SERVERS, DEFAULT_CONNECT_TIMEOUT
+from tally.schemas.errors import ConfigError, InvalidEvent, TallyError, Unreachable
+from tally.schemas.events import NativeEvent, NativeOp
+from tally.schemas.keys import (
     IdField,
     ProduceFormat,
     encode_event,

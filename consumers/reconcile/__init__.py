@@ -1,7 +1,7 @@
 """Sources of truth for `tally reconcile`: a Postgres table, a compacted topic, a snapshot file,
-each yielding ``(encoded id, row)`` in id order for `engine.reconcile`."""
+each yielding ``(encoded id, row)`` in id order for `tally.engine.reconcile`."""
 
-from consumers.reconcile.sources import (
+from tally.consumers.reconcile.sources import (
     SourceError,
     SourceUnreachable,
     postgres_row_estimate,

@@ -1,16 +1,16 @@
-"""Sources of truth for `engine.reconcile`: iterators of ``(encoded id, row)`` in encoded-id order.
+"""Sources of truth for `tally.engine.reconcile`: iterators of ``(encoded id, row)`` in encoded-id order.
 
 * `postgres_source` — a PostgreSQL table through a server-side cursor,
   ``ORDER BY`` the id column(s). Ordering assumption: PostgreSQL's order
-  equals `engine.encode_key` order for integer columns (smallint, integer,
+  equals `tally.engine.encode_key` order for integer columns (smallint, integer,
   bigint: numerically) and for text columns compared with ``COLLATE "C"``
   (UTF-8 byte order = code point order, which is encode_key's string order);
   composite ids sort column by column like encoded tuples. Other id types
   (uuid, numeric, timestamps...) are refused with a clear error rather than
-  trusted. The merge in `engine.reconcile.diff` also checks the order and
+  trusted. The merge in `tally.engine.reconcile.diff` also checks the order and
   stops with `SourceOrderError` if it is ever violated.
 * `snapshot_source` — a JSON Lines (one object per line) or CSV file (header
-  row), read by `consumers.rows`, the reader `tally produce` uses, with its
+  row), read by `tally.consumers.rows`, the reader `tally produce` uses, with its
   strict rules (no NaN, no ragged rows, UTF-8, the line in every error; a CSV
   cell that is a JSON number is that number, an empty cell None, anything
   else the string). Files need not be sorted: they are
@@ -22,7 +22,7 @@
 
 Errors are `SourceError` (a `UsageError`: exit 2) with a one-line message,
 `SourceUnreachable` (exit 1) when Postgres or Kafka does not answer, and
-`consumers.rows.RowError` (exit 2) for a bad line of a snapshot file.
+`tally.consumers.rows.RowError` (exit 2) for a bad line of a snapshot file.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from consumers.rows import Lines, RowError, format_of, read_rows
-from engine import TallyError, decode_key, encode_key
-from engine.keys import key_repr
-from schemas import DecodeFormat, InvalidEvent, row_id
-from schemas.errors import EXIT_RUNTIME, Unreachable, UsageError
+from tally.consumers.rows import Lines, RowError, format_of, read_rows
+from tally.engine import TallyError, decode_key, encode_key
+from tally.engine.keys import key_repr
+from tally.schemas import DecodeFormat, InvalidEvent, row_id
+from tally.schemas.errors import EXIT_RUNTIME, Unreachable, UsageError
 
 __all__ = [
     "SourceError",
@@ -83,7 +83,7 @@ def postgres_source(
 
     Values are psycopg's (`Decimal` for numeric, aware `datetime`, `date`, `dict`/`list` for
     JSON, `UUID`): the types the consumer's decoder gives the same definitions from Debezium's
-    records (`schemas.typed`), so one definition computes the same item from both. Runs in one
+    records (`tally.schemas.typed`), so one definition computes the same item from both. Runs in one
     read-only REPEATABLE READ transaction: a consistent snapshot of the table.
     """
     try:
@@ -183,7 +183,7 @@ def _pg_rows(
 def _file_rows(
     path: str, fmt: str, id_fields: Sequence[str]
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The rows of a snapshot file, by the reader `tally produce` uses (`consumers.rows`)."""
+    """The rows of a snapshot file, by the reader `tally produce` uses (`tally.consumers.rows`)."""
     try:
         f = open(path, "rb")  # noqa: SIM115 (closed below)
     except OSError as e:
@@ -311,7 +311,7 @@ def topic_source(
     """
     import asyncio
 
-    from schemas import BadRecord, EventDecoder
+    from tally.schemas import BadRecord, EventDecoder
 
     decoder = EventDecoder(
         format=format,
@@ -329,7 +329,7 @@ def _topic_rows(
 
     import msgspec
 
-    from consumers.topics import read_to_end
+    from tally.consumers.topics import read_to_end
 
     tmpdir = tempfile.mkdtemp(prefix="tally-reconcile-topic-")
     db = sqlite3.connect(os.path.join(tmpdir, "latest.sqlite"))

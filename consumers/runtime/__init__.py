@@ -1,11 +1,11 @@
 """The consumer runtime: the process loop, streams and generations, dead letters, stats,
 live patch sessions. One `ConsumerProcess` per data dir."""
 
-from consumers.runtime.definitions import id_fields_by_table, load_definitions
-from consumers.runtime.patches import PatchError, PatchSession, PatchSessions
-from consumers.runtime.process import ConsumerProcess
-from consumers.runtime.stats import LATENCY_BUCKETS, ConsumerStats
-from consumers.runtime.streams import LIVE, Stream, offset_key, stored_offsets
+from tally.consumers.runtime.definitions import id_fields_by_table, load_definitions
+from tally.consumers.runtime.patches import PatchError, PatchSession, PatchSessions
+from tally.consumers.runtime.process import ConsumerProcess
+from tally.consumers.runtime.stats import LATENCY_BUCKETS, ConsumerStats
+from tally.consumers.runtime.streams import LIVE, Stream, offset_key, stored_offsets
 
 __all__ = [
     "LATENCY_BUCKETS",

@@ -64,7 +64,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from schemas import BadRecord
+from tally.schemas import BadRecord
 
 __all__ = [
     "ACK_TIMEOUT",

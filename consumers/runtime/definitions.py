@@ -8,9 +8,9 @@ import os
 import sys
 from collections.abc import Iterable
 
-from engine import TableAggregate
-from schemas import ConfigError
-from schemas.typed import ColumnType
+from tally.engine import TableAggregate
+from tally.schemas import ConfigError
+from tally.schemas.typed import ColumnType
 
 __all__ = ["column_types_by_table", "id_fields_by_table", "load_definitions"]
 

@@ -1,7 +1,7 @@
 """`DriftLog`: count drift signals and log them without flooding.
 
 The live stream's applier reports, per batch, events whose source op contradicts what the
-aggregate holds (`engine.triggers`: ``update_unknown``, ``delete_unknown``,
+aggregate holds (`tally.engine.triggers`: ``update_unknown``, ``delete_unknown``,
 ``create_existing``). They are counted at once (/status, /metrics) and logged as one warning
 per aggregate: the first at once, then at most every `DRIFT_LOG_INTERVAL` seconds with the
 signals in between summed, and whatever is left at stop — a table that drifts all the time
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from engine.triggers import DRIFT_EXAMPLES
+from tally.engine.triggers import DRIFT_EXAMPLES
 
 __all__ = ["DRIFT_LOG_INTERVAL", "DriftLog"]
 

@@ -1,6 +1,6 @@
 """Generations at run time: which physical aggregate each stream feeds.
 
-`engine.catalog` stores, per logical aggregate, the generation serving reads (``active``)
+`tally.engine.catalog` stores, per logical aggregate, the generation serving reads (``active``)
 and the one being built by replay (``building``, with the replay stream's key in its
 progress). This module makes the consumer's decisions on that catalog, each inside the
 caller's batch so they commit with the streams' offsets:
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from engine import Batch, Generation, Store, TableAggregate
+from tally.engine import Batch, Generation, Store, TableAggregate
 
 __all__ = ["REPLAY_SEQ", "Targets", "begin_rebuilds", "plan", "serving", "switch"]
 

@@ -39,7 +39,7 @@ an idle session expires after `SESSION_TTL` seconds.
 
 Wire format of a chunk: ``application/msgpack``, ``{"changes": [[eid, key,
 namespace, sum] | [eid], ...]}`` — encoded id, key and namespace bytes as
-produced by `engine.encode_key` (the client computes them with the same
+produced by `tally.engine.encode_key` (the client computes them with the same
 definition: it refuses to send when its definition's fingerprint differs from
 the one the session reports), ``[eid]`` alone meaning "absent". A sum is a msgpack int
 or float, or a string of a Decimal's digits (msgspec's encoding of a Decimal; no sum is
@@ -57,13 +57,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiokafka.structs import TopicPartition
 
-from engine import TallyError
-from engine.reconcile import Change
-from engine.triggers import CLEAR, UPSERT, Op
+from tally.engine import TallyError
+from tally.engine.reconcile import Change
+from tally.engine.triggers import CLEAR, UPSERT, Op
 
 if TYPE_CHECKING:
-    from consumers.runtime.streams import Stream
-    from engine import Store, TableAggregate
+    from tally.consumers.runtime.streams import Stream
+    from tally.engine import Store, TableAggregate
 
 
 class PatchHost(Protocol):

@@ -10,14 +10,14 @@ Offsets committed to Kafka under ``group_id`` are only for lag monitoring.
 Aggregates that have no ready generation for their current definition
 (new ones, changed ones, rebuilds) are built by a replay stream from the
 topics' beginning offsets while the live stream keeps feeding and serving
-every other aggregate (see `consumers.runtime.streams`).
+every other aggregate (see `tally.consumers.runtime.streams`).
 
 A bad record (undecodable, no id, unknown table, a user function raising)
 goes to the dead-letter topic first, with its reason in headers; only once
 the broker has acknowledged it does the batch commit. If the dead-letter
 write fails, nothing commits and the batch is fetched again: nothing lost.
 Every record makes a writable dead letter (null key and value, any size: see
-`consumers.runtime.deadletters` for the headers); a dead-letter topic that cannot be
+`tally.consumers.runtime.deadletters` for the headers); a dead-letter topic that cannot be
 written holds the batch and says so in /status, /readyz and the log.
 """
 
@@ -35,25 +35,25 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from consumers.logs import get_logger
-from consumers.runtime import generations
-from consumers.runtime.deadletters import (
+from tally.consumers.logs import get_logger
+from tally.consumers.runtime import generations
+from tally.consumers.runtime.deadletters import (
     MAX_REQUEST_SIZE,
     STOP_TIMEOUT,
     DeadLetters,
     dlq_topic_problem,
 )
-from consumers.runtime.definitions import column_types_by_table, id_fields_by_table
-from consumers.runtime.drift import DriftLog
-from consumers.runtime.patches import PatchSessions
-from consumers.runtime.stats import ConsumerStats
-from consumers.runtime.streams import LIVE, Stream, offset_key, stored_offsets
-from consumers.runtime.topicmap import mapping_hint
-from consumers.signals import on_stop_signals
-from engine import Store, TableAggregate
-from engine.triggers import Applier
-from schemas import BadRecord, ChangeEvent, ConfigError, EventDecoder
-from schemas.config import ConsumerSettings
+from tally.consumers.runtime.definitions import column_types_by_table, id_fields_by_table
+from tally.consumers.runtime.drift import DriftLog
+from tally.consumers.runtime.patches import PatchSessions
+from tally.consumers.runtime.stats import ConsumerStats
+from tally.consumers.runtime.streams import LIVE, Stream, offset_key, stored_offsets
+from tally.consumers.runtime.topicmap import mapping_hint
+from tally.consumers.signals import on_stop_signals
+from tally.engine import Store, TableAggregate
+from tally.engine.triggers import Applier
+from tally.schemas import BadRecord, ChangeEvent, ConfigError, EventDecoder
+from tally.schemas.config import ConsumerSettings
 
 __all__ = ["ConsumerProcess", "ConsumerStats", "offset_key", "stored_offsets"]
 
@@ -214,7 +214,7 @@ class ConsumerProcess:
         gc.set_threshold(GC_THRESHOLD, 100, 1000)
         http = None
         if self.settings.http:
-            from consumers.http.app import start_http
+            from tally.consumers.http.app import start_http
 
             http = await start_http(self, self.settings.http, self.settings.token)
         try:

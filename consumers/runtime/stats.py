@@ -8,7 +8,7 @@ from typing import Final
 
 from aiokafka.structs import TopicPartition
 
-from consumers.runtime.deadletters import DeadLetterHealth
+from tally.consumers.runtime.deadletters import DeadLetterHealth
 
 __all__ = ["LATENCY_BUCKETS", "ConsumerStats"]
 
@@ -32,7 +32,7 @@ class ConsumerStats:
     end_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     broker_ok: bool = True
     drift: dict[tuple[str, str], int] = field(default_factory=dict)
-    """(aggregate, kind) → live events that imply the aggregate was out of step (see `engine.triggers`)."""
+    """(aggregate, kind) → live events that imply the aggregate was out of step (see `tally.engine.triggers`)."""
     dead_letter: DeadLetterHealth = field(default_factory=DeadLetterHealth)
     """Whether dead letters can be written (/status ``dead_letter``, /readyz)."""
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from aiokafka.structs import TopicPartition
 
-from engine import Store, TableAggregate
-from engine.triggers import Applier
+from tally.engine import Store, TableAggregate
+from tally.engine.triggers import Applier
 
 __all__ = ["LIVE", "OFFSETS_ROOT", "Stream", "offset_key", "stored_offsets"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from schemas.config import TABLE_FIELD
+from tally.schemas.config import TABLE_FIELD
 
 __all__ = ["MAX_SIMILAR", "mapping_hint", "similar_topics"]
 

@@ -1,7 +1,7 @@
 """The node layer: decoded tree nodes over the database, and the nodes changed since the
 last checkpoint.
 
-Trees (`engine.btree.Tree`) read and write nodes through this cache (it is their
+Trees (`tally.engine.btree.Tree`) read and write nodes through this cache (it is their
 `NodeStore`). A changed node stays *dirty* in memory across commits until a checkpoint
 writes it (`write_checkpoint`); the change log covers it until then. Clean nodes are
 kept in an LRU of ``capacity`` entries.

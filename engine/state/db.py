@@ -2,7 +2,7 @@
 
 Knows bytes only: open (creating it, or following a writer as a read-only secondary),
 point reads, prefix scans, atomic writes of a `WriteBatch`, close. Everything above it
-(`engine.state.store`) decides what the bytes mean.
+(`tally.engine.state.store`) decides what the bytes mean.
 """
 
 from __future__ import annotations

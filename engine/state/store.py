@@ -2,10 +2,10 @@
 
 Layers, bottom up (one module each):
 
-* `engine.state.db` — the RocksDB database and its column families (bytes only);
-* `engine.state.cache` — decoded tree nodes, and the nodes changed since the last
+* `tally.engine.state.db` — the RocksDB database and its column families (bytes only);
+* `tally.engine.state.cache` — decoded tree nodes, and the nodes changed since the last
   checkpoint;
-* `engine.state.transaction` — the open batch: id-index and metadata overlays, the
+* `tally.engine.state.transaction` — the open batch: id-index and metadata overlays, the
   change log, commit/abort.
 
 This module ties them together: the registries (aggregate ids, tree metas, the

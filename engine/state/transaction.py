@@ -5,7 +5,7 @@ Every write to a store happens inside a `Transaction` (`Store.transaction()`; th
 public `Store.batch()` hands out its `Batch` view). Reads go through the overlays, so a
 transaction sees its own writes. `commit` writes, in ONE RocksDB WriteBatch: the id-index
 entries it changed, a log record of its item changes (id, old item, new item), its
-metadata, and — when a checkpoint is due — every dirty tree node (`engine.state.cache`).
+metadata, and — when a checkpoint is due — every dirty tree node (`tally.engine.state.cache`).
 `abort` discards the overlays; if tree nodes were already changed in place, the store
 recovers its last committed state.
 """
@@ -24,7 +24,7 @@ from .metadata import K_NEXT_AGG, K_SEQ, counter, prefix_end, seq_key, user_key
 
 
 class TransactionOwner(Protocol):
-    """What a transaction needs of its store (`engine.state.store.StateStore` is one)."""
+    """What a transaction needs of its store (`tally.engine.state.store.StateStore` is one)."""
 
     db: Database
     nodes: NodeCache

@@ -11,18 +11,13 @@ Run from the repository root: ``.venv/bin/python scripts/bench/decode.py [--even
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-
-if not __package__:  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import msgspec
 
-from schemas import EventDecoder, NativeEvent, encode_native
+from tally.schemas import EventDecoder, NativeEvent, encode_native
 
 Record = tuple[bytes | None, bytes, str]
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from tally.engine import Store, TableAggregate
+from tally.engine.triggers import Applier
+from tally.schemas import ChangeEvent
 
-from engine import Store, TableAggregate  # noqa: E402
-from engine.triggers import Applier  # noqa: E402
-from schemas import ChangeEvent  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 DEFINITIONS = [
     TableAggregate("leaderboard", table="scores", sort_key="score", sum_value="score"),

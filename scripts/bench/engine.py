@@ -24,13 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from sortedcontainers import SortedList
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from engine import Store
+from tally.engine import Store
 
 KEY_SPACE = 10**9
 
@@ -130,8 +127,8 @@ def scale_child(args: argparse.Namespace) -> None:
     store = Store.open(path, max_node_size=args.node_size, cache_nodes=args.cache_nodes)
     agg = store.aggregate("bench")
     if args.scale_build == "bulk":
-        from engine import encode_key
-        from engine.aggregate import prepare_encoded_id
+        from tally.engine import encode_key
+        from tally.engine.aggregate import prepare_encoded_id
 
         start = 0
         while start < n:

@@ -4,7 +4,7 @@
         [--seconds 5] [--inprocess]
 
 Builds a store of ``--items`` random items, serves it with
-`consumers.http.create_app` (a `ConsumerProcess` that is not consuming, so
+`tally.consumers.http.create_app` (a `ConsumerProcess` that is not consuming, so
 nothing competes with the reads) in a server subprocess, and runs
 ``--clients`` concurrent aiohttp client tasks for ``--seconds`` each on:
 
@@ -32,21 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-if not __package__:
-    # Run as a file: this file's folder is sys.path[0], and this file is named
-    # like the stdlib's `http` package, which aiohttp imports. Swap that folder
-    # for the repository root.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parents[1]))
-
 import aiohttp
 from aiohttp import web
 
-from consumers.http.app import create_app
-from consumers.runtime.process import ConsumerProcess
-from engine import Store, TableAggregate
-from schemas.config import ConsumerSettings
+from tally.consumers.http.app import create_app
+from tally.consumers.runtime.process import ConsumerProcess
+from tally.engine import Store, TableAggregate
+from tally.schemas.config import ConsumerSettings
 
 KEY_SPACE = 10**9
 BENCH = TableAggregate("bench", table="bench", sort_key="k", sum_value="v")

@@ -16,28 +16,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sys
 import tempfile
 import time
 import types
 import urllib.parse
-from pathlib import Path
 from typing import Any
-
-if not __package__:
-    # Run as a file: this file's folder is sys.path[0], where engine.py (a benchmark) would
-    # shadow the engine package. PYTHONPATH's packages come first, then the repository's.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.append(str(_here.parents[1]))
 
 from aiohttp.streams import StreamReader
 from aiohttp.test_utils import make_mocked_request
 
-from consumers.http.app import create_app
-from consumers.runtime.stats import ConsumerStats
-from engine import Store, TableAggregate
-from schemas.config import ConsumerSettings
+from tally.consumers.http.app import create_app
+from tally.consumers.runtime.stats import ConsumerStats
+from tally.engine import Store, TableAggregate
+from tally.schemas.config import ConsumerSettings
 
 KEY_SPACE = 10**9
 _PROTOCOL: Any = types.SimpleNamespace(

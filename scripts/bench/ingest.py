@@ -23,7 +23,6 @@ import random
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,12 +32,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from tally.consumers.runtime.process import ConsumerProcess
+from tally.engine import Store, TableAggregate
+from tally.schemas.config import ConsumerSettings
 
-from consumers.runtime.process import ConsumerProcess  # noqa: E402
-from engine import Store, TableAggregate  # noqa: E402
-from schemas.config import ConsumerSettings  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 DEFINITIONS = [
     TableAggregate("leaderboard", table="scores", sort_key="score", sum_value="score"),
@@ -132,7 +130,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.bootstrap_servers == "127.0.0.1:9092":
         subprocess.run([str(ROOT / "scripts" / "kafka"), "start"], check=True, stdout=subprocess.DEVNULL)
-    from consumers.logs import configure_logging
+    from tally.consumers.logs import configure_logging
 
     configure_logging("warning", "console")
     topic = f"bench-ingest-{int(time.time())}"

@@ -15,19 +15,15 @@ import argparse
 import datetime as dt
 import random
 import shutil
-import sys
 import tempfile
 import time
 import timeit
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from engine import Store, decode_key, encode_key
+from tally.engine import Store, decode_key, encode_key
 
 
 def samples(n: int) -> dict[str, list[Any]]:

@@ -35,7 +35,7 @@ TALLY = str(Path(sys.executable).with_name("tally"))
 TABLE = "bench_live_patch"
 TOKEN = "bench"
 DEFS = f"""
-from engine import TableAggregate
+from tally.engine import TableAggregate
 scores = TableAggregate("scores", table={TABLE!r}, sort_key="score", sum_value="score", namespace="game")
 """
 

@@ -3,9 +3,9 @@
     .venv/bin/python scripts/bench/produce.py [--rows 1000000] [--runs 3] [--baseline DIR]
 
 The dry run reads, checks and encodes every row exactly as a real run does (the row
-reader of `consumers.rows`, the change events, the Kafka keys and values) and publishes
+reader of `tally.consumers.rows`, the change events, the Kafka keys and values) and publishes
 nothing, so it measures the input side a real run feeds the producer from. Each run is a
-new process (`python -m consumers.cli.produce`), timed from the outside: wall seconds, and
+new process (`python -m tally.consumers.cli.produce`), timed from the outside: wall seconds, and
 the CPU seconds (user + system) the process used, which load from other jobs on a shared
 machine moves much less.
 
@@ -65,7 +65,7 @@ def run_once(path: Path, rows: int, pythonpath: str | None) -> tuple[float, floa
     args = [
         sys.executable,
         "-m",
-        "consumers.cli.produce",
+        "tally.consumers.cli.produce",
         "--table",
         "scores",
         "--topic",

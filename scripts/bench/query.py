@@ -24,11 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from engine import Store
+from tally.engine import Store
 
 KEY_SPACE = 10**9
 

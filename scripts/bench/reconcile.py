@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 TABLE = "bench_reconcile"
 
 
 def definition():
-    from engine import TableAggregate
+    from tally.engine import TableAggregate
 
     return TableAggregate(
         "scores", table=TABLE, sort_key="score", sum_value="score", namespace="game"
@@ -47,9 +46,9 @@ def _status_mib(field: str) -> float:
 
 
 def child(url: str, data: str, apply: bool) -> None:
-    from consumers.reconcile.sources import postgres_source
-    from engine import Store
-    from engine.reconcile import reconcile
+    from tally.consumers.reconcile.sources import postgres_source
+    from tally.engine import Store
+    from tally.engine.reconcile import reconcile
 
     store = Store.open(data, read_only=not apply)
     rss_open = _status_mib("VmRSS")
@@ -100,8 +99,8 @@ def main() -> int:
         sys.exit(f"scripts/postgres start failed: {r.stderr or r.stdout}")
     import psycopg
 
-    from engine import Store, encode_key
-    from engine.aggregate import prepare_encoded_id
+    from tally.engine import Store, encode_key
+    from tally.engine.aggregate import prepare_encoded_id
 
     n = a.rows
     t0 = time.perf_counter()

@@ -20,21 +20,18 @@ import asyncio
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from ingest import null_sink, produce, rss_mib
+
+from tally.consumers.runtime.process import ConsumerProcess
+from tally.engine import Store, TableAggregate, encode_key
+from tally.engine.aggregate import prepare_encoded_id
+from tally.schemas.config import ConsumerSettings
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts" / "bench"))
-
-from ingest import null_sink, produce, rss_mib  # noqa: E402
-
-from consumers.runtime.process import ConsumerProcess  # noqa: E402
-from engine import Store, TableAggregate, encode_key  # noqa: E402
-from engine.aggregate import prepare_encoded_id  # noqa: E402
-from schemas.config import ConsumerSettings  # noqa: E402
 
 LEADERBOARD = TableAggregate("leaderboard", table="scores", sort_key="score", sum_value="score")
 
@@ -89,7 +86,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.bootstrap_servers == "127.0.0.1:9092":
         subprocess.run([str(ROOT / "scripts" / "kafka"), "start"], check=True, stdout=subprocess.DEVNULL)
-    from consumers.logs import configure_logging
+    from tally.consumers.logs import configure_logging
 
     configure_logging("error", "console")
     topic = f"bench-replay-{int(time.time())}"

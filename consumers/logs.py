@@ -20,7 +20,12 @@ import structlog
 __all__ = ["configure_logging", "get_logger", "quiet_kafka_logs"]
 
 LOGGER_NAME = "tally"
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 _HANDLER_NAME = "tally"
 
 
@@ -40,7 +45,9 @@ def configure_logging(
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     )
-    final: list[structlog.types.Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
+    final: list[structlog.types.Processor] = [
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta
+    ]
     if use_json:
         final.append(structlog.processors.format_exc_info)
     final.append(renderer)
@@ -61,7 +68,9 @@ def configure_logging(
     root.handlers = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
     root.setLevel(logging.WARNING)  # libraries: warnings and errors only
     logging.getLogger(LOGGER_NAME).setLevel(lvl)
-    logging.getLogger("aiokafka").setLevel(logging.DEBUG if lvl <= logging.DEBUG else logging.CRITICAL)
+    logging.getLogger("aiokafka").setLevel(
+        logging.DEBUG if lvl <= logging.DEBUG else logging.CRITICAL
+    )
 
 
 def get_logger(**context: object) -> structlog.stdlib.BoundLogger:

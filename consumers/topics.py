@@ -47,7 +47,9 @@ async def read_to_end(
                 f"reading topic {tps[0].topic!r} to its end took more than {timeout:.0f}s: positions {got}, "
                 f"end offsets { {tp.partition: o for tp, o in ends.items()} }"
             )
-        batch = await consumer.getmany(*pending, timeout_ms=int(min(left, 1.0) * 1000), max_records=max_records)
+        batch = await consumer.getmany(
+            *pending, timeout_ms=int(min(left, 1.0) * 1000), max_records=max_records
+        )
         for tp, msgs in batch.items():
             end = ends[tp]
             if msgs and msgs[-1].offset >= end:

@@ -51,6 +51,7 @@ class Prepared(NamedTuple):
     """The source position of the change (encoded, e.g. a Postgres LSN), when known: kept with
     the item so a truncate at a position spares the items changed after it (`Aggregate.truncate`)."""
 
+
 __all__ = ["Aggregate", "Prepared"]
 
 _INT64 = 1 << 63
@@ -87,15 +88,22 @@ def prepare_encoded_id(
 ) -> Prepared:
     """An item validated and encoded, for an id already encoded (one encoding per event, not
     per aggregate); ``pos`` is the change's encoded source position, if known."""
-    s = sum_value if type(sum_value) is int and -_INT64 <= sum_value < _INT64 else _check_sum(sum_value)
+    s = (
+        sum_value
+        if type(sum_value) is int and -_INT64 <= sum_value < _INT64
+        else _check_sum(sum_value)
+    )
     return _new_prepared(
-        Prepared, (encode_key(key), eid, _NONE_KEY if namespace is None else encode_key(namespace), s, pos)
+        Prepared,
+        (encode_key(key), eid, _NONE_KEY if namespace is None else encode_key(namespace), s, pos),
     )
 
 
 def _encode_id(id: Any) -> bytes:
     if id is None:
-        raise InvalidKey("id must not be None: every item needs an id (an int, str, or tuple for composite ids)")
+        raise InvalidKey(
+            "id must not be None: every item needs an id (an int, str, or tuple for composite ids)"
+        )
     return encode_key(id)
 
 
@@ -187,7 +195,9 @@ class Aggregate:
         store = self.store
         meta = store.tree_meta(tk)
         if meta is None:
-            meta = store.new_tree(tk, store.max_node_size if max_node_size is None else max_node_size)
+            meta = store.new_tree(
+                tk, store.max_node_size if max_node_size is None else max_node_size
+            )
         return Tree(store.nodes, meta)
 
     # ---- writes ---------------------------------------------------------------
@@ -207,7 +217,9 @@ class Aggregate:
             old = tx.get_id(idk)
             if old is None:
                 if mode == "replace":
-                    raise ItemNotFound(f"aggregate {self.name!r} has no item with id {key_repr(id)} to replace")
+                    raise ItemNotFound(
+                        f"aggregate {self.name!r} has no item with id {key_repr(id)} to replace"
+                    )
             else:
                 if mode == "insert":
                     raise ItemExists(
@@ -399,7 +411,9 @@ class Aggregate:
             old = None if aid is None else tx.get_id(aid + eid)
             if old is None or aid is None:
                 if strict:
-                    raise ItemNotFound(f"aggregate {self.name!r} has no item with id {key_repr(id)} to delete")
+                    raise ItemNotFound(
+                        f"aggregate {self.name!r} has no item with id {key_repr(id)} to delete"
+                    )
                 return False
             tk, tree = self._take_out(aid, eid, old, id)
             self._maybe_drop(tk, tree)
@@ -587,7 +601,9 @@ class Aggregate:
         if not 0 <= k < n:
             raise OffsetOutOfRange(
                 f"offset {offset} is out of range: the range holds {n} items "
-                f"(valid offsets are {-n}..{n - 1})" if n else f"offset {offset} is out of range: the range holds 0 items"
+                f"(valid offsets are {-n}..{n - 1})"
+                if n
+                else f"offset {offset} is out of range: the range holds 0 items"
             )
         ek, s = tree.select(base + k)
         return _item(ek, s, namespace)
@@ -622,7 +638,9 @@ class Aggregate:
         r = tree.rank(x)
         return end - min(max(r, base), end)
 
-    def min(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item | None:
+    def min(
+        self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None
+    ) -> Item | None:
         """The first item in range, or None. O(log n)."""
         tree, lo, hi = self._range(namespace, bounds)
         if tree is None:
@@ -631,7 +649,9 @@ class Aggregate:
             return _item(ek, s, namespace)
         return None
 
-    def max(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item | None:
+    def max(
+        self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None
+    ) -> Item | None:
         """The last item in range, or None. O(log n)."""
         tree, lo, hi = self._range(namespace, bounds)
         if tree is None:
@@ -640,7 +660,9 @@ class Aggregate:
             return _item(ek, s, namespace)
         return None
 
-    def random(self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None) -> Item | None:
+    def random(
+        self, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None
+    ) -> Item | None:
         """A uniformly random item in range, or None. O(log n)."""
         tree, lo, hi = self._range(namespace, bounds)
         if tree is None:
@@ -709,11 +731,15 @@ class Aggregate:
             elif isinstance(q, Mapping):
                 unknown = set(q) - {"namespace", "bounds", "offset"}
                 if unknown:
-                    raise InvalidArgument(f"query has unknown field(s) {sorted(unknown)}; use namespace, bounds, offset")
+                    raise InvalidArgument(
+                        f"query has unknown field(s) {sorted(unknown)}; use namespace, bounds, offset"
+                    )
                 offset = q.get("offset", 0)
                 if not isinstance(offset, int) or isinstance(offset, bool):
                     # count_batch/sum_batch do not use it, but a wrong one is a mistake to report
-                    raise InvalidArgument(f"a query's offset must be an int, got {key_repr(offset)}")
+                    raise InvalidArgument(
+                        f"a query's offset must be an int, got {key_repr(offset)}"
+                    )
                 out.append(Query(q.get("namespace"), q.get("bounds"), offset))
             else:
                 raise InvalidArgument(f"each query must be a Query or a dict, got {key_repr(q)}")

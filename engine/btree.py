@@ -286,7 +286,9 @@ class Tree:
         path, ref, node = self._descend(key)
         pos = bisect_left(node.keys, key)
         if pos < len(node.keys) and node.keys[pos] == key:
-            raise StoreCorrupted(f"tree already holds item key {key!r}: the id index is out of step")
+            raise StoreCorrupted(
+                f"tree already holds item key {key!r}: the id index is out of step"
+            )
         node.keys.insert(pos, key)
         node.sums.insert(pos, value)
         self.ns.put_node(self.base | ref, node)
@@ -501,7 +503,9 @@ class Tree:
                 run = level[lo:hi]
                 seps = [_separator(run[i][1], run[i + 1][0]) for i in range(len(run) - 1)]
                 node = Node(seps, [r[4] for r in run], [r[2] for r in run], [r[3] for r in run])
-                up.append((run[0][0], run[-1][1], self.new_node(node), sum(node.counts), sum(node.sums)))
+                up.append(
+                    (run[0][0], run[-1][1], self.new_node(node), sum(node.counts), sum(node.sums))
+                )
             level = up
             height += 1
         if level:
@@ -530,7 +534,9 @@ class Tree:
             if node.children:
                 n = len(node.children)
                 if len(node.keys) != n - 1 or len(node.counts) != n or len(node.sums) != n:
-                    raise StoreCorrupted(f"{where}: {n} children but {len(node.keys)} separators, {len(node.counts)} counts, {len(node.sums)} sums")
+                    raise StoreCorrupted(
+                        f"{where}: {n} children but {len(node.keys)} separators, {len(node.counts)} counts, {len(node.sums)} sums"
+                    )
                 mi = internal_max(m)
                 if n > mi or (n < mi // 2 and not is_root) or (is_root and n < 2):
                     raise StoreCorrupted(f"{where}: {n} children outside [{mi // 2}, {mi}]")
@@ -543,21 +549,29 @@ class Tree:
                     chi = hi if i == n - 1 else node.keys[i]
                     cc, cs = check(child, clo, chi, depth + 1, False)
                     if cc != node.counts[i]:
-                        raise StoreCorrupted(f"{where}: child {i} holds {cc} items but the count says {node.counts[i]}")
+                        raise StoreCorrupted(
+                            f"{where}: child {i} holds {cc} items but the count says {node.counts[i]}"
+                        )
                     if not _same_sum(cs, node.sums[i]):
-                        raise StoreCorrupted(f"{where}: child {i} sums to {cs} but the sum says {node.sums[i]}")
+                        raise StoreCorrupted(
+                            f"{where}: child {i} sums to {cs} but the sum says {node.sums[i]}"
+                        )
                     total_c += cc
                     total_s += node.sums[i]
                 return total_c, total_s
             depths.add(depth)
             n = len(node.keys)
             if len(node.sums) != n or node.counts:
-                raise StoreCorrupted(f"{where}: leaf with {n} keys, {len(node.sums)} sums, {len(node.counts)} counts")
+                raise StoreCorrupted(
+                    f"{where}: leaf with {n} keys, {len(node.sums)} sums, {len(node.counts)} counts"
+                )
             if n > m or (n < m // 2 and not is_root):
                 raise StoreCorrupted(f"{where}: leaf with {n} items outside [{m // 2}, {m}]")
             if any(a >= b for a, b in zip(node.keys, node.keys[1:], strict=False)):
                 raise StoreCorrupted(f"{where}: leaf keys out of order")
-            if n and ((lo is not None and node.keys[0] < lo) or (hi is not None and node.keys[-1] >= hi)):
+            if n and (
+                (lo is not None and node.keys[0] < lo) or (hi is not None and node.keys[-1] >= hi)
+            ):
                 raise StoreCorrupted(f"{where}: leaf keys outside the separators around it")
             return n, sum(node.sums)
 
@@ -570,7 +584,9 @@ class Tree:
         if len(depths) > 1:
             raise StoreCorrupted(f"leaves at different depths {sorted(depths)}")
         if depths and depths != {self.meta.height}:
-            raise StoreCorrupted(f"tree height says {self.meta.height} but leaves are at depth {depths}")
+            raise StoreCorrupted(
+                f"tree height says {self.meta.height} but leaves are at depth {depths}"
+            )
         return count
 
 

@@ -175,7 +175,9 @@ def _encode_number(x: int | float) -> bytes:
             return _ZERO
         return b"\x03" + _encode_magnitude(-x, 0).translate(_INVERT)
     if x != x:
-        raise InvalidKey("NaN cannot be a key, id or namespace: NaN is unordered; use None or a sentinel number")
+        raise InvalidKey(
+            "NaN cannot be a key, id or namespace: NaN is unordered; use None or a sentinel number"
+        )
     if math.isinf(x):
         # +/-inf sort beyond every finite number: an exponent no finite value has.
         return b"\x05\xff" if x > 0 else b"\x03\x00"
@@ -263,7 +265,11 @@ def encode_key(value: Key) -> bytes:
             # bytes equals stripping trailing zero bits first.
             nbits = value.bit_length() - 1
             nbytes = (nbits + 7) >> 3
-            frac = ((value ^ (1 << nbits)) << ((nbytes << 3) - nbits)).to_bytes(nbytes, "big").rstrip(b"\x00")
+            frac = (
+                ((value ^ (1 << nbits)) << ((nbytes << 3) - nbits))
+                .to_bytes(nbytes, "big")
+                .rstrip(b"\x00")
+            )
             if 1 in frac or 0 in frac:
                 frac = frac.replace(b"\x01", b"\x01\x02").replace(b"\x00", b"\x01\x01")
             return _POS_EXP[nbits] + frac + b"\x00"
@@ -547,7 +553,9 @@ def _decode_at(b: bytes, i: int) -> tuple[Any, int]:
 
 def _nested_too_deep(b: bytes) -> InvalidKey:
     # encode_key never nests deeper than MAX_KEY_DEPTH: only forged or corrupt bytes get here.
-    return InvalidKey(f"corrupt key encoding: tuples nested far deeper than {MAX_KEY_DEPTH} in {key_repr(b)}")
+    return InvalidKey(
+        f"corrupt key encoding: tuples nested far deeper than {MAX_KEY_DEPTH} in {key_repr(b)}"
+    )
 
 
 _WIDTH = {TAG_DATE: 4, TAG_DATETIME: 9, TAG_TIME: 6, TAG_TIMEDELTA: 9, TAG_UUID: 16}

@@ -311,7 +311,9 @@ def encode_fixes(changes: Iterable[Change]) -> bytes:
 
 def _canonical(raw: Any, what: str) -> Any:
     if not isinstance(raw, bytes):
-        raise InvalidArgument(f"{what} must be msgpack bin (an encoded key), got {type(raw).__name__}")
+        raise InvalidArgument(
+            f"{what} must be msgpack bin (an encoded key), got {type(raw).__name__}"
+        )
     value = decode_key(raw)  # raises InvalidKey on garbage
     if encode_key(value) != raw:
         raise InvalidArgument(f"{what} is not a canonical encoded key")
@@ -323,7 +325,9 @@ def decode_fixes(body: bytes) -> list[Change]:
     try:
         chunk = _chunk_dec.decode(body)
     except msgspec.DecodeError as e:
-        raise InvalidArgument(f"a patch chunk is msgpack {{'changes': [[eid, key, namespace, sum] | [eid]]}}: {e}") from None
+        raise InvalidArgument(
+            f"a patch chunk is msgpack {{'changes': [[eid, key, namespace, sum] | [eid]]}}: {e}"
+        ) from None
     out: list[Change] = []
     for i, c in enumerate(chunk.changes):
         if len(c) == 1:
@@ -342,5 +346,7 @@ def decode_fixes(body: bytes) -> list[Change]:
                     raise InvalidArgument(f"changes[{i}] sum {sv!r} is not a Decimal") from None
             out.append((eid, prepare_encoded_id(key, eid, sv, ns)))
         else:
-            raise InvalidArgument(f"changes[{i}] has {len(c)} elements: use [eid, key, namespace, sum] or [eid]")
+            raise InvalidArgument(
+                f"changes[{i}] has {len(c)} elements: use [eid, key, namespace, sum] or [eid]"
+            )
     return out

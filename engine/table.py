@@ -62,7 +62,9 @@ def _extractor(spec: Extractor, what: str, default: Any) -> Callable[[Row], Any]
             try:
                 return row[field]
             except KeyError:
-                raise InvalidArgument(f"row has no field {field!r} needed for {what}: {key_repr(row)}") from None
+                raise InvalidArgument(
+                    f"row has no field {field!r} needed for {what}: {key_repr(row)}"
+                ) from None
 
         return get_field
     if isinstance(spec, (tuple, list)) and spec and all(isinstance(f, str) for f in spec):
@@ -72,10 +74,14 @@ def _extractor(spec: Extractor, what: str, default: Any) -> Callable[[Row], Any]
             try:
                 return tuple(row[f] for f in fields)
             except KeyError as e:
-                raise InvalidArgument(f"row has no field {e.args[0]!r} needed for {what}: {key_repr(row)}") from None
+                raise InvalidArgument(
+                    f"row has no field {e.args[0]!r} needed for {what}: {key_repr(row)}"
+                ) from None
 
         return get_fields
-    raise InvalidArgument(f"{what} must be a callable(row), a field name, or a tuple of field names, got {spec!r}")
+    raise InvalidArgument(
+        f"{what} must be a callable(row), a field name, or a tuple of field names, got {spec!r}"
+    )
 
 
 def _describe(spec: Any) -> str:
@@ -119,11 +125,15 @@ class TableAggregate:
         columns: Mapping[str, str] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name or "#" in name:
-            raise InvalidArgument(f"aggregate name must be a non-empty string without '#', got {name!r}")
+            raise InvalidArgument(
+                f"aggregate name must be a non-empty string without '#', got {name!r}"
+            )
         if not isinstance(table, str) or not table:
             raise InvalidArgument(f"table must be a non-empty string, got {table!r}")
         if sort_key is None:
-            raise InvalidArgument("sort_key is required: a callable(row), a field name, or a tuple of field names")
+            raise InvalidArgument(
+                "sort_key is required: a callable(row), a field name, or a tuple of field names"
+            )
         if filter is not None and not callable(filter):
             raise InvalidArgument(f"filter must be a callable(row) -> bool, got {filter!r}")
         self.name = name
@@ -137,10 +147,16 @@ class TableAggregate:
         self._filter = filter
         if isinstance(id_field, str):
             self.id_fields: tuple[str, ...] = (id_field,)
-        elif isinstance(id_field, (tuple, list)) and id_field and all(isinstance(f, str) for f in id_field):
+        elif (
+            isinstance(id_field, (tuple, list))
+            and id_field
+            and all(isinstance(f, str) for f in id_field)
+        ):
             self.id_fields = tuple(id_field)
         else:
-            raise InvalidArgument(f"id_field must be a field name or a tuple of field names, got {id_field!r}")
+            raise InvalidArgument(
+                f"id_field must be a field name or a tuple of field names, got {id_field!r}"
+            )
         self._id = _extractor(id_field, "id", None)
         if columns is not None and not isinstance(columns, Mapping):
             raise InvalidArgument(f"columns must map column names to type names, got {columns!r}")
@@ -159,7 +175,13 @@ class TableAggregate:
         """Hash of the definition (table, functions' code, version): changes force a rebuild."""
         h = hashlib.sha256()
         typed = sorted((c, t.name, t.precision, t.scale, t.array) for c, t in self.columns.items())
-        for part in (self.name, self.table, self.version, *(_describe(s) for s in self._specs), *typed):
+        for part in (
+            self.name,
+            self.table,
+            self.version,
+            *(_describe(s) for s in self._specs),
+            *typed,
+        ):
             h.update(repr(part).encode())
             h.update(b"\x00")
         return h.hexdigest()[:16]
@@ -177,7 +199,9 @@ class TableAggregate:
         """The item a row maps to, or None if ``filter`` keeps it out."""
         if self._filter is not None and not self._filter(row):
             return None
-        return RowItem(self._ns(row), self._key(row), self._id(row) if id is None else id, self._sum(row))
+        return RowItem(
+            self._ns(row), self._key(row), self._id(row) if id is None else id, self._sum(row)
+        )
 
     def item_tuple(self, row: Row) -> tuple[Any, Any, Any] | None:
         """(namespace, key, sum_value) of a row, or None if filtered out.
@@ -239,7 +263,9 @@ class BoundTableAggregate:
         """Strict: the old row must be present; the new one replaces it (or removes it if filtered out)."""
         old_id = self.definition.row_id(old)
         if self.aggregate.get(old_id) is None:
-            raise ItemNotFound(f"aggregate {self.aggregate.name!r} has no item with id {key_repr(old_id)} to replace")
+            raise ItemNotFound(
+                f"aggregate {self.aggregate.name!r} has no item with id {key_repr(old_id)} to replace"
+            )
         it = self.definition.item(new)
         with self.aggregate.store.batch():
             if it is None:
@@ -253,7 +279,9 @@ class BoundTableAggregate:
         """Idempotent: converge to this row's item (removed if filtered out). True if anything changed."""
         it = self.definition.item(row, id)
         if it is None:
-            return self.aggregate.delete_if_exists(self.definition.row_id(row) if id is None else id)
+            return self.aggregate.delete_if_exists(
+                self.definition.row_id(row) if id is None else id
+            )
         return self.aggregate.upsert(it.key, it.id, it.sum_value, it.namespace)
 
     def delete_if_exists(self, row_or_id: Any) -> bool:

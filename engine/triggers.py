@@ -364,10 +364,17 @@ class Applier:
                     continue  # the common, consistent case: an insert of a new id, an update of a held one
                 self._judge(pending, agg, eid, evop, new, prior)
         return ApplyResult(
-            pending.upserts, pending.deletes, pending.clears, changed, pending.drift, pending.drift_ids
+            pending.upserts,
+            pending.deletes,
+            pending.clears,
+            changed,
+            pending.drift,
+            pending.drift_ids,
         )
 
-    def apply_events(self, events: Sequence[ChangeEvent]) -> tuple[ApplyResult, list[tuple[int, BadRecord]]]:
+    def apply_events(
+        self, events: Sequence[ChangeEvent]
+    ) -> tuple[ApplyResult, list[tuple[int, BadRecord]]]:
         """Plan and apply in one batch (no offsets): handy for tests and scripts."""
         ops, bad = self.plan(events)
         with self.store.batch():
@@ -407,4 +414,3 @@ def _unapplicable(ev: ChangeEvent, d: TableAggregate | None, e: Exception) -> Ba
 def _where(ev: ChangeEvent, definition: TableAggregate | None = None) -> str:
     where = f"table {ev.table!r} id {ev.id!r}"
     return where if definition is None else f"{where}, aggregate {definition.name!r}"
-

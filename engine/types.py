@@ -47,10 +47,14 @@ def _bound(value: Any, what: str) -> Bound | None:
                 "a bound is {'key': ..., 'inclusive': true|false, 'id': ...}"
             )
         if "key" not in value:
-            raise InvalidArgument(f"{what} bound needs a 'key': e.g. {{'key': 10, 'inclusive': False}}")
+            raise InvalidArgument(
+                f"{what} bound needs a 'key': e.g. {{'key': 10, 'inclusive': False}}"
+            )
         inclusive = value.get("inclusive", True)
         if not isinstance(inclusive, bool):
-            raise InvalidArgument(f"{what}.inclusive must be true or false, got {key_repr(inclusive)}")
+            raise InvalidArgument(
+                f"{what}.inclusive must be true or false, got {key_repr(inclusive)}"
+            )
         return Bound(value["key"], inclusive, value.get("id"))
     raise InvalidArgument(
         f"{what} bound must be a Bound or a dict like {{'key': 10, 'inclusive': True}}, got {key_repr(value)}"
@@ -68,7 +72,9 @@ def _as_bounds(bounds: Any) -> Bounds:
             )
         prefix = bounds.get("prefix")
         if prefix is not None and not isinstance(prefix, (tuple, list)):
-            raise InvalidArgument(f"bounds.prefix must be a list/tuple of key elements, got {key_repr(prefix)}")
+            raise InvalidArgument(
+                f"bounds.prefix must be a list/tuple of key elements, got {key_repr(prefix)}"
+            )
         return Bounds(
             _bound(bounds.get("lower"), "lower"),
             _bound(bounds.get("upper"), "upper"),
@@ -123,7 +129,9 @@ def encode_cursor(item_key: bytes) -> str:
 def decode_cursor(cursor: Any) -> bytes:
     """Validate and decode a cursor produced by `encode_cursor`."""
     if not isinstance(cursor, str):
-        raise InvalidArgument(f"cursor must be a string from a previous page, got {key_repr(cursor)}")
+        raise InvalidArgument(
+            f"cursor must be a string from a previous page, got {key_repr(cursor)}"
+        )
     try:
         raw = base64.urlsafe_b64decode(cursor.encode("ascii"))
         _, j = decode_keys(raw, 0)

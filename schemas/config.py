@@ -167,6 +167,7 @@ class ConsumerSettings(Settings):
                 "Debezium's <topic.prefix>.<schema>.<table>"
             )
 
+
 class RebuildSettings(Settings):
     """`tally rebuild`: through a running consumer (`url`) or in a data dir for its next start."""
 

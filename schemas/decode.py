@@ -114,8 +114,12 @@ class _Probe(msgspec.Struct):
     schema: Raw | UnsetType = UNSET
     # ExtractNewRecordState metadata (``delete.tombstone.handling.mode=rewrite``, ``add.fields``);
     # typed, so a bad value is reported with its path.
-    meta_deleted: Literal["true", "false"] | bool | UnsetType | None = msgspec.field(default=UNSET, name="__deleted")
-    meta_op: Literal["c", "u", "d", "r", "t", "m"] | UnsetType | None = msgspec.field(default=UNSET, name="__op")
+    meta_deleted: Literal["true", "false"] | bool | UnsetType | None = msgspec.field(
+        default=UNSET, name="__deleted"
+    )
+    meta_op: Literal["c", "u", "d", "r", "t", "m"] | UnsetType | None = msgspec.field(
+        default=UNSET, name="__op"
+    )
     meta_table: str | UnsetType | None = msgspec.field(default=UNSET, name="__table")
     meta_source_ts_ms: int | UnsetType | None = msgspec.field(default=UNSET, name="__source_ts_ms")
     meta_ts_ms: int | UnsetType | None = msgspec.field(default=UNSET, name="__ts_ms")
@@ -197,7 +201,9 @@ class EventDecoder:
         placeholder: str = DEFAULT_PLACEHOLDER,
     ) -> None:
         if format not in ("auto", "native", "debezium"):
-            raise ConfigError(f"unknown event format {format!r}; use 'auto', 'native' or 'debezium'")
+            raise ConfigError(
+                f"unknown event format {format!r}; use 'auto', 'native' or 'debezium'"
+            )
         self._format: DecodeFormat = format
         self._auto = format == "auto"
         self._debezium_only = format == "debezium"
@@ -210,18 +216,26 @@ class EventDecoder:
                     f"topic mapping {topic!r} -> {table!r} is invalid; "
                     "both the topic and the table must be non-empty strings (--topic TABLE=TOPIC)"
                 )
-        self._known: frozenset[str] | None = None if known_tables is None else frozenset(known_tables)
+        self._known: frozenset[str] | None = (
+            None if known_tables is None else frozenset(known_tables)
+        )
         self._topic_guess: dict[str, str | None] = {}
         # (table, schema, db) of a record → the schema- or db-qualified known table it names
         self._qualified: dict[tuple[str, str | None, str | None], str] = {}
         self._declared: dict[str, dict[str, ColumnType]] = {
-            table: {c: t if isinstance(t, ColumnType) else parse_column_type(t) for c, t in cols.items()}
+            table: {
+                c: t if isinstance(t, ColumnType) else parse_column_type(t) for c, t in cols.items()
+            }
             for table, cols in (column_types or {}).items()
         }
         if decimal_handling not in ("precise", "double", "string"):
-            raise ConfigError(f"decimal handling {decimal_handling!r}: use precise, double or string (Debezium's decimal.handling.mode)")
+            raise ConfigError(
+                f"decimal handling {decimal_handling!r}: use precise, double or string (Debezium's decimal.handling.mode)"
+            )
         if time_precision not in ("adaptive", "adaptive_time_microseconds", "connect"):
-            raise ConfigError(f"time precision {time_precision!r}: use adaptive, adaptive_time_microseconds or connect (Debezium's time.precision.mode)")
+            raise ConfigError(
+                f"time precision {time_precision!r}: use adaptive, adaptive_time_microseconds or connect (Debezium's time.precision.mode)"
+            )
         if not isinstance(placeholder, str) or not placeholder:
             raise ConfigError("the unavailable-value placeholder must be a non-empty string")
         self._decimal_handling: DecimalHandling = decimal_handling
@@ -256,7 +270,9 @@ class EventDecoder:
             if value.__class__ is not bytes:
                 value = bytes(value)  # bytearray / memoryview
             if not value:
-                raise BadRecord("decode", f"empty value on topic {topic!r}; expected a change event")
+                raise BadRecord(
+                    "decode", f"empty value on topic {topic!r}; expected a change event"
+                )
             m = self._markers
             self._scan = m[0] in value or m[1] in value or m[2] in value or m[3] in value
             if value[0] < 0x80:  # JSON text starts with ASCII; a msgpack map never does
@@ -293,10 +309,13 @@ class EventDecoder:
             raise _decode_error(exc, topic, "") from None
         except UnicodeDecodeError as exc:  # msgspec's error for invalid UTF-8 inside a JSON string
             raise BadRecord(
-                "decode", f"cannot decode the record on topic {topic!r}: a string is not valid UTF-8 ({exc.reason})"
+                "decode",
+                f"cannot decode the record on topic {topic!r}: a string is not valid UTF-8 ({exc.reason})",
             ) from None
         except RecursionError:
-            raise BadRecord("decode", f"the record on topic {topic!r} is nested too deeply to decode") from None
+            raise BadRecord(
+                "decode", f"the record on topic {topic!r} is nested too deeply to decode"
+            ) from None
         except Exception as exc:  # the contract: a bad record never escapes as anything else
             raise BadRecord(
                 "decode", f"cannot decode record on topic {topic!r}: {type(exc).__name__}: {exc}"
@@ -305,7 +324,13 @@ class EventDecoder:
     # ----------------------------------------------------------------- shapes
 
     def _detect(
-        self, data: bytes | Raw, key: bytes | None, topic: str, *, wrapped: bool, schema: Raw | None = None
+        self,
+        data: bytes | Raw,
+        key: bytes | None,
+        topic: str,
+        *,
+        wrapped: bool,
+        schema: Raw | None = None,
     ) -> ChangeEvent:
         """Tell the JSON shapes apart (see the module docstring), then decode with the typed decoder."""
         probe = _PROBE_JSON.decode(data)
@@ -332,10 +357,18 @@ class EventDecoder:
             return self._wrapped(probe.payload, probe.schema, key, topic)
         return self._unwrapped(_ROW_JSON.decode(data), probe, data, key, topic, schema)
 
-    def _wrapped(self, payload: Raw, schema: Raw | UnsetType, key: bytes | None, topic: str) -> ChangeEvent:
+    def _wrapped(
+        self, payload: Raw, schema: Raw | UnsetType, key: bytes | None, topic: str
+    ) -> ChangeEvent:
         """The JSON converter's ``{"schema": ..., "payload": ...}``: the payload, typed by the schema."""
         try:
-            return self._detect(payload, key, topic, wrapped=True, schema=schema if isinstance(schema, Raw) else None)
+            return self._detect(
+                payload,
+                key,
+                topic,
+                wrapped=True,
+                schema=schema if isinstance(schema, Raw) else None,
+            )
         except msgspec.DecodeError as exc:
             raise _decode_error(exc, topic, "payload") from None
 
@@ -358,7 +391,15 @@ class EventDecoder:
             rid = event.id
             if rid.__class__ is not int and rid.__class__ is not str:
                 rid = self._native_id(rid, key, after, table, topic, _AFTER)
-            return ChangeEvent(table, "upsert", rid, after, event.position, event.ts_ms, "c" if op == "insert" else "u")
+            return ChangeEvent(
+                table,
+                "upsert",
+                rid,
+                after,
+                event.position,
+                event.ts_ms,
+                "c" if op == "insert" else "u",
+            )
         if op == "delete":
             rid = event.id
             if rid.__class__ is not int and rid.__class__ is not str:
@@ -368,7 +409,13 @@ class EventDecoder:
         return ChangeEvent(table, "truncate", None, None, event.position, event.ts_ms)
 
     def _native_id(
-        self, rid: Any, key: bytes | None, image: dict[str, Any] | None, table: str, topic: str, image_name: str
+        self,
+        rid: Any,
+        key: bytes | None,
+        image: dict[str, Any] | None,
+        table: str,
+        topic: str,
+        image_name: str,
     ) -> Any:
         """A native event's id: its `id` field, else the key, else the row image's id fields."""
         if rid is not None:
@@ -407,7 +454,13 @@ class EventDecoder:
             if rid is _NO_ID:
                 image = env.before if env.before is not None else env.after
                 if image is not None:
-                    self._type_row(image, table, schema, "before" if image is env.before else "after", "debezium")
+                    self._type_row(
+                        image,
+                        table,
+                        schema,
+                        "before" if image is env.before else "after",
+                        "debezium",
+                    )
                 rid = self._row_id(image, table, topic, _BEFORE)
             return ChangeEvent(table, "delete", rid, None, position, ts_ms, "d")
         after = env.after
@@ -478,7 +531,9 @@ class EventDecoder:
                 table = named or self._topic_table(topic) or ""
                 return ChangeEvent(table, "ignore", None, None, position, ts_ms)
             if op == "t":
-                return ChangeEvent(self._table(named, topic, None), "truncate", None, None, position, ts_ms)
+                return ChangeEvent(
+                    self._table(named, topic, None), "truncate", None, None, position, ts_ms
+                )
             deleted = True  # "d"
         known = self._known
         if named and (known is None or named in known):
@@ -498,7 +553,9 @@ class EventDecoder:
         rid = self._key_id(key, table, topic)
         if rid is _NO_ID:
             rid = self._row_id(row, table, topic, _ROW)
-        return ChangeEvent(table, "upsert", rid, row, position, ts_ms, op if op in _UPSERT_OPS else None)
+        return ChangeEvent(
+            table, "upsert", rid, row, position, ts_ms, op if op in _UPSERT_OPS else None
+        )
 
     def _tombstone(self, key: bytes | None, topic: str) -> ChangeEvent:
         """A null value after a delete: the key is the id, the topic gives the table."""
@@ -518,7 +575,9 @@ class EventDecoder:
 
     # ------------------------------------------------------------------ typing
 
-    def _type_row(self, row: dict[str, Any], table: str, schema: Raw | None, shape: str, wire: WireFormat) -> None:
+    def _type_row(
+        self, row: dict[str, Any], table: str, schema: Raw | None, shape: str, wire: WireFormat
+    ) -> None:
         """Convert ``row`` in place: the schema's logical types, the declared column types,
         and placeholders of values the source did not send (`tally.schemas.typed`)."""
         declared = self._declared.get(table)
@@ -676,12 +735,15 @@ def _check_id(value: Any, table: str, topic: str, where: str) -> Any:
     if cls is list or cls is tuple:
         if not value:
             raise BadRecord(
-                "missing-id", f"the row id from {where} (table {table!r}, topic {topic!r}) is an empty array"
+                "missing-id",
+                f"the row id from {where} (table {table!r}, topic {topic!r}) is an empty array",
             )
         return tuple(_check_id(v, table, topic, where) for v in value)
     if cls is float:
         if value != value:
-            raise BadRecord("missing-id", f"the row id from {where} (table {table!r}, topic {topic!r}) is NaN")
+            raise BadRecord(
+                "missing-id", f"the row id from {where} (table {table!r}, topic {topic!r}) is NaN"
+            )
         return value
     if cls is bool or cls is bytes:
         return value

@@ -65,7 +65,10 @@ DEFAULT_PLACEHOLDER: Final = "__debezium_unavailable_value"
 """Debezium's ``unavailable.value.placeholder`` default (TOASTed values it was not sent)."""
 
 _EXACT: Final = decimal.Context(
-    prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[decimal.InvalidOperation]
+    prec=decimal.MAX_PREC,
+    Emax=decimal.MAX_EMAX,
+    Emin=decimal.MIN_EMIN,
+    traps=[decimal.InvalidOperation],
 )
 _EPOCH: Final = datetime(1970, 1, 1)
 _EPOCH_DATE: Final = date(1970, 1, 1)
@@ -165,7 +168,9 @@ def _int(v: Any, what: str) -> int:
 
 
 def _ts_ms(v: Any) -> Any:
-    return v if isinstance(v, datetime) else _EPOCH + timedelta(milliseconds=_int(v, "Timestamp (ms)"))
+    return (
+        v if isinstance(v, datetime) else _EPOCH + timedelta(milliseconds=_int(v, "Timestamp (ms)"))
+    )
 
 
 def _ts_us(v: Any) -> Any:
@@ -309,7 +314,9 @@ def _field_converter(field: Mapping[str, Any]) -> Converter | None:
         try:
             scale = int(params.get("scale", 0))
         except (TypeError, ValueError):
-            raise BadRecord("decode", f"Decimal schema with a bad scale {params.get('scale')!r}") from None
+            raise BadRecord(
+                "decode", f"Decimal schema with a bad scale {params.get('scale')!r}"
+            ) from None
         return _decimal_bytes(scale)
     if isinstance(name, str):
         conv = _LOGICAL.get(name)
@@ -380,16 +387,33 @@ _PASSTHROUGH: Final = frozenset(
     )
 )
 _TYPED: Final = frozenset(
-    ("numeric", "money", "timestamptz", "timestamp", "date", "time", "timetz", "interval", "json", "jsonb", "uuid", "bytea")
+    (
+        "numeric",
+        "money",
+        "timestamptz",
+        "timestamp",
+        "date",
+        "time",
+        "timetz",
+        "interval",
+        "json",
+        "jsonb",
+        "uuid",
+        "bytea",
+    )
 )
-_TYPE_RE: Final = re.compile(r"^\s*([a-z][a-z0-9 _]*?)\s*(?:\(\s*(\d+)\s*(?:,\s*(-?\d+)\s*)?\))?\s*(\[\])?\s*$")
+_TYPE_RE: Final = re.compile(
+    r"^\s*([a-z][a-z0-9 _]*?)\s*(?:\(\s*(\d+)\s*(?:,\s*(-?\d+)\s*)?\))?\s*(\[\])?\s*$"
+)
 
 
 def parse_column_type(spec: str) -> ColumnType:
     """``"numeric(12,2)"``, ``"timestamptz"``, ``"timestamp(3)"``, ``"jsonb"``, ``"int[]"`` …"""
     m = _TYPE_RE.match(spec.lower()) if isinstance(spec, str) else None
     if m is None:
-        raise ConfigError(f"column type {spec!r} is not a type name like 'numeric(12,2)', 'timestamptz' or 'jsonb'")
+        raise ConfigError(
+            f"column type {spec!r} is not a type name like 'numeric(12,2)', 'timestamptz' or 'jsonb'"
+        )
     name = _ALIASES.get(m.group(1).strip(), m.group(1).strip())
     if name not in _TYPED and name not in _PASSTHROUGH:
         known = ", ".join(sorted(_TYPED | _PASSTHROUGH))
@@ -499,7 +523,9 @@ class RowTyping:
 
     __slots__ = ("_convs", "_markers", "_placeholders", "placeholder")
 
-    def __init__(self, convs: Mapping[str, Converter], placeholder: str = DEFAULT_PLACEHOLDER) -> None:
+    def __init__(
+        self, convs: Mapping[str, Converter], placeholder: str = DEFAULT_PLACEHOLDER
+    ) -> None:
         self._convs = tuple(convs.items())
         self.placeholder = placeholder
         raw = placeholder.encode()
@@ -553,7 +579,6 @@ class RowTyping:
             if v is not None and v is not UNAVAILABLE:
                 row[col] = conv(v)
         return row
-
 
 
 def placeholder_markers(placeholder: str) -> tuple[bytes, ...]:

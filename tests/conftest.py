@@ -34,8 +34,11 @@ def kafka_bootstrap(kafka_port: int) -> Iterator[str]:
     try:
         res = kafka_script("start", "--port", port)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"scripts/kafka start --port {port} took over {e.timeout:.0f}s (fetching Kafka from "
-                    "Maven Central on first use?); run it once by hand to see where it stops", pytrace=False)
+        pytest.fail(
+            f"scripts/kafka start --port {port} took over {e.timeout:.0f}s (fetching Kafka from "
+            "Maven Central on first use?); run it once by hand to see where it stops",
+            pytrace=False,
+        )
     if res.returncode != 0:
         pytest.fail(
             f"scripts/kafka start --port {port} failed (exit {res.returncode}):\n"
@@ -69,7 +72,9 @@ def pg_url() -> Iterator[str]:
     port = os.environ.get("TALLY_TEST_PG_PORT") or "25432"
     script = [sys.executable, str(ROOT / "scripts" / "postgres")]
     try:
-        res = subprocess.run([*script, "start", "--port", port], capture_output=True, text=True, timeout=600)
+        res = subprocess.run(
+            [*script, "start", "--port", port], capture_output=True, text=True, timeout=600
+        )
     except subprocess.TimeoutExpired:
         unavailable("scripts/postgres start timed out (apt-get or initdb too slow?)")
     if res.returncode != 0:
@@ -80,7 +85,9 @@ def pg_url() -> Iterator[str]:
     started_here = "reusing" not in res.stdout
     yield f"postgresql://postgres@127.0.0.1:{port}/tally"
     if started_here:
-        subprocess.run([*script, "stop", "--port", port], capture_output=True, text=True, timeout=120)
+        subprocess.run(
+            [*script, "stop", "--port", port], capture_output=True, text=True, timeout=120
+        )
 
 
 # ============================================================== Kafka Connect + Debezium
@@ -106,15 +113,19 @@ def connect_url(kafka_bootstrap: str, pg_url: str) -> Iterator[str]:
     try:
         res = connect_script("start", "--port", port, "--kafka", kafka_bootstrap)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"scripts/connect start --port {port} took over {e.timeout:.0f}s (fetching "
-                    "the jars from Maven Central?); run it by hand to see where it stops",
-                    pytrace=False)
+        pytest.fail(
+            f"scripts/connect start --port {port} took over {e.timeout:.0f}s (fetching "
+            "the jars from Maven Central?); run it by hand to see where it stops",
+            pytrace=False,
+        )
     if res.returncode != 0:
         msg = f"{res.stdout}{res.stderr}".strip()
         if "no `mvn` found" in msg or "no `java` found" in msg:
             unavailable(f"Kafka Connect unavailable: {msg}")
-        pytest.fail(f"scripts/connect start --port {port} failed (exit {res.returncode}):\n{msg}",
-                    pytrace=False)
+        pytest.fail(
+            f"scripts/connect start --port {port} failed (exit {res.returncode}):\n{msg}",
+            pytrace=False,
+        )
     print(f"\n{res.stdout.strip()} [{time.monotonic() - t0:.1f}s]", file=sys.stderr)
     started_here = "reusing" not in res.stdout
     _require_logical_decoding(pg_url)
@@ -128,8 +139,11 @@ def _require_logical_decoding(pg_url: str) -> None:
     with psycopg.connect(pg_url, autocommit=True) as conn:
         row = conn.execute("select current_setting('wal_level')").fetchone()
     if row is None or row[0] != "logical":
-        pytest.fail(f"Postgres at {pg_url} has wal_level={row and row[0]}: Debezium needs "
-                    "logical; restart it with scripts/postgres (stop, then start)", pytrace=False)
+        pytest.fail(
+            f"Postgres at {pg_url} has wal_level={row and row[0]}: Debezium needs "
+            "logical; restart it with scripts/postgres (stop, then start)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture

@@ -39,7 +39,6 @@ if not os.path.exists(TALLY):  # an interpreter outside any venv: the project's 
     TALLY = str(ROOT / ".venv" / "bin" / "tally")
 
 
-
 def free_port() -> int:
     """A loopback TCP port nothing listens on right now."""
     with socket.socket() as s:
@@ -48,8 +47,11 @@ def free_port() -> int:
 
 
 def wait_for(
-    cond: Callable[[], Any], what: str | Callable[[], str], timeout: float = 60.0,
-    every: float = 0.05, swallow: tuple[type[BaseException], ...] = (),
+    cond: Callable[[], Any],
+    what: str | Callable[[], str],
+    timeout: float = 60.0,
+    every: float = 0.05,
+    swallow: tuple[type[BaseException], ...] = (),
 ) -> Any:
     """Poll ``cond`` until it returns something truthy (returned); fail naming ``what`` after
     ``timeout`` s. Exceptions of the ``swallow`` types count as "not yet". ``what`` may be a
@@ -231,15 +233,25 @@ def native_record(ev: Event, rng: random.Random, msgpack_share: float = 0.2) -> 
     return rec
 
 
-def native_records(events: Sequence[Event], seed: int, msgpack_share: float = 0.2) -> list[tuple[bytes, bytes]]:
+def native_records(
+    events: Sequence[Event], seed: int, msgpack_share: float = 0.2
+) -> list[tuple[bytes, bytes]]:
     rng = random.Random(seed)
     return [native_record(ev, rng, msgpack_share) for ev in events]
 
 
-_KEY_SCHEMA = {"type": "struct", "name": "app.public.players.Key", "optional": False,
-               "fields": [{"field": "id", "type": "int64", "optional": False}]}
-_VALUE_SCHEMA = {"type": "struct", "name": "app.public.players.Envelope", "optional": False,
-                 "fields": [{"field": "op", "type": "string", "optional": False}]}
+_KEY_SCHEMA = {
+    "type": "struct",
+    "name": "app.public.players.Key",
+    "optional": False,
+    "fields": [{"field": "id", "type": "int64", "optional": False}],
+}
+_VALUE_SCHEMA = {
+    "type": "struct",
+    "name": "app.public.players.Envelope",
+    "optional": False,
+    "fields": [{"field": "op", "type": "string", "optional": False}],
+}
 
 
 def debezium_key(rid: int) -> bytes:
@@ -252,9 +264,18 @@ def debezium_key(rid: int) -> bytes:
 
 
 def _source(rng: random.Random, lsn: int) -> dict[str, Any]:
-    return {"version": "2.7.0.Final", "connector": "postgresql", "name": "app",
-            "ts_ms": 1_700_000_000_000 + lsn, "snapshot": "false", "db": "app",
-            "schema": "public", "table": TABLE, "txId": lsn // 3, "lsn": lsn}
+    return {
+        "version": "2.7.0.Final",
+        "connector": "postgresql",
+        "name": "app",
+        "ts_ms": 1_700_000_000_000 + lsn,
+        "snapshot": "false",
+        "db": "app",
+        "schema": "public",
+        "table": TABLE,
+        "txId": lsn // 3,
+        "lsn": lsn,
+    }
 
 
 def debezium_records(
@@ -277,8 +298,13 @@ def debezium_records(
     for n, ev in enumerate(events):
         lsn = first_lsn + n * 8
         if ev.kind == "truncate":
-            env = {"before": None, "after": None, "source": _source(rng, lsn), "op": "t",
-                   "ts_ms": 1_700_000_000_500 + n}
+            env = {
+                "before": None,
+                "after": None,
+                "source": _source(rng, lsn),
+                "op": "t",
+                "ts_ms": 1_700_000_000_500 + n,
+            }
             out.append((None, _JSON.encode(env)))
             continue
         key = debezium_key(ev.id)
@@ -291,12 +317,21 @@ def debezium_records(
             if shape < 0.3:
                 row = dict(ev.row, __deleted="false")
                 if rng.random() < 0.5:
-                    row.update(__op=op, __table=TABLE, __lsn=lsn, __source_ts_ms=1_700_000_000_000 + n)
+                    row.update(
+                        __op=op, __table=TABLE, __lsn=lsn, __source_ts_ms=1_700_000_000_000 + n
+                    )
                 value = _JSON.encode(row)
             else:
-                env = {"before": None, "after": ev.row, "source": _source(rng, lsn), "op": op,
-                       "ts_ms": 1_700_000_000_500 + n}
-                value = _JSON.encode({"schema": _VALUE_SCHEMA, "payload": env} if shape < 0.5 else env)
+                env = {
+                    "before": None,
+                    "after": ev.row,
+                    "source": _source(rng, lsn),
+                    "op": op,
+                    "ts_ms": 1_700_000_000_500 + n,
+                }
+                value = _JSON.encode(
+                    {"schema": _VALUE_SCHEMA, "payload": env} if shape < 0.5 else env
+                )
             out.append((key, value))
         else:
             before = last_row.get(ev.id, {"id": ev.id})
@@ -304,9 +339,16 @@ def debezium_records(
                 # ExtractNewRecordState with delete.tombstone.handling.mode=rewrite
                 out.append((key, _JSON.encode(dict(before, __deleted="true"))))
             else:
-                env = {"before": before, "after": None, "source": _source(rng, lsn), "op": "d",
-                       "ts_ms": 1_700_000_000_500 + n}
-                value = _JSON.encode({"schema": _VALUE_SCHEMA, "payload": env} if shape < 0.5 else env)
+                env = {
+                    "before": before,
+                    "after": None,
+                    "source": _source(rng, lsn),
+                    "op": "d",
+                    "ts_ms": 1_700_000_000_500 + n,
+                }
+                value = _JSON.encode(
+                    {"schema": _VALUE_SCHEMA, "payload": env} if shape < 0.5 else env
+                )
                 out.append((key, value))
                 if rng.random() < tombstones:
                     out.append((key, None))
@@ -319,10 +361,28 @@ def debezium_records(
 
 
 def consume_args(
-    defs: str, topic: str, data_dir: Path | str, bootstrap: str, *extra: str, until_caught_up: bool = True
+    defs: str,
+    topic: str,
+    data_dir: Path | str,
+    bootstrap: str,
+    *extra: str,
+    until_caught_up: bool = True,
 ) -> list[str]:
-    args = [TALLY, "consume", defs, "--topic", f"{TABLE}={topic}", "--data-dir", str(data_dir),
-            "--bootstrap-servers", bootstrap, "--log-format", "json", "--no-http", *extra]
+    args = [
+        TALLY,
+        "consume",
+        defs,
+        "--topic",
+        f"{TABLE}={topic}",
+        "--data-dir",
+        str(data_dir),
+        "--bootstrap-servers",
+        bootstrap,
+        "--log-format",
+        "json",
+        "--no-http",
+        *extra,
+    ]
     if until_caught_up:
         args.append("--until-caught-up")
     return args
@@ -335,28 +395,48 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def run_consume(
-    defs: str, topic: str, data_dir: Path | str, bootstrap: str, *extra: str, timeout: float = 90,
+    defs: str,
+    topic: str,
+    data_dir: Path | str,
+    bootstrap: str,
+    *extra: str,
+    timeout: float = 90,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """`tally consume ... --until-caught-up`; asserts exit 0 and returns the result."""
     res = subprocess.run(
-        consume_args(defs, topic, data_dir, bootstrap, *extra), capture_output=True, text=True,
-        timeout=timeout, env=env or child_env(), cwd=str(data_dir.parent if isinstance(data_dir, Path) else "."),
+        consume_args(defs, topic, data_dir, bootstrap, *extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or child_env(),
+        cwd=str(data_dir.parent if isinstance(data_dir, Path) else "."),
         check=False,
     )
-    assert res.returncode == 0, f"tally consume exited {res.returncode}:\n{res.stdout}\n{res.stderr}"
+    assert res.returncode == 0, (
+        f"tally consume exited {res.returncode}:\n{res.stdout}\n{res.stderr}"
+    )
     return res
 
 
 def start_consume(
-    defs: str, topic: str, data_dir: Path, bootstrap: str, *extra: str, log: Path,
-    until_caught_up: bool = False, env: dict[str, str] | None = None,
+    defs: str,
+    topic: str,
+    data_dir: Path,
+    bootstrap: str,
+    *extra: str,
+    log: Path,
+    until_caught_up: bool = False,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """`tally consume` in the background, stderr (JSON logs) to ``log``."""
     with open(log, "ab") as f:
         return subprocess.Popen(
             consume_args(defs, topic, data_dir, bootstrap, *extra, until_caught_up=until_caught_up),
-            stdout=subprocess.DEVNULL, stderr=f, env=env or child_env(), cwd=str(data_dir.parent),
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            env=env or child_env(),
+            cwd=str(data_dir.parent),
         )
 
 
@@ -393,7 +473,9 @@ def offsets_of(store: Any, topic: str, stream: str = "live") -> dict[int, int]:
     """{partition: next offset} the store has committed for ``topic`` (live stream by default)."""
     from tally.consumers import stored_offsets
 
-    return {tp.partition: off for tp, off in stored_offsets(store, stream).items() if tp.topic == topic}
+    return {
+        tp.partition: off for tp, off in stored_offsets(store, stream).items() if tp.topic == topic
+    }
 
 
 class Position(NamedTuple):
@@ -435,7 +517,9 @@ async def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     finally:
         await admin.close()
     tps = [TopicPartition(topic, p["partition"]) for p in meta["partitions"]]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         ends = await consumer.end_offsets(tps)
@@ -497,9 +581,14 @@ class Feeder(threading.Thread):
                 events = self.stream.take(chunk)
                 futures = []
                 for ev in events:
-                    doc = ({"table": TABLE, "op": "update", "id": ev.id, "after": ev.row}
-                           if ev.kind == "upsert" else {"table": TABLE, "op": "delete", "id": ev.id})
-                    futures.append(await producer.send(self.topic, enc.encode(doc), key=id_key(ev.id)))
+                    doc = (
+                        {"table": TABLE, "op": "update", "id": ev.id, "after": ev.row}
+                        if ev.kind == "upsert"
+                        else {"table": TABLE, "op": "delete", "id": ev.id}
+                    )
+                    futures.append(
+                        await producer.send(self.topic, enc.encode(doc), key=id_key(ev.id))
+                    )
                 await asyncio.gather(*futures)
                 self.sent.extend(events)
                 await asyncio.sleep(max(0.0, chunk / self.rate - (time.monotonic() - t0)))

@@ -142,7 +142,7 @@ def tables() -> dict[str, Table]:
                 "update",
                 [
                     "update types set c_numeric = 0.05, c_numeric_var = 12345678901234567890.5,"
-                    ' c_jsonb = \'{"tier": "silver"}\', c_timestamptz = \'2025-01-01T00:00:00Z\''
+                    " c_jsonb = '{\"tier\": \"silver\"}', c_timestamptz = '2025-01-01T00:00:00Z'"
                     " where id = 4"
                 ],
             ),
@@ -240,7 +240,13 @@ def tables() -> dict[str, Table]:
 # ---------------------------------------------------------------- configurations
 
 ALL = [
-    "types", "specials", "pk_single", "pk_composite", "toast_default", "toast_full", "trunc",
+    "types",
+    "specials",
+    "pk_single",
+    "pk_composite",
+    "toast_default",
+    "toast_full",
+    "trunc",
     "interleave",
 ]
 UNWRAP = {
@@ -273,48 +279,124 @@ class Config:
 
 
 CONFIGS = [
-    Config("defaults", "nothing set beyond the required: JsonConverter with schemas, "
-           "decimal.handling.mode=precise, skipped.operations=t (truncates dropped)", {}, ALL),
-    Config("schemas_off", "schemas.enable=false for key and value; truncates kept",
-           {**NO_SCHEMAS, **TRUNCATE}, ALL),
-    Config("decimal_double", "decimal.handling.mode=double", {"decimal.handling.mode": "double"},
-           ["types", "specials"], snapshot_only=("types",)),
-    Config("decimal_string", "decimal.handling.mode=string", {"decimal.handling.mode": "string"},
-           ["types", "specials"], snapshot_only=("types",)),
-    Config("truncate_1p", "skipped.operations=none, one partition", TRUNCATE,
-           ["trunc", "interleave"]),
-    Config("truncate_3p", "skipped.operations=none, three partitions", TRUNCATE, ["trunc"],
-           partitions=3),
-    Config("unwrap_rewrite", "ExtractNewRecordState, add.fields=op,table,lsn,source.ts_ms, "
-           "delete.tombstone.handling.mode=rewrite, skipped.operations=none",
-           {**UNWRAP, "transforms.unwrap.delete.tombstone.handling.mode": "rewrite", **TRUNCATE},
-           ["types", "pk_single", "toast_default", "trunc"]),
-    Config("unwrap_rewrite_schemas_off", "unwrap_rewrite with schemas.enable=false",
-           {**UNWRAP, "transforms.unwrap.delete.tombstone.handling.mode": "rewrite", **TRUNCATE,
-            **NO_SCHEMAS}, ["types", "pk_single", "trunc"]),
-    Config("unwrap_tombstone", "ExtractNewRecordState with its default "
-           "delete.tombstone.handling.mode (tombstone), schemas off",
-           {**UNWRAP, **TRUNCATE, **NO_SCHEMAS}, ["pk_single", "trunc"]),
-    Config("unwrap_tombstone_schemas_on", "unwrap_tombstone with schemas on: the SMT's "
-           "tombstone keeps its schema, so its bytes are not null",
-           {**UNWRAP, **TRUNCATE}, ["pk_single"]),
-    Config("unwrap_removed_option", "ExtractNewRecordState with delete.handling.mode=rewrite, "
-           "the option Debezium 3.x removed: accepted, ignored (default tombstone mode)",
-           {**UNWRAP, "transforms.unwrap.delete.handling.mode": "rewrite", **TRUNCATE,
-            **NO_SCHEMAS}, ["pk_single"]),
-    Config("unwrap_drop", "ExtractNewRecordState, delete.tombstone.handling.mode=drop, schemas off",
-           {**UNWRAP, "transforms.unwrap.delete.tombstone.handling.mode": "drop", **TRUNCATE,
-            **NO_SCHEMAS}, ["pk_single", "trunc"]),
-    Config("unwrap_rewrite_with_tombstone", "ExtractNewRecordState, "
-           "delete.tombstone.handling.mode=rewrite-with-tombstone, schemas off",
-           {**UNWRAP, "transforms.unwrap.delete.tombstone.handling.mode": "rewrite-with-tombstone",
-            **TRUNCATE, **NO_SCHEMAS}, ["pk_single", "trunc"]),
-    Config("unwrap_delete_to_tombstone", "ExtractNewRecordState, "
-           "delete.tombstone.handling.mode=delete-to-tombstone, schemas off",
-           {**UNWRAP, "transforms.unwrap.delete.tombstone.handling.mode": "delete-to-tombstone",
-            **TRUNCATE, **NO_SCHEMAS}, ["pk_single", "trunc"]),
-    Config("compacted", "cleanup.policy=compact topics, skipped.operations=none: the task "
-           "dies at the first TRUNCATE", TRUNCATE, ["trunc"], compacted=True, dies_at="truncate"),
+    Config(
+        "defaults",
+        "nothing set beyond the required: JsonConverter with schemas, "
+        "decimal.handling.mode=precise, skipped.operations=t (truncates dropped)",
+        {},
+        ALL,
+    ),
+    Config(
+        "schemas_off",
+        "schemas.enable=false for key and value; truncates kept",
+        {**NO_SCHEMAS, **TRUNCATE},
+        ALL,
+    ),
+    Config(
+        "decimal_double",
+        "decimal.handling.mode=double",
+        {"decimal.handling.mode": "double"},
+        ["types", "specials"],
+        snapshot_only=("types",),
+    ),
+    Config(
+        "decimal_string",
+        "decimal.handling.mode=string",
+        {"decimal.handling.mode": "string"},
+        ["types", "specials"],
+        snapshot_only=("types",),
+    ),
+    Config(
+        "truncate_1p", "skipped.operations=none, one partition", TRUNCATE, ["trunc", "interleave"]
+    ),
+    Config(
+        "truncate_3p",
+        "skipped.operations=none, three partitions",
+        TRUNCATE,
+        ["trunc"],
+        partitions=3,
+    ),
+    Config(
+        "unwrap_rewrite",
+        "ExtractNewRecordState, add.fields=op,table,lsn,source.ts_ms, "
+        "delete.tombstone.handling.mode=rewrite, skipped.operations=none",
+        {**UNWRAP, "transforms.unwrap.delete.tombstone.handling.mode": "rewrite", **TRUNCATE},
+        ["types", "pk_single", "toast_default", "trunc"],
+    ),
+    Config(
+        "unwrap_rewrite_schemas_off",
+        "unwrap_rewrite with schemas.enable=false",
+        {
+            **UNWRAP,
+            "transforms.unwrap.delete.tombstone.handling.mode": "rewrite",
+            **TRUNCATE,
+            **NO_SCHEMAS,
+        },
+        ["types", "pk_single", "trunc"],
+    ),
+    Config(
+        "unwrap_tombstone",
+        "ExtractNewRecordState with its default "
+        "delete.tombstone.handling.mode (tombstone), schemas off",
+        {**UNWRAP, **TRUNCATE, **NO_SCHEMAS},
+        ["pk_single", "trunc"],
+    ),
+    Config(
+        "unwrap_tombstone_schemas_on",
+        "unwrap_tombstone with schemas on: the SMT's "
+        "tombstone keeps its schema, so its bytes are not null",
+        {**UNWRAP, **TRUNCATE},
+        ["pk_single"],
+    ),
+    Config(
+        "unwrap_removed_option",
+        "ExtractNewRecordState with delete.handling.mode=rewrite, "
+        "the option Debezium 3.x removed: accepted, ignored (default tombstone mode)",
+        {**UNWRAP, "transforms.unwrap.delete.handling.mode": "rewrite", **TRUNCATE, **NO_SCHEMAS},
+        ["pk_single"],
+    ),
+    Config(
+        "unwrap_drop",
+        "ExtractNewRecordState, delete.tombstone.handling.mode=drop, schemas off",
+        {
+            **UNWRAP,
+            "transforms.unwrap.delete.tombstone.handling.mode": "drop",
+            **TRUNCATE,
+            **NO_SCHEMAS,
+        },
+        ["pk_single", "trunc"],
+    ),
+    Config(
+        "unwrap_rewrite_with_tombstone",
+        "ExtractNewRecordState, delete.tombstone.handling.mode=rewrite-with-tombstone, schemas off",
+        {
+            **UNWRAP,
+            "transforms.unwrap.delete.tombstone.handling.mode": "rewrite-with-tombstone",
+            **TRUNCATE,
+            **NO_SCHEMAS,
+        },
+        ["pk_single", "trunc"],
+    ),
+    Config(
+        "unwrap_delete_to_tombstone",
+        "ExtractNewRecordState, delete.tombstone.handling.mode=delete-to-tombstone, schemas off",
+        {
+            **UNWRAP,
+            "transforms.unwrap.delete.tombstone.handling.mode": "delete-to-tombstone",
+            **TRUNCATE,
+            **NO_SCHEMAS,
+        },
+        ["pk_single", "trunc"],
+    ),
+    Config(
+        "compacted",
+        "cleanup.policy=compact topics, skipped.operations=none: the task "
+        "dies at the first TRUNCATE",
+        TRUNCATE,
+        ["trunc"],
+        compacted=True,
+        dies_at="truncate",
+    ),
 ]
 
 
@@ -418,8 +500,12 @@ async def run_config(dbz: Debezium, cfg: Config) -> tuple[list[dict[str, Any]], 
     dbz.create_table("fence", "n int primary key", exact=True)
     t0 = time.monotonic()
     conn = await asyncio.to_thread(  # the helper runs its own event loops
-        dbz.connector, [*cfg.tables, "fence"], cfg.config, partitions=cfg.partitions,
-        compacted=cfg.compacted, prefix=PREFIX,
+        dbz.connector,
+        [*cfg.tables, "fence"],
+        cfg.config,
+        partitions=cfg.partitions,
+        compacted=cfg.compacted,
+        prefix=PREFIX,
     )
     snapshot_s = time.monotonic() - t0
     reader = Reader(dbz.bootstrap, conn, cfg.tables, cfg.partitions)
@@ -430,36 +516,62 @@ async def run_config(dbz: Debezium, cfg: Config) -> tuple[list[dict[str, Any]], 
 
     def file(step: str, recs: list[tuple[str, DbzRecord]]) -> int:
         for table, r in recs:
-            lines.append({
-                "table": table, "step": step, "partition": r.partition, "offset": r.offset,
-                "key": text(r.key), "value": text(r.value),
-                "headers": [[k, text(v)] for k, v in r.headers],
-            })
+            lines.append(
+                {
+                    "table": table,
+                    "step": step,
+                    "partition": r.partition,
+                    "offset": r.offset,
+                    "key": text(r.key),
+                    "value": text(r.value),
+                    "headers": [[k, text(v)] for k, v in r.headers],
+                }
+            )
         return len(recs)
 
     try:
         n = file("snapshot", await reader.drain(None))
-        steps.append({"table": "*", "step": "snapshot", "sql": [abbreviate(s) for t in cfg.tables
-                      for s in defs[t].seed], "records": n})
+        steps.append(
+            {
+                "table": "*",
+                "step": "snapshot",
+                "sql": [abbreviate(s) for t in cfg.tables for s in defs[t].seed],
+                "records": n,
+            }
+        )
         dead = False
         for name in cfg.tables:
             for step, sql in [] if name in cfg.snapshot_only else defs[name].steps:
                 if dead:
-                    steps.append({"table": name, "step": step, "sql": [abbreviate(x) for x in sql],
-                                  "records": None,
-                                  "note": "not run: the task had died"})
+                    steps.append(
+                        {
+                            "table": name,
+                            "step": step,
+                            "sql": [abbreviate(x) for x in sql],
+                            "records": None,
+                            "note": "not run: the task had died",
+                        }
+                    )
                     continue
                 run_sql(dbz, sql)
                 fences += 1
                 dbz.sql(f"insert into fence values ({fences})")
                 recs = await reader.drain(fences)
-                steps.append({"table": name, "step": step, "sql": [abbreviate(x) for x in sql],
-                              "records": file(step, recs)})
+                steps.append(
+                    {
+                        "table": name,
+                        "step": step,
+                        "sql": [abbreviate(x) for x in sql],
+                        "records": file(step, recs),
+                    }
+                )
                 # records of a step belong to its table (the fence is not filed)
-                for line in lines[len(lines) - len(recs):]:
+                for line in lines[len(lines) - len(recs) :]:
                     if line["table"] != name:
-                        raise RuntimeError(f"{step} of {name} wrote to {line['table']}: "
-                                           f"{[(x['table'], x['offset']) for x in lines[-10:]]}")
+                        raise RuntimeError(
+                            f"{step} of {name} wrote to {line['table']}: "
+                            f"{[(x['table'], x['offset']) for x in lines[-10:]]}"
+                        )
                 if step == cfg.dies_at:
                     # the producer fails asynchronously: later records (the fence, on
                     # another topic) can still be written before the task is marked FAILED
@@ -472,8 +584,11 @@ async def run_config(dbz: Debezium, cfg: Config) -> tuple[list[dict[str, Any]], 
     task = (status.get("tasks") or [{}])[0]
     info = {
         "about": cfg.about,
-        "config": {k: v for k, v in conn.config.items() if k not in dbz.base_config(
-            PREFIX, conn.slot, conn.publication, [*cfg.tables, "fence"])},
+        "config": {
+            k: v
+            for k, v in conn.config.items()
+            if k not in dbz.base_config(PREFIX, conn.slot, conn.publication, [*cfg.tables, "fence"])
+        },
         "tables": cfg.tables,
         "partitions": cfg.partitions,
         "compacted": cfg.compacted,
@@ -534,8 +649,12 @@ def ensure_services() -> tuple[str, str, int, str]:
     print(res.stdout + res.stderr, end="")
     if res.returncode:
         sys.exit(res.returncode)
-    return (f"127.0.0.1:{kport}", f"postgresql://postgres@127.0.0.1:{pport}/tally", int(pport),
-            f"http://127.0.0.1:{cport}")
+    return (
+        f"127.0.0.1:{kport}",
+        f"postgresql://postgres@127.0.0.1:{pport}/tally",
+        int(pport),
+        f"http://127.0.0.1:{cport}",
+    )
 
 
 def main() -> int:
@@ -547,8 +666,13 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     index_path = args.out / "index.json"
     index: dict[str, Any] = json.loads(index_path.read_text()) if index_path.exists() else {}
-    index["debezium"] = {"connector": "3.6.1.Final", "connect_runtime": "4.3.0",
-                         "postgres": None, "plugin": "pgoutput", "topic_prefix": PREFIX}
+    index["debezium"] = {
+        "connector": "3.6.1.Final",
+        "connect_runtime": "4.3.0",
+        "postgres": None,
+        "plugin": "pgoutput",
+        "topic_prefix": PREFIX,
+    }
     chosen = [c for c in CONFIGS if not args.only or c.name in args.only]
     for cfg in chosen:
         t0 = time.monotonic()
@@ -563,12 +687,16 @@ def main() -> int:
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
         index.setdefault("configs", {})[cfg.name] = info
         size = (args.out / f"{cfg.name}.jsonl").stat().st_size
-        print(f"{cfg.name}: {len(lines)} records, {size / 1024:.0f} KiB, task "
-              f"{info['task_state']}, snapshot {info['snapshot_seconds']}s, "
-              f"{time.monotonic() - t0:.1f}s in all", flush=True)
+        print(
+            f"{cfg.name}: {len(lines)} records, {size / 1024:.0f} KiB, task "
+            f"{info['task_state']}, snapshot {info['snapshot_seconds']}s, "
+            f"{time.monotonic() - t0:.1f}s in all",
+            flush=True,
+        )
     order = {c.name: i for i, c in enumerate(CONFIGS)}
-    index["configs"] = dict(sorted(index.get("configs", {}).items(),
-                                   key=lambda kv: order.get(kv[0], 99)))
+    index["configs"] = dict(
+        sorted(index.get("configs", {}).items(), key=lambda kv: order.get(kv[0], 99))
+    )
     index_path.write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {args.out}", flush=True)
     return 0

@@ -300,7 +300,10 @@ class Debezium:
             if self.topic_exists(topic):
                 self.delete_topics([topic])
             create_topic(
-                self.bootstrap, topic, partitions=partitions, compacted=compacted,
+                self.bootstrap,
+                topic,
+                partitions=partitions,
+                compacted=compacted,
                 configs=topic_configs,
             )
             self.topics.append(topic)

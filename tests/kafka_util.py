@@ -156,7 +156,9 @@ async def aread_all(bootstrap: str, topic: str, timeout: float = 30.0) -> list[R
     out: list[ReadRecord] = []
     try:
         async for tp, msgs in read_to_end(consumer, tps, timeout):
-            out.extend((tp.partition, m.offset, m.key, m.value, list(m.headers or ())) for m in msgs)
+            out.extend(
+                (tp.partition, m.offset, m.key, m.value, list(m.headers or ())) for m in msgs
+            )
     finally:
         await consumer.stop()
     out.sort(key=lambda r: (r[0], r[1]))

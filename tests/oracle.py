@@ -108,9 +108,7 @@ def _key_id(key: bytes | None) -> Any:
     return hashable(v)
 
 
-def interpret_record(
-    key: bytes | None, value: bytes | None, table: str
-) -> Event | None:
+def interpret_record(key: bytes | None, value: bytes | None, table: str) -> Event | None:
     """The change a well-formed test record stands for; None for a logical message.
 
     Handles the shapes the consumer tests produce (it is a model, not a
@@ -170,14 +168,19 @@ def interpret_all(
     records: Iterable[tuple[int, int, bytes | None, bytes | None, Any]], table: str
 ) -> list[tuple[int, int, Event | None]]:
     """`interpret_record` over ``read_all`` output: ``[(partition, offset, event)]``."""
-    return [(part, off, interpret_record(key, value, table)) for part, off, key, value, _h in records]
+    return [
+        (part, off, interpret_record(key, value, table)) for part, off, key, value, _h in records
+    ]
 
 
-def cut(parsed: Iterable[tuple[int, int, Event | None]], upto: Mapping[int, int] | None) -> list[Event]:
+def cut(
+    parsed: Iterable[tuple[int, int, Event | None]], upto: Mapping[int, int] | None
+) -> list[Event]:
     """The events of partition ``p`` below offset ``upto[p]`` (none of a partition
     missing from ``upto``; all when ``upto`` is None), in (partition, offset) order."""
     return [
-        ev for part, off, ev in parsed
+        ev
+        for part, off, ev in parsed
         if ev is not None and (upto is None or off < upto.get(part, 0))
     ]
 

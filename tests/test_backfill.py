@@ -378,8 +378,9 @@ def test_changed_definition_serves_old_answers_until_the_switch_then_new(
                     assert g.active == "A#2" and store.aggregate("A").count() > 0
             return False
 
-        wait_for(ready_again, lambda: f"A to become ready again\n{tail(log4)}", timeout=60,
-                 every=0.01)
+        wait_for(
+            ready_again, lambda: f"A to become ready again\n{tail(log4)}", timeout=60, every=0.01
+        )
         rc = wait_exit(proc, "tally consume --until-caught-up did not exit", 60, log4)
         assert rc == 0, tail(log4)
     assert dropped_reads >= 2, f"saw A not ready only {dropped_reads} times"
@@ -447,8 +448,14 @@ def test_sigkill_during_replay_resumes_from_the_replay_offsets(
                 os.kill(pid, signal.SIGCONT)
                 return False
 
-            wait_for(stopped_far_enough, lambda log=log, target=target: (
-                f"the replay to pass {target:.0%} {note}\n{tail(log)}"), timeout=60, every=0.01)
+            wait_for(
+                stopped_far_enough,
+                lambda log=log, target=target: (
+                    f"the replay to pass {target:.0%} {note}\n{tail(log)}"
+                ),
+                timeout=60,
+                every=0.01,
+            )
             proc.kill()  # SIGKILL: no cleanup, no final commit
             proc.wait()
         what = f"kill {i} at {target:.0%} {note}"
@@ -513,7 +520,9 @@ def test_replay_progress_does_not_go_back_after_a_restart(
             log=log,
             # Progress lines every 10 ms too, so a fast second run still shows its progress.
             env=child_env(
-                TALLY_REPLAY_BATCH_SIZE="25", TALLY_REPLAY_CHUNK="25", TALLY_PROGRESS_INTERVAL="0.01"
+                TALLY_REPLAY_BATCH_SIZE="25",
+                TALLY_REPLAY_CHUNK="25",
+                TALLY_PROGRESS_INTERVAL="0.01",
             ),
         )
         with running(proc):
@@ -523,8 +532,12 @@ def test_replay_progress_does_not_go_back_after_a_restart(
             )
             with open_store(data) as store:
 
-                def look(proc: subprocess.Popen[bytes] = proc, store: Store = store,
-                         log: Path = log, run: int = run) -> bool:
+                def look(
+                    proc: subprocess.Popen[bytes] = proc,
+                    store: Store = store,
+                    log: Path = log,
+                    run: int = run,
+                ) -> bool:
                     """One look at A's progress: True to stop looking. The first run is
                     stepped (the kill lands where we look); the second is paused while we
                     look until it showed progress (so a fast run cannot finish unseen)."""
@@ -548,8 +561,12 @@ def test_replay_progress_does_not_go_back_after_a_restart(
                         os.kill(proc.pid, signal.SIGCONT)
                     return stop
 
-                wait_for(look, lambda log=log, run=run: f"the replay of run {run}\n{tail(log)}",
-                         timeout=60, every=0.01)
+                wait_for(
+                    look,
+                    lambda log=log, run=run: f"the replay of run {run}\n{tail(log)}",
+                    timeout=60,
+                    every=0.01,
+                )
         if run == 1:
             for line in log_events(log.read_text(), "progress"):
                 seen.extend(p for p in (line.get("replays") or {}).values() if "percent" in p)
@@ -848,6 +865,7 @@ def test_rebuild_over_http_needs_the_token_and_switches_generation(
         assert (
             TallyClient(url, token="sekret").rebuild("leaderboard")["status"] == "rebuild requested"
         )
+
         def switched() -> bool:
             with open_store(data) as store:
                 g = store.generation("leaderboard")
@@ -868,17 +886,22 @@ def test_rebuild_over_http_needs_the_token_and_switches_generation(
 # ---------------------------------------------------------------- 8. dead letters of a replay
 
 
-def test_replay_dead_letters_rows_its_new_definition_cannot_apply(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_replay_dead_letters_rows_its_new_definition_cannot_apply(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
     """Live never planned a new aggregate, so the replay must report the rows it cannot apply."""
     from consumer_util import dlq_records
 
     from tally.schemas import BadRecord, EventDecoder
 
-    topic, data, _ = deployment(kafka_bootstrap, tmp_path, "backfill-dlq", "A", events=3000, n_ids=300)
+    topic, data, _ = deployment(
+        kafka_bootstrap, tmp_path, "backfill-dlq", "A", events=3000, n_ids=300
+    )
     assert dlq_records(kafka_bootstrap, topic) == []  # A applies every row
     path = tmp_path / "v2.py"
     path.write_text(
-        "from tally.engine import TableAggregate\n\n" + _AGGS["A"]
+        "from tally.engine import TableAggregate\n\n"
+        + _AGGS["A"]
         + 'C = TableAggregate("C", table="players", sort_key=lambda r: 1 // (r["level"] - 3))\n'
     )
     run_consume(str(path), topic, data, kafka_bootstrap)

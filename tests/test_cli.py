@@ -48,10 +48,18 @@ def _env() -> dict[str, str]:
 
 def tally(*args: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(
-        [TALLY, *args], capture_output=True, text=True, timeout=timeout, env=_env(), check=False, cwd=ROOT
+        [TALLY, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        check=False,
+        cwd=ROOT,
     )
     if check and res.returncode != 0:
-        raise AssertionError(f"tally {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
+        raise AssertionError(
+            f"tally {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}"
+        )
     return res
 
 
@@ -113,7 +121,9 @@ async def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 
 
 class Built:
-    def __init__(self, bootstrap: str, topic: str, data_dir: Path, rows: dict[int, dict[str, Any]]) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, data_dir: Path, rows: dict[int, dict[str, Any]]
+    ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.data_dir = data_dir
@@ -166,7 +176,9 @@ def built(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def test_store_holds_the_stream(built: Built) -> None:
     lb = built.agg("leaderboard")
     assert lb.count() == len(built.rows)
-    assert [(i.key, i.id) for i in lb.iter()] == sorted((r["score"], i) for i, r in built.rows.items())
+    assert [(i.key, i.id) for i in lb.iter()] == sorted(
+        (r["score"], i) for i, r in built.rows.items()
+    )
     assert sorted(built.store.aggregates()) == ["by_game", "high_scores", "leaderboard"]
 
 
@@ -177,7 +189,11 @@ LOWER_EXCL = {"lower": {"key": 1000, "inclusive": False}}
 # (CLI args after AGGREGATE OP..., aggregate, engine call)
 CASES: list[tuple[list[str], str, Any]] = [
     (["count"], "leaderboard", lambda a: a.count()),
-    (["count", "--lower", "1000", "--lower-exclusive"], "leaderboard", lambda a: a.count(bounds=LOWER_EXCL)),
+    (
+        ["count", "--lower", "1000", "--lower-exclusive"],
+        "leaderboard",
+        lambda a: a.count(bounds=LOWER_EXCL),
+    ),
     (["count", "--eq", "1000"], "leaderboard", lambda a: a.count(bounds={"eq": 1000})),
     (
         ["count", "--lower", "1000", "--lower-id", "37"],
@@ -187,12 +203,18 @@ CASES: list[tuple[list[str], str, Any]] = [
     (
         ["count", "--lower", "200", "--upper", "900", "--upper-exclusive"],
         "leaderboard",
-        lambda a: a.count(bounds={"lower": {"key": 200}, "upper": {"key": 900, "inclusive": False}}),
+        lambda a: a.count(
+            bounds={"lower": {"key": 200}, "upper": {"key": 900, "inclusive": False}}
+        ),
     ),
     (["count", "--namespace", "chess"], "by_game", lambda a: a.count(namespace="chess")),
     (["count", "--namespace", '"go"'], "by_game", lambda a: a.count(namespace="go")),
     (["count", "--namespace", "nope"], "by_game", lambda a: a.count(namespace="nope")),
-    (["count", "--prefix", '["chess"]'], "high_scores", lambda a: a.count(bounds={"prefix": ["chess"]})),
+    (
+        ["count", "--prefix", '["chess"]'],
+        "high_scores",
+        lambda a: a.count(bounds={"prefix": ["chess"]}),
+    ),
     (["sum"], "leaderboard", lambda a: a.sum()),
     (
         ["sum", "--namespace", "poker", "--upper", "700"],
@@ -201,10 +223,18 @@ CASES: list[tuple[list[str], str, Any]] = [
     ),
     (["at", "0"], "leaderboard", lambda a: a.at(0)),
     (["at", "-1"], "leaderboard", lambda a: a.at(-1)),
-    (["at", "3", "--lower", "1000"], "leaderboard", lambda a: a.at(3, bounds={"lower": {"key": 1000}})),
+    (
+        ["at", "3", "--lower", "1000"],
+        "leaderboard",
+        lambda a: a.at(3, bounds={"lower": {"key": 1000}}),
+    ),
     (["at", "-2", "--namespace", "go"], "by_game", lambda a: a.at(-2, namespace="go")),
     (["index-of", "1000"], "leaderboard", lambda a: a.index_of(1000)),
-    (["index-of", "1000", "--order", "desc"], "leaderboard", lambda a: a.index_of(1000, order="desc")),
+    (
+        ["index-of", "1000", "--order", "desc"],
+        "leaderboard",
+        lambda a: a.index_of(1000, order="desc"),
+    ),
     (
         ["index-of", "1000", "--id", "21", "--order", "desc"],
         "leaderboard",
@@ -212,7 +242,11 @@ CASES: list[tuple[list[str], str, Any]] = [
     ),
     (["min"], "leaderboard", lambda a: a.min()),
     (["max"], "leaderboard", lambda a: a.max()),
-    (["max", "--upper", "1000", "--upper-exclusive"], "leaderboard", lambda a: a.max(bounds={"upper": {"key": 1000, "inclusive": False}})),
+    (
+        ["max", "--upper", "1000", "--upper-exclusive"],
+        "leaderboard",
+        lambda a: a.max(bounds={"upper": {"key": 1000, "inclusive": False}}),
+    ),
     (["min", "--namespace", "nope"], "by_game", lambda a: a.min(namespace="nope")),
     (["min", "--prefix", '["go"]'], "high_scores", lambda a: a.min(bounds={"prefix": ["go"]})),
     (["page", "--page-size", "7"], "leaderboard", lambda a: a.paginate(page_size=7)),
@@ -232,19 +266,30 @@ CASES: list[tuple[list[str], str, Any]] = [
     (
         ["sum-batch", '[{"namespace": "go"}, {"namespace": "poker", "bounds": {"eq": 1000}}]'],
         "by_game",
-        lambda a: a.sum_batch([{"namespace": "go"}, {"namespace": "poker", "bounds": {"eq": 1000}}]),
+        lambda a: a.sum_batch(
+            [{"namespace": "go"}, {"namespace": "poker", "bounds": {"eq": 1000}}]
+        ),
     ),
     (
-        ["at-batch", '[{"offset": 0}, {"offset": -1}, {"offset": 2, "bounds": {"lower": {"key": 1000}}}]'],
+        [
+            "at-batch",
+            '[{"offset": 0}, {"offset": -1}, {"offset": 2, "bounds": {"lower": {"key": 1000}}}]',
+        ],
         "leaderboard",
-        lambda a: a.at_batch([{"offset": 0}, {"offset": -1}, {"offset": 2, "bounds": {"lower": {"key": 1000}}}]),
+        lambda a: a.at_batch(
+            [{"offset": 0}, {"offset": -1}, {"offset": 2, "bounds": {"lower": {"key": 1000}}}]
+        ),
     ),
 ]
 
 
 @pytest.mark.kafka
-@pytest.mark.parametrize(("args", "aggregate", "engine"), CASES, ids=[" ".join([c[1], *c[0]]) for c in CASES])
-def test_query_json_matches_engine(built: Built, args: list[str], aggregate: str, engine: Any) -> None:
+@pytest.mark.parametrize(
+    ("args", "aggregate", "engine"), CASES, ids=[" ".join([c[1], *c[0]]) for c in CASES]
+)
+def test_query_json_matches_engine(
+    built: Built, args: list[str], aggregate: str, engine: Any
+) -> None:
     got = built.query_json(aggregate, *args)
     assert got == as_json(engine(built.agg(aggregate)))
 
@@ -308,7 +353,9 @@ def test_table_output_has_the_values(built: Built) -> None:
     out = built.query("high_scores", "max", "--prefix", '["chess"]').stdout
     hs = built.agg("high_scores").max(bounds={"prefix": ["chess"]})
     assert '["chess",' in out and str(hs.id) in out
-    assert built.query("leaderboard", "min", "--lower", "999999").stdout.strip() == "no items in range"
+    assert (
+        built.query("leaderboard", "min", "--lower", "999999").stdout.strip() == "no items in range"
+    )
 
 
 # ---------------------------------------------------------------- errors
@@ -344,7 +391,9 @@ def _one_line_error(res: subprocess.CompletedProcess[str], code: int, fragment: 
 
 
 @pytest.mark.kafka
-@pytest.mark.parametrize(("args", "code", "fragment"), ERRORS, ids=[" ".join(e[0]) or "nothing" for e in ERRORS])
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"), ERRORS, ids=[" ".join(e[0]) or "nothing" for e in ERRORS]
+)
 def test_query_errors(built: Built, args: list[str], code: int, fragment: str) -> None:
     _one_line_error(built.query(*args, check=False), code, fragment)
 
@@ -372,7 +421,9 @@ def test_url_and_data_dir_together(tmp_path: Path) -> None:
 
 def test_unreachable_server() -> None:
     port = free_port()
-    res = tally("query", "--url", f"http://127.0.0.1:{port}", "leaderboard", "count", "--timeout", "3")
+    res = tally(
+        "query", "--url", f"http://127.0.0.1:{port}", "leaderboard", "count", "--timeout", "3"
+    )
     _one_line_error(res, 1, "cannot reach")
     res = tally("status", "--url", f"http://127.0.0.1:{port}", "--timeout", "3")
     _one_line_error(res, 1, "cannot reach")
@@ -382,7 +433,10 @@ HELPS = [
     ["query"],
     ["status"],
     ["demo"],
-    *[["query", "leaderboard", op] for op in ("count", "at", "index-of", "page", "count-batch", "namespaces")],
+    *[
+        ["query", "leaderboard", op]
+        for op in ("count", "at", "index-of", "page", "count-batch", "namespaces")
+    ],
 ]
 
 
@@ -396,7 +450,7 @@ def test_help_has_an_example(cmd: list[str]) -> None:
 
 def test_value_rule_is_documented() -> None:
     out = tally("query", "--help").stdout
-    assert "'\"1000\"'" in out and "[1,\"a\"]" in out
+    assert "'\"1000\"'" in out and '[1,"a"]' in out
 
 
 # ---------------------------------------------------------------- status
@@ -404,7 +458,14 @@ def test_value_rule_is_documented() -> None:
 
 @pytest.mark.kafka
 def test_status_offsets_equal_end_offsets(built: Built) -> None:
-    res = tally("status", "--data-dir", str(built.data_dir), "--json", "--bootstrap-servers", built.bootstrap)
+    res = tally(
+        "status",
+        "--data-dir",
+        str(built.data_dir),
+        "--json",
+        "--bootstrap-servers",
+        built.bootstrap,
+    )
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     ends = asyncio.run(_end_offsets(built.bootstrap, built.topic))
@@ -413,20 +474,30 @@ def test_status_offsets_equal_end_offsets(built: Built) -> None:
     assert all(p["end_offset"] == ends[p["partition"]] and p["lag"] == 0 for p in doc["partitions"])
     assert doc["lag"] == 0 and doc["broker_reachable"] is True
     items = {a["name"]: a["items"] for a in doc["aggregates"]}
-    assert items == {n: sum(built.agg(n).count(ns) for ns in built.agg(n).namespaces()) for n in items}
+    assert items == {
+        n: sum(built.agg(n).count(ns) for ns in built.agg(n).namespaces()) for n in items
+    }
     assert set(items) == {"leaderboard", "by_game", "high_scores"}
 
 
 @pytest.mark.kafka
 def test_status_tables_and_unreachable_broker(built: Built) -> None:
-    res = tally("status", "--data-dir", str(built.data_dir), "--bootstrap-servers", f"127.0.0.1:{free_port()}")
+    res = tally(
+        "status",
+        "--data-dir",
+        str(built.data_dir),
+        "--bootstrap-servers",
+        f"127.0.0.1:{free_port()}",
+    )
     assert res.returncode == 0, res.stderr
     assert "lag unknown: broker unreachable" in res.stdout
     assert "leaderboard" in res.stdout and built.topic in res.stdout
     assert f"{len(built.rows)}" in res.stdout
 
 
-def read_lines(proc: subprocess.Popen[bytes], n: int, timeout: float, what: str, log: Path) -> bytes:
+def read_lines(
+    proc: subprocess.Popen[bytes], n: int, timeout: float, what: str, log: Path
+) -> bytes:
     """``proc``'s stdout up to (at least) its ``n``-th line; fails naming ``what`` (with the lines so
     far and the tail of its stderr ``log``) if they do not arrive within ``timeout`` s."""
     assert proc.stdout is not None
@@ -436,8 +507,10 @@ def read_lines(proc: subprocess.Popen[bytes], n: int, timeout: float, what: str,
         chunk = os.read(fd, 1 << 16) if left > 0 and select.select([fd], [], [], left)[0] else None
         if not chunk:
             state = f"still running after {timeout}s" if chunk is None else f"exited {proc.wait()}"
-            raise AssertionError(f"waiting for {what}: the process {state}, after {got} lines: "
-                                 f"{buf[-2000:]!r}\nits stderr:\n{tail(log)}")
+            raise AssertionError(
+                f"waiting for {what}: the process {state}, after {got} lines: "
+                f"{buf[-2000:]!r}\nits stderr:\n{tail(log)}"
+            )
         buf += chunk
     return buf
 
@@ -467,8 +540,10 @@ def test_status_watch_refreshes_until_ctrl_c(built: Built, tmp_path: Path) -> No
     docs = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
     assert len(docs) >= 2
     # Every refresh reads the same (unchanging) store: the items of each aggregate.
-    items = {n: sum(built.agg(n).count(ns) for ns in built.agg(n).namespaces())
-             for n in ("leaderboard", "by_game", "high_scores")}
+    items = {
+        n: sum(built.agg(n).count(ns) for ns in built.agg(n).namespaces())
+        for n in ("leaderboard", "by_game", "high_scores")
+    }
     assert all({a["name"]: a["items"] for a in d["aggregates"]} == items for d in docs), docs
 
 
@@ -476,7 +551,10 @@ def test_status_watch_refreshes_until_ctrl_c(built: Built, tmp_path: Path) -> No
 
 
 @pytest.mark.kafka
-@pytest.mark.skipif(importlib.util.find_spec("tally.consumers.http.app") is None, reason="consumers/http/app.py not in this build")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tally.consumers.http.app") is None,
+    reason="consumers/http/app.py not in this build",
+)
 def test_query_url_matches_data_dir(built: Built, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -504,8 +582,13 @@ def test_query_url_matches_data_dir(built: Built, tmp_path: Path) -> None:
             )
             return ready or (doc.get("lag"), items)
 
-        wait_for(lambda: caught_up() is True, f"the server at {url} to catch up", timeout=60,
-                 every=0.2, swallow=(OSError,))
+        wait_for(
+            lambda: caught_up() is True,
+            f"the server at {url} to catch up",
+            timeout=60,
+            every=0.2,
+            swallow=(OSError,),
+        )
         for args, aggregate, engine in CASES[::2]:
             remote = tally("query", "--url", url, aggregate, *args, "--json")
             assert remote.returncode == 0, remote.stderr
@@ -513,7 +596,9 @@ def test_query_url_matches_data_dir(built: Built, tmp_path: Path) -> None:
         res = tally("query", "--url", url, "leaderboard", "count")
         assert res.stdout == f"{len(built.rows)}\n"
         _one_line_error(tally("query", "--url", url, "nope", "count"), 2, "nope")
-        _one_line_error(tally("query", "--url", url, "leaderboard", "at", "100000"), 2, "out of range")
+        _one_line_error(
+            tally("query", "--url", url, "leaderboard", "at", "100000"), 2, "out of range"
+        )
         res = tally("status", "--url", url, "--json")
         assert res.returncode == 0, res.stderr
         doc = json.loads(res.stdout)
@@ -535,7 +620,16 @@ def test_query_url_matches_data_dir(built: Built, tmp_path: Path) -> None:
 @pytest.mark.kafka
 def test_demo_short_verifies(kafka_bootstrap: str, tmp_path: Path) -> None:
     topic = unique_topic("demo-scores")
-    common = ["demo", "--no-http", "--bootstrap-servers", kafka_bootstrap, "--topic", topic, "--seed", "7"]
+    common = [
+        "demo",
+        "--no-http",
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--topic",
+        topic,
+        "--seed",
+        "7",
+    ]
     # (How long it takes is measured by scripts/bench/demo.py, not asserted here.)
     res = tally(*common, "--short", "--data-dir", str(tmp_path / "a"), timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -544,7 +638,15 @@ def test_demo_short_verifies(kafka_bootstrap: str, tmp_path: Path) -> None:
     # The oracle of a later run starts from the topic's content: once resuming
     # the same data dir, once replaying everything into a fresh one.
     for data_dir in ("a", "b"):
-        res = tally(*common, "--short", "--events", "300", "--data-dir", str(tmp_path / data_dir), timeout=180)
+        res = tally(
+            *common,
+            "--short",
+            "--events",
+            "300",
+            "--data-dir",
+            str(tmp_path / data_dir),
+            timeout=180,
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         assert "verified against an in-memory oracle: ✓" in res.stdout
         assert "already holds" in res.stdout
@@ -569,7 +671,9 @@ def test_demo_bad_usage() -> None:
         ({}, {"TALLY_POLL_TIMEOUT_MS": "-1"}, "poll_timeout_ms"),
     ],
 )
-def test_settings_out_of_range_are_refused_from_any_layer(cli: dict[str, Any], env: dict[str, str], field: str) -> None:
+def test_settings_out_of_range_are_refused_from_any_layer(
+    cli: dict[str, Any], env: dict[str, str], field: str
+) -> None:
     from tally.consumers.cli.settings import load_settings
     from tally.schemas import ConfigError
 

@@ -66,8 +66,13 @@ def wait_consuming(proc: subprocess.Popen[bytes], log: Path, started: int) -> No
 
 
 def step_until(
-    proc: subprocess.Popen[bytes], log: Path, data: Path, topic: str, defs: list[Any],
-    goal: float, note: str,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    data: Path,
+    topic: str,
+    defs: list[Any],
+    goal: float,
+    note: str,
 ) -> int:
     """Run the consumer in short slices (SIGSTOP, look at its stored position, SIGCONT)
     until that position passes ``goal`` events; it is left stopped there."""
@@ -82,9 +87,14 @@ def step_until(
             os.kill(proc.pid, signal.SIGCONT)
             return 0
 
-        return int(wait_for(stopped_past_goal, lambda: (
-            f"the consumer's stored position to pass {goal:.0f} {note}\n{tail(log)}"),
-            timeout=30, every=0.01))
+        return int(
+            wait_for(
+                stopped_past_goal,
+                lambda: f"the consumer's stored position to pass {goal:.0f} {note}\n{tail(log)}",
+                timeout=30,
+                every=0.01,
+            )
+        )
 
 
 def test_sigkill_at_random_instants_keeps_state_and_offsets_together(
@@ -132,17 +142,26 @@ def test_sigkill_at_random_instants_keeps_state_and_offsets_together(
         # Replays commit per chunk (bulk tree rebuilds when big): small ones
         # so kills land inside the build, now and then the default (one commit).
         replay_batch = "500" if i == 0 else rng.choice(("500", "5000", None))
-        env = child_env(**{k: v for k, v in (("TALLY_CACHE_NODES", cache),
-                                             ("TALLY_REPLAY_BATCH_SIZE", replay_batch),
-                                             ("TALLY_REPLAY_CHUNK", replay_batch)) if v})
+        env = child_env(
+            **{
+                k: v
+                for k, v in (
+                    ("TALLY_CACHE_NODES", cache),
+                    ("TALLY_REPLAY_BATCH_SIZE", replay_batch),
+                    ("TALLY_REPLAY_CHUNK", replay_batch),
+                )
+                if v
+            }
+        )
         # Most kills: mid-stream, once the consumer is consuming; some: a random instant
         # of its start-up and recovery (as long as the last start-up took, not a fixed time).
         after_start = i == 0 or rng.random() < 0.75
         delay = rng.uniform(0.0, startup_s)
         started = len(log_events(log.read_text(), "consuming")) if log.exists() else 0
         spawned = time.monotonic()
-        proc = start_consume(defs_path, topic, data, kafka_bootstrap, "--batch-size", batch,
-                             log=log, env=env)
+        proc = start_consume(
+            defs_path, topic, data, kafka_bootstrap, "--batch-size", batch, log=log, env=env
+        )
         try:
             if after_start:
                 wait_consuming(proc, log, started)
@@ -156,15 +175,18 @@ def test_sigkill_at_random_instants_keeps_state_and_offsets_together(
                 step_until(proc, log, data, topic, defs, goal, seed_note)
             else:
                 time.sleep(delay)
-            assert proc.poll() is None, f"consumer exited by itself (rc {proc.returncode}):\n{log.read_text()[-3000:]}"
+            assert proc.poll() is None, (
+                f"consumer exited by itself (rc {proc.returncode}):\n{log.read_text()[-3000:]}"
+            )
         finally:
             proc.kill()  # SIGKILL: no cleanup, no final commit
             proc.wait()
         at = "mid-stream" if after_start else f"{delay:.2f}s after spawn"
         if not after_start and len(log_events(log.read_text(), "consuming")) == started:
             at += " (in start-up)"
-        what = (f"kill {i} {at} (batch {batch}, replay batch {replay_batch}, cache {cache}) "
-                f"{seed_note}")
+        what = (
+            f"kill {i} {at} (batch {batch}, replay batch {replay_batch}, cache {cache}) {seed_note}"
+        )
         with open_store(data) as store:
             pos = position(store, topic, defs)
             stored = pos.offsets
@@ -177,7 +199,9 @@ def test_sigkill_at_random_instants_keeps_state_and_offsets_together(
             try:
                 assert_store_matches(store, defs, want, partial=pos.building)
             except AssertionError as e:
-                raise AssertionError(f"{what}: state != records below the stored offsets {pos}: {e}") from e
+                raise AssertionError(
+                    f"{what}: state != records below the stored offsets {pos}: {e}"
+                ) from e
         if sum(previous.values()) < sum(stored.values()) < sum(ends.values()):
             mid_stream[pos.building] += 1
         previous, building = stored, pos.building
@@ -197,6 +221,7 @@ def test_sigkill_at_random_instants_keeps_state_and_offsets_together(
 
 
 # ---------------------------------------------------------------- broker restart
+
 
 def _free_port() -> int:
     """A port (and its default controller port, +1000) nothing listens on."""
@@ -272,6 +297,7 @@ def broker_restart_run(private_broker: str, tmp_path_factory: pytest.TempPathFac
     try:
         feeder = Feeder(bootstrap, topic, stream, rate=1000)
         feeder.start()
+
         def alive() -> None:
             assert proc.poll() is None, f"consumer exited (rc {proc.returncode}):\n{tail(log)}"
 
@@ -285,9 +311,12 @@ def broker_restart_run(private_broker: str, tmp_path_factory: pytest.TempPathFac
 
         # The broker goes down mid-stream: once the consumer has applied the first 3000
         # events and some of the live feed, with the feeder still producing.
-        wait_for(lambda: len(feeder.sent) >= 500 and applied() > len(sent) + 200, lambda: (
-            f"the consumer to apply the live feed ({len(feeder.sent)} sent)\n{tail(log)}"),
-            timeout=60, every=0.1)
+        wait_for(
+            lambda: len(feeder.sent) >= 500 and applied() > len(sent) + 200,
+            lambda: f"the consumer to apply the live feed ({len(feeder.sent)} sent)\n{tail(log)}",
+            timeout=60,
+            every=0.1,
+        )
         sent += feeder.finish()
         alive()
 
@@ -296,9 +325,12 @@ def broker_restart_run(private_broker: str, tmp_path_factory: pytest.TempPathFac
         res = kafka_script("stop", "--port", port)
         assert res.returncode == 0, f"broker stop failed: {res.stdout}{res.stderr}"
         # The outage lasts until the consumer has noticed it, however fast the restart.
-        wait_for(lambda: alive() or "unreachable" in log.read_text(), lambda: (
-            f"the consumer to log that the broker is unreachable\n{tail(log)}"), timeout=60,
-            every=0.1)
+        wait_for(
+            lambda: alive() or "unreachable" in log.read_text(),
+            lambda: f"the consumer to log that the broker is unreachable\n{tail(log)}",
+            timeout=60,
+            every=0.1,
+        )
         res = kafka_script("start", "--port", port)
         restart_s = time.monotonic() - t0
         assert res.returncode == 0, f"broker start failed: {res.stdout}{res.stderr}"
@@ -306,8 +338,12 @@ def broker_restart_run(private_broker: str, tmp_path_factory: pytest.TempPathFac
 
         feeder = Feeder(bootstrap, topic, stream, rate=1000)
         feeder.start()
-        wait_for(lambda: len(feeder.sent) >= 2000, "the feeder to send 2000 events after the "
-                 "restart", timeout=60, every=0.1)
+        wait_for(
+            lambda: len(feeder.sent) >= 2000,
+            "the feeder to send 2000 events after the restart",
+            timeout=60,
+            every=0.1,
+        )
         sent += feeder.finish()
         ends = topic_end_offsets(bootstrap, topic)
         assert sum(ends.values()) == len(sent)
@@ -320,9 +356,15 @@ def broker_restart_run(private_broker: str, tmp_path_factory: pytest.TempPathFac
                 store.refresh()
                 return (stored := position(store, topic, defs)) == ("live", ends, False) or stored
 
-            wait_for(at_end, lambda: (
-                f"the consumer to reach the end offsets {ends} after the broker restart "
-                f"({restart_s:.1f}s)\n{tail(log)}"), timeout=90, every=0.25)
+            wait_for(
+                at_end,
+                lambda: (
+                    f"the consumer to reach the end offsets {ends} after the broker restart "
+                    f"({restart_s:.1f}s)\n{tail(log)}"
+                ),
+                timeout=90,
+                every=0.25,
+            )
         proc.send_signal(signal.SIGTERM)
         rc = wait_exit(proc, "tally consume did not stop within 10 s of SIGTERM", 10, log)
     finally:
@@ -347,6 +389,8 @@ def test_broker_restart_is_logged_as_unreachable_then_back(broker_restart_run: R
     lines = json_logs(run.log)
     down = [i for i, d in enumerate(lines) if "unreachable" in str(d.get("event"))]
     back = [i for i, d in enumerate(lines) if "reachable again" in str(d.get("event"))]
-    assert down, f"no log line says the broker was unreachable (restart took {run.restart_s:.1f}s):\n{run.log}"
+    assert down, (
+        f"no log line says the broker was unreachable (restart took {run.restart_s:.1f}s):\n{run.log}"
+    )
     assert back, f"no log line says the broker is back:\n{run.log}"
     assert down[0] < back[0]

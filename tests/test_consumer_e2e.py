@@ -34,7 +34,9 @@ from kafka_util import create_topic, produce, read_all, unique_topic
 from oracle import Event, assert_store_matches, events_from_records, expected_items, total_items
 
 
-def _end_offsets_of(placed: list[tuple[int, int]], before: dict[int, int] | None = None) -> dict[int, int]:
+def _end_offsets_of(
+    placed: list[tuple[int, int]], before: dict[int, int] | None = None
+) -> dict[int, int]:
     ends = dict(before or {})
     for p, o in placed:
         ends[p] = max(ends.get(p, 0), o + 1)
@@ -108,8 +110,12 @@ def test_debezium_stream_with_tombstones_truncate_and_unwrapped_rows(
         changes, seed=4, first_lsn=10_000 + 8 * len(snapshot)
     )
     # a logical decoding message: belongs to no row, changes nothing
-    message = {"op": "m", "ts_ms": 1, "source": {"table": "", "lsn": 5},
-               "message": {"prefix": "audit", "content": "aGk="}}
+    message = {
+        "op": "m",
+        "ts_ms": 1,
+        "source": {"table": "", "lsn": 5},
+        "message": {"prefix": "audit", "content": "aGk="},
+    }
     records.append((None, json.dumps(message).encode()))
     assert sum(v is None for _k, v in records) > 50  # tombstones are in the mix
     produce(kafka_bootstrap, topic, records)
@@ -125,7 +131,9 @@ def test_debezium_stream_with_tombstones_truncate_and_unwrapped_rows(
     truncate = Event("truncate", TABLE, None, None)
     stream.live.clear()
     after = stream.take(400)
-    records2 = debezium_records([truncate, *after], seed=5, first_lsn=10_000 + 8 * (len(snapshot) + len(changes)))
+    records2 = debezium_records(
+        [truncate, *after], seed=5, first_lsn=10_000 + 8 * (len(snapshot) + len(changes))
+    )
     assert records2[0][0] is None and b'"op":"t"' in (records2[0][1] or b"")
     produce(kafka_bootstrap, topic, records2, partition=0)
     run_consume(defs_path, topic, data, kafka_bootstrap)  # auto-detected format this time
@@ -137,7 +145,9 @@ def test_debezium_stream_with_tombstones_truncate_and_unwrapped_rows(
     assert dlq_records(kafka_bootstrap, topic) == []  # every shape was understood
 
 
-def test_redelivered_and_duplicated_events_change_nothing(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_redelivered_and_duplicated_events_change_nothing(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
     topic = unique_topic("e2e-redelivery")
     create_topic(kafka_bootstrap, topic, partitions=3)
     defs_path, defs = write_definitions(tmp_path)
@@ -183,30 +193,101 @@ def test_redelivered_and_duplicated_events_change_nothing(kafka_bootstrap: str, 
 
 def _bad_records() -> list[tuple[str, bytes | None, bytes | None]]:
     """(expected reason, key, value) of records that cannot apply."""
-    row = {"id": 9001, "team": "red", "score": 5, "level": 1, "name": "x", "active": True,
-           "weight": 1.0, "tag": "t"}
+    row = {
+        "id": 9001,
+        "team": "red",
+        "score": 5,
+        "level": 1,
+        "name": "x",
+        "active": True,
+        "weight": 1.0,
+        "tag": "t",
+    }
     j = json.dumps
     return [
         ("decode", b"9001", b'{"table": "players", "op": "insert", "id": 9001, "after": {'),
         ("decode", b"9002", b"\xc1\xc1 not msgpack"),
-        ("decode", b"9003", j({"table": "players", "op": "insert", "id": 9003, "after": [1, 2]}).encode()),
-        ("decode", b'{"id": 9004}', j({"op": "c", "after": [1], "source": {"table": "players"}}).encode()),
+        (
+            "decode",
+            b"9003",
+            j({"table": "players", "op": "insert", "id": 9003, "after": [1, 2]}).encode(),
+        ),
+        (
+            "decode",
+            b'{"id": 9004}',
+            j({"op": "c", "after": [1], "source": {"table": "players"}}).encode(),
+        ),
         ("decode", b"9005", b"[1, 2, 3]"),
-        ("unsupported-op", b"9006", j({"table": "players", "op": "upsert", "id": 9006, "after": row}).encode()),
+        (
+            "unsupported-op",
+            b"9006",
+            j({"table": "players", "op": "upsert", "id": 9006, "after": row}).encode(),
+        ),
         ("missing-after", b"9007", j({"table": "players", "op": "insert", "id": 9007}).encode()),
-        ("missing-id", None, j({"table": "players", "op": "insert",
-                                "after": {k: v for k, v in row.items() if k != "id"}}).encode()),
+        (
+            "missing-id",
+            None,
+            j(
+                {
+                    "table": "players",
+                    "op": "insert",
+                    "after": {k: v for k, v in row.items() if k != "id"},
+                }
+            ).encode(),
+        ),
         ("missing-id", b"", None),  # a tombstone with an empty key
-        ("missing-id", b"null", j({"op": "d", "before": None, "source": {"table": "players"}}).encode()),
-        ("unknown-table", b"9010", j({"table": "nope", "op": "insert", "id": 9010, "after": row}).encode()),
-        ("unknown-table", b'{"id": 9011}', j({"op": "c", "after": row, "source": {"table": "other"}}).encode()),
+        (
+            "missing-id",
+            b"null",
+            j({"op": "d", "before": None, "source": {"table": "players"}}).encode(),
+        ),
+        (
+            "unknown-table",
+            b"9010",
+            j({"table": "nope", "op": "insert", "id": 9010, "after": row}).encode(),
+        ),
+        (
+            "unknown-table",
+            b'{"id": 9011}',
+            j({"op": "c", "after": row, "source": {"table": "other"}}).encode(),
+        ),
         # the user's functions: a sort key that is a dict, a missing field, a tag dict
-        ("apply", b"9012", j({"table": "players", "op": "insert", "id": 9012,
-                              "after": dict(row, id=9012, score={"x": 1})}).encode()),
-        ("apply", b"9013", j({"table": "players", "op": "insert", "id": 9013,
-                              "after": {k: v for k, v in row.items() if k != "team"}}).encode()),
-        ("apply", b"9014", j({"table": "players", "op": "update", "id": 9014,
-                              "after": dict(row, id=9014, tag={"nested": [1]})}).encode()),
+        (
+            "apply",
+            b"9012",
+            j(
+                {
+                    "table": "players",
+                    "op": "insert",
+                    "id": 9012,
+                    "after": dict(row, id=9012, score={"x": 1}),
+                }
+            ).encode(),
+        ),
+        (
+            "apply",
+            b"9013",
+            j(
+                {
+                    "table": "players",
+                    "op": "insert",
+                    "id": 9013,
+                    "after": {k: v for k, v in row.items() if k != "team"},
+                }
+            ).encode(),
+        ),
+        (
+            "apply",
+            b"9014",
+            j(
+                {
+                    "table": "players",
+                    "op": "update",
+                    "id": 9014,
+                    "after": dict(row, id=9014, tag={"nested": [1]}),
+                }
+            ).encode(),
+        ),
     ]
 
 
@@ -222,13 +303,26 @@ def test_bad_records_go_to_the_dead_letter_topic_once(kafka_bootstrap: str, tmp_
     # A bad update of a live id must leave its previous row in place.
     live_id = next(iter(sorted(stream.live)))
     bad = _bad_records()
-    bad.append(("apply", id_key(live_id), json.dumps(
-        {"table": "players", "op": "update", "id": live_id,
-         "after": dict(random_row(random.Random(1), live_id), tag={"k": "v"})}).encode()))
+    bad.append(
+        (
+            "apply",
+            id_key(live_id),
+            json.dumps(
+                {
+                    "table": "players",
+                    "op": "update",
+                    "id": live_id,
+                    "after": dict(random_row(random.Random(1), live_id), tag={"k": "v"}),
+                }
+            ).encode(),
+        )
+    )
     valid_records = native_records(valid, seed=10)
     # Mix: valid records in order, each bad one at a random place.
     rng = random.Random(11)
-    mixed: list[tuple[str | None, bytes | None, bytes | None]] = [(None, k, v) for k, v in valid_records]
+    mixed: list[tuple[str | None, bytes | None, bytes | None]] = [
+        (None, k, v) for k, v in valid_records
+    ]
     for reason, k, v in bad:
         mixed.insert(rng.randrange(len(mixed) + 1), (reason, k, v))
     placed = produce(kafka_bootstrap, topic, [(k, v) for _r, k, v in mixed])
@@ -248,8 +342,13 @@ def test_bad_records_go_to_the_dead_letter_topic_once(kafka_bootstrap: str, tmp_
         seen: dict[tuple[int, int], Any] = {}
         for _p, _o, k, v, headers in got:
             h = dict(headers)
-            assert set(h) >= {"tally.reason", "tally.error", "tally.source.topic",
-                              "tally.source.partition", "tally.source.offset"}
+            assert set(h) >= {
+                "tally.reason",
+                "tally.error",
+                "tally.source.topic",
+                "tally.source.partition",
+                "tally.source.offset",
+            }
             src = (int(h["tally.source.partition"]), int(h["tally.source.offset"]))
             assert src not in seen, f"dead-lettered twice: {src}"
             seen[src] = (h["tally.reason"].decode(), k, v, h)
@@ -274,7 +373,9 @@ def test_bad_records_go_to_the_dead_letter_topic_once(kafka_bootstrap: str, tmp_
         assert_store_matches(store, defs, expected_items(valid + more, defs))
 
 
-def test_sigterm_stops_promptly_and_a_restart_is_exact(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_sigterm_stops_promptly_and_a_restart_is_exact(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
     topic = unique_topic("e2e-sigterm")
     create_topic(kafka_bootstrap, topic, partitions=3)
     defs_path, defs = write_definitions(tmp_path)
@@ -299,11 +400,20 @@ def test_sigterm_stops_promptly_and_a_restart_is_exact(kafka_bootstrap: str, tmp
         # Wait until it is really consuming while events keep coming: something committed,
         # then a later commit once over 1000 events were sent (so the SIGTERM lands
         # mid-stream, not on an idle consumer).
-        first = wait_for(lambda: (n := committed()) > 500 and n, lambda: (
-            f"the consumer to commit 500 events\n{tail(log)}"), timeout=30, every=0.2)
-        wait_for(lambda: len(feeder.sent) > 1000 and committed() > first, lambda: (
-            f"the consumer to commit more than {first} events "
-            f"({len(feeder.sent)} sent)\n{tail(log)}"), timeout=30)
+        first = wait_for(
+            lambda: (n := committed()) > 500 and n,
+            lambda: f"the consumer to commit 500 events\n{tail(log)}",
+            timeout=30,
+            every=0.2,
+        )
+        wait_for(
+            lambda: len(feeder.sent) > 1000 and committed() > first,
+            lambda: (
+                f"the consumer to commit more than {first} events "
+                f"({len(feeder.sent)} sent)\n{tail(log)}"
+            ),
+            timeout=30,
+        )
         proc.send_signal(signal.SIGTERM)
         rc = wait_exit(proc, "tally consume did not stop within 10 s of SIGTERM", 10, log)
     finally:
@@ -321,8 +431,11 @@ def test_sigterm_stops_promptly_and_a_restart_is_exact(kafka_bootstrap: str, tmp
         _stream, stopped_at, building = position(store, topic, defs)
         assert sum(stopped_at.values()) > 500
         assert_store_matches(
-            store, defs,
-            expected_items(events_from_records(read_all(kafka_bootstrap, topic), TABLE, stopped_at), defs),
+            store,
+            defs,
+            expected_items(
+                events_from_records(read_all(kafka_bootstrap, topic), TABLE, stopped_at), defs
+            ),
             partial=building,
         )
     ends = topic_end_offsets(kafka_bootstrap, topic)

@@ -48,8 +48,18 @@ def records(config: str) -> list[Rec]:
         d = json.loads(line)
         key = None if d["key"] is None else json.loads(d["key"])
         value = None if d["value"] is None else json.loads(d["value"])
-        out.append(Rec(d["table"], d["step"], d["partition"], d["offset"], unwrap(key),
-                       unwrap(value), dict(d["headers"]), value))
+        out.append(
+            Rec(
+                d["table"],
+                d["step"],
+                d["partition"],
+                d["offset"],
+                unwrap(key),
+                unwrap(value),
+                dict(d["headers"]),
+                value,
+            )
+        )
     return out
 
 
@@ -103,16 +113,19 @@ def test_interleaved_transactions_stream_in_commit_order_with_lower_lsns_later()
 
 def test_truncate_has_a_null_key_and_a_position_and_lands_on_any_partition() -> None:
     for config in ("schemas_off", "truncate_1p", "truncate_3p"):
-        truncs = [r for r in records(config)
-                  if isinstance(r.value, dict) and r.value.get("op") == "t"]
+        truncs = [
+            r for r in records(config) if isinstance(r.value, dict) and r.value.get("op") == "t"
+        ]
         assert [r.step for r in truncs] == ["truncate", "one_transaction"], config
         for r in truncs:
             assert r.key is None
             assert r.value["before"] is None and r.value["after"] is None
             assert r.value["source"]["table"] == "trunc" and r.value["source"]["lsn"] > 0
     # in one transaction: insert, truncate, insert -> the truncate sits between them by lsn
-    txn = {r.value["op"] + str((r.value["after"] or {}).get("id", "")): r.value["source"]["lsn"]
-           for r in of("truncate_3p", "trunc", "one_transaction")}
+    txn = {
+        r.value["op"] + str((r.value["after"] or {}).get("id", "")): r.value["source"]["lsn"]
+        for r in of("truncate_3p", "trunc", "one_transaction")
+    }
     assert txn["c100"] < txn["t"] < txn["c101"]
 
 
@@ -136,8 +149,14 @@ def test_toast_placeholder_per_type_under_replica_identity_default_only() -> Non
     assert changed.value["after"]["note"] != PLACEHOLDER
     assert changed.value["after"]["doc"] == PLACEHOLDER
     (delete, tomb) = of("defaults", "toast_default", "delete")
-    assert delete.value["before"] == {"id": 1, "n": None, "note": None, "blob": None,
-                                      "doc": None, "arr": None}
+    assert delete.value["before"] == {
+        "id": 1,
+        "n": None,
+        "note": None,
+        "blob": None,
+        "doc": None,
+        "arr": None,
+    }
     assert tomb.value is None
     for r in of("defaults", "toast_full"):
         assert PLACEHOLDER not in json.dumps(r.value)
@@ -145,8 +164,10 @@ def test_toast_placeholder_per_type_under_replica_identity_default_only() -> Non
 
 
 def test_primary_key_change_is_delete_tombstone_create_with_key_headers() -> None:
-    for table, old, new in (("pk_single", {"id": 1}, {"id": 2}),
-                            ("pk_composite", {"a": 1, "b": "x"}, {"a": 1, "b": "y"})):
+    for table, old, new in (
+        ("pk_single", {"id": 1}, {"id": 2}),
+        ("pk_composite", {"a": 1, "b": "x"}, {"a": 1, "b": "y"}),
+    ):
         d, tomb, c = of("defaults", table, "update_pk")
         assert (d.value["op"], tomb.value, c.value["op"]) == ("d", None, "c")
         assert d.key == tomb.key == old and c.key == new
@@ -197,12 +218,15 @@ def test_decimal_encodings() -> None:
     var = precise["c_numeric_var"]
     assert var["scale"] == 35
     assert int.from_bytes(base64.b64decode(var["value"]), "big", signed=True) == int(
-        "314159265358979323846264338327950288")
+        "314159265358979323846264338327950288"
+    )
     assert row("decimal_string", 1)["c_numeric"] == "1234567890.12"
     assert row("decimal_string", 3)["c_money"] == "-0.50"
     assert row("decimal_double", 1)["c_numeric_var"] == 3.141592653589793  # precision lost
-    nan = {c: next(r.value["after"]["nv"] for r in of(c, "specials") if r.value["after"]["id"] == 1)
-           for c in ("defaults", "decimal_double", "decimal_string")}
+    nan = {
+        c: next(r.value["after"]["nv"] for r in of(c, "specials") if r.value["after"]["id"] == 1)
+        for c in ("defaults", "decimal_double", "decimal_string")
+    }
     assert nan == {"defaults": None, "decimal_double": "NaN", "decimal_string": "NAN"}
 
 
@@ -233,8 +257,12 @@ def test_smt_tombstone_with_schemas_on_is_not_a_kafka_tombstone() -> None:
 
 def test_removed_delete_handling_mode_is_silently_ignored() -> None:
     recs = records("unwrap_removed_option")
-    assert INDEX["configs"]["unwrap_removed_option"]["config"][
-        "transforms.unwrap.delete.handling.mode"] == "rewrite"
+    assert (
+        INDEX["configs"]["unwrap_removed_option"]["config"][
+            "transforms.unwrap.delete.handling.mode"
+        ]
+        == "rewrite"
+    )
     assert all("__deleted" not in (r.value or {}) for r in recs)
     deletes = [d["value"] for d in raw_lines("unwrap_removed_option") if d["step"] == "delete"]
     assert deletes == ["null"]  # what the default mode writes: the option did nothing

@@ -105,10 +105,19 @@ CONFIGS = [
     Cfg("envelope_1p", {**TRUNCATES}),
     Cfg("envelope_3p", {**TRUNCATES}, partitions=3),
     Cfg("schemaless_1p", {**SCHEMAS_OFF, **TRUNCATES}, declared=True),
-    Cfg("double_1p", {"decimal.handling.mode": "double", **TRUNCATES}, declared=True,
-        flags=("--decimal-handling", "double")),
-    Cfg("unwrap_3p", {**UNWRAP_REWRITE, **SCHEMAS_OFF, **TRUNCATES}, partitions=3,
-        declared=True, unwrap=True),
+    Cfg(
+        "double_1p",
+        {"decimal.handling.mode": "double", **TRUNCATES},
+        declared=True,
+        flags=("--decimal-handling", "double"),
+    ),
+    Cfg(
+        "unwrap_3p",
+        {**UNWRAP_REWRITE, **SCHEMAS_OFF, **TRUNCATES},
+        partitions=3,
+        declared=True,
+        unwrap=True,
+    ),
     Cfg("unwrap_no_op", {**UNWRAP, **TRUNCATES}, unwrap=True, has_op=False),
 ]
 BY_NAME = {c.name: c for c in CONFIGS}
@@ -222,6 +231,7 @@ def _matrix() -> list[Any]:
 
 # ---------------------------------------------------------------- the workload
 
+
 def noise(n: int, seed: str) -> str:
     """n hex characters pglz cannot compress: a value this long is TOASTed out of line."""
     out, h = [], seed.encode()
@@ -232,8 +242,15 @@ def noise(n: int, seed: str) -> str:
 
 
 LABELS = ["a", "ab", "b", "Z", "é", "zz", "\u00ff", "✓ done", "", "A b"]
-TIERS: list[Any] = [None, "{}", '{"tier": "gold"}', '{"tier": "silver", "n": 1}',
-                    '{"tier": null}', '{"tier": "bronze", "nested": {"a": [1, 2.5]}}', "null"]
+TIERS: list[Any] = [
+    None,
+    "{}",
+    '{"tier": "gold"}',
+    '{"tier": "silver", "n": 1}',
+    '{"tier": null}',
+    '{"tier": "bronze", "nested": {"a": [1, 2.5]}}',
+    "null",
+]
 
 
 def order_row(rng: random.Random, rid: int) -> tuple[Any, ...]:
@@ -246,9 +263,15 @@ def order_row(rng: random.Random, rid: int) -> tuple[Any, ...]:
         seconds=rng.choice([rng.randint(0, 86400 * 400), 3600]), microseconds=rng.randint(0, 999999)
     )
     ship = date(2020, 1, 1) + timedelta(days=rng.randint(0, 2500))
-    return (rid, amount.scaleb(-2), created.astimezone(tz), ship,
-            None if attrs is None else Jsonb(json.loads(attrs)),
-            UUID(int=rng.getrandbits(128)), rng.choice(LABELS))
+    return (
+        rid,
+        amount.scaleb(-2),
+        created.astimezone(tz),
+        ship,
+        None if attrs is None else Jsonb(json.loads(attrs)),
+        UUID(int=rng.getrandbits(128)),
+        rng.choice(LABELS),
+    )
 
 
 class Workload:
@@ -257,8 +280,10 @@ class Workload:
     def __init__(self, dbz: Debezium) -> None:
         self.dbz = dbz
         self.rng = random.Random(1212)
-        self.t = {stem: dbz.create_table(stem, cols, replica_identity=REPLICA_IDENTITY.get(stem))
-                  for stem, cols in TABLES.items()}
+        self.t = {
+            stem: dbz.create_table(stem, cols, replica_identity=REPLICA_IDENTITY.get(stem))
+            for stem, cols in TABLES.items()
+        }
         self.fences = 0
         self.placeholder_ids: set[int] = set()
         """toast_d ids whose last update left the TOASTed note out (a placeholder)."""
@@ -277,25 +302,31 @@ class Workload:
 
     def seed(self) -> None:
         rng = self.rng
-        self.many("insert into {orders} values (%s, %s, %s, %s, %s, %s, %s)",
-                  [order_row(rng, i) for i in range(1, 301)])
-        self.run("insert into {pk1} select g, g * 7 % 50 from generate_series(1, 50) g",
-                 "insert into {pk2} select (array['eu','us','ap'])[g % 3 + 1], g, g % 11 "
-                 "from generate_series(1, 50) g",
-                 "insert into {trunc} select g, g % 13 from generate_series(1, 60) g")
+        self.many(
+            "insert into {orders} values (%s, %s, %s, %s, %s, %s, %s)",
+            [order_row(rng, i) for i in range(1, 301)],
+        )
+        self.run(
+            "insert into {pk1} select g, g * 7 % 50 from generate_series(1, 50) g",
+            "insert into {pk2} select (array['eu','us','ap'])[g % 3 + 1], g, g % 11 "
+            "from generate_series(1, 50) g",
+            "insert into {trunc} select g, g % 13 from generate_series(1, 60) g",
+        )
         for stem in ("toast_d", "toast_f"):
             rows = [(i, i % 9, noise(2100 + i, f"{stem}{i}")) for i in range(1, 31)]
             self.many(f"insert into {{{stem}}} values (%s, %s, %s)", rows)
 
     def live(self) -> None:
         rng = self.rng
-        self.many("insert into {orders} values (%s, %s, %s, %s, %s, %s, %s)",
-                  [order_row(rng, i) for i in range(1001, 1101)])
+        self.many(
+            "insert into {orders} values (%s, %s, %s, %s, %s, %s, %s)",
+            [order_row(rng, i) for i in range(1001, 1101)],
+        )
         self.run(
             "update {orders} set amount = amount + 0.01 * (id % 7) - 3.5 where id % 5 = 1",
             "update {orders} set created_at = created_at - interval '1 day 3 microseconds', "
             "ship_date = ship_date + 1 where id % 6 = 2",
-            "update {orders} set attrs = '{{\"tier\": \"platinum\"}}' where id % 9 = 3",
+            'update {orders} set attrs = \'{{"tier": "platinum"}}\' where id % 9 = 3',
             "update {orders} set label = label || 'x' where id % 8 = 5",
             "delete from {orders} where id % 10 = 7",
             # primary-key changes: a delete under the old key, a create under the new one
@@ -318,26 +349,33 @@ class Workload:
         # change it, deletes, inserts, and a note change followed by an update without it
         for stem in ("toast_d", "toast_f"):
             self.run(f"update {{{stem}}} set n = n + 100 where id between 1 and 15")
-            self.many(f"update {{{stem}}} set note = %s where id = %s",
-                      [(noise(2300 + i, f"{stem}-upd{i}"), i) for i in range(16, 21)])
-            self.run(f"update {{{stem}}} set n = n + 1 where id = 16",
-                     f"delete from {{{stem}}} where id between 21 and 23")
+            self.many(
+                f"update {{{stem}}} set note = %s where id = %s",
+                [(noise(2300 + i, f"{stem}-upd{i}"), i) for i in range(16, 21)],
+            )
+            self.run(
+                f"update {{{stem}}} set n = n + 1 where id = 16",
+                f"delete from {{{stem}}} where id between 21 and 23",
+            )
             rows = [(i, i % 5, noise(2500 + i, f"{stem}-new{i}")) for i in range(31, 36)]
             self.many(f"insert into {{{stem}}} values (%s, %s, %s)", rows)
         self.placeholder_ids = set(range(1, 16)) | {16}
         self.placeholder_events = 16
-        self.run("update {trunc} set v = v + 100 where id % 4 = 0",
-                 "delete from {trunc} where id = 3")
+        self.run(
+            "update {trunc} set v = v + 100 where id % 4 = 0", "delete from {trunc} where id = 3"
+        )
 
     def truncate(self) -> None:
         """Inserts, TRUNCATE, inserts (some reusing truncated ids), updates, a delete."""
         before = {r[0] for r in self.dbz.sql(f"select id from {self.t['trunc']}")}
-        self.run("insert into {trunc} select g, g % 17 from generate_series(61, 120) g",
-                 "truncate {trunc}",
-                 "insert into {trunc} select g, 1000 + g from generate_series(1, 20) g",
-                 "insert into {trunc} select g, 2000 + g from generate_series(121, 180) g",
-                 "update {trunc} set v = v + 5 where id % 3 = 0",
-                 "delete from {trunc} where id in (2, 150)")
+        self.run(
+            "insert into {trunc} select g, g % 17 from generate_series(61, 120) g",
+            "truncate {trunc}",
+            "insert into {trunc} select g, 1000 + g from generate_series(1, 20) g",
+            "insert into {trunc} select g, 2000 + g from generate_series(121, 180) g",
+            "update {trunc} set v = v + 5 where id % 3 = 0",
+            "delete from {trunc} where id in (2, 150)",
+        )
         rewritten = set(range(1, 21)) | set(range(121, 181))  # written after the truncate
         self.truncated = (before | set(range(61, 121))) - rewritten
 
@@ -360,8 +398,9 @@ async def _end_offsets(bootstrap: str, topics: list[str]) -> dict[TP, int]:
     finally:
         await admin.close()
     tps = [TopicPartition(m["topic"], p["partition"]) for m in metas for p in m["partitions"]]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         ends = await consumer.end_offsets(tps)
@@ -407,8 +446,16 @@ class HttpError(RuntimeError):
 class Tally:
     """One `tally consume` subprocess with its HTTP API; stoppable and restartable."""
 
-    def __init__(self, name: str, defs: Path, pattern: str, data_dir: Path, bootstrap: str,
-                 log: Path, flags: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        defs: Path,
+        pattern: str,
+        data_dir: Path,
+        bootstrap: str,
+        log: Path,
+        flags: tuple[str, ...] = (),
+    ) -> None:
         self.name, self.defs, self.pattern, self.data_dir = name, defs, pattern, data_dir
         self.bootstrap, self.log, self.flags = bootstrap, log, flags
         self.port = free_port()
@@ -416,13 +463,30 @@ class Tally:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        args = [TALLY, "consume", str(self.defs), "--topic-pattern", self.pattern,
-                "--data-dir", str(self.data_dir), "--bootstrap-servers", self.bootstrap,
-                "--http", f"127.0.0.1:{self.port}", "--log-format", "json", *self.flags]
+        args = [
+            TALLY,
+            "consume",
+            str(self.defs),
+            "--topic-pattern",
+            self.pattern,
+            "--data-dir",
+            str(self.data_dir),
+            "--bootstrap-servers",
+            self.bootstrap,
+            "--http",
+            f"127.0.0.1:{self.port}",
+            "--log-format",
+            "json",
+            *self.flags,
+        ]
         with open(self.log, "ab") as f:
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=f,
-                                         env=child_env(TALLY_TOKEN=TOKEN),
-                                         cwd=str(self.data_dir.parent))
+            self.proc = subprocess.Popen(
+                args,
+                stdout=subprocess.DEVNULL,
+                stderr=f,
+                env=child_env(TALLY_TOKEN=TOKEN),
+                cwd=str(self.data_dir.parent),
+            )
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -434,8 +498,9 @@ class Tally:
     def alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             rc = None if self.proc is None else self.proc.returncode
-            raise AssertionError(f"{self.name}: tally consume is not running (exit {rc}):\n"
-                                 f"{tail(self.log)}")
+            raise AssertionError(
+                f"{self.name}: tally consume is not running (exit {rc}):\n{tail(self.log)}"
+            )
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -465,8 +530,13 @@ class Tally:
             ready = all(a["state"] == "ready" for a in st["aggregates"])
             return ready and all((at.get(tp) or 0) >= end for tp, end in ends.items())
 
-        wait_for(done, lambda: f"{self.name} to read up to {ends}:\n{tail(self.log)}",
-                 timeout=timeout, every=0.2, swallow=(OSError, HttpError))
+        wait_for(
+            done,
+            lambda: f"{self.name} to read up to {ends}:\n{tail(self.log)}",
+            timeout=timeout,
+            every=0.2,
+            swallow=(OSError, HttpError),
+        )
 
     def logs(self) -> list[dict[str, Any]]:
         return json_logs(self.log.read_text()) if self.log.exists() else []
@@ -543,32 +613,48 @@ def sql_answers(dbz: Debezium, t: dict[str, str], spec: Spec) -> dict[str, Any]:
     table = t[spec.table]
     coll = ' collate "C"' if spec.kind == "text" else ""
     id_order = ", ".join(f'{c} collate "C"' if c == "region" else c for c in spec.ids)
-    sub = (f"select {spec.ns} as ns, {spec.key} as k, {spec.sum} as s, "
-           f"{', '.join(spec.ids)} from {table}")
+    sub = (
+        f"select {spec.ns} as ns, {spec.key} as k, {spec.sum} as s, "
+        f"{', '.join(spec.ids)} from {table}"
+    )
     out: dict[str, Any] = {}
-    namespaces = sorted({r[0] for r in dbz.sql(f"select distinct ns from ({sub}) q")},
-                        key=_ns_order)
+    namespaces = sorted(
+        {r[0] for r in dbz.sql(f"select distinct ns from ({sub}) q")}, key=_ns_order
+    )
     out["namespaces"] = namespaces
     for ns in namespaces or [None]:
         where = "ns is not distinct from %s"
-        count, total = dbz.sql(f"select count(*), coalesce(sum(s), 0) from ({sub}) q where {where}",
-                               [ns])[0]
-        rows = dbz.sql(f"select k, s, {', '.join(spec.ids)} from ({sub}) q where {where} "
-                       f"order by k{coll}, {id_order}", [ns])
+        count, total = dbz.sql(
+            f"select count(*), coalesce(sum(s), 0) from ({sub}) q where {where}", [ns]
+        )[0]
+        rows = dbz.sql(
+            f"select k, s, {', '.join(spec.ids)} from ({sub}) q where {where} "
+            f"order by k{coll}, {id_order}",
+            [ns],
+        )
         items = [(k, ids[0] if len(ids) == 1 else tuple(ids), _num(s)) for k, s, *ids in rows]
         n = len(items)
         keys = [it[0] for it in items]
         probes = _probes(spec, keys)
         index = {}
         for p in probes:
-            lt = dbz.sql(f"select count(*) from ({sub}) q where {where} and k{coll} < %s{coll}",
-                         [ns, p])[0][0]
-            gt = dbz.sql(f"select count(*) from ({sub}) q where {where} and k{coll} > %s{coll}",
-                         [ns, p])[0][0]
-            ge_sum = dbz.sql(f"select count(*), coalesce(sum(s), 0) from ({sub}) q where {where} "
-                             f"and k{coll} >= %s{coll}", [ns, p])[0]
-            index[repr(p)] = {"asc": lt, "desc": gt, "count_ge": ge_sum[0],
-                              "sum_ge": _num(ge_sum[1])}
+            lt = dbz.sql(
+                f"select count(*) from ({sub}) q where {where} and k{coll} < %s{coll}", [ns, p]
+            )[0][0]
+            gt = dbz.sql(
+                f"select count(*) from ({sub}) q where {where} and k{coll} > %s{coll}", [ns, p]
+            )[0][0]
+            ge_sum = dbz.sql(
+                f"select count(*), coalesce(sum(s), 0) from ({sub}) q where {where} "
+                f"and k{coll} >= %s{coll}",
+                [ns, p],
+            )[0]
+            index[repr(p)] = {
+                "asc": lt,
+                "desc": gt,
+                "count_ge": ge_sum[0],
+                "sum_ge": _num(ge_sum[1]),
+            }
         out[repr(ns)] = {
             "count": count,
             "sum": _num(total),
@@ -580,8 +666,9 @@ def sql_answers(dbz: Debezium, t: dict[str, str], spec: Spec) -> dict[str, Any]:
             "index_of_item": {o: (o if o >= 0 else n + o) for o in _offsets(n)},
         }
     out["_ns"] = namespaces or [None]
-    out["_probes"] = {repr(ns): _probes(spec, [it[0] for it in out[repr(ns)]["items"]])
-                      for ns in out["_ns"]}
+    out["_probes"] = {
+        repr(ns): _probes(spec, [it[0] for it in out[repr(ns)]["items"]]) for ns in out["_ns"]
+    }
     return out
 
 
@@ -618,15 +705,18 @@ def tally_answers(tally: Tally, spec: Spec, want: dict[str, Any]) -> dict[str, A
                 it = items[o] if -len(items) <= o < len(items) else None
                 if it is not None:  # the item's own (key, id): its index
                     rid = list(it[1]) if isinstance(it[1], tuple) else it[1]
-                    by_item[o] = tally.read(name, "index_of", key=wire(kind, it[0]), id=rid,
-                                            namespace=ns)
+                    by_item[o] = tally.read(
+                        name, "index_of", key=wire(kind, it[0]), id=rid, namespace=ns
+                    )
             out[repr(ns)] = {
                 "count": n,
                 "sum": _num(tally.read(name, "sum", namespace=ns)),
                 "min": _item(spec, tally.read(name, "min", namespace=ns)),
                 "max": _item(spec, tally.read(name, "max", namespace=ns)),
-                "at": {o: _item(spec, tally.read(name, "at", offset=o, namespace=ns))
-                       for o in _offsets(n)},
+                "at": {
+                    o: _item(spec, tally.read(name, "at", offset=o, namespace=ns))
+                    for o in _offsets(n)
+                },
                 "items": items,
                 "index_of": index,
                 "index_of_item": by_item,
@@ -652,11 +742,15 @@ def differences(got: dict[str, Any], want: dict[str, Any], limit: int = 12) -> l
                 if a.get(k) != b.get(k):
                     x, y = a.get(k), b.get(k)
                     if isinstance(x, list) and isinstance(y, list):
-                        i = next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q),
-                                 min(len(x), len(y)))
-                        out.append(f"{key}.{k}: {len(x)} vs {len(y)} items; first difference at "
-                                   f"{i}: tally {x[i] if i < len(x) else '-'} vs SQL "
-                                   f"{y[i] if i < len(y) else '-'}")
+                        i = next(
+                            (i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q),
+                            min(len(x), len(y)),
+                        )
+                        out.append(
+                            f"{key}.{k}: {len(x)} vs {len(y)} items; first difference at "
+                            f"{i}: tally {x[i] if i < len(x) else '-'} vs SQL "
+                            f"{y[i] if i < len(y) else '-'}"
+                        )
                     else:
                         out.append(f"{key}.{k}: tally {x!r} vs SQL {y!r}")
         else:
@@ -669,9 +763,24 @@ def reconcile(tally: Tally, spec: Spec, table: str, pg_url: str, *extra: str) ->
     from tally.consumers.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
-    args = ["reconcile", spec.name, "--source", pg_url, "--table", table,
-            "--definitions", str(tally.defs), "--data-dir", str(tally.data_dir), "--json",
-            "--progress", "none", "--examples", "1000", *extra]
+    args = [
+        "reconcile",
+        spec.name,
+        "--source",
+        pg_url,
+        "--table",
+        table,
+        "--definitions",
+        str(tally.defs),
+        "--data-dir",
+        str(tally.data_dir),
+        "--json",
+        "--progress",
+        "none",
+        "--examples",
+        "1000",
+        *extra,
+    ]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(args)
     if rc != 0:
@@ -686,8 +795,10 @@ def reconcile_problems(report: dict[str, Any]) -> list[str]:
     if n == 0:
         return []
     ex = {c: report["examples"][c][:3] for c in ("missing", "extra", "wrong")}
-    return [f"reconcile: {report['missing']} missing, {report['extra']} extra, "
-            f"{report['wrong']} wrong; e.g. {ex}"]
+    return [
+        f"reconcile: {report['missing']} missing, {report['extra']} extra, "
+        f"{report['wrong']} wrong; e.g. {ex}"
+    ]
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -702,7 +813,8 @@ class Pipeline:
     readers: dict[str, Tally]
     """Consumers of a definition that reads the TOASTed note: of envelope_1p, of reselect."""
     answers: dict[tuple[str, str, str], tuple[dict[str, Any], dict[str, Any]]] = field(
-        default_factory=dict)
+        default_factory=dict
+    )
     """(config, phase, aggregate) → (tally's answers, SQL's answers)."""
     reconciled: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -720,7 +832,8 @@ def _observe(p: Pipeline, phase: str, names: list[str], bootstrap: str) -> None:
             tally = p.tallies[cfg.name]
             p.answers[(cfg.name, phase, name)] = (tally_answers(tally, spec, want), want)
             p.reconciled[(cfg.name, phase, name)] = reconcile(
-                tally, spec, p.work.t[spec.table], p.pg_url)
+                tally, spec, p.work.t[spec.table], p.pg_url
+            )
     p.timings[f"observe {phase}"] = round(time.monotonic() - t0, 1)
 
 
@@ -752,12 +865,15 @@ def consumes(tally: Tally, topic: str, work: Workload) -> bool:
 
 
 @pytest.fixture(scope="module")
-def pipeline(connect_url: str, kafka_bootstrap: str, pg_url: str,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+def pipeline(
+    connect_url: str, kafka_bootstrap: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
     root = tmp_path_factory.mktemp("dbz-e2e")
     t_start = time.monotonic()
-    with debezium_factory(connect_url, kafka_bootstrap, pg_url, tag="e2e") as dbz, \
-            contextlib.ExitStack() as stack:
+    with (
+        debezium_factory(connect_url, kafka_bootstrap, pg_url, tag="e2e") as dbz,
+        contextlib.ExitStack() as stack,
+    ):
         work = Workload(dbz)
         work.seed()
         timings: dict[str, float] = {}
@@ -766,26 +882,45 @@ def pipeline(connect_url: str, kafka_bootstrap: str, pg_url: str,
         stems = [s for s in TABLES]
         for cfg in CONFIGS:
             connectors[cfg.name] = dbz.connector(
-                [work.t[s] for s in stems], cfg.config, partitions=cfg.partitions,
-                topic_configs=TOPIC_CONFIGS)
+                [work.t[s] for s in stems],
+                cfg.config,
+                partitions=cfg.partitions,
+                topic_configs=TOPIC_CONFIGS,
+            )
         # The reselect post-processor: re-reads TOASTed values the change did not carry.
         toast_d = work.t["toast_d"]
         connectors["reselect"] = dbz.connector(
             [toast_d, work.t["fence"]],
-            {**TRUNCATES, **RESELECT,
-             "reselector.reselect.columns.include.list": f"public.{toast_d}:note"},
-            topic_configs=TOPIC_CONFIGS)
+            {
+                **TRUNCATES,
+                **RESELECT,
+                "reselector.reselect.columns.include.list": f"public.{toast_d}:note",
+            },
+            topic_configs=TOPIC_CONFIGS,
+        )
         timings["connectors (snapshots)"] = round(time.monotonic() - t0, 1)
         tallies: dict[str, Tally] = {}
         for cfg in CONFIGS:
             d = root / cfg.name
             d.mkdir()
             defs = d / f"defs_{cfg.name}.py"
-            defs.write_text(textwrap.dedent(DEFINITIONS.format(
-                tables=work.t, columns=ORDERS_COLUMNS if cfg.declared else None)))
+            defs.write_text(
+                textwrap.dedent(
+                    DEFINITIONS.format(
+                        tables=work.t, columns=ORDERS_COLUMNS if cfg.declared else None
+                    )
+                )
+            )
             conn = connectors[cfg.name]
-            tallies[cfg.name] = Tally(cfg.name, defs, f"{conn.prefix}.public.{{table}}",
-                                      d / "data", kafka_bootstrap, d / "consume.log", cfg.flags)
+            tallies[cfg.name] = Tally(
+                cfg.name,
+                defs,
+                f"{conn.prefix}.public.{{table}}",
+                d / "data",
+                kafka_bootstrap,
+                d / "consume.log",
+                cfg.flags,
+            )
         readers = {}
         for base in ("envelope_1p", "reselect"):
             d = root / f"reader-{base}"
@@ -793,9 +928,15 @@ def pipeline(connect_url: str, kafka_bootstrap: str, pg_url: str,
             defs = d / f"defs_reader_{base}.py"
             defs.write_text(textwrap.dedent(READER.format(table=toast_d)))
             conn = connectors[base]
-            readers[base] = Tally(f"{base}/reader", defs, f"{conn.prefix}.public.{{table}}",
-                                  d / "data", kafka_bootstrap, d / "consume.log",
-                                  ("--dlq-topic", "{topic}.dlq-reader"))
+            readers[base] = Tally(
+                f"{base}/reader",
+                defs,
+                f"{conn.prefix}.public.{{table}}",
+                d / "data",
+                kafka_bootstrap,
+                d / "consume.log",
+                ("--dlq-topic", "{topic}.dlq-reader"),
+            )
         everyone = [*tallies.values(), *readers.values()]
         for tally in everyone:
             stack.callback(tally.stop)
@@ -815,8 +956,12 @@ def pipeline(connect_url: str, kafka_bootstrap: str, pg_url: str,
         work.live()
         _fence_and_wait(p, kafka_bootstrap, everyone)
         timings["live changes applied"] = round(time.monotonic() - t0, 1)
-        _observe(p, "live", [n for c, (ph, ns) in CASES.items() if ph == "live" for n in ns],
-                 kafka_bootstrap)
+        _observe(
+            p,
+            "live",
+            [n for c, (ph, ns) in CASES.items() if ph == "live" for n in ns],
+            kafka_bootstrap,
+        )
 
         # TRUNCATE while the consumers are down: on restart the truncate and the rows written
         # before and after it arrive in one batch, on whichever partitions they landed.
@@ -838,8 +983,9 @@ def pipeline(connect_url: str, kafka_bootstrap: str, pg_url: str,
 
 
 @pytest.mark.parametrize(("config", "case"), _matrix())
-def test_answers_equal_sql(pipeline: Pipeline, kafka_bootstrap: str, config: str,
-                           case: str) -> None:
+def test_answers_equal_sql(
+    pipeline: Pipeline, kafka_bootstrap: str, config: str, case: str
+) -> None:
     """Every answer over HTTP equals SQL's, `tally reconcile` finds nothing, and nothing of
     the case's table was dead-lettered."""
     phase, names = CASES[case]
@@ -847,13 +993,16 @@ def test_answers_equal_sql(pipeline: Pipeline, kafka_bootstrap: str, config: str
     for name in names:
         got, want = pipeline.answers[(config, phase, name)]
         problems += [f"{name}: {d}" for d in differences(got, want)]
-        problems += [f"{name}: {d}" for d in reconcile_problems(
-            pipeline.reconciled[(config, phase, name)])]
+        problems += [
+            f"{name}: {d}" for d in reconcile_problems(pipeline.reconciled[(config, phase, name)])
+        ]
     for stem in {SPEC[n].table for n in names}:
         dlq = dead_letters(kafka_bootstrap, pipeline.topic(config, stem) + ".dlq")
         if dlq:
-            problems.append(f"{len(dlq)} dead letters of {stem}, e.g. "
-                            f"{[(d.get('tally.reason'), d.get('tally.error')) for d in dlq[:3]]}")
+            problems.append(
+                f"{len(dlq)} dead letters of {stem}, e.g. "
+                f"{[(d.get('tally.reason'), d.get('tally.error')) for d in dlq[:3]]}"
+            )
     assert not problems, "\n".join(problems)
 
 
@@ -879,8 +1028,9 @@ def test_truncate_cannot_arrive_through_unwrap(
     assert report["extra"] == len(pipeline.work.truncated) > 0
     spec = SPEC["trunc"]
     table = pipeline.work.t["trunc"]
-    patched = reconcile(tally, spec, table, pipeline.pg_url, "--patch", "--url", tally.url,
-                        "--token", TOKEN)
+    patched = reconcile(
+        tally, spec, table, pipeline.pg_url, "--patch", "--url", tally.url, "--token", TOKEN
+    )
     assert patched.get("patched") == len(pipeline.work.truncated), patched
     assert reconcile_problems(reconcile(tally, spec, table, pipeline.pg_url)) == []
 
@@ -915,8 +1065,12 @@ def test_toasted_values_a_definition_reads_dead_letter_under_replica_identity_de
     dlq = dead_letters(kafka_bootstrap, topic + ".dlq-reader")
     want = [PLACEHOLDER_REASON] * pipeline.work.placeholder_events
     assert [d["tally.reason"] for d in dlq] == want
-    assert all("'note'" in d["tally.error"] and "REPLICA IDENTITY FULL" in d["tally.error"]
-               and "ReselectColumnsPostProcessor" in d["tally.error"] for d in dlq)
+    assert all(
+        "'note'" in d["tally.error"]
+        and "REPLICA IDENTITY FULL" in d["tally.error"]
+        and "ReselectColumnsPostProcessor" in d["tally.error"]
+        for d in dlq
+    )
     report = reconcile(reader, READER_SPEC, pipeline.work.t["toast_d"], pipeline.pg_url)
     assert "error" not in report, report
     assert (report["missing"], report["extra"]) == (0, 0)

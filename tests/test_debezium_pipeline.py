@@ -43,7 +43,7 @@ def test_snapshot_then_live_changes_arrive_as_sql_made_them(debezium: Debezium) 
         expected.append(("c", i))
 
     recs = conn.wait_records(t, len(snap) + len(expected))
-    live = recs[len(snap):]
+    live = recs[len(snap) :]
     assert ids(live) == expected
     assert all(r.envelope["source"]["snapshot"] == "false" for r in live if r.value)
     lsns = [r.envelope["source"]["lsn"] for r in live if r.value]
@@ -70,8 +70,9 @@ def test_teardown_drops_slot_publication_and_topics(
         t = dbz.create_table("gone", "id int primary key")
         dbz.sql(f"insert into {t} values (1)")
         conn = dbz.connector([t])
-        assert dbz.sql("select active from pg_replication_slots where slot_name = %s",
-                       [conn.slot]) == [(True,)]
+        assert dbz.sql(
+            "select active from pg_replication_slots where slot_name = %s", [conn.slot]
+        ) == [(True,)]
         topic = conn.topic(t)
         assert dbz.topic_exists(topic)
     with debezium_factory(connect_url, kafka_bootstrap, pg_url, tag="check") as check:

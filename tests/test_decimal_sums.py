@@ -356,8 +356,10 @@ def test_apply_many_refuses_a_batch_mixing_types_and_changes_nothing(tmp_path: P
     with Store.open(tmp_path / "s", max_node_size=4) as store:
         agg = store.aggregate("a")
         agg.insert(0, 0, 1.5)
-        mixed = {E(i): prepare_encoded_id(i, E(i), Decimal(i) if i % 2 else float(i), None)
-                 for i in range(1, 9)}
+        mixed = {
+            E(i): prepare_encoded_id(i, E(i), Decimal(i) if i % 2 else float(i), None)
+            for i in range(1, 9)
+        }
         with store.batch():
             with pytest.raises(InvalidArgument, match="in one batch"):
                 agg.apply_many(mixed)

@@ -112,7 +112,10 @@ def test_two_aggregates_count_separately(store: Store) -> None:
     assert drift_of(a, [up(1, -3, "u")]) == {("plain", "update_unknown"): 1}
     # both hold id 2: an insert with other values counts once for each
     assert drift_of(a, [up(2, 4, "c")]) == {}
-    assert drift_of(a, [up(2, 5, "c")]) == {("plain", "create_existing"): 1, ("positive", "create_existing"): 1}
+    assert drift_of(a, [up(2, 5, "c")]) == {
+        ("plain", "create_existing"): 1,
+        ("positive", "create_existing"): 1,
+    }
 
 
 # ---- property: any sequence, any batching, against a sequential oracle -------------------------
@@ -153,14 +156,19 @@ def oracle(events: list[ChangeEvent], filtered: bool) -> dict[tuple[str, str], i
     return out
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     events=st.lists(event, max_size=40),
     cuts=st.lists(st.integers(0, 40), max_size=6),
     filtered=st.booleans(),
 )
 def test_drift_counts_match_a_sequential_oracle(
-    tmp_path_factory: pytest.TempPathFactory, events: list[ChangeEvent], cuts: list[int], filtered: bool
+    tmp_path_factory: pytest.TempPathFactory,
+    events: list[ChangeEvent],
+    cuts: list[int],
+    filtered: bool,
 ) -> None:
     store = Store.open(tmp_path_factory.mktemp("drift") / "db")
     try:

@@ -131,8 +131,16 @@ def check_store(path: Path, oracle: Oracle, allowed: set[int], read_only: bool =
 
 def start_child(path: Path, limit: int, cache_nodes: int, at_limit: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [sys.executable, str(CHILD), str(path), str(SEED), str(limit), str(MAX_NODE_SIZE),
-            str(cache_nodes), at_limit]
+    args = [
+        sys.executable,
+        str(CHILD),
+        str(path),
+        str(SEED),
+        str(limit),
+        str(MAX_NODE_SIZE),
+        str(cache_nodes),
+        at_limit,
+    ]
     return subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(REPO)
     )

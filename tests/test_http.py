@@ -79,7 +79,9 @@ TABLE = "scores"
 GAMES = ("chess", "go", "shogi")
 N_ROWS = 600
 
-BY_GAME = TableAggregate("by_game", table=TABLE, namespace="game", sort_key="score", sum_value="score")
+BY_GAME = TableAggregate(
+    "by_game", table=TABLE, namespace="game", sort_key="score", sum_value="score"
+)
 PAIRS = TableAggregate(
     "pairs",
     table=TABLE,
@@ -87,7 +89,9 @@ PAIRS = TableAggregate(
     sum_value="score",
     filter=lambda row: row["score"] >= 100,
 )
-RATINGS = TableAggregate("ratings", table=TABLE, namespace=("game", "tier"), sort_key="rating", sum_value="rating")
+RATINGS = TableAggregate(
+    "ratings", table=TABLE, namespace=("game", "tier"), sort_key="rating", sum_value="rating"
+)
 DEFINITIONS = [BY_GAME, PAIRS, RATINGS]
 
 
@@ -107,10 +111,17 @@ def event(op: str, i: int, after: dict[str, Any] | None = None) -> tuple[bytes, 
 
 
 def records() -> list[tuple[bytes | None, bytes | None]]:
-    recs: list[tuple[bytes | None, bytes | None]] = [event("insert", i, row(i)) for i in range(N_ROWS)]
-    recs += [event("update", i, row(i, bump=1)) for i in range(0, N_ROWS, 6)]  # score +1000, game moves
+    recs: list[tuple[bytes | None, bytes | None]] = [
+        event("insert", i, row(i)) for i in range(N_ROWS)
+    ]
+    recs += [
+        event("update", i, row(i, bump=1)) for i in range(0, N_ROWS, 6)
+    ]  # score +1000, game moves
     recs += [event("delete", i) for i in range(3, N_ROWS, 10)]
-    recs += [(b"bad-1", b"this is not an event"), (b"bad-2", encode_native(NativeEvent(table="ghosts", op="insert", id=1, after={"id": 1})))]
+    recs += [
+        (b"bad-1", b"this is not an event"),
+        (b"bad-2", encode_native(NativeEvent(table="ghosts", op="insert", id=1, after={"id": 1}))),
+    ]
     return recs
 
 
@@ -191,7 +202,9 @@ def served(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
     thread.start()
     try:
         wait_for(lambda: loop_box or failure, 10, "the consumer loop")
-        s = Served(proc, loop_box[0] if loop_box else asyncio.new_event_loop(), f"http://127.0.0.1:{port}")
+        s = Served(
+            proc, loop_box[0] if loop_box else asyncio.new_event_loop(), f"http://127.0.0.1:{port}"
+        )
         wait_for(lambda: failure or s.client.healthz(), 10, "/healthz")
         assert not failure, failure
         # The topic does not exist yet: the process serves but waits for it.
@@ -217,7 +230,11 @@ def served(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
 # ---------------------------------------------------------------- ops vs the engine
 
-_CODES = {OffsetOutOfRange: "offset_out_of_range", InvalidKey: "invalid_key", InvalidArgument: "invalid_argument"}
+_CODES = {
+    OffsetOutOfRange: "offset_out_of_range",
+    InvalidKey: "invalid_key",
+    InvalidArgument: "invalid_argument",
+}
 
 
 def _tuples(v: Any) -> Any:
@@ -285,7 +302,9 @@ PAIRS_BOUNDS: list[Any] = [
 ]
 
 
-def _range_cases(agg: str, namespaces: list[Any], bounds_list: list[Any], probe_key: Any, probe_id: Any) -> list[tuple[str, str, dict[str, Any]]]:
+def _range_cases(
+    agg: str, namespaces: list[Any], bounds_list: list[Any], probe_key: Any, probe_id: Any
+) -> list[tuple[str, str, dict[str, Any]]]:
     out: list[tuple[str, str, dict[str, Any]]] = []
     for ns in namespaces:
         for b in bounds_list:
@@ -306,7 +325,13 @@ def _range_cases(agg: str, namespaces: list[Any], bounds_list: list[Any], probe_
 def test_every_op_matches_the_engine(served: Served) -> None:
     cases = _range_cases("by_game", ["chess", "go", "shogi", "nope", None], BY_GAME_BOUNDS, 185, 5)
     cases += _range_cases("pairs", [None, "nope"], PAIRS_BOUNDS, ("go", "p3"), 123)
-    cases += _range_cases("ratings", [("chess", 0), ["go", 1], ("shogi", 1)], [None, {"lower": {"key": 500.5}}], 700.0, 3)
+    cases += _range_cases(
+        "ratings",
+        [("chess", 0), ["go", 1], ("shogi", 1)],
+        [None, {"lower": {"key": 500.5}}],
+        700.0,
+        3,
+    )
     for agg, op, kw in cases:
         check_same(served, agg, op, **kw)
     # Batches: mixed dicts and Query structs, answered in order.
@@ -321,10 +346,13 @@ def test_every_op_matches_the_engine(served: Served) -> None:
         check_same(served, "by_game", op, queries=queries)
     check_same(served, "by_game", "at_batch", queries=queries[:-1])
     # Any iterable of queries, as the engine takes them (a generator too).
-    assert served.client.count_batch("by_game", (q for q in queries)) == _engine(
-        served, "by_game", "count_batch", queries=queries
-    )[1]
-    check_same(served, "by_game", "at_batch", queries=[*queries[:-1], {"namespace": "go", "offset": 10**6}])
+    assert (
+        served.client.count_batch("by_game", (q for q in queries))
+        == _engine(served, "by_game", "count_batch", queries=queries)[1]
+    )
+    check_same(
+        served, "by_game", "at_batch", queries=[*queries[:-1], {"namespace": "go", "offset": 10**6}]
+    )
     for agg in ("by_game", "pairs", "ratings"):
         check_same(served, agg, "namespaces")
     # Anchors independent of the engine: the oracle of the table's final rows.
@@ -344,13 +372,21 @@ def test_paginate_walk_matches_the_engine(served: Served) -> None:
         ("ratings", ("go", 0), None),
     ]:
         for order in ("asc", "desc"):
-            want = served.on_loop(lambda a=agg, n=ns, b=bounds, o=order: list(served.proc.store.aggregate(a).iter(n, b, o)))
+            want = served.on_loop(
+                lambda a=agg, n=ns, b=bounds, o=order: list(
+                    served.proc.store.aggregate(a).iter(n, b, o)
+                )
+            )
             got: list[Any] = []
             cursor = None
             while True:
-                page = served.client.paginate(agg, cursor=cursor, page_size=13, order=order, namespace=ns, bounds=bounds)
+                page = served.client.paginate(
+                    agg, cursor=cursor, page_size=13, order=order, namespace=ns, bounds=bounds
+                )
                 engine_page = served.on_loop(
-                    lambda a=agg, c=cursor, n=ns, b=bounds, o=order: served.proc.store.aggregate(a).paginate(c, 13, o, n, b)
+                    lambda a=agg, c=cursor, n=ns, b=bounds, o=order: served.proc.store.aggregate(
+                        a
+                    ).paginate(c, 13, o, n, b)
                 )
                 assert page == engine_page
                 got += page.items
@@ -361,8 +397,14 @@ def test_paginate_walk_matches_the_engine(served: Served) -> None:
 
 
 def test_random_returns_an_item_in_range(served: Served) -> None:
-    for ns, bounds in [("chess", None), ("go", {"lower": {"key": 300}, "upper": {"key": 1200}}), ("go", {"eq": 185})]:
-        pool = served.on_loop(lambda n=ns, b=bounds: list(served.proc.store.aggregate("by_game").iter(n, b)))
+    for ns, bounds in [
+        ("chess", None),
+        ("go", {"lower": {"key": 300}, "upper": {"key": 1200}}),
+        ("go", {"eq": 185}),
+    ]:
+        pool = served.on_loop(
+            lambda n=ns, b=bounds: list(served.proc.store.aggregate("by_game").iter(n, b))
+        )
         seen = set()
         for _ in range(30):
             it = served.client.random("by_game", namespace=ns, bounds=bounds)
@@ -382,7 +424,9 @@ def _get(url: str, params: dict[str, Any]) -> tuple[int, Any]:
         return e.code, json.loads(e.read())
 
 
-def _post(url: str, body: bytes | None, method: str = "POST", headers: dict[str, str] | None = None) -> tuple[int, Any]:
+def _post(
+    url: str, body: bytes | None, method: str = "POST", headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
@@ -414,7 +458,9 @@ def test_get_with_json_query_params_matches_post(served: Served) -> None:
         pstatus, want = _post(f"{base}/{agg}/{op}", json.dumps(params).encode())
         assert (status, got) == (200, want) and pstatus == 200, (agg, op, got, want)
     # The curl one-liner from the docs, spelled exactly like that.
-    status, got = _get(f"{base}/by_game/count", {"namespace": "chess", "bounds": {"lower": {"key": 1000}}})
+    status, got = _get(
+        f"{base}/by_game/count", {"namespace": "chess", "bounds": {"lower": {"key": 1000}}}
+    )
     assert got == {"result": served.client.count("by_game", "chess", {"lower": {"key": 1000}})}
     url = f'{base}/by_game/count?namespace="chess"&bounds={{"lower":{{"key":1000}}}}'
     with urllib.request.urlopen(urllib.parse.quote(url, safe=":/?&=,"), timeout=10) as r:
@@ -440,7 +486,10 @@ def test_aggregates_and_status(served: Served) -> None:
     st = served.client.status()
     counts = served.on_loop(
         lambda: {
-            d.name: sum(served.proc.store.aggregate(d.name).count(ns) for ns in served.proc.store.aggregate(d.name).namespaces())
+            d.name: sum(
+                served.proc.store.aggregate(d.name).count(ns)
+                for ns in served.proc.store.aggregate(d.name).namespaces()
+            )
             for d in DEFINITIONS
         }
     )
@@ -465,7 +514,9 @@ def test_aggregates_and_status(served: Served) -> None:
     assert all(p["lag"] == 0 and p["offset"] == p["end_offset"] for p in parts)
     assert sum(p["end_offset"] for p in parts) == served.produced
     pst = served.proc.stats
-    stats = served.on_loop(lambda: (pst.events, getattr(pst, "replayed", 0), pst.batches, pst.dead_letters))
+    stats = served.on_loop(
+        lambda: (pst.events, getattr(pst, "replayed", 0), pst.batches, pst.dead_letters)
+    )
     assert (st["events"], st["replayed"], st["batches"], st["dead_letters"]) == stats
     # Every record was consumed once, live or by the first build's replay.
     assert st["events"] + st["replayed"] == served.produced and st["dead_letters"] == 2
@@ -478,7 +529,9 @@ def _prom_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def parse_metrics(text: str) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+def parse_metrics(
+    text: str,
+) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, frozenset[tuple[str, str]]], float]]:
     """(family → (type, help), (sample name, labels) → value), read by prometheus_client's
     text-format parser (an implementation independent of our renderer). That parser is lax,
     so this asserts what it lets through: every sample in a family with one # TYPE and one
@@ -547,7 +600,9 @@ def test_metrics(served: Served) -> None:
     assert one("tally_dead_letters_total") == stats["dead_letters"] == 2
     # Histogram: cumulative, +Inf == _count == batches, _sum == latency_sum.
     name = "tally_batch_apply_seconds"
-    buckets = [one(f"{name}_bucket", le=repr(float(le))) for le in LATENCY_BUCKETS] + [one(f"{name}_bucket", le="+Inf")]
+    buckets = [one(f"{name}_bucket", le=repr(float(le))) for le in LATENCY_BUCKETS] + [
+        one(f"{name}_bucket", le="+Inf")
+    ]
     assert buckets == sorted(buckets)
     running = 0
     for i, b in enumerate(buckets[:-1]):
@@ -576,7 +631,14 @@ def test_metrics(served: Served) -> None:
 
 BAD: list[tuple[str, str, bytes | None, int, str, str]] = [
     # method, path (after the base url), body, status, code, text expected in the message
-    ("POST", "/v1/aggregates/nope/count", b"{}", 404, "unknown_aggregate", "by_game, pairs, ratings"),
+    (
+        "POST",
+        "/v1/aggregates/nope/count",
+        b"{}",
+        404,
+        "unknown_aggregate",
+        "by_game, pairs, ratings",
+    ),
     ("GET", "/v1/aggregates/nope/count", None, 404, "unknown_aggregate", "by_game"),
     ("POST", "/v1/aggregates/by_game/median", b"{}", 404, "unknown_op", "count, sum, at"),
     ("GET", "/v1/aggregates/by_game/median", None, 404, "unknown_op", "paginate"),
@@ -584,33 +646,194 @@ BAD: list[tuple[str, str, bytes | None, int, str, str]] = [
     ("POST", "/v1/aggregates/by_game/count", b"\xff\xfe{}", 400, "bad_json", "not valid JSON"),
     ("POST", "/v1/aggregates/by_game/count", b"[1, 2]", 400, "bad_request", "JSON object"),
     ("POST", "/v1/aggregates/by_game/count", b'{"bounds": 5}', 400, "invalid_argument", "bounds"),
-    ("POST", "/v1/aggregates/by_game/count", b'{"bounds": [1, 2]}', 400, "invalid_argument", "bounds"),
-    ("POST", "/v1/aggregates/by_game/count", b'{"bounds": {"lower": 5}}', 400, "invalid_argument", "lower"),
-    ("POST", "/v1/aggregates/by_game/count", b'{"bounds": {"from": 5}}', 400, "invalid_argument", "from"),
-    ("POST", "/v1/aggregates/by_game/count", b'{"bounds": {"lower": {"inclusive": true}}}', 400, "invalid_argument", "key"),
-    ("POST", "/v1/aggregates/by_game/count", b'{"bounds": {"upper": {"key": 1, "inclusive": "no"}}}', 400, "invalid_argument", "inclusive"),
-    ("POST", "/v1/aggregates/pairs/count", b'{"bounds": {"prefix": "chess"}}', 400, "invalid_argument", "prefix"),
-    ("POST", "/v1/aggregates/by_game/count", b'{"bounds": {"eq": {"a": 1}}}', 400, "invalid_key", "dict"),
-    ("POST", "/v1/aggregates/by_game/count", b'{"namespace": {"a": 1}}', 400, "invalid_key", "dict"),
+    (
+        "POST",
+        "/v1/aggregates/by_game/count",
+        b'{"bounds": [1, 2]}',
+        400,
+        "invalid_argument",
+        "bounds",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/count",
+        b'{"bounds": {"lower": 5}}',
+        400,
+        "invalid_argument",
+        "lower",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/count",
+        b'{"bounds": {"from": 5}}',
+        400,
+        "invalid_argument",
+        "from",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/count",
+        b'{"bounds": {"lower": {"inclusive": true}}}',
+        400,
+        "invalid_argument",
+        "key",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/count",
+        b'{"bounds": {"upper": {"key": 1, "inclusive": "no"}}}',
+        400,
+        "invalid_argument",
+        "inclusive",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/pairs/count",
+        b'{"bounds": {"prefix": "chess"}}',
+        400,
+        "invalid_argument",
+        "prefix",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/count",
+        b'{"bounds": {"eq": {"a": 1}}}',
+        400,
+        "invalid_key",
+        "dict",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/count",
+        b'{"namespace": {"a": 1}}',
+        400,
+        "invalid_key",
+        "dict",
+    ),
     ("POST", "/v1/aggregates/by_game/index_of", b'{"key": {"a": 1}}', 400, "invalid_key", "dict"),
     ("POST", "/v1/aggregates/by_game/index_of", b"{}", 400, "missing_field", "key"),
-    ("POST", "/v1/aggregates/by_game/at", b'{"offset": "3", "namespace": "go"}', 400, "invalid_argument", "offset must be an int"),
-    ("POST", "/v1/aggregates/by_game/at", b'{"offset": 1.5, "namespace": "go"}', 400, "invalid_argument", "offset must be an int"),
+    (
+        "POST",
+        "/v1/aggregates/by_game/at",
+        b'{"offset": "3", "namespace": "go"}',
+        400,
+        "invalid_argument",
+        "offset must be an int",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/at",
+        b'{"offset": 1.5, "namespace": "go"}',
+        400,
+        "invalid_argument",
+        "offset must be an int",
+    ),
     ("POST", "/v1/aggregates/by_game/at", b'{"namespace": "go"}', 400, "missing_field", "offset"),
-    ("POST", "/v1/aggregates/by_game/paginate", b'{"cursor": "not a cursor"}', 400, "invalid_argument", "cursor"),
-    ("POST", "/v1/aggregates/by_game/paginate", b'{"cursor": 5}', 400, "invalid_argument", "cursor"),
-    ("POST", "/v1/aggregates/by_game/paginate", b'{"page_size": 0}', 400, "invalid_argument", "page_size"),
-    ("POST", "/v1/aggregates/by_game/paginate", b'{"page_size": 1000000}', 400, "invalid_argument", str(MAX_PAGE_SIZE)),
-    ("POST", "/v1/aggregates/by_game/paginate", b'{"order": "sideways"}', 400, "invalid_argument", "order"),
+    (
+        "POST",
+        "/v1/aggregates/by_game/paginate",
+        b'{"cursor": "not a cursor"}',
+        400,
+        "invalid_argument",
+        "cursor",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/paginate",
+        b'{"cursor": 5}',
+        400,
+        "invalid_argument",
+        "cursor",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/paginate",
+        b'{"page_size": 0}',
+        400,
+        "invalid_argument",
+        "page_size",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/paginate",
+        b'{"page_size": 1000000}',
+        400,
+        "invalid_argument",
+        str(MAX_PAGE_SIZE),
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/paginate",
+        b'{"order": "sideways"}',
+        400,
+        "invalid_argument",
+        "order",
+    ),
     ("POST", "/v1/aggregates/by_game/count", b'{"nmspace": "go"}', 400, "unknown_field", "nmspace"),
-    ("POST", "/v1/aggregates/by_game/namespaces", b'{"namespace": "go"}', 400, "unknown_field", "no arguments"),
-    ("POST", "/v1/aggregates/by_game/count_batch", b'{"queries": 5}', 400, "invalid_argument", "queries"),
-    ("POST", "/v1/aggregates/by_game/count_batch", b'{"queries": [5]}', 400, "invalid_argument", "queries[0]"),
-    ("POST", "/v1/aggregates/by_game/count_batch", b'{"queries": [{"bounds": 7}]}', 400, "invalid_argument", "bounds"),
-    ("POST", "/v1/aggregates/by_game/at_batch", b'{"queries": [{"offset": "x"}]}', 400, "invalid_argument", "offset"),
-    ("POST", "/v1/aggregates/by_game/count", b'{"namespace": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "bad_request", "deeply"),
-    ("GET", "/v1/aggregates/by_game/count?namespace=chess", None, 400, "bad_json", '?namespace="chess"'),
-    ("GET", '/v1/aggregates/by_game/count?namespace="a"&namespace="b"', None, 400, "bad_request", "once"),
+    (
+        "POST",
+        "/v1/aggregates/by_game/namespaces",
+        b'{"namespace": "go"}',
+        400,
+        "unknown_field",
+        "no arguments",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/count_batch",
+        b'{"queries": 5}',
+        400,
+        "invalid_argument",
+        "queries",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/count_batch",
+        b'{"queries": [5]}',
+        400,
+        "invalid_argument",
+        "queries[0]",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/count_batch",
+        b'{"queries": [{"bounds": 7}]}',
+        400,
+        "invalid_argument",
+        "bounds",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/at_batch",
+        b'{"queries": [{"offset": "x"}]}',
+        400,
+        "invalid_argument",
+        "offset",
+    ),
+    (
+        "POST",
+        "/v1/aggregates/by_game/count",
+        b'{"namespace": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        400,
+        "bad_request",
+        "deeply",
+    ),
+    (
+        "GET",
+        "/v1/aggregates/by_game/count?namespace=chess",
+        None,
+        400,
+        "bad_json",
+        '?namespace="chess"',
+    ),
+    (
+        "GET",
+        '/v1/aggregates/by_game/count?namespace="a"&namespace="b"',
+        None,
+        400,
+        "bad_request",
+        "once",
+    ),
     ("GET", "/v1/aggregates/by_game/at?offset=%22x%22", None, 400, "invalid_argument", "offset"),
     ("PUT", "/status", b"{}", 405, "method_not_allowed", "GET"),
     ("DELETE", "/v1/aggregates/by_game/count", None, 405, "method_not_allowed", "POST"),
@@ -619,8 +842,14 @@ BAD: list[tuple[str, str, bytes | None, int, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "body", "status", "code", "text"), BAD, ids=[f"{b[0]} {b[1][:60]} {b[4]}" for b in BAD])
-def test_bad_requests_get_a_clear_4xx(served: Served, method: str, path: str, body: bytes | None, status: int, code: str, text: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code", "text"),
+    BAD,
+    ids=[f"{b[0]} {b[1][:60]} {b[4]}" for b in BAD],
+)
+def test_bad_requests_get_a_clear_4xx(
+    served: Served, method: str, path: str, body: bytes | None, status: int, code: str, text: str
+) -> None:
     url = served.url + urllib.parse.quote(path, safe="/?&=%")
     got_status, doc = _post(url, body, method)
     assert got_status == status, doc
@@ -655,11 +884,16 @@ def test_oversized_body_is_413_and_the_server_keeps_answering(served: Served) ->
     conn = http.client.HTTPConnection("127.0.0.1", int(served.url.rsplit(":", 1)[1]), timeout=10)
     try:
         conn.request(
-            "POST", "/v1/aggregates/by_game/count_batch", body=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
-            encode_chunked=True, headers={"Transfer-Encoding": "chunked"},
+            "POST",
+            "/v1/aggregates/by_game/count_batch",
+            body=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
+            encode_chunked=True,
+            headers={"Transfer-Encoding": "chunked"},
         )
         resp = conn.getresponse()
-        assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "payload_too_large"
+        assert (
+            resp.status == 413 and json.loads(resp.read())["error"]["code"] == "payload_too_large"
+        )
     finally:
         conn.close()
     # Just under the limit is fine.
@@ -681,7 +915,9 @@ def test_unreachable_server_names_the_url() -> None:
 # ---------------------------------------------------------------- stand-in processes
 
 
-def fake_process(store: Any, *, assigned: list[TopicPartition] | None = None, **settings: Any) -> Any:
+def fake_process(
+    store: Any, *, assigned: list[TopicPartition] | None = None, **settings: Any
+) -> Any:
     return types.SimpleNamespace(
         store=store,
         definitions=list(DEFINITIONS),
@@ -712,7 +948,9 @@ async def _dummy_clear(request: web.Request) -> web.StreamResponse:
     return web.json_response({"cleared": request.match_info["name"]})
 
 
-DUMMY = ProtectedRoute("POST", "/v1/aggregates/{name}/clear", _dummy_clear, summary="Clear an aggregate (test)")
+DUMMY = ProtectedRoute(
+    "POST", "/v1/aggregates/{name}/clear", _dummy_clear, summary="Clear an aggregate (test)"
+)
 
 
 def test_token_rule(store: Store) -> None:
@@ -792,7 +1030,9 @@ def test_readiness_rule(store: Store) -> None:
 class _Backfilling:
     def __getattr__(self, name: str) -> Any:
         def raise_(*a: Any, **k: Any) -> Any:
-            raise AggregateNotReady("aggregate 'by_game' is being built by replay", progress={"offset": 10, "end": 100})
+            raise AggregateNotReady(
+                "aggregate 'by_game' is being built by replay", progress={"offset": 10, "end": 100}
+            )
 
         return raise_
 
@@ -823,7 +1063,11 @@ def test_not_ready_is_503_with_progress_and_unexpected_errors_are_500(store: Sto
         assert doc["error"]["progress"] == {"offset": 10, "end": 100}
         r = await c.post("/v1/aggregates/pairs/min", json={})
         doc = await r.json()
-        assert r.status == 500 and doc["error"]["code"] == "internal" and "disk on fire" in doc["error"]["message"]
+        assert (
+            r.status == 500
+            and doc["error"]["code"] == "internal"
+            and "disk on fire" in doc["error"]["message"]
+        )
         r = await c.post("/v1/aggregates/ratings/count", json={})
         assert r.status == 200 and await r.json() == {"result": 0}
 
@@ -834,7 +1078,10 @@ def test_not_ready_is_503_with_progress_and_unexpected_errors_are_500(store: Sto
     async def status(c: TestClient[Any, Any]) -> None:
         doc = await (await c.get("/status")).json()
         by = {a["name"]: a for a in doc["aggregates"]}
-        assert by["by_game"]["state"] == "backfilling" and by["by_game"]["progress"] == {"offset": 10, "end": 100}
+        assert by["by_game"]["state"] == "backfilling" and by["by_game"]["progress"] == {
+            "offset": 10,
+            "end": 100,
+        }
         assert by["by_game"]["items"] is None and by["ratings"]["state"] == "ready"
         _, samples = parse_metrics(await (await c.get("/metrics")).text())
         assert samples[("tally_aggregate_ready", frozenset({("aggregate", "by_game")}))] == 0
@@ -891,8 +1138,14 @@ def _check_openapi(doc: dict[str, Any]) -> None:
                 continue
             assert op["responses"], (path, m)
             for code, resp in op["responses"].items():
-                assert re.fullmatch(r"[1-5]\d\d|default", code) and resp["description"], (path, m, code)
-            params = path_params | {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+                assert re.fullmatch(r"[1-5]\d\d|default", code) and resp["description"], (
+                    path,
+                    m,
+                    code,
+                )
+            params = path_params | {
+                p["name"] for p in op.get("parameters", []) if p["in"] == "path"
+            }
             assert params == templated, (path, m, params)
             for p in op.get("parameters", []):
                 assert p["in"] in ("query", "path", "header", "cookie")
@@ -932,7 +1185,11 @@ def test_openapi_describes_exactly_the_registered_routes(store: Store, served: S
     doc = served.client.openapi()
     _check_openapi(doc)
     assert {p for _, p in _doc_routes(doc)} >= {f"/v1/aggregates/{{name}}/{op}" for op in READ_OPS}
-    assert doc["paths"]["/v1/aggregates/{name}/count"]["parameters"][0]["schema"]["enum"] == ["by_game", "pairs", "ratings"]
+    assert doc["paths"]["/v1/aggregates/{name}/count"]["parameters"][0]["schema"]["enum"] == [
+        "by_game",
+        "pairs",
+        "ratings",
+    ]
     for op in READ_OPS:
         assert {"get", "post"} <= set(doc["paths"][f"/v1/aggregates/{{name}}/{op}"])
 
@@ -964,7 +1221,10 @@ def test_answers_have_exactly_the_fields_of_their_structs(store: Store) -> None:
             raw = await (await c.get(path)).read()
             msgspec.json.decode(raw, type=struct)
             assert set(json.loads(raw)) <= _fields_of(struct), path
-        for method, path in [("POST", "/v1/aggregates/nope/count"), ("POST", "/v1/aggregates/by_game/at")]:
+        for method, path in [
+            ("POST", "/v1/aggregates/nope/count"),
+            ("POST", "/v1/aggregates/by_game/at"),
+        ]:
             raw = await (await c.request(method, path, data=b"{}")).read()
             err = msgspec.json.decode(raw, type=Error)
             assert err.error.code in ("unknown_aggregate", "missing_field")
@@ -989,7 +1249,11 @@ def test_start_http_bad_address_and_port_in_use(store: Store) -> None:
             with pytest.raises(ConfigError) as e:
                 await start_http(proc, f"127.0.0.1:{port}", None)
             msg = str(e.value)
-            assert f"port {port} is already in use" in msg and "--http HOST:PORT" in msg and "--no-http" in msg
+            assert (
+                f"port {port} is already in use" in msg
+                and "--http HOST:PORT" in msg
+                and "--no-http" in msg
+            )
         finally:
             await runner.cleanup()
 
@@ -1002,27 +1266,54 @@ def _env() -> dict[str, str]:
     return env
 
 
-def test_cli_consume_serves_http_and_reports_a_taken_port(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_cli_consume_serves_http_and_reports_a_taken_port(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
     topic = unique_topic("http-cli")
     create_topic(kafka_bootstrap, topic, partitions=2)
     produce(kafka_bootstrap, topic, [event("insert", i, row(i)) for i in range(200)])
     defs = tmp_path / "defs.py"
-    defs.write_text(textwrap.dedent(f"""
+    defs.write_text(
+        textwrap.dedent(f"""
         from tally.engine import TableAggregate
         by_game = TableAggregate("by_game", table={TABLE!r}, namespace="game", sort_key="score", sum_value="score")
-    """))
+    """)
+    )
     port = free_port()
     data = tmp_path / "data"
-    cmd = [sys.executable, "-m", "tally.consumers.cli.main", "consume", str(defs), "--bootstrap-servers", kafka_bootstrap,
-           "--topic", f"{TABLE}={topic}", "--log-format", "json", "--group-id", unique_topic("g")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tally.consumers.cli.main",
+        "consume",
+        str(defs),
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--topic",
+        f"{TABLE}={topic}",
+        "--log-format",
+        "json",
+        "--group-id",
+        unique_topic("g"),
+    ]
     log = tmp_path / "consumer.log"
     log_file = log.open("w")
-    proc = subprocess.Popen([*cmd, "--data-dir", str(data), "--http", f"127.0.0.1:{port}"],
-                            cwd=tmp_path, env=_env(), stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*cmd, "--data-dir", str(data), "--http", f"127.0.0.1:{port}"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         client = TallyClient(f"http://127.0.0.1:{port}", timeout=5)
         wait_for(lambda: proc.poll() is None and client.healthz(), 30, "the subprocess' /healthz")
-        wait_for(lambda: caught_up(s := client.status()) and s["events"] + s["replayed"] == 200, 60, "caught up")
+        wait_for(
+            lambda: caught_up(s := client.status()) and s["events"] + s["replayed"] == 200,
+            60,
+            "caught up",
+        )
         assert client.readyz()["status"] == "ready"
         # The same state, read by the engine through a read-only (secondary) open of the data dir.
         with Store.open(data, read_only=True) as ro:
@@ -1030,10 +1321,18 @@ def test_cli_consume_serves_http_and_reports_a_taken_port(kafka_bootstrap: str, 
             for g in GAMES:
                 assert client.count("by_game", g) == agg.count(g)
                 assert client.at("by_game", -1, namespace=g) == agg.at(-1, g)
-                assert client.paginate("by_game", page_size=20, namespace=g) == agg.paginate(None, 20, "asc", g)
+                assert client.paginate("by_game", page_size=20, namespace=g) == agg.paginate(
+                    None, 20, "asc", g
+                )
         # A second consumer on the same port: one clear line, exit 2.
-        second = subprocess.run([*cmd, "--data-dir", str(tmp_path / "data2"), "--http", f"127.0.0.1:{port}"],
-                                cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
+        second = subprocess.run(
+            [*cmd, "--data-dir", str(tmp_path / "data2"), "--http", f"127.0.0.1:{port}"],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode == 2, second.stderr
         assert f"port {port} is already in use" in second.stderr and "--no-http" in second.stderr
         assert "Traceback" not in second.stderr

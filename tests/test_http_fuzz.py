@@ -69,7 +69,9 @@ HOOKS = Path(__file__).resolve().parent / "schemathesis_hooks.py"
 def test_http_fuzzer_finds_no_server_error_and_no_response_off_the_documented_schema(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    pytest.importorskip("schemathesis", reason="schemathesis is a dev dependency: pip install -e '.[dev]'")
+    pytest.importorskip(
+        "schemathesis", reason="schemathesis is a dev dependency: pip install -e '.[dev]'"
+    )
     topic = unique_topic("http-fuzz")
     create_topic(kafka_bootstrap, topic, partitions=2)
     defs, _ = write_definitions(tmp_path)
@@ -78,12 +80,31 @@ def test_http_fuzzer_finds_no_server_error_and_no_response_off_the_documented_sc
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "consumer.log"
-    args = [TALLY, "consume", defs, "--topic", f"{TABLE}={topic}", "--data-dir", str(tmp_path / "data"),
-            "--bootstrap-servers", kafka_bootstrap, "--log-format", "json", "--group-id", unique_topic("g"),
-            "--http", f"127.0.0.1:{port}"]
+    args = [
+        TALLY,
+        "consume",
+        defs,
+        "--topic",
+        f"{TABLE}={topic}",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--log-format",
+        "json",
+        "--group-id",
+        unique_topic("g"),
+        "--http",
+        f"127.0.0.1:{port}",
+    ]
     with open(log, "ab") as f:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=f, env=child_env(TALLY_TOKEN=TOKEN),
-                                cwd=tmp_path)
+        proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            env=child_env(TALLY_TOKEN=TOKEN),
+            cwd=tmp_path,
+        )
     try:
         client = TallyClient(url, timeout=10)
 
@@ -94,35 +115,70 @@ def test_http_fuzzer_finds_no_server_error_and_no_response_off_the_documented_sc
         wait_for(ready, "the consumer to apply the rows", swallow=(TallyError,))
         reports = tmp_path / "fuzz-reports"
         cmd = [
-            sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
-            "--header", f"Authorization: Bearer {TOKEN}",
-            "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-            "--max-examples", str(FUZZ_EXAMPLES), "--seed", str(FUZZ_SEED),
-            "--report", "json,har", "--report-dir", str(reports), "--no-color",
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{url}/openapi.json",
+            "--header",
+            f"Authorization: Bearer {TOKEN}",
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--max-examples",
+            str(FUZZ_EXAMPLES),
+            "--seed",
+            str(FUZZ_SEED),
+            "--report",
+            "json,har",
+            "--report-dir",
+            str(reports),
+            "--no-color",
         ]
         env = child_env(SCHEMATHESIS_HOOKS=HOOKS.stem)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HOOKS.parent), env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(HOOKS.parent), env.get("PYTHONPATH")) if p
+        )
         print("\nfuzzer:", " ".join(cmd[2:]))
         try:
-            run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=FUZZ_TIMEOUT,
-                                 check=False)
+            run = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=tmp_path,
+                timeout=FUZZ_TIMEOUT,
+                check=False,
+            )
         except subprocess.TimeoutExpired as e:
-            pytest.fail(f"the fuzzer did not finish within {FUZZ_TIMEOUT}s (lower TALLY_FUZZ_EXAMPLES?):\n"
-                        f"{(e.stdout or b'')[-4000:]!r}")
+            pytest.fail(
+                f"the fuzzer did not finish within {FUZZ_TIMEOUT}s (lower TALLY_FUZZ_EXAMPLES?):\n"
+                f"{(e.stdout or b'')[-4000:]!r}"
+            )
         out = run.stdout + run.stderr
         (report_file,) = reports.glob("json-*.json")
         (har_file,) = reports.glob("har-*.json")
         report = json.loads(report_file.read_text())
         entries = json.loads(har_file.read_text())["log"]["entries"]
         statuses = collections.Counter(e["response"]["status"] for e in entries)
-        print(f"fuzzer: {len(entries)} requests, {report['test_cases']['generated']} test cases, "
-              f"statuses {dict(sorted(statuses.items()))}, seed {FUZZ_SEED}, {FUZZ_EXAMPLES} examples/operation")
+        print(
+            f"fuzzer: {len(entries)} requests, {report['test_cases']['generated']} test cases, "
+            f"statuses {dict(sorted(statuses.items()))}, seed {FUZZ_SEED}, {FUZZ_EXAMPLES} examples/operation"
+        )
         assert run.returncode == 0 and not report["failures"] and not report["errors"], out[-8000:]
-        assert report["operations"]["tested"] == report["operations"]["selected"] >= 30, report["operations"]
-        server_errors = [(e["request"]["method"], e["request"]["url"][:200], e["response"]["status"])
-                         for e in entries if e["response"]["status"] >= 500]
+        assert report["operations"]["tested"] == report["operations"]["selected"] >= 30, report[
+            "operations"
+        ]
+        server_errors = [
+            (e["request"]["method"], e["request"]["url"][:200], e["response"]["status"])
+            for e in entries
+            if e["response"]["status"] >= 500
+        ]
         assert not server_errors, server_errors[:20]
-        assert len(entries) >= 1000 and statuses[200] and statuses[400], statuses  # it really fuzzed
+        assert len(entries) >= 1000 and statuses[200] and statuses[400], (
+            statuses
+        )  # it really fuzzed
         assert proc.poll() is None, tail(log)
         assert client.healthz() == {"status": "ok"}
         errors = [e for e in json_logs(log.read_text()) if e.get("level") in ("error", "critical")]
@@ -144,8 +200,14 @@ def test_http_fuzzer_finds_no_server_error_and_no_response_off_the_documented_sc
 
 def _stand_in(store: Store, **attrs: Any) -> Any:
     return types.SimpleNamespace(
-        store=store, definitions=[AGG], stats=ConsumerStats(), settings=ConsumerSettings(), topics=["players"],
-        table_topics={"players": "players"}, assigned=[], **attrs,
+        store=store,
+        definitions=[AGG],
+        stats=ConsumerStats(),
+        settings=ConsumerSettings(),
+        topics=["players"],
+        table_topics={"players": "players"},
+        assigned=[],
+        **attrs,
     )
 
 
@@ -211,6 +273,7 @@ class _RefusingPatches:
 def _patch_statuses() -> set[int]:
     """Every status consumers/runtime/patches.py can refuse a patch request with."""
     import tally.consumers.runtime.patches as lp
+
     return {int(s) for s in re.findall(r"PatchError\(\s*(\d{3})", inspect.getsource(lp))}
 
 
@@ -258,12 +321,19 @@ def test_protected_routes_document_every_status_they_answer(store: Store) -> Non
         assert r.status == 415 and (await r.json())["error"]["code"] == "unsupported_media_type"
         assert 415 in _documented(doc, "POST", PATCH_SESSION)
         msgpack = {**headers, "Content-Type": "application/msgpack"}
-        r = await c.post("/v1/aggregates/scores/patch-sessions/abc", data=b"x" * (MAX_BODY + 1), headers=msgpack)
+        r = await c.post(
+            "/v1/aggregates/scores/patch-sessions/abc", data=b"x" * (MAX_BODY + 1), headers=msgpack
+        )
         assert r.status == 413 and 413 in _documented(doc, "POST", PATCH_SESSION)
         r = await c.post("/v1/aggregates/scores/patch-sessions/abc", data=b"\xc1", headers=msgpack)
         assert r.status == 400 and 400 in _documented(doc, "POST", PATCH_SESSION)
 
-    _serve(create_app(_stand_in(store, patches=_RefusingPatches(404), request_rebuild=lambda n: None), "t"), own)
+    _serve(
+        create_app(
+            _stand_in(store, patches=_RefusingPatches(404), request_rebuild=lambda n: None), "t"
+        ),
+        own,
+    )
 
 
 def test_openapi_documents_the_http_layers_own_answers(store: Store) -> None:
@@ -285,7 +355,14 @@ def test_openapi_documents_the_http_layers_own_answers(store: Store) -> None:
                         assert resp["content"]["application/json"]["schema"] == {
                             "$ref": "#/components/schemas/Error"
                         }, (method, path, code)
-        ready_503 = doc["paths"]["/readyz"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]
-        assert ready_503 == {"oneOf": [{"$ref": "#/components/schemas/Ready"}, {"$ref": "#/components/schemas/Error"}]}
+        ready_503 = doc["paths"]["/readyz"]["get"]["responses"]["503"]["content"][
+            "application/json"
+        ]["schema"]
+        assert ready_503 == {
+            "oneOf": [
+                {"$ref": "#/components/schemas/Ready"},
+                {"$ref": "#/components/schemas/Error"},
+            ]
+        }
 
     _serve(create_app(_stand_in(store, patches=_RefusingPatches(404)), "t"), steps)

@@ -94,7 +94,9 @@ def serve(
     """Run ``fn(port, stats)`` against a real `start_http` server on a free port."""
 
     async def main() -> None:
-        runner = await start_http(stand_in(store, http_body_timeout=body_timeout), "127.0.0.1:0", None, limits=limits)
+        runner = await start_http(
+            stand_in(store, http_body_timeout=body_timeout), "127.0.0.1:0", None, limits=limits
+        )
         try:
             port = runner.addresses[0][1]
             await fn(port, runner.app[CONNECTIONS])
@@ -105,7 +107,12 @@ def serve(
 
 
 def limits(**kw: Any) -> HttpLimits:
-    base = {"max_connections": 64, "idle_timeout": 60.0, "header_timeout": 60.0, "body_timeout": 60.0}
+    base = {
+        "max_connections": 64,
+        "idle_timeout": 60.0,
+        "header_timeout": 60.0,
+        "body_timeout": 60.0,
+    }
     base.update(kw)
     return HttpLimits(**base)
 
@@ -204,7 +211,9 @@ def test_slow_loris_headers_get_408_even_when_trickled(store: Store) -> None:
         assert sent < len(request), "the trickled headers were never cut off"
         status, headers, body = split(raw)
         assert status == 408 and body["error"]["code"] == "request_timeout"
-        assert "http_header_timeout" in body["error"]["message"] and headers["connection"] == "close"
+        assert (
+            "http_header_timeout" in body["error"]["message"] and headers["connection"] == "close"
+        )
         assert stats.timeouts["headers"] == 1
         # A trickle of requests that each complete in time is fine.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -220,14 +229,18 @@ def test_slow_loris_headers_get_408_even_when_trickled(store: Store) -> None:
 def test_slow_body_gets_408_and_is_closed(store: Store) -> None:
     async def steps(port: int, stats: ConnectionStats) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /v1/aggregates/scores/count HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
+        writer.write(
+            b"POST /v1/aggregates/scores/count HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{"
+        )
         status, headers, body = split(await read_all(reader))
         assert status == 408 and body["error"]["code"] == "request_timeout"
         assert "http_body_timeout" in body["error"]["message"] and headers["connection"] == "close"
         assert stats.timeouts["body"] == 1 and stats.timeouts["headers"] == 0
         # The body's time does not count against the headers and vice versa: a whole request is fine.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /v1/aggregates/scores/count HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
+        writer.write(
+            b"POST /v1/aggregates/scores/count HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}"
+        )
         assert (await reader.readline()).startswith(b"HTTP/1.1 200")
         writer.close()
 
@@ -240,21 +253,64 @@ COUNT = b"POST /v1/aggregates/scores/count HTTP/1.1\r\nHost: t\r\n"
 @pytest.mark.parametrize(
     "raw, status, code, text",
     [
-        (b"GET /status?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 400, "request_too_large", "POST"),
-        (b"GET /status HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 400, "request_too_large", "8190"),
+        (
+            b"GET /status?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+            "request_too_large",
+            "POST",
+        ),
+        (
+            b"GET /status HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n",
+            400,
+            "request_too_large",
+            "8190",
+        ),
         (b"NOT HTTP AT ALL\r\n\r\n", 400, "bad_http", "malformed HTTP request"),
         (b"GET /status HTTP/1.1\r\nBad Header\r\n\r\n", 400, "bad_http", "malformed HTTP request"),
         (b"GET /status HTTP/1.1\r\n\r\n", 400, "bad_http", "Host"),
-        (COUNT + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", 400, "bad_http", "chunk size"),
-        (COUNT + b"Content-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello", 400, "bad_body", "gzip"),
-        (COUNT + b"Content-Encoding: deflate\r\nContent-Length: 5\r\n\r\nhello", 400, "bad_body", "deflate"),
-        (COUNT + b"Expect: 200-ok\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}", 417,
-         "expectation_failed", "100-continue"),
-        (b"POST /nope HTTP/1.1\r\nHost: t\r\nExpect: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
-         417, "expectation_failed", "100-continue"),
+        (
+            COUNT + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+            400,
+            "bad_http",
+            "chunk size",
+        ),
+        (
+            COUNT + b"Content-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello",
+            400,
+            "bad_body",
+            "gzip",
+        ),
+        (
+            COUNT + b"Content-Encoding: deflate\r\nContent-Length: 5\r\n\r\nhello",
+            400,
+            "bad_body",
+            "deflate",
+        ),
+        (
+            COUNT + b"Expect: 200-ok\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            417,
+            "expectation_failed",
+            "100-continue",
+        ),
+        (
+            b"POST /nope HTTP/1.1\r\nHost: t\r\nExpect: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            417,
+            "expectation_failed",
+            "100-continue",
+        ),
     ],
-    ids=["long-request-line", "long-header", "garbage", "bad-header", "no-host", "bad-chunk", "bad-gzip",
-         "bad-deflate", "unknown-expect", "unknown-expect-unknown-path"],
+    ids=[
+        "long-request-line",
+        "long-header",
+        "garbage",
+        "bad-header",
+        "no-host",
+        "bad-chunk",
+        "bad-gzip",
+        "bad-deflate",
+        "unknown-expect",
+        "unknown-expect-unknown-path",
+    ],
 )
 def test_http_layer_errors_use_the_json_envelope_and_are_not_logged_as_errors(
     store: Store, caplog: pytest.LogCaptureFixture, raw: bytes, status: int, code: str, text: str
@@ -269,10 +325,14 @@ def test_http_layer_errors_use_the_json_envelope_and_are_not_logged_as_errors(
         assert set(body) == {"error"} and body["error"]["code"] == code, body
         assert text in body["error"]["message"], body
         assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
-        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.records
+        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], (
+            caplog.records
+        )
         # ... and the server goes on answering.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(COUNT + b"Expect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        writer.write(
+            COUNT + b"Expect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+        )
         answer = await read_all(reader)
         assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK"), answer[:80]
 
@@ -295,32 +355,51 @@ def test_a_client_leaving_mid_body_is_logged_as_info_not_as_a_server_error(
             writer.write(b'{"na')
             await writer.drain()
             writer.transport.abort()
-            await until(lambda: any(e["event"] == "http client disconnected" for e in logs), "the disconnect line")
+            await until(
+                lambda: any(e["event"] == "http client disconnected" for e in logs),
+                "the disconnect line",
+            )
             await until(lambda: stats.open == 0, "the slot")
         (line,) = [e for e in logs if e["event"] == "http client disconnected"]
         assert line["log_level"] == "info" and "exc_info" not in line
         assert line["path"] == "/v1/aggregates/scores/count"
         assert not [e for e in logs if e["log_level"] in ("error", "critical", "exception")], logs
-        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.records
+        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], (
+            caplog.records
+        )
 
     serve(store, steps, limits=limits())
 
 
 def test_http_address_needs_a_host_and_beyond_loopback_is_a_warning(store: Store) -> None:
-    with pytest.raises(ConfigError, match=r"names no host: write 127\.0\.0\.1:8750 .* or 0\.0\.0\.0:8750"):
+    with pytest.raises(
+        ConfigError, match=r"names no host: write 127\.0\.0\.1:8750 .* or 0\.0\.0\.0:8750"
+    ):
         parse_address(":8750")
     assert parse_address("0.0.0.0:8750") == ("0.0.0.0", 8750)
     assert parse_address("[::1]:8750") == ("::1", 8750)
-    bound = [("0.0.0.0", 8750), ("10.1.2.3", 1), ("127.0.0.1", 2), ("127.9.9.9", 3), ("::1", 4, 0, 0), ("::", 5, 0, 0)]
+    bound = [
+        ("0.0.0.0", 8750),
+        ("10.1.2.3", 1),
+        ("127.0.0.1", 2),
+        ("127.9.9.9", 3),
+        ("::1", 4, 0, 0),
+        ("::", 5, 0, 0),
+    ]
     with structlog.testing.capture_logs() as logs:
         warn_if_exposed(bound, token="t")
         warn_if_exposed([("127.0.0.1", 2), ("::1", 4, 0, 0)], token=None)
     (warning,) = logs
-    assert warning["event"] == "http api reachable beyond this machine" and warning["log_level"] == "warning"
+    assert (
+        warning["event"] == "http api reachable beyond this machine"
+        and warning["log_level"] == "warning"
+    )
     assert warning["addresses"] == ["http://0.0.0.0:8750", "http://10.1.2.3:1", "http://[::]:5"]
     assert "state-changing routes need the token" in warning["note"]
 
-    async def main() -> list[dict[str, Any]]:  # loopback: no warning (we bind nothing wider in tests)
+    async def main() -> list[
+        dict[str, Any]
+    ]:  # loopback: no warning (we bind nothing wider in tests)
         with structlog.testing.capture_logs() as logs:
             runner = await start_http(stand_in(store), "127.0.0.1:0", None, limits=limits())
             await runner.cleanup()
@@ -350,7 +429,10 @@ def test_a_connection_cap_above_the_file_budget_is_a_warning(store: Store) -> No
     async def main(cap: int) -> list[str]:
         with structlog.testing.capture_logs() as logs:
             runner = await start_http(
-                stand_in(store), "127.0.0.1:0", None, limits=limits(max_connections=cap, budget=fd_budget(256))
+                stand_in(store),
+                "127.0.0.1:0",
+                None,
+                limits=limits(max_connections=cap, budget=fd_budget(256)),
             )
             await runner.cleanup()
         return [e["event"] for e in logs if e["log_level"] == "warning"]
@@ -371,7 +453,9 @@ def _raise_own_nofile(need: int) -> None:
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    assert soft >= need, f"the test needs {need} descriptors of its own; raise `ulimit -n` (it is {soft})"
+    assert soft >= need, (
+        f"the test needs {need} descriptors of its own; raise `ulimit -n` (it is {soft})"
+    )
 
 
 def _open_fds(pid: int) -> int:
@@ -406,17 +490,42 @@ def test_connection_flood_under_a_low_file_limit_leaves_the_consumer_alive_and_s
     produce(kafka_bootstrap, topic, native_records(stream.take(300), seed=41))
     port = free_port()
     log = tmp_path / "consumer.log"
-    args = [TALLY, "consume", defs, "--topic", f"{TABLE}={topic}", "--data-dir", str(tmp_path / "data"),
-            "--bootstrap-servers", kafka_bootstrap, "--log-format", "json", "--group-id", unique_topic("g"),
-            "--http", f"127.0.0.1:{port}", "--http-idle-timeout", "5", "--http-header-timeout", "5",
-            "--http-body-timeout", "5"]
+    args = [
+        TALLY,
+        "consume",
+        defs,
+        "--topic",
+        f"{TABLE}={topic}",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--log-format",
+        "json",
+        "--group-id",
+        unique_topic("g"),
+        "--http",
+        f"127.0.0.1:{port}",
+        "--http-idle-timeout",
+        "5",
+        "--http-header-timeout",
+        "5",
+        "--http-body-timeout",
+        "5",
+    ]
 
     def limit_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (FLOOD_NOFILE, FLOOD_NOFILE))
 
     with open(log, "ab") as f:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=f, env=child_env(), cwd=tmp_path,
-                                preexec_fn=limit_files)
+        proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            env=child_env(),
+            cwd=tmp_path,
+            preexec_fn=limit_files,
+        )
     socks: list[tuple[str, socket.socket]] = []
     try:
         client = TallyClient(f"http://127.0.0.1:{port}", timeout=10)
@@ -426,7 +535,11 @@ def test_connection_flood_under_a_low_file_limit_leaves_the_consumer_alive_and_s
             assert proc.poll() is None, f"the consumer exited {proc.returncode}:\n{tail(log)}"
             return client.count("scores")
 
-        wait_for(lambda: count() == expected, "the consumer to apply the first 300 events", swallow=(TallyError,))
+        wait_for(
+            lambda: count() == expected,
+            "the consumer to apply the first 300 events",
+            swallow=(TallyError,),
+        )
         (listening,) = log_events(log.read_text(), "http api listening")
         budget = fd_budget(FLOOD_NOFILE)
         assert listening["max_connections"] == budget.max_connections == 152
@@ -440,7 +553,9 @@ def test_connection_flood_under_a_low_file_limit_leaves_the_consumer_alive_and_s
                 if kind == "half_headers":
                     s.send(b"GET /status HTTP/1.1\r\nHost: t\r\nX-Slow: ")
                 elif kind == "half_body":
-                    s.send(b"POST /v1/aggregates/scores/count HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n{")
+                    s.send(
+                        b"POST /v1/aggregates/scores/count HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n{"
+                    )
                 socks.append((kind, s))
         peak_fds = _open_fds(proc.pid)
         # Events produced during the flood are applied (read through a read-only store: the
@@ -450,12 +565,16 @@ def test_connection_flood_under_a_low_file_limit_leaves_the_consumer_alive_and_s
 
         def applied() -> bool:
             nonlocal peak_fds
-            assert proc.poll() is None, f"the consumer exited {proc.returncode} during the flood:\n{tail(log)}"
+            assert proc.poll() is None, (
+                f"the consumer exited {proc.returncode} during the flood:\n{tail(log)}"
+            )
             peak_fds = max(peak_fds, _open_fds(proc.pid))
             with open_store(tmp_path / "data") as ro:
                 return ro.aggregate("scores").count() == expected
 
-        wait_for(applied, "the events produced during the flood to be applied", swallow=(TallyError,))
+        wait_for(
+            applied, "the events produced during the flood to be applied", swallow=(TallyError,)
+        )
         # RocksDB can always open its table files (and its own few) on top of what was open.
         assert peak_fds + budget.rocksdb_files + ROCKSDB_FIXED_FDS <= FLOOD_NOFILE, peak_fds
         seen = {id(s): _classify(s) for _, s in socks}
@@ -479,7 +598,8 @@ def test_connection_flood_under_a_low_file_limit_leaves_the_consumer_alive_and_s
         assert count() == expected
         metrics = client.metrics()
         refused_total = next(
-            float(line.split()[-1]) for line in metrics.splitlines()
+            float(line.split()[-1])
+            for line in metrics.splitlines()
             if line.startswith("tally_http_connections_refused_total ")
         )
         assert refused_total >= refused
@@ -519,8 +639,16 @@ def test_a_key_nested_too_deeply_is_dead_lettered_and_everything_stored_stays_re
     def record(rid: int, depth: int) -> tuple[bytes, bytes]:
         """An insert whose ``tag`` (by_tag's sort key) is "x" inside ``depth`` arrays (written
         as text: too deep for msgspec's encoder, as for Python's own recursion)."""
-        row = {"id": rid, "team": "red", "score": 3, "level": 1, "name": "deep", "active": True,
-               "weight": 1.0, "tag": "@TAG@"}
+        row = {
+            "id": rid,
+            "team": "red",
+            "score": 3,
+            "level": 1,
+            "name": "deep",
+            "active": True,
+            "weight": 1.0,
+            "tag": "@TAG@",
+        }
         doc = msgspec.json.encode({"table": TABLE, "op": "insert", "id": rid, "after": row})
         tag = b"[" * depth + b'"x"' + b"]" * depth
         return str(rid).encode(), doc.replace(b'"@TAG@"', tag)
@@ -538,7 +666,9 @@ def test_a_key_nested_too_deeply_is_dead_lettered_and_everything_stored_stays_re
     assert h["tally.reason"] == b"apply"
     assert int(h["tally.source.offset"]) == placed[100][1]
     error = h["tally.error"].decode()
-    assert "aggregate 'by_tag'" in error and f"more than {MAX_KEY_DEPTH} levels deep" in error, error
+    assert "aggregate 'by_tag'" in error and f"more than {MAX_KEY_DEPTH} levels deep" in error, (
+        error
+    )
     # Everything stored reads back, through the engine and over HTTP (where the deep key used
     # to make every read that returned it a 400).
     with open_store(tmp_path / "data") as ro:
@@ -548,12 +678,17 @@ def test_a_key_nested_too_deeply_is_dead_lettered_and_everything_stored_stays_re
         assert ro.aggregate("scores").count() == len(stream.live) + 1
 
         async def read_over_http() -> list[Any]:
-            runner = await start_http(stand_in(ro, definitions=defs_loaded), "127.0.0.1:0", None, limits=limits())
+            runner = await start_http(
+                stand_in(ro, definitions=defs_loaded), "127.0.0.1:0", None, limits=limits()
+            )
             try:
                 client = TallyClient(f"http://127.0.0.1:{runner.addresses[0][1]}")
                 return await asyncio.to_thread(
-                    lambda: [i for ns in client.namespaces("by_tag")
-                             for i in client.paginate("by_tag", page_size=10_000, namespace=ns).items]
+                    lambda: [
+                        i
+                        for ns in client.namespaces("by_tag")
+                        for i in client.paginate("by_tag", page_size=10_000, namespace=ns).items
+                    ]
                 )
             finally:
                 await runner.cleanup()
@@ -563,39 +698,80 @@ def test_a_key_nested_too_deeply_is_dead_lettered_and_everything_stored_stays_re
     assert not [e for e in json_logs(res.stderr) if e.get("level") == "error"]
 
 
-
-def test_cli_refuses_an_http_address_without_host_and_says_prefer_tally_token(tmp_path: Path) -> None:
+def test_cli_refuses_an_http_address_without_host_and_says_prefer_tally_token(
+    tmp_path: Path,
+) -> None:
     defs, _ = write_definitions(tmp_path)
-    res = subprocess.run([TALLY, "consume", defs, "--data-dir", str(tmp_path / "d"), "--http", ":8750"],
-                         capture_output=True, text=True, timeout=60, env=child_env(), cwd=tmp_path, check=False)
+    res = subprocess.run(
+        [TALLY, "consume", defs, "--data-dir", str(tmp_path / "d"), "--http", ":8750"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        cwd=tmp_path,
+        check=False,
+    )
     assert res.returncode == 2, res.stderr
     assert "names no host: write 127.0.0.1:8750" in res.stderr and "0.0.0.0:8750" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "d").exists()
     for cmd in (["consume"], ["rebuild"], ["reconcile"]):
-        helptext = subprocess.run([TALLY, *cmd, "--help"], capture_output=True, text=True, timeout=60,
-                                  env=child_env(), check=True).stdout
+        helptext = subprocess.run(
+            [TALLY, *cmd, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=child_env(),
+            check=True,
+        ).stdout
         assert "TALLY_TOKEN" in helptext and "process list" in " ".join(helptext.split()), cmd
-    helptext = subprocess.run([TALLY, "consume", "--help"], capture_output=True, text=True, timeout=60,
-                              env=child_env(), check=True).stdout
-    for flag in ("--http-max-connections", "--http-idle-timeout", "--http-header-timeout", "--http-body-timeout"):
+    helptext = subprocess.run(
+        [TALLY, "consume", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        check=True,
+    ).stdout
+    for flag in (
+        "--http-max-connections",
+        "--http-idle-timeout",
+        "--http-header-timeout",
+        "--http-body-timeout",
+    ):
         assert flag in helptext
 
 
-def test_http_guard_settings_come_from_flags_environment_and_file_and_are_checked(tmp_path: Path) -> None:
+def test_http_guard_settings_come_from_flags_environment_and_file_and_are_checked(
+    tmp_path: Path,
+) -> None:
     from tally.consumers.cli.settings import load_settings
 
-    env = {"TALLY_HTTP_MAX_CONNECTIONS": "12", "TALLY_HTTP_IDLE_TIMEOUT": "2.5", "TALLY_HTTP_BODY_TIMEOUT": "4"}
+    env = {
+        "TALLY_HTTP_MAX_CONNECTIONS": "12",
+        "TALLY_HTTP_IDLE_TIMEOUT": "2.5",
+        "TALLY_HTTP_BODY_TIMEOUT": "4",
+    }
     toml = tmp_path / "tally.toml"
     toml.write_text("[consume]\nhttp_header_timeout = 3\nhttp_body_timeout = 9\n")
     s = load_settings({"http_idle_timeout": 1.5}, str(toml), env=env)
-    assert (s.http_max_connections, s.http_idle_timeout, s.http_header_timeout, s.http_body_timeout) == (
-        12, 1.5, 3.0, 4.0
-    )
+    assert (
+        s.http_max_connections,
+        s.http_idle_timeout,
+        s.http_header_timeout,
+        s.http_body_timeout,
+    ) == (12, 1.5, 3.0, 4.0)
     d = ConsumerSettings()
-    assert (d.http_max_connections, d.http_idle_timeout, d.http_header_timeout, d.http_body_timeout) == (
-        None, 15.0, 10.0, 30.0
-    )
-    for bad in ({"TALLY_HTTP_MAX_CONNECTIONS": "0"}, {"TALLY_HTTP_IDLE_TIMEOUT": "0"},
-                {"TALLY_HTTP_HEADER_TIMEOUT": "-1"}, {"TALLY_HTTP_BODY_TIMEOUT": "soon"}):
+    assert (
+        d.http_max_connections,
+        d.http_idle_timeout,
+        d.http_header_timeout,
+        d.http_body_timeout,
+    ) == (None, 15.0, 10.0, 30.0)
+    for bad in (
+        {"TALLY_HTTP_MAX_CONNECTIONS": "0"},
+        {"TALLY_HTTP_IDLE_TIMEOUT": "0"},
+        {"TALLY_HTTP_HEADER_TIMEOUT": "-1"},
+        {"TALLY_HTTP_BODY_TIMEOUT": "soon"},
+    ):
         with pytest.raises(ConfigError, match="invalid setting"):
             load_settings({}, str(toml), env=bad)

@@ -148,8 +148,10 @@ def same_value_and_type(a: Any, b: Any) -> bool:
         return False
     if isinstance(a, (dt.datetime, dt.time)):
         # An aware time outside the UTC day reads back with another offset: same instant.
-        return a == b and (a.utcoffset() is None) == (b.utcoffset() is None) and (
-            isinstance(a, dt.time) or a.utcoffset() == b.utcoffset()
+        return (
+            a == b
+            and (a.utcoffset() is None) == (b.utcoffset() is None)
+            and (isinstance(a, dt.time) or a.utcoffset() == b.utcoffset())
         )
     return a == b
 
@@ -232,7 +234,6 @@ floats = st.one_of(
 )
 
 
-
 def _dec(coefficient: int, exponent: int) -> Decimal:
     return Decimal(f"{coefficient}E{exponent}")
 
@@ -276,9 +277,7 @@ decimals = st.one_of(
     floats.filter(math.isfinite).map(Decimal),
     floats.filter(math.isfinite).flatmap(
         lambda f: st.sampled_from([-1, 1]).map(
-            lambda d: Decimal(f) + d * _dec(1, Decimal(f).adjusted() - 60)
-            if f
-            else _dec(d, -60)
+            lambda d: Decimal(f) + d * _dec(1, Decimal(f).adjusted() - 60) if f else _dec(d, -60)
         )
     ),
     # dyadic values around N(e): integer part 2**a, fraction 2**-b
@@ -711,6 +710,8 @@ def test_forged_deep_encodings_are_corrupt_not_a_recursion_error() -> None:
 
     with pytest.raises(InvalidKey, match="corrupt key encoding"):
         decode_keys(forged, 0)
+
+
 # Decimals: one number line with ints and floats
 
 

@@ -38,7 +38,9 @@ from tally.engine import TableAggregate
 from tally.engine.reconcile import diff, encode_fixes
 from tally.schemas import NativeEvent
 
-psycopg = pytest.importorskip("psycopg", reason="psycopg (psycopg[binary]) is not installed in this venv")
+psycopg = pytest.importorskip(
+    "psycopg", reason="psycopg (psycopg[binary]) is not installed in this venv"
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "sekret"
@@ -50,7 +52,9 @@ scores = TableAggregate("scores", table={table!r}, sort_key="score", sum_value="
 
 
 def definition(table: str) -> TableAggregate:
-    return TableAggregate("scores", table=table, sort_key="score", sum_value="score", namespace="game")
+    return TableAggregate(
+        "scores", table=table, sort_key="score", sum_value="score", namespace="game"
+    )
 
 
 class App:
@@ -68,7 +72,11 @@ class App:
         self.conn.close()
 
     def write(
-        self, changes: list[tuple[str, int, str, int]], *, emit: bool = True, op_override: str | None = None
+        self,
+        changes: list[tuple[str, int, str, int]],
+        *,
+        emit: bool = True,
+        op_override: str | None = None,
     ) -> None:
         """changes: (op, id, game, score), op insert / update / upsert / delete; events in the same order.
 
@@ -79,9 +87,13 @@ class App:
         with self.lock:
             for op, rid, game, score in changes:
                 if op == "insert":
-                    self.conn.execute(f"INSERT INTO {t} (id, game, score) VALUES (%s, %s, %s)", (rid, game, score))
+                    self.conn.execute(
+                        f"INSERT INTO {t} (id, game, score) VALUES (%s, %s, %s)", (rid, game, score)
+                    )
                 elif op == "update":
-                    self.conn.execute(f"UPDATE {t} SET game = %s, score = %s WHERE id = %s", (game, score, rid))
+                    self.conn.execute(
+                        f"UPDATE {t} SET game = %s, score = %s WHERE id = %s", (game, score, rid)
+                    )
                 elif op == "upsert":
                     (inserted,) = self.conn.execute(
                         f"INSERT INTO {t} (id, game, score) VALUES (%s, %s, %s) ON CONFLICT (id) DO UPDATE "
@@ -106,7 +118,9 @@ class App:
 def table(pg_url: str) -> Iterator[str]:
     name = f"lr_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(pg_url, autocommit=True) as c:
-        c.execute(f'CREATE TABLE "{name}" (id bigint PRIMARY KEY, game text NOT NULL, score integer NOT NULL)')
+        c.execute(
+            f'CREATE TABLE "{name}" (id bigint PRIMARY KEY, game text NOT NULL, score integer NOT NULL)'
+        )
     yield name
     with psycopg.connect(pg_url, autocommit=True) as c:
         c.execute(f'DROP TABLE IF EXISTS "{name}"')
@@ -125,10 +139,27 @@ class Live:
         self.url = f"http://127.0.0.1:{port}"
         with open(self.log, "wb") as err:
             self.proc = subprocess.Popen(
-                [TALLY, "consume", str(self.defs), "--topic", f"{table}={topic}", "--data-dir", str(self.data),
-                 "--http", f"127.0.0.1:{port}", "--token", TOKEN, "--log-format", "json",
-                 "--bootstrap-servers", bootstrap],
-                stderr=err, stdout=subprocess.DEVNULL, env=child_env(), cwd=str(tmp),
+                [
+                    TALLY,
+                    "consume",
+                    str(self.defs),
+                    "--topic",
+                    f"{table}={topic}",
+                    "--data-dir",
+                    str(self.data),
+                    "--http",
+                    f"127.0.0.1:{port}",
+                    "--token",
+                    TOKEN,
+                    "--log-format",
+                    "json",
+                    "--bootstrap-servers",
+                    bootstrap,
+                ],
+                stderr=err,
+                stdout=subprocess.DEVNULL,
+                env=child_env(),
+                cwd=str(tmp),
             )
         self.client = TallyClient(self.url, token=TOKEN)
 
@@ -145,7 +176,9 @@ class Live:
         if any(a["state"] != "ready" for a in st["aggregates"]):
             return False
         done = {p["partition"]: p["offset"] for p in st["partitions"] if p["topic"] == self.topic}
-        return all((done.get(p) or 0) >= end for p, end in ends.items())  # offset is null before the first batch
+        return all(
+            (done.get(p) or 0) >= end for p, end in ends.items()
+        )  # offset is null before the first batch
 
     def wait_caught_up(self) -> None:
         wait_for(self.caught_up, "the consumer to apply every event")
@@ -153,13 +186,34 @@ class Live:
     def contents(self) -> dict[Any, tuple[Any, Any, Any]]:
         with open_store(self.data) as store:
             agg = store.aggregate("scores")
-            return {it.id: (it.namespace, it.key, it.sum_value) for ns in agg.namespaces() for it in agg.iter(ns)}
+            return {
+                it.id: (it.namespace, it.key, it.sum_value)
+                for ns in agg.namespaces()
+                for it in agg.iter(ns)
+            }
 
     def reconcile(self, pg_url: str, *extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [TALLY, "reconcile", "scores", "--source", pg_url, "--definitions", str(self.defs),
-             "--data-dir", str(self.data), "--json", "--progress", "lines", *extra],
-            capture_output=True, text=True, timeout=300, env=child_env(), check=False,
+            [
+                TALLY,
+                "reconcile",
+                "scores",
+                "--source",
+                pg_url,
+                "--definitions",
+                str(self.defs),
+                "--data-dir",
+                str(self.data),
+                "--json",
+                "--progress",
+                "lines",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=child_env(),
+            check=False,
         )
 
     def stop(self) -> None:
@@ -183,7 +237,9 @@ def seeded(live: tuple[Live, App], n: int = 300) -> tuple[Live, App]:
 
 
 @pytest.fixture
-def pg_app(pg_url: str, table: str, kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[Live, App]]:
+def pg_app(
+    pg_url: str, table: str, kafka_bootstrap: str, tmp_path: Path
+) -> Iterator[tuple[Live, App]]:
     topic = unique_topic("live-reconcile")
     create_topic(kafka_bootstrap, topic, partitions=2)
     app = App(pg_url, table, kafka_bootstrap, topic)
@@ -197,7 +253,9 @@ def pg_app(pg_url: str, table: str, kafka_bootstrap: str, tmp_path: Path) -> Ite
         app.close()
 
 
-def test_live_patch_never_overwrites_a_newer_live_change(pg_app: tuple[Live, App], pg_url: str, table: str) -> None:
+def test_live_patch_never_overwrites_a_newer_live_change(
+    pg_app: tuple[Live, App], pg_url: str, table: str
+) -> None:
     lv, app = seeded(pg_app)
     # Drift: rows changed without events (ids 1-10), lost deletes (11-13), lost inserts (301-305).
     app.write([("update", i, "b", 5000 + i) for i in range(1, 11)], emit=False)
@@ -211,8 +269,12 @@ def test_live_patch_never_overwrites_a_newer_live_change(pg_app: tuple[Live, App
     assert session["generation"] == "scores#1"
     fixes: list[Any] = []
     with open_store(lv.data) as store:
-        report = diff(store.aggregate("scores"), definition(table),
-                      postgres_source(pg_url, table, ["id"]), on_change=lambda e, it: fixes.append((e, it)))
+        report = diff(
+            store.aggregate("scores"),
+            definition(table),
+            postgres_source(pg_url, table, ["id"]),
+            on_change=lambda e, it: fixes.append((e, it)),
+        )
     assert (report.missing, report.extra, report.wrong) == (5, 3, 10)
 
     # 3. the race: live changes to three ids the diff is about to fix, applied before the fixes arrive
@@ -231,7 +293,12 @@ def test_live_patch_never_overwrites_a_newer_live_change(pg_app: tuple[Live, App
     # a dry run now finds nothing
     res = lv.reconcile(pg_url)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["missing"] + json.loads(res.stdout)["wrong"] + json.loads(res.stdout)["extra"] == 0
+    assert (
+        json.loads(res.stdout)["missing"]
+        + json.loads(res.stdout)["wrong"]
+        + json.loads(res.stdout)["extra"]
+        == 0
+    )
 
 
 def test_drift_signals_are_counted_and_logged(pg_app: tuple[Live, App], pg_url: str) -> None:
@@ -298,7 +365,9 @@ def test_cli_live_patch_while_events_flow_ends_exact(pg_app: tuple[Live, App], p
     t.start()
     try:
         wait_for(lambda: written[0] >= 50, "the live writer to get going")
-        res = lv.reconcile(pg_url, "--patch", "--url", lv.url, "--token", TOKEN, "--batch-size", "10")
+        res = lv.reconcile(
+            pg_url, "--patch", "--url", lv.url, "--token", TOKEN, "--batch-size", "10"
+        )
     finally:
         stop.set()
         t.join(30)
@@ -309,30 +378,63 @@ def test_cli_live_patch_while_events_flow_ends_exact(pg_app: tuple[Live, App], p
     # reconcile and skipped. Applying those anyway fails this test every time (checked by mutation).
     assert report["patched"] > 200
     # every fix the diff sent was either applied or left to the live stream
-    assert report["patched"] + report["skipped_live"] == report["missing"] + report["extra"] + report["wrong"]
+    assert (
+        report["patched"] + report["skipped_live"]
+        == report["missing"] + report["extra"] + report["wrong"]
+    )
     lv.wait_caught_up()
     assert lv.contents() == app.rows()
 
 
-def test_live_patch_refusals_say_what_to_do(pg_app: tuple[Live, App], pg_url: str, table: str, tmp_path: Path) -> None:
+def test_live_patch_refusals_say_what_to_do(
+    pg_app: tuple[Live, App], pg_url: str, table: str, tmp_path: Path
+) -> None:
     lv, app = seeded(pg_app, n=20)
     snap = tmp_path / "snap.jsonl"
-    snap.write_text("".join(json.dumps({"id": i, "game": "a", "score": i}) + "\n" for i in range(1, 21)))
+    snap.write_text(
+        "".join(json.dumps({"id": i, "game": "a", "score": i}) + "\n" for i in range(1, 21))
+    )
     base = [TALLY, "reconcile", "scores", "--definitions", str(lv.defs), "--data-dir", str(lv.data)]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=120, env=child_env(), check=False)
+        return subprocess.run(
+            [*base, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=child_env(),
+            check=False,
+        )
 
     r = run("--source", str(snap), "--patch", "--url", lv.url, "--token", TOKEN)
-    assert r.returncode == 2 and "snapshot file cannot patch a running consumer" in r.stderr, r.stderr
+    assert r.returncode == 2 and "snapshot file cannot patch a running consumer" in r.stderr, (
+        r.stderr
+    )
     r = run("--source", pg_url, "--patch")
     assert r.returncode == 1 and "--url" in r.stderr and "locked" in r.stderr, r.stderr
     r = run("--source", pg_url, "--patch", "--url", lv.url, "--token", "wrong")
     assert r.returncode == 2 and "401" in r.stderr and "Bearer" in r.stderr, r.stderr
     other = tmp_path / "other.py"
-    other.write_text(DEFS.format(table=table).replace('sum_value="score"', 'sum_value=None'))
-    r = subprocess.run([*base[:4], str(other), *base[5:], "--source", pg_url, "--patch", "--url", lv.url,
-                        "--token", TOKEN], capture_output=True, text=True, timeout=120, env=child_env(), check=False)
+    other.write_text(DEFS.format(table=table).replace('sum_value="score"', "sum_value=None"))
+    r = subprocess.run(
+        [
+            *base[:4],
+            str(other),
+            *base[5:],
+            "--source",
+            pg_url,
+            "--patch",
+            "--url",
+            lv.url,
+            "--token",
+            TOKEN,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+        check=False,
+    )
     assert r.returncode == 2 and "another definition" in r.stderr, r.stderr
     # the wire: a bad chunk is a 4xx with a reason, and an unknown session says to run again
     s = lv.client.patch_begin("scores")
@@ -343,7 +445,9 @@ def test_live_patch_refusals_say_what_to_do(pg_app: tuple[Live, App], pg_url: st
         lv.client.patch_chunk("scores", "nope", encode_fixes([]))
     assert e.value.status == 404 and "run the reconcile again" in str(e.value)
     with pytest.raises(ClientError) as e:
-        lv.client._request("POST", f"/v1/aggregates/scores/patch-sessions/{s['session']}", {"changes": []})
+        lv.client._request(
+            "POST", f"/v1/aggregates/scores/patch-sessions/{s['session']}", {"changes": []}
+        )
     assert e.value.status == 415
     assert lv.client.patch_end("scores", s["session"])["received"] == 0
     with pytest.raises(ClientError) as e:
@@ -374,7 +478,9 @@ def test_events_lost_from_the_topic_are_found_and_patched(
     lv: Live | None = None
     try:
         app.write([("insert", i, "a", i) for i in range(1, 101)])  # offsets 0-99
-        app.write([("update", i, "b", 1000 + i) for i in range(1, 51)])  # offsets 100-149: id = offset - 99
+        app.write(
+            [("update", i, "b", 1000 + i) for i in range(1, 51)]
+        )  # offsets 100-149: id = offset - 99
 
         async def lose_first(n: int) -> None:
             admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)

@@ -40,10 +40,14 @@ from oracle import assert_store_matches, expected_items
 from tally.consumers.client import ClientError, TallyClient
 from tally.consumers.runtime.deadletters import Limit, build_dead_letter
 
-DEFAULT_LIMIT = 1_048_588  # the broker's message.max.bytes (Kafka's default; scripts/kafka keeps it)
+DEFAULT_LIMIT = (
+    1_048_588  # the broker's message.max.bytes (Kafka's default; scripts/kafka keeps it)
+)
 
 
-def dead_letters(bootstrap: str, dlq: str) -> dict[int, tuple[bytes | None, bytes | None, dict[str, bytes]]]:
+def dead_letters(
+    bootstrap: str, dlq: str
+) -> dict[int, tuple[bytes | None, bytes | None, dict[str, bytes]]]:
     """The dead-letter topic read to its end: source offset → (key, value, headers).
     Asserts each source record is there at most once."""
     out: dict[int, tuple[bytes | None, bytes | None, dict[str, bytes]]] = {}
@@ -73,22 +77,36 @@ def test_every_dead_letter_fits_its_limit_and_says_what_it_lost() -> None:
     the record batch is the measure): never null/null, prefixes only, headers right."""
     rng = random.Random(3)
     cases = [(None, None), (b"k", None), (None, b"v"), (b"", b"")]
-    cases += [(rng.randbytes(rng.choice([0, 5, 300, 5000, 70_000])) if rng.random() < 0.9 else None,
-               rng.randbytes(rng.choice([0, 40, 3000, 200_000, 2_000_000]))) for _ in range(60)]
+    cases += [
+        (
+            rng.randbytes(rng.choice([0, 5, 300, 5000, 70_000])) if rng.random() < 0.9 else None,
+            rng.randbytes(rng.choice([0, 40, 3000, 200_000, 2_000_000])),
+        )
+        for _ in range(60)
+    ]
     for key, value in cases:
         for max_bytes in (700, 1500, 4096, 20_000, DEFAULT_LIMIT, 4 << 20):
             for keep in (True, False):
                 limit = Limit(max_bytes)
                 error = "é" * rng.choice([5, 3000])
-                k, v, headers = build_dead_letter("t", 2, 99, key, value, "decode", error, limit,
-                                                  keep_payload=keep)
+                k, v, headers = build_dead_letter(
+                    "t", 2, 99, key, value, "decode", error, limit, keep_payload=keep
+                )
                 h = dict(headers)
                 assert v is not None and (k is None) == (key is None)
                 assert record_size(k, v, h) <= max_bytes, (len(key or b""), len(value or b""))
                 assert (key or b"").startswith(k or b"") and (value or b"").startswith(v)
-                assert h["tally.source.key.size"] == (b"null" if key is None else str(len(key)).encode())
-                assert h["tally.source.value.size"] == (b"null" if value is None else str(len(value)).encode())
-                cut = [n for n, full, got in (("key", key, k), ("value", value, v)) if len(got or b"") < len(full or b"")]
+                assert h["tally.source.key.size"] == (
+                    b"null" if key is None else str(len(key)).encode()
+                )
+                assert h["tally.source.value.size"] == (
+                    b"null" if value is None else str(len(value)).encode()
+                )
+                cut = [
+                    n
+                    for n, full, got in (("key", key, k), ("value", value, v))
+                    if len(got or b"") < len(full or b"")
+                ]
                 assert h.get("tally.truncated") == (",".join(cut).encode() if cut else None)
                 h["tally.error"].decode("utf-8")  # whole characters only
                 if keep and max_bytes >= 20_000 and len(key or b"") + len(value or b"") < 10_000:
@@ -106,7 +124,8 @@ def test_null_key_and_value_is_dead_lettered_once_across_restarts(
     stream = RowStream(seed=1, n_ids=200)
     first, second = stream.take(400), stream.take(400)
     placed = produce(
-        kafka_bootstrap, topic,
+        kafka_bootstrap,
+        topic,
         [*native_records(first, seed=1), (None, None), *native_records(second, seed=2)],
     )
     null_at = placed[400][1]
@@ -156,8 +175,14 @@ def test_a_dead_letter_over_the_limit_is_truncated_with_its_sizes(
     stream = RowStream(seed=2, n_ids=200)
     before, after = stream.take(300), stream.take(300)
     placed = produce(
-        kafka_bootstrap, topic,
-        [*native_records(before, seed=1), (big_key, big), (b"1", ghost), *native_records(after, seed=2)],
+        kafka_bootstrap,
+        topic,
+        [
+            *native_records(before, seed=1),
+            (big_key, big),
+            (b"1", ghost),
+            *native_records(after, seed=2),
+        ],
     )
     big_at, ghost_at = placed[300][1], placed[301][1]
 
@@ -165,8 +190,10 @@ def test_a_dead_letter_over_the_limit_is_truncated_with_its_sizes(
         try:
             run_consume(defs_path, topic, data, kafka_bootstrap, timeout=120)
         except subprocess.TimeoutExpired as e:
-            raise AssertionError(f"run {run}: the consumer never caught up (stalled on the dead letter?)\n"
-                                 f"{(e.stderr or b'')[-3000:]!r}") from None
+            raise AssertionError(
+                f"run {run}: the consumer never caught up (stalled on the dead letter?)\n"
+                f"{(e.stderr or b'')[-3000:]!r}"
+            ) from None
         with open_store(data) as store:
             assert_store_matches(store, defs, expected_items(before + after, defs))
         got = dead_letters(kafka_bootstrap, f"{topic}.dlq")
@@ -184,7 +211,9 @@ def test_a_dead_letter_over_the_limit_is_truncated_with_its_sizes(
     assert_headers(h, topic, ghost_at, "unknown-table")
     assert (key, value) == (b"1", ghost) and "tally.truncated" not in h
     error = h["tally.error"]
-    assert 3900 < len(error) <= 4000 and error.decode("utf-8").count("é") > 1000  # cut between characters
+    assert (
+        3900 < len(error) <= 4000 and error.decode("utf-8").count("é") > 1000
+    )  # cut between characters
 
 
 def test_records_over_a_mebibyte_keep_what_the_dead_letter_topic_allows(
@@ -200,11 +229,20 @@ def test_records_over_a_mebibyte_keep_what_the_dead_letter_topic_allows(
         topic = unique_topic(f"poison-huge-{case}")
         create_topic(kafka_bootstrap, topic, configs={"max.message.bytes": str(4 << 20)})
         if dlq_limit is not None:
-            create_topic(kafka_bootstrap, f"{topic}.dlq", configs={"max.message.bytes": str(dlq_limit)})
-        key, value = b"[" + rng.randbytes(1 << 20), b"{" + rng.randbytes(2 << 20)  # the key is no id either
+            create_topic(
+                kafka_bootstrap, f"{topic}.dlq", configs={"max.message.bytes": str(dlq_limit)}
+            )
+        key, value = (
+            b"[" + rng.randbytes(1 << 20),
+            b"{" + rng.randbytes(2 << 20),
+        )  # the key is no id either
         events = stream.take(200)
-        placed = produce(kafka_bootstrap, topic, [(key, value), *native_records(events, seed=4)],
-                         max_request_size=5 << 20)
+        placed = produce(
+            kafka_bootstrap,
+            topic,
+            [(key, value), *native_records(events, seed=4)],
+            max_request_size=5 << 20,
+        )
         at = placed[0][1]
         data = tmp_path / f"data-{case}"
         for _ in range(2):
@@ -273,8 +311,11 @@ def _delete_topic(bootstrap: str, topic: str) -> None:
 
 
 def _not_ready_body(url: str, aggregate: str) -> dict[str, Any]:
-    req = urllib.request.Request(f"{url}/v1/aggregates/{aggregate}/count", data=b"{}",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}/v1/aggregates/{aggregate}/count",
+        data=b"{}",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             raise AssertionError(f"{aggregate} answered {r.status}: {r.read()!r}")
@@ -302,32 +343,51 @@ def test_an_unwritable_dead_letter_topic_is_reported_and_recovers(
     stream = RowStream(seed=5, n_ids=300)
     before, after = stream.take(2000), stream.take(500)
     placed = produce(
-        kafka_bootstrap, topic,
+        kafka_bootstrap,
+        topic,
         [*native_records(before, seed=1), (b"x", b"not an event"), *native_records(after, seed=2)],
     )
     bad_at, total = placed[2000][1], len(placed)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "consume.log"
-    args = [a for a in consume_args(defs_path, topic, data, kafka_bootstrap, until_caught_up=False)
-            if a != "--no-http"]
+    args = [
+        a
+        for a in consume_args(defs_path, topic, data, kafka_bootstrap, until_caught_up=False)
+        if a != "--no-http"
+    ]
     with open(log, "ab") as f:
-        proc = subprocess.Popen([*args, "--http", f"127.0.0.1:{port}", "--replay-batch-size", "200"],
-                                stdout=subprocess.DEVNULL, stderr=f, env=child_env(), cwd=str(tmp_path))
+        proc = subprocess.Popen(
+            [*args, "--http", f"127.0.0.1:{port}", "--replay-batch-size", "200"],
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            env=child_env(),
+            cwd=str(tmp_path),
+        )
     client = TallyClient(url, timeout=10)
     try:
+
         def failing() -> dict[str, Any] | None:
             assert proc.poll() is None, f"consumer exited {proc.returncode}:\n{tail(log)}"
             dl = client.status()["dead_letter"]
             return dl if dl["state"] == "failing" and dl["attempts"] >= 2 else None
 
-        dl = wait_for(failing, "/status to report the dead-letter topic failing twice", 120,
-                      swallow=(ClientError,))
+        dl = wait_for(
+            failing,
+            "/status to report the dead-letter topic failing twice",
+            120,
+            swallow=(ClientError,),
+        )
         assert dl["topic"] == dlq and dl["records"] == 1 and dl["since"], dl
-        assert "did not create it" in dl["reason"] and f"collides with the existing topic {clash!r}" in dl["reason"], dl
+        assert (
+            "did not create it" in dl["reason"]
+            and f"collides with the existing topic {clash!r}" in dl["reason"]
+        ), dl
         ready = client.readyz()
         assert ready["status"] == "not_ready", ready
-        assert f"dead-letter topic {dlq!r} unwritable" in ready["reason"] and clash in ready["reason"], ready
+        assert (
+            f"dead-letter topic {dlq!r} unwritable" in ready["reason"] and clash in ready["reason"]
+        ), ready
 
         # Held at the bad record: nothing committed, the batches before it gathered in memory
         # (the replay retries the batch after a 2 s pause, its fetch long done by then, so it
@@ -345,8 +405,11 @@ def test_an_unwritable_dead_letter_topic_is_reported_and_recovers(
         assert f"{p['read']:,} of {total:,} events read" in err["message"], err
 
         text = log.read_text()
-        started = log_events(text, "dead-letter topic unwritable; holding the batch (nothing after it "
-                                   "commits) until the write succeeds")
+        started = log_events(
+            text,
+            "dead-letter topic unwritable; holding the batch (nothing after it "
+            "commits) until the write succeeds",
+        )
         assert len(started) == 1 and clash in started[0]["reason"], tail(log)
 
         _delete_topic(kafka_bootstrap, clash)
@@ -354,10 +417,18 @@ def test_an_unwritable_dead_letter_topic_is_reported_and_recovers(
         def recovered() -> bool:
             assert proc.poll() is None, f"consumer exited {proc.returncode}:\n{tail(log)}"
             s = client.status()
-            return (s["dead_letter"]["state"] == "ok" and s["caught_up"]
-                    and all(a["state"] == "ready" for a in s["aggregates"]))
+            return (
+                s["dead_letter"]["state"] == "ok"
+                and s["caught_up"]
+                and all(a["state"] == "ready" for a in s["aggregates"])
+            )
 
-        wait_for(recovered, "the dead letter written and the aggregates ready", 120, swallow=(ClientError,))
+        wait_for(
+            recovered,
+            "the dead letter written and the aggregates ready",
+            120,
+            swallow=(ClientError,),
+        )
         assert client.readyz()["status"] == "ready"
         want = expected_items(before + after, defs)
         assert client.count("scores") == sum(len(items) for items in want["scores"].values())
@@ -369,7 +440,9 @@ def test_an_unwritable_dead_letter_topic_is_reported_and_recovers(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise AssertionError(f"the consumer did not stop within 30 s of SIGTERM:\n{tail(log)}") from None
+            raise AssertionError(
+                f"the consumer did not stop within 30 s of SIGTERM:\n{tail(log)}"
+            ) from None
     assert proc.returncode == 0, tail(log)
     with open_store(data) as store:
         assert_store_matches(store, defs, expected_items(before + after, defs))
@@ -377,9 +450,19 @@ def test_an_unwritable_dead_letter_topic_is_reported_and_recovers(
     assert set(got) == {bad_at}
     assert got[bad_at][:2] == (b"x", b"not an event")
     text = log.read_text()
-    assert len(log_events(text, "dead-letter writes recovered; the held batch commits")) == 1, tail(log)
-    assert len(log_events(text, "dead-letter topic unwritable; holding the batch (nothing after it "
-                                "commits) until the write succeeds")) == 1, tail(log)
+    assert len(log_events(text, "dead-letter writes recovered; the held batch commits")) == 1, tail(
+        log
+    )
+    assert (
+        len(
+            log_events(
+                text,
+                "dead-letter topic unwritable; holding the batch (nothing after it "
+                "commits) until the write succeeds",
+            )
+        )
+        == 1
+    ), tail(log)
 
 
 def test_a_dead_letter_topic_kafka_cannot_have_is_refused_at_start(tmp_path: Path) -> None:
@@ -389,8 +472,11 @@ def test_a_dead_letter_topic_kafka_cannot_have_is_refused_at_start(tmp_path: Pat
         ("x" * 250, "249"),
         ("{topic}", "a topic this consumer reads"),
     ):
-        args = consume_args(defs_path, "orders", tmp_path / "data", "127.0.0.1:1", "--dlq-topic", pattern)
-        res = subprocess.run(args, capture_output=True, text=True, timeout=60, env=child_env(), check=False)
+        args = consume_args(
+            defs_path, "orders", tmp_path / "data", "127.0.0.1:1", "--dlq-topic", pattern
+        )
+        res = subprocess.run(
+            args, capture_output=True, text=True, timeout=60, env=child_env(), check=False
+        )
         assert res.returncode == 2, (pattern, res.stdout, res.stderr)
         assert says in res.stderr and "--dlq-topic" in res.stderr, (pattern, res.stderr)
-

@@ -178,7 +178,9 @@ def test_ops_and_ids_round_trip_on_three_partitions(kafka_bootstrap: str, fmt: s
 
     for i in range(30):
         # the source op travels too: insert → "c", update → "u", delete → "d"
-        expect: list[ChangeEvent] = [ChangeEvent("scores", "upsert", i, {"id": i, "score": i * 10}, op="c")]
+        expect: list[ChangeEvent] = [
+            ChangeEvent("scores", "upsert", i, {"id": i, "score": i * 10}, op="c")
+        ]
         if i % 3 == 0:
             expect.append(ChangeEvent("scores", "upsert", i, {"id": i, "score": -i}, op="u"))
         if i % 5 == 0:
@@ -409,7 +411,9 @@ def test_cli_jsonl_rows_and_events(
     assert len(records) == 54
     assert_one_partition_per_key(records)
     events = by_id(records)
-    assert events[0] == [ChangeEvent("scores", "upsert", 0, {"id": 0, "name": "n0", "score": 0.0}, op="c")]
+    assert events[0] == [
+        ChangeEvent("scores", "upsert", 0, {"id": 0, "name": "n0", "score": 0.0}, op="c")
+    ]
     assert [e.row for e in events[3]] == [
         {"id": 3, "name": "n3", "score": 1.5},
         {"id": 3, "name": "n3", "score": 99},
@@ -543,7 +547,9 @@ def test_cli_publishes_a_slow_pipe_as_lines_arrive(kafka_bootstrap: str) -> None
             proc.stdin.flush()
             wait_for(  # published while stdin stays open
                 lambda n=i + 1: len(read_all(kafka_bootstrap, topic)) >= n,
-                f"event {i} to be published while the pipe is open", timeout=20, every=0.1,
+                f"event {i} to be published while the pipe is open",
+                timeout=20,
+                every=0.1,
             )
         proc.stdin.close()  # end of input
         rc = wait_exit(proc, "tally produce did not exit at the end of its input", 30)

@@ -212,7 +212,9 @@ def test_progress_reports_rows_and_differences(tmp_path: Path) -> None:
         agg = store.aggregate("t")
         src = [{"id": i, "k": i} for i in range(1, 251)]
         seen: list[tuple[int, int]] = []
-        rep = diff(agg, d, keyed(d, src), progress=lambda r, n: seen.append((r, n)), progress_every=100)
+        rep = diff(
+            agg, d, keyed(d, src), progress=lambda r, n: seen.append((r, n)), progress_every=100
+        )
         # every 100 rows, then once at the end with the final counts
         assert seen == [(100, 100), (200, 200), (250, 250)]
         assert rep.differences == 250

@@ -33,7 +33,13 @@ def test_progress_counts_the_chunk_being_gathered() -> None:
     s = _stream()
     a, b = s.tps
     p = s.progress()
-    assert (p["read"], p["pending"], p["replayed"], p["total"], p["percent"]) == (0, 0, 0, 1000, 0.0)
+    assert (p["read"], p["pending"], p["replayed"], p["total"], p["percent"]) == (
+        0,
+        0,
+        0,
+        1000,
+        0.0,
+    )
 
     # Two batches gathered, nothing committed yet.
     s.pending = types.SimpleNamespace(events=250)
@@ -47,7 +53,13 @@ def test_progress_counts_the_chunk_being_gathered() -> None:
     s.events += 250
     s.pending, s.pending_offsets = types.SimpleNamespace(events=300), {a: 450}
     p = s.progress()
-    assert (p["read"], p["pending"], p["replayed"], p["events"], p["percent"]) == (550, 300, 250, 550, 55.0)
+    assert (p["read"], p["pending"], p["replayed"], p["events"], p["percent"]) == (
+        550,
+        300,
+        250,
+        550,
+        55.0,
+    )
 
 
 def test_not_ready_says_how_much_is_read() -> None:
@@ -61,4 +73,6 @@ def test_not_ready_says_how_much_is_read() -> None:
     with pytest.raises(AggregateNotReady, match="400 of 1,000 events read"):
         g.resolve("scores", partial=False)
     with pytest.raises(AggregateNotReady, match="replay starting"):
-        Generation(building="scores#1", progress={"stream": "replay-1"}).resolve("scores", partial=False)
+        Generation(building="scores#1", progress={"stream": "replay-1"}).resolve(
+            "scores", partial=False
+        )

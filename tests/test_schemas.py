@@ -62,7 +62,9 @@ def pg_source(**changes: Any) -> dict[str, Any]:
     return source
 
 
-def pg_envelope(op: str = "c", before: Any = None, after: Any = PG_ROW, **source: Any) -> dict[str, Any]:
+def pg_envelope(
+    op: str = "c", before: Any = None, after: Any = PG_ROW, **source: Any
+) -> dict[str, Any]:
     return {
         "before": before,
         "after": after,
@@ -76,7 +78,12 @@ def pg_envelope(op: str = "c", before: Any = None, after: Any = PG_ROW, **source
 
 
 MYSQL_DELETE = {
-    "before": {"id": 1004, "first_name": "Anne Marie", "last_name": "Kretchmar", "email": "annek@noanswer.org"},
+    "before": {
+        "id": 1004,
+        "first_name": "Anne Marie",
+        "last_name": "Kretchmar",
+        "email": "annek@noanswer.org",
+    },
     "after": None,
     "source": {
         "version": "2.5.0.Final",
@@ -123,8 +130,20 @@ KEY_SCHEMA = {
 VALUE_SCHEMA = {
     "type": "struct",
     "fields": [
-        {"type": "struct", "fields": _ROW_FIELDS, "optional": True, "name": "PostgreSQL_server.public.customers.Value", "field": "before"},
-        {"type": "struct", "fields": _ROW_FIELDS, "optional": True, "name": "PostgreSQL_server.public.customers.Value", "field": "after"},
+        {
+            "type": "struct",
+            "fields": _ROW_FIELDS,
+            "optional": True,
+            "name": "PostgreSQL_server.public.customers.Value",
+            "field": "before",
+        },
+        {
+            "type": "struct",
+            "fields": _ROW_FIELDS,
+            "optional": True,
+            "name": "PostgreSQL_server.public.customers.Value",
+            "field": "after",
+        },
         {
             "type": "struct",
             "fields": [
@@ -177,22 +196,37 @@ def dec() -> EventDecoder:
 
 def test_native_json_round_trip_decodes_to_the_same_event() -> None:
     event = NativeEvent(
-        table="scores", op="update", id=7, after={"id": 7, "score": 67.5}, position="0/16B3748", ts_ms=1700000000000
+        table="scores",
+        op="update",
+        id=7,
+        after={"id": 7, "score": 67.5},
+        position="0/16B3748",
+        ts_ms=1700000000000,
     )
     data = encode_native(event, "json")
     assert data.startswith(b"{")
     assert decode_native(data) == event
     out = EventDecoder().decode(None, data, "scores")
-    assert out == ChangeEvent("scores", "upsert", 7, {"id": 7, "score": 67.5}, "0/16B3748", 1700000000000, "u")
+    assert out == ChangeEvent(
+        "scores", "upsert", 7, {"id": 7, "score": 67.5}, "0/16B3748", 1700000000000, "u"
+    )
 
 
 def test_native_msgpack_round_trip_decodes_to_the_same_event() -> None:
-    event = NativeEvent(table="scores", op="insert", id=b"\x00raw-id", after={"id": 1, "tags": ["a", "b"]}, position=99)
+    event = NativeEvent(
+        table="scores",
+        op="insert",
+        id=b"\x00raw-id",
+        after={"id": 1, "tags": ["a", "b"]},
+        position=99,
+    )
     data = encode_native(event, "msgpack")
     assert data[0] >= 0x80  # a msgpack map, never mistaken for JSON text
     assert decode_native(data) == event
     out = EventDecoder().decode(None, data, "scores")
-    assert out == ChangeEvent("scores", "upsert", b"\x00raw-id", {"id": 1, "tags": ["a", "b"]}, 99, None, "c")
+    assert out == ChangeEvent(
+        "scores", "upsert", b"\x00raw-id", {"id": 1, "tags": ["a", "b"]}, 99, None, "c"
+    )
 
 
 def test_native_encoding_omits_unset_fields() -> None:
@@ -207,7 +241,8 @@ def test_encode_native_rejects_an_unknown_format() -> None:
 
 @pytest.mark.parametrize("fmt", ["json", "msgpack"])
 @pytest.mark.parametrize(
-    ("op", "kind"), [("insert", "upsert"), ("update", "upsert"), ("delete", "delete"), ("truncate", "truncate")]
+    ("op", "kind"),
+    [("insert", "upsert"), ("update", "upsert"), ("delete", "delete"), ("truncate", "truncate")],
 )
 def test_native_ops_map_to_change_kinds(fmt: str, op: str, kind: str) -> None:
     after = {"id": 3, "v": 1} if op in ("insert", "update") else None
@@ -313,7 +348,9 @@ def test_debezium_create_update_read_are_upserts(dec: EventDecoder, op: str) -> 
 
 def test_mysql_delete_envelope_is_a_delete_at_binlog_position(dec: EventDecoder) -> None:
     out = dec.decode(enc({"id": 1004}), enc(MYSQL_DELETE), MYSQL_TOPIC)
-    assert out == ChangeEvent("customers", "delete", 1004, None, ("mysql-bin.000003", 805, 0), 1465581029100, "d")
+    assert out == ChangeEvent(
+        "customers", "delete", 1004, None, ("mysql-bin.000003", 805, 0), 1465581029100, "d"
+    )
 
 
 def test_debezium_delete_without_key_reads_the_before_image(dec: EventDecoder) -> None:
@@ -342,7 +379,11 @@ def test_sql_server_envelope_position_is_the_change_lsn(dec: EventDecoder) -> No
         "ts_ms": 1559729471739,
     }
     out = dec.decode(enc({"id": 1005}), enc(envelope), "server1.testDB.dbo.customers")
-    assert (out.table, out.position, out.ts_ms) == ("customers", "00000027:00000758:0003", 1559729468470)
+    assert (out.table, out.position, out.ts_ms) == (
+        "customers",
+        "00000027:00000758:0003",
+        1559729468470,
+    )
 
 
 def test_schema_wrapped_envelope_decodes_like_the_bare_one(dec: EventDecoder) -> None:
@@ -419,7 +460,10 @@ def test_logical_decoding_message_is_ignored_without_table_errors() -> None:
     strict = EventDecoder(known_tables={"customers"})
     out = strict.decode(enc({"prefix": "foo"}), enc(PG_MESSAGE), "PostgreSQL_server.message")
     assert out == ChangeEvent("", "ignore", None, None, 46523128, 1559033904863)
-    assert strict.decode(enc({"prefix": "foo"}), wrap(PG_MESSAGE), "PostgreSQL_server.message").kind == "ignore"
+    assert (
+        strict.decode(enc({"prefix": "foo"}), wrap(PG_MESSAGE), "PostgreSQL_server.message").kind
+        == "ignore"
+    )
 
 
 # ============================================================== tombstones
@@ -444,7 +488,9 @@ def test_tombstone_with_ambiguous_or_no_known_table_is_missing_table() -> None:
         assert f"--topic TABLE={PG_TOPIC}" in str(exc.value)
 
 
-@pytest.mark.parametrize("k", [None, b"", b"null", b"{}", enc({"schema": KEY_SCHEMA, "payload": None})])
+@pytest.mark.parametrize(
+    "k", [None, b"", b"null", b"{}", enc({"schema": KEY_SCHEMA, "payload": None})]
+)
 def test_tombstone_without_a_usable_key_is_missing_id(k: bytes | None) -> None:
     with pytest.raises(BadRecord) as exc:
         EventDecoder(topic_tables={PG_TOPIC: "customers"}).decode(k, None, PG_TOPIC)
@@ -458,7 +504,10 @@ def test_json_null_value_and_null_payload_act_as_tombstones() -> None:
     assert d.decode(key(1), b"null", PG_TOPIC) == expected
     # ExtractNewRecordState's default delete.tombstone.handling.mode=tombstone with schemas
     # enabled writes a null payload (tests/data/debezium: unwrap_tombstone_schemas_on).
-    assert d.decode(wrapped_key(1), wrap(None, schema={"type": "struct", "optional": True}), PG_TOPIC) == expected
+    assert (
+        d.decode(wrapped_key(1), wrap(None, schema={"type": "struct", "optional": True}), PG_TOPIC)
+        == expected
+    )
 
 
 # ============================================ ExtractNewRecordState (unwrapped)
@@ -466,7 +515,9 @@ def test_json_null_value_and_null_payload_act_as_tombstones() -> None:
 
 def test_unwrapped_rewrite_delete_is_a_delete() -> None:
     d = EventDecoder(topic_tables={"dbserver1.public.t": "t"})
-    out = d.decode(enc({"pk": 2}), enc({"pk": 2, "cola": None, "__deleted": "true"}), "dbserver1.public.t")
+    out = d.decode(
+        enc({"pk": 2}), enc({"pk": 2, "cola": None, "__deleted": "true"}), "dbserver1.public.t"
+    )
     assert (out.table, out.kind, out.id, out.row, out.op) == ("t", "delete", 2, None, "d")
     # without __op an unwrapped row does not say whether it was an insert or an update
     out = d.decode(enc({"pk": 2}), enc({"pk": 2, "cola": 1}), "dbserver1.public.t")
@@ -474,14 +525,28 @@ def test_unwrapped_rewrite_delete_is_a_delete() -> None:
 
 
 def test_unwrapped_row_metadata_fields_are_read_and_stripped(dec: EventDecoder) -> None:
-    value = {**PG_ROW, "__op": "u", "__table": "customers", "__lsn": 24023128, "__source_ts_ms": 1559033904863, "__deleted": "false"}
+    value = {
+        **PG_ROW,
+        "__op": "u",
+        "__table": "customers",
+        "__lsn": 24023128,
+        "__source_ts_ms": 1559033904863,
+        "__deleted": "false",
+    }
     out = dec.decode(key(1), enc(value), PG_TOPIC)
     assert out == ChangeEvent("customers", "upsert", 1, PG_ROW, 24023128, 1559033904863, "u")
     assert not any(name.startswith("__") for name in out.row or {})
 
 
 def test_unwrapped_row_strips_every_double_underscore_field(dec: EventDecoder) -> None:
-    value = {"__db": "inventory", **PG_ROW, "__table": "customers", "__file": "mysql-bin.000003", "__pos": 805, "__ts_ms": 7}
+    value = {
+        "__db": "inventory",
+        **PG_ROW,
+        "__table": "customers",
+        "__file": "mysql-bin.000003",
+        "__pos": 805,
+        "__ts_ms": 7,
+    }
     out = dec.decode(None, enc(value), MYSQL_TOPIC)
     assert out.row == PG_ROW
     assert (out.position, out.ts_ms, out.id) == (("mysql-bin.000003", 805), 7, 1)
@@ -508,7 +573,12 @@ def test_unwrapped_op_d_is_a_delete_even_without_deleted_flag(dec: EventDecoder)
 
 def test_unwrapped_schema_wrapped_row_decodes_like_the_bare_row(dec: EventDecoder) -> None:
     value = {**PG_ROW, "__deleted": "true", "__table": "customers", "__db": "postgres"}
-    row_schema = {"type": "struct", "fields": _ROW_FIELDS, "optional": False, "name": "PostgreSQL_server.public.customers.Value"}
+    row_schema = {
+        "type": "struct",
+        "fields": _ROW_FIELDS,
+        "optional": False,
+        "name": "PostgreSQL_server.public.customers.Value",
+    }
     out = dec.decode(wrapped_key(1), wrap(value, schema=row_schema), PG_TOPIC)
     assert out == dec.decode(key(1), enc(value), PG_TOPIC)
     assert (out.kind, out.table, out.id) == ("delete", "customers", 1)
@@ -529,7 +599,9 @@ def test_unwrapped_bad_metadata_types_report_the_path(dec: EventDecoder) -> None
 
 def test_unwrapped_op_t_and_m_are_truncate_and_ignore(dec: EventDecoder) -> None:
     assert dec.decode(None, enc({"__op": "t", "__table": "customers"}), PG_TOPIC).kind == "truncate"
-    assert dec.decode(None, enc({"__op": "m"}), "x.message") == ChangeEvent("", "ignore", None, None)
+    assert dec.decode(None, enc({"__op": "m"}), "x.message") == ChangeEvent(
+        "", "ignore", None, None
+    )
 
 
 def test_unwrapped_string_values_starting_with_underscores_are_kept(dec: EventDecoder) -> None:
@@ -575,7 +647,7 @@ def test_key_struct_missing_configured_id_fields_is_missing_id() -> None:
     [
         (b"42", 42),
         (b'"user-7"', "user-7"),
-        (b"[1, \"a\"]", (1, "a")),
+        (b'[1, "a"]', (1, "a")),
         (b"user-7", "user-7"),  # not JSON: UTF-8 text
         ("héllo".encode(), "héllo"),
         (b"\xff\xfe\x00", b"\xff\xfe\x00"),  # not UTF-8: raw bytes
@@ -606,7 +678,9 @@ def test_missing_row_id_field_is_missing_id(dec: EventDecoder) -> None:
     assert reason(exc) == "missing-id"
     assert "['id']" in str(exc.value)
     with pytest.raises(BadRecord) as exc:
-        EventDecoder(id_fields={"customers": ["a", "b"]}).decode(None, enc(pg_envelope(after={"a": 1})), PG_TOPIC)
+        EventDecoder(id_fields={"customers": ["a", "b"]}).decode(
+            None, enc(pg_envelope(after={"a": 1})), PG_TOPIC
+        )
     assert reason(exc) == "missing-id"
     assert "['b']" in str(exc.value)
 
@@ -692,7 +766,18 @@ def test_missing_table_message_says_how_to_map_the_topic(dec: EventDecoder) -> N
 
 @pytest.mark.parametrize(
     "value",
-    [b"", b"not json", b"{", b"[1, 2]", b'"text"', b"12", b"\xc1", b"\x92\x01\x02", b"{} trailing", b"\x00"],
+    [
+        b"",
+        b"not json",
+        b"{",
+        b"[1, 2]",
+        b'"text"',
+        b"12",
+        b"\xc1",
+        b"\x92\x01\x02",
+        b"{} trailing",
+        b"\x00",
+    ],
 )
 def test_malformed_values_are_decode_errors(dec: EventDecoder, value: bytes) -> None:
     with pytest.raises(BadRecord) as exc:
@@ -729,7 +814,9 @@ def test_bad_record_is_a_tally_error_with_a_reason() -> None:
 
 def test_buffer_values_are_accepted(dec: EventDecoder) -> None:
     value = enc(pg_envelope())
-    assert dec.decode(key(1), bytearray(value), PG_TOPIC) == dec.decode(key(1), memoryview(value), PG_TOPIC)
+    assert dec.decode(key(1), bytearray(value), PG_TOPIC) == dec.decode(
+        key(1), memoryview(value), PG_TOPIC
+    )
 
 
 # ============================================================ configuration
@@ -760,14 +847,20 @@ def test_debezium_envelope_struct_decodes_the_documented_shape() -> None:
     env = msgspec.json.decode(enc(MYSQL_DELETE), type=DebeziumEnvelope)
     assert env.op == "d"
     assert env.source is not None
-    assert (env.source.table, env.source.file, env.source.pos) == ("customers", "mysql-bin.000003", 805)
+    assert (env.source.table, env.source.file, env.source.pos) == (
+        "customers",
+        "mysql-bin.000003",
+        805,
+    )
 
 
 # ================================================================== fuzzing
 
 FORMATS = ("auto", "native", "debezium")
 DECODERS = [
-    EventDecoder(format=f, id_fields={"customers": ["id"]}, topic_tables={"t": "customers"}, known_tables=k)
+    EventDecoder(
+        format=f, id_fields={"customers": ["id"]}, topic_tables={"t": "customers"}, known_tables=k
+    )
     for f in FORMATS
     for k in (None, {"customers", "orders"})
 ]
@@ -776,7 +869,22 @@ KEYS = [
     "op", "table", "id", "after", "before", "source", "payload", "schema", "position", "ts_ms", "message",
     "lsn", "file", "pos", "__deleted", "__op", "__table", "__lsn", "__source_ts_ms", "__ts_ms", "__file", "__pos",
 ]  # fmt: skip
-WORDS = ["c", "u", "d", "r", "t", "m", "insert", "update", "delete", "truncate", "true", "false", "customers", ""]
+WORDS = [
+    "c",
+    "u",
+    "d",
+    "r",
+    "t",
+    "m",
+    "insert",
+    "update",
+    "delete",
+    "truncate",
+    "true",
+    "false",
+    "customers",
+    "",
+]
 
 json_scalars = (
     st.none()
@@ -788,7 +896,10 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), inner, max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), inner, max_size=6)
+    ),
     max_leaves=25,
 )
 keys = st.none() | st.binary(max_size=24) | json_values.map(lambda v: json.dumps(v).encode())
@@ -799,7 +910,14 @@ def check(decoder: EventDecoder, k: bytes | None, value: bytes | None, topic: st
     try:
         out = decoder.decode(k, value, topic)
     except BadRecord as exc:
-        assert exc.reason in {"decode", "missing-id", "unknown-table", "missing-table", "unsupported-op", "missing-after"}
+        assert exc.reason in {
+            "decode",
+            "missing-id",
+            "unknown-table",
+            "missing-table",
+            "unsupported-op",
+            "missing-after",
+        }
         assert str(exc)
         # Only the last-resort handler chains a cause: none of the decoder's own
         # code paths may have failed with an unexpected exception.
@@ -830,7 +948,9 @@ def test_fuzz_arbitrary_bytes_only_raise_bad_record(k: bytes | None, value: byte
 
 @FUZZ
 @given(k=keys, doc=json_values, ascii_only=st.booleans())
-def test_fuzz_arbitrary_json_only_raises_bad_record(k: bytes | None, doc: Any, ascii_only: bool) -> None:
+def test_fuzz_arbitrary_json_only_raises_bad_record(
+    k: bytes | None, doc: Any, ascii_only: bool
+) -> None:
     data = json.dumps(doc, ensure_ascii=ascii_only).encode()
     wrapped = json.dumps({"schema": {"type": "struct"}, "payload": doc}).encode()
     for decoder in DECODERS:
@@ -861,7 +981,17 @@ VALID: list[tuple[bytes | None, Any]] = [
     (enc({"prefix": "foo"}), PG_MESSAGE),
     (wrapped_key(1), {"schema": VALUE_SCHEMA, "payload": pg_envelope("u", before={"id": 1})}),
     (key(1), {**PG_ROW, "__deleted": "true", "__table": "customers", "__lsn": 5}),
-    (None, {"table": "customers", "op": "update", "id": [1, "a"], "after": {"id": 1}, "position": 3, "ts_ms": 4}),
+    (
+        None,
+        {
+            "table": "customers",
+            "op": "update",
+            "id": [1, "a"],
+            "after": {"id": 1},
+            "position": 3,
+            "ts_ms": 4,
+        },
+    ),
     (None, {"table": "customers", "op": "delete", "before": {"id": 1}}),
 ]
 
@@ -887,7 +1017,9 @@ def _mutate(doc: Any, data: st.DataObject, depth: int = 0) -> Any:
 
 @FUZZ
 @given(index=st.integers(0, len(VALID) - 1), rounds=st.integers(1, 3), data=st.data())
-def test_fuzz_mutated_valid_events_only_raise_bad_record(index: int, rounds: int, data: st.DataObject) -> None:
+def test_fuzz_mutated_valid_events_only_raise_bad_record(
+    index: int, rounds: int, data: st.DataObject
+) -> None:
     k, doc = VALID[index]
     doc = copy.deepcopy(doc)
     for _ in range(rounds):
@@ -899,7 +1031,9 @@ def test_fuzz_mutated_valid_events_only_raise_bad_record(index: int, rounds: int
 
 @FUZZ
 @given(index=st.integers(0, len(VALID) - 1), data=st.data())
-def test_fuzz_byte_mutations_of_valid_events_only_raise_bad_record(index: int, data: st.DataObject) -> None:
+def test_fuzz_byte_mutations_of_valid_events_only_raise_bad_record(
+    index: int, data: st.DataObject
+) -> None:
     k, doc = VALID[index]
     raw = bytearray(enc(doc))
     for _ in range(data.draw(st.integers(1, 4))):
@@ -920,4 +1054,13 @@ def test_fuzz_byte_mutations_of_valid_events_only_raise_bad_record(index: int, d
 def test_valid_samples_all_decode() -> None:
     d = EventDecoder(topic_tables={PG_TOPIC: "customers"})
     kinds = [d.decode(k, enc(doc), PG_TOPIC).kind for k, doc in VALID]
-    assert kinds == ["upsert", "delete", "truncate", "ignore", "upsert", "delete", "upsert", "delete"]
+    assert kinds == [
+        "upsert",
+        "delete",
+        "truncate",
+        "ignore",
+        "upsert",
+        "delete",
+        "upsert",
+        "delete",
+    ]

@@ -56,7 +56,9 @@ def test_inserts_after_a_truncate_survive_it_even_when_applied_first(tmp_path: P
 
 def test_a_change_from_before_the_truncate_arriving_later_is_not_applied(tmp_path: Path) -> None:
     with Store.open(str(tmp_path)) as store:
-        apply_batches(store, [[up(1, 10, 1)], [truncate(5)], [up(2, 20, 3), delete(7, 4), up(4, 40, 6)]])
+        apply_batches(
+            store, [[up(1, 10, 1)], [truncate(5)], [up(2, 20, 3), delete(7, 4), up(4, 40, 6)]]
+        )
         assert items(store) == {4: 40}
         assert store.aggregate("scores").watermark() is not None
 
@@ -77,7 +79,9 @@ def test_an_unchanged_item_changed_after_the_truncate_survives(tmp_path: Path) -
 
 def test_without_positions_truncates_apply_in_arrival_order(tmp_path: Path) -> None:
     with Store.open(str(tmp_path)) as store:
-        apply_batches(store, [[up(1, 10, None)], [up(2, 20, None), truncate(None), up(3, 30, None)]])
+        apply_batches(
+            store, [[up(1, 10, None)], [up(2, 20, None), truncate(None), up(3, 30, None)]]
+        )
         assert items(store) == {3: 30}
 
 
@@ -115,7 +119,9 @@ def histories(draw: st.DrawFn) -> tuple[list[Step], int, int, list[int]]:
     return steps, partitions, seed, cuts
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(histories())
 def test_any_interleaving_of_partitions_gives_the_source_order_state(
     tmp_path_factory: Any, history: tuple[list[Step], int, int, list[int]]

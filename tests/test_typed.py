@@ -28,8 +28,12 @@ SCHEMA_FIELDS = [
         "parameters": {"scale": "2", "connect.decimal.precision": "12"},
         "field": "amount",
     },
-    {"type": "struct", "name": "io.debezium.data.VariableScaleDecimal", "field": "ratio",
-     "fields": [{"type": "int32", "field": "scale"}, {"type": "bytes", "field": "value"}]},
+    {
+        "type": "struct",
+        "name": "io.debezium.data.VariableScaleDecimal",
+        "field": "ratio",
+        "fields": [{"type": "int32", "field": "scale"}, {"type": "bytes", "field": "value"}],
+    },
     {"type": "string", "name": "io.debezium.time.ZonedTimestamp", "field": "created_at"},
     {"type": "int64", "name": "io.debezium.time.MicroTimestamp", "field": "local_at"},
     {"type": "int64", "name": "io.debezium.time.Timestamp", "field": "ms_at"},
@@ -39,7 +43,11 @@ SCHEMA_FIELDS = [
     {"type": "string", "name": "io.debezium.data.Json", "field": "attrs"},
     {"type": "string", "name": "io.debezium.data.Uuid", "field": "uid"},
     {"type": "bytes", "field": "blob"},
-    {"type": "array", "items": {"type": "string", "name": "io.debezium.data.Uuid"}, "field": "uids"},
+    {
+        "type": "array",
+        "items": {"type": "string", "name": "io.debezium.data.Uuid"},
+        "field": "uids",
+    },
     {"type": "string", "field": "note"},
 ]
 ROW = {
@@ -129,9 +137,13 @@ def test_declared_columns_type_schemaless_records_the_same() -> None:
         ("precise", _b64_unscaled(26101626147), Decimal("261016261.47")),
     ],
 )
-def test_each_decimal_handling_mode_gives_the_exact_decimal(mode: str, wire: object, want: Decimal) -> None:
+def test_each_decimal_handling_mode_gives_the_exact_decimal(
+    mode: str, wire: object, want: Decimal
+) -> None:
     dec = EventDecoder(
-        known_tables={"orders"}, column_types={"orders": {"amount": "numeric(12,2)"}}, decimal_handling=mode  # type: ignore[arg-type]
+        known_tables={"orders"},
+        column_types={"orders": {"amount": "numeric(12,2)"}},
+        decimal_handling=mode,  # type: ignore[arg-type]
     )
     ev = dec.decode(b"1", _envelope({"id": 1, "amount": wire}, wrapped=False), "t")
     assert ev.row is not None and ev.row["amount"] == want and type(ev.row["amount"]) is Decimal
@@ -142,48 +154,98 @@ def test_native_events_read_decimal_text_and_iso_times_for_declared_columns() ->
         known_tables={"orders"},
         column_types={"orders": {"amount": "numeric(12,2)", "at": "timestamptz", "day": "date"}},
     )
-    body = {"table": "orders", "op": "insert", "id": 1,
-            "after": {"id": 1, "amount": "12.10", "at": "2024-01-01T10:00:00+02:00", "day": "2024-01-05"}}
+    body = {
+        "table": "orders",
+        "op": "insert",
+        "id": 1,
+        "after": {
+            "id": 1,
+            "amount": "12.10",
+            "at": "2024-01-01T10:00:00+02:00",
+            "day": "2024-01-05",
+        },
+    }
     ev = dec.decode(b"1", json.dumps(body).encode(), "t")
-    assert ev.row == {"id": 1, "amount": Decimal("12.10"), "at": datetime(2024, 1, 1, 8, tzinfo=UTC),
-                      "day": date(2024, 1, 5)}
+    assert ev.row == {
+        "id": 1,
+        "amount": Decimal("12.10"),
+        "at": datetime(2024, 1, 1, 8, tzinfo=UTC),
+        "day": date(2024, 1, 5),
+    }
 
 
 def test_placeholders_become_unavailable_in_every_wire_form() -> None:
     ph = "__debezium_unavailable_value"
-    after = {"id": 1, "n": 1, "note": ph, "blob": base64.b64encode(ph.encode()).decode(), "doc": ph,
-             "arr": list(ph.encode()), "tags": [ph], "other": "x"}
+    after = {
+        "id": 1,
+        "n": 1,
+        "note": ph,
+        "blob": base64.b64encode(ph.encode()).decode(),
+        "doc": ph,
+        "arr": list(ph.encode()),
+        "tags": [ph],
+        "other": "x",
+    }
     ev = EventDecoder(known_tables={"docs"}).decode(
         b"1", json.dumps({"op": "u", "after": after, "source": {"table": "docs"}}).encode(), "t"
     )
     assert ev.row is not None
-    assert {k for k, v in ev.row.items() if v is UNAVAILABLE} == {"note", "blob", "doc", "arr", "tags"}
+    assert {k for k, v in ev.row.items() if v is UNAVAILABLE} == {
+        "note",
+        "blob",
+        "doc",
+        "arr",
+        "tags",
+    }
     assert ev.row["other"] == "x" and ev.row["n"] == 1
 
 
 def test_a_configured_placeholder_is_recognised() -> None:
     dec = EventDecoder(known_tables={"docs"}, placeholder="<toast>")
-    ev = dec.decode(b"1", json.dumps({"op": "u", "after": {"id": 1, "note": "<toast>"},
-                                       "source": {"table": "docs"}}).encode(), "t")
+    ev = dec.decode(
+        b"1",
+        json.dumps(
+            {"op": "u", "after": {"id": 1, "note": "<toast>"}, "source": {"table": "docs"}}
+        ).encode(),
+        "t",
+    )
     assert ev.row is not None and ev.row["note"] is UNAVAILABLE
 
 
 def test_unavailable_refuses_every_use() -> None:
-    for use in (len, str, bool, hash, abs, lambda v: v + 1, lambda v: v < 2, lambda v: v == "x",
-                lambda v: v["k"], lambda v: list(v), lambda v: v.upper()):
+    for use in (
+        len,
+        str,
+        bool,
+        hash,
+        abs,
+        lambda v: v + 1,
+        lambda v: v < 2,
+        lambda v: v == "x",
+        lambda v: v["k"],
+        lambda v: list(v),
+        lambda v: v.upper(),
+    ):
         with pytest.raises(UnavailableValue):
             use(UNAVAILABLE)
     assert UNAVAILABLE is not None and repr(UNAVAILABLE) == "<unavailable>"
 
 
-def test_a_definition_that_reads_an_unavailable_column_dead_letters_and_others_apply(tmp_path: object) -> None:
+def test_a_definition_that_reads_an_unavailable_column_dead_letters_and_others_apply(
+    tmp_path: object,
+) -> None:
     ph = "__debezium_unavailable_value"
     by_len = TableAggregate("by_len", table="docs", sort_key=lambda r: len(r["note"]))
     by_n = TableAggregate("by_n", table="docs", sort_key="n")
     as_key = TableAggregate("as_key", table="docs", sort_key="note")
     dec = EventDecoder(known_tables={"docs"})
-    ev = dec.decode(b"1", json.dumps({"op": "u", "after": {"id": 1, "n": 5, "note": ph},
-                                       "source": {"table": "docs"}}).encode(), "t")
+    ev = dec.decode(
+        b"1",
+        json.dumps(
+            {"op": "u", "after": {"id": 1, "n": 5, "note": ph}, "source": {"table": "docs"}}
+        ).encode(),
+        "t",
+    )
     with Store.open(str(tmp_path)) as store:
         for d, applies in ((by_len, False), (by_n, True), (as_key, False)):
             _, bad = Applier(store, [d]).apply_events([ev])
@@ -192,7 +254,11 @@ def test_a_definition_that_reads_an_unavailable_column_dead_letters_and_others_a
             else:
                 assert [b.reason for _, b in bad] == ["unavailable-value"]
                 msg = str(bad[0][1])
-                assert "'note'" in msg and "REPLICA IDENTITY FULL" in msg and "ReselectColumnsPostProcessor" in msg
+                assert (
+                    "'note'" in msg
+                    and "REPLICA IDENTITY FULL" in msg
+                    and "ReselectColumnsPostProcessor" in msg
+                )
                 assert store.aggregate(d.name).count() == 0
 
 
@@ -218,10 +284,21 @@ def test_a_rewritten_delete_is_a_delete_whatever_its_not_null_defaults_hold() ->
     """Under REPLICA IDENTITY DEFAULT the unwrap SMT's rewrite mode sends a delete as the key
     columns plus Connect's defaults for NOT NULL columns ("" for uuid/jsonb/text, 0, epoch),
     measured with Debezium 3.6.1: not data, and not typeable. Only the id matters."""
-    row = {"id": 1, "u": "", "a": "AA==", "ts": "1970-01-01T00:00:00Z", "d": 0, "j": "",
-           "s": "", "n": 0, "__deleted": "true"}
-    cols = {"nn": {"u": "uuid", "a": "numeric(12,2)", "ts": "timestamptz", "d": "date",
-                   "j": "jsonb"}}
+    row = {
+        "id": 1,
+        "u": "",
+        "a": "AA==",
+        "ts": "1970-01-01T00:00:00Z",
+        "d": 0,
+        "j": "",
+        "s": "",
+        "n": 0,
+        "__deleted": "true",
+    }
+    cols = {
+        "nn": {"u": "uuid", "a": "numeric(12,2)", "ts": "timestamptz", "d": "date", "j": "jsonb"}
+    }
     ev = EventDecoder(known_tables={"nn"}, column_types=cols, topic_tables={"t": "nn"}).decode(
-        b'{"id":1}', json.dumps(row).encode(), "t")
+        b'{"id":1}', json.dumps(row).encode(), "t"
+    )
     assert (ev.table, ev.kind, ev.id, ev.row) == ("nn", "delete", 1, None)

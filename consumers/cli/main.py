@@ -75,7 +75,9 @@ def _consume_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("definitions", nargs="?", help="Python file or module with TableAggregate definitions")
+    p.add_argument(
+        "definitions", nargs="?", help="Python file or module with TableAggregate definitions"
+    )
     add_setting(p, ConsumerSettings, "bootstrap_servers", metavar="HOST:PORT", help="Kafka brokers")
     add_setting(p, ConsumerSettings, "data_dir", metavar="DIR", help="where state lives")
     p.add_argument(
@@ -90,7 +92,9 @@ def _consume_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         help="the topic of every table without a --topic: {table} is replaced by the table's name, "
         "e.g. 'dbz.public.{table}' for Debezium's <topic.prefix>.<schema>.<table>",
     )
-    p.add_argument("--format", choices=["auto", "native", "debezium"], help="event format (default auto)")
+    p.add_argument(
+        "--format", choices=["auto", "native", "debezium"], help="event format (default auto)"
+    )
     p.add_argument(
         "--decimal-handling",
         choices=["precise", "double", "string"],
@@ -108,10 +112,17 @@ def _consume_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         metavar="TEXT",
         help="the connector's unavailable.value.placeholder (default __debezium_unavailable_value)",
     )
-    p.add_argument("--dlq-topic", metavar="NAME", help="dead-letter topic; {topic} = source topic (default {topic}.dlq)")
+    p.add_argument(
+        "--dlq-topic",
+        metavar="NAME",
+        help="dead-letter topic; {topic} = source topic (default {topic}.dlq)",
+    )
     p.add_argument("--group-id", help="consumer group for lag monitoring (default tally)")
     p.add_argument(
-        "--batch-size", type=int, metavar="N", help="max records per live batch/commit (default 5000)"
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="max records per live batch/commit (default 5000)",
     )
     p.add_argument(
         "--replay-batch-size",
@@ -143,15 +154,21 @@ def _consume_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         "(default: what the open-file limit leaves after RocksDB and Kafka, at most 4096)",
     )
     p.add_argument(
-        "--http-idle-timeout", type=float, metavar="S",
+        "--http-idle-timeout",
+        type=float,
+        metavar="S",
         help="close a connection idle this many seconds (default 15)",
     )
     p.add_argument(
-        "--http-header-timeout", type=float, metavar="S",
+        "--http-header-timeout",
+        type=float,
+        metavar="S",
         help="seconds from a request's first byte to the end of its headers, else 408 (default 10)",
     )
     p.add_argument(
-        "--http-body-timeout", type=float, metavar="S",
+        "--http-body-timeout",
+        type=float,
+        metavar="S",
         help="seconds to receive a request body, else 408 (default 30)",
     )
     add_setting(

@@ -326,10 +326,9 @@ _EXAMPLES: Final[dict[str, str]] = {
     "  tally query leaderboard paginate --page-size 25 --order desc --cursor CURSOR",
     "namespaces": "tally query by_game namespaces",
     "count_batch": "tally query leaderboard count-batch "
-    "'[{\"bounds\": {\"lower\": {\"key\": 1000}}}, {}]'",
-    "sum_batch": "tally query by_game sum-batch "
-    "'[{\"namespace\": \"chess\"}, {\"namespace\": \"go\"}]'",
-    "at_batch": "tally query leaderboard at-batch '[{\"offset\": 0}, {\"offset\": -1}]'",
+    '\'[{"bounds": {"lower": {"key": 1000}}}, {}]\'',
+    "sum_batch": 'tally query by_game sum-batch \'[{"namespace": "chess"}, {"namespace": "go"}]\'',
+    "at_batch": 'tally query leaderboard at-batch \'[{"offset": 0}, {"offset": -1}]\'',
 }
 _ALIASES: Final[dict[str, list[str]]] = {"paginate": ["page"]}
 """Older names of ops, still accepted (`page` is what the docs used before `paginate`)."""
@@ -442,16 +441,39 @@ def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
     d: Any = argparse.SUPPRESS if suppress else None
     flag: Any = argparse.SUPPRESS if suppress else False
     g = p.add_argument_group("range (every op but the batches)")
-    g.add_argument("--namespace", default=d, metavar="NS", help="namespace to read (default: the default one)")
-    g.add_argument("--lower", default=d, metavar="KEY", help="lower bound key (inclusive unless --lower-exclusive)")
-    g.add_argument("--lower-exclusive", action="store_true", default=flag, help="exclude --lower itself")
-    g.add_argument("--lower-id", default=d, metavar="ID", help="cut the tie group of --lower at this id")
-    g.add_argument("--upper", default=d, metavar="KEY", help="upper bound key (inclusive unless --upper-exclusive)")
-    g.add_argument("--upper-exclusive", action="store_true", default=flag, help="exclude --upper itself")
-    g.add_argument("--upper-id", default=d, metavar="ID", help="cut the tie group of --upper at this id")
+    g.add_argument(
+        "--namespace", default=d, metavar="NS", help="namespace to read (default: the default one)"
+    )
+    g.add_argument(
+        "--lower",
+        default=d,
+        metavar="KEY",
+        help="lower bound key (inclusive unless --lower-exclusive)",
+    )
+    g.add_argument(
+        "--lower-exclusive", action="store_true", default=flag, help="exclude --lower itself"
+    )
+    g.add_argument(
+        "--lower-id", default=d, metavar="ID", help="cut the tie group of --lower at this id"
+    )
+    g.add_argument(
+        "--upper",
+        default=d,
+        metavar="KEY",
+        help="upper bound key (inclusive unless --upper-exclusive)",
+    )
+    g.add_argument(
+        "--upper-exclusive", action="store_true", default=flag, help="exclude --upper itself"
+    )
+    g.add_argument(
+        "--upper-id", default=d, metavar="ID", help="cut the tie group of --upper at this id"
+    )
     g.add_argument("--eq", default=d, metavar="KEY", help="only items whose key equals KEY")
     g.add_argument(
-        "--prefix", default=d, metavar="JSON_ARRAY", help="tuple keys starting with these elements, e.g. '[\"chess\"]'"
+        "--prefix",
+        default=d,
+        metavar="JSON_ARRAY",
+        help="tuple keys starting with these elements, e.g. '[\"chess\"]'",
     )
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", default=flag, help="print one JSON document")
@@ -471,7 +493,9 @@ def _register_query(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     _add_source_flags(p, suppress=False)
     _add_common(p, suppress=False)
-    p.add_argument("aggregate", metavar="AGGREGATE", help="aggregate name (`tally status` lists them)")
+    p.add_argument(
+        "aggregate", metavar="AGGREGATE", help="aggregate name (`tally status` lists them)"
+    )
     ops = p.add_subparsers(dest="op", metavar="OP")
     ops.required = True
     for op in READ_OPS.values():
@@ -652,7 +676,9 @@ def _register_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_source_flags(p, suppress=False, bootstrap=True)
-    p.add_argument("--json", action="store_true", help="print one JSON document (one per refresh with --watch)")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON document (one per refresh with --watch)"
+    )
     p.add_argument(
         "--watch",
         nargs="?",
@@ -745,7 +771,13 @@ def _local_status(store: Store, broker_ends: dict[Any, int] | None) -> dict[str,
         elif total_lag is not None:
             total_lag += lag
         partitions.append(
-            {"topic": tp.topic, "partition": tp.partition, "offset": off, "end_offset": end, "lag": lag}
+            {
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "offset": off,
+                "end_offset": end,
+                "lag": lag,
+            }
         )
     return {
         "source": "data-dir",
@@ -791,17 +823,23 @@ def _state_cell(a: dict[str, Any]) -> str:
     state = str(a.get("state") or "?")
     progress = a.get("progress")
     if isinstance(progress, dict) and progress.get("percent") is not None:
-        state += f" {progress['percent']:.0f}%" if isinstance(progress["percent"], (int, float)) else ""
+        state += (
+            f" {progress['percent']:.0f}%" if isinstance(progress["percent"], (int, float)) else ""
+        )
     return state
 
 
-def _render_status(doc: dict[str, Any], where: str, error: str | None = None, broker: str = "") -> Any:
+def _render_status(
+    doc: dict[str, Any], where: str, error: str | None = None, broker: str = ""
+) -> Any:
     from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    parts: list[Any] = [Text(f"tally status · {where} · {datetime.now().strftime('%H:%M:%S')}", style="bold")]
+    parts: list[Any] = [
+        Text(f"tally status · {where} · {datetime.now().strftime('%H:%M:%S')}", style="bold")
+    ]
     if error:
         parts.append(Text(f"error: {error}", style="red"))
     remote = doc.get("source") != "data-dir"
@@ -915,7 +953,10 @@ async def _status_async(args: argparse.Namespace, loaded: Loaded[StatusSettings]
 
 
 async def _watch(
-    args: argparse.Namespace, fetch: Callable[[], Awaitable[dict[str, Any]]], where: str, broker: str
+    args: argparse.Namespace,
+    fetch: Callable[[], Awaitable[dict[str, Any]]],
+    where: str,
+    broker: str,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -945,7 +986,9 @@ async def _watch(
             from rich.live import Live
 
             doc, err = await tick()
-            with Live(_render_status(doc, where, err, broker), console=console, auto_refresh=False) as live:
+            with Live(
+                _render_status(doc, where, err, broker), console=console, auto_refresh=False
+            ) as live:
                 while not stop.is_set():
                     await pause()
                     if stop.is_set():
@@ -982,4 +1025,3 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add ``query`` and ``status`` to the `tally` CLI."""
     _register_query(subparsers)
     _register_status(subparsers)
-

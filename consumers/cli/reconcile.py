@@ -188,7 +188,10 @@ def _open_source(args: argparse.Namespace, settings: ReconcileSettings, definiti
             raise SourceError("a topic source is kafka:TOPIC, e.g. --source kafka:game.scores")
         return topic_source(
             settings.bootstrap_servers,
-            topic, args.table or definition.table, ids, column_types=definition.columns
+            topic,
+            args.table or definition.table,
+            ids,
+            column_types=definition.columns,
         )
     if "://" in src:
         raise SourceError(

@@ -124,9 +124,13 @@ def _check(value: Any, where: str) -> None:
     """Reject values JSON cannot carry faithfully (msgspec would send NaN as null)."""
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ClientError(f"{where}: {value!r} cannot be sent (NaN/inf are not valid keys or JSON numbers)")
+            raise ClientError(
+                f"{where}: {value!r} cannot be sent (NaN/inf are not valid keys or JSON numbers)"
+            )
     elif isinstance(value, (bytes, bytearray, memoryview)):
-        raise ClientError(f"{where}: bytes values cannot be sent over the JSON API; use str or int keys")
+        raise ClientError(
+            f"{where}: bytes values cannot be sent over the JSON API; use str or int keys"
+        )
     elif isinstance(value, (list, tuple)):
         for x in value:
             _check(x, where)
@@ -386,7 +390,9 @@ class TallyClient:
         from urllib.parse import quote
 
         doc = self._json("POST", f"/v1/aggregates/{quote(aggregate, safe='')}/rebuild", {})
-        result: dict[str, Any] = doc.get("result", doc) if isinstance(doc, dict) else {"result": doc}
+        result: dict[str, Any] = (
+            doc.get("result", doc) if isinstance(doc, dict) else {"result": doc}
+        )
         return result
 
     # ---- live patch sessions (`tally reconcile --patch --url`; need the token) ---------
@@ -403,14 +409,19 @@ class TallyClient:
     def patch_chunk(self, aggregate: str, session: str, body: bytes) -> dict[str, Any]:
         """Send one msgpack chunk (`tally.engine.reconcile.encode_fixes`); its counts."""
         doc = self._json(
-            "POST", self._session_path(aggregate, session), raw=body, content_type="application/msgpack"
+            "POST",
+            self._session_path(aggregate, session),
+            raw=body,
+            content_type="application/msgpack",
         )
         result: dict[str, Any] = doc["result"]
         return result
 
     def patch_end(self, aggregate: str, session: str) -> dict[str, Any]:
         """Close a patch session; its totals."""
-        result: dict[str, Any] = self._json("DELETE", self._session_path(aggregate, session))["result"]
+        result: dict[str, Any] = self._json("DELETE", self._session_path(aggregate, session))[
+            "result"
+        ]
         return result
 
     def metrics(self) -> str:

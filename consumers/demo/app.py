@@ -131,7 +131,9 @@ class ScoreStream:
     log-normal, so percentiles and the top of the board are interesting.
     """
 
-    def __init__(self, rng: random.Random, players: int, rows: dict[Any, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, rng: random.Random, players: int, rows: dict[Any, dict[str, Any]] | None = None
+    ) -> None:
         self.rng = rng
         self.rows: dict[Any, dict[str, Any]] = rows if rows is not None else {}
         self.pairs: dict[tuple[str, str], Any] = {}
@@ -263,7 +265,9 @@ def _rank_desc(sorted_asc: list[tuple[Any, Any]], x: tuple[Any, Any]) -> int:
     return len(sorted_asc) - bisect.bisect_right(sorted_asc, x) + 1
 
 
-def oracle_items(rows: dict[Any, dict[str, Any]]) -> dict[str, dict[Any, list[tuple[Any, Any, Any]]]]:
+def oracle_items(
+    rows: dict[Any, dict[str, Any]],
+) -> dict[str, dict[Any, list[tuple[Any, Any, Any]]]]:
     """Every item of the three example aggregates, per namespace, sorted: (key, id, sum)."""
     lb: list[tuple[Any, Any, Any]] = []
     bg: dict[Any, list[tuple[Any, Any, Any]]] = {}
@@ -325,15 +329,20 @@ def compare_items(store: Store, rows: dict[Any, dict[str, Any]]) -> list[str]:
         agg = store.aggregate(name)
         got_ns = agg.namespaces()
         if sorted(got_ns, key=repr) != sorted(expected, key=repr):
-            out.append(f"{name}: namespaces engine {_short(got_ns)}, oracle {_short(list(expected))}")
+            out.append(
+                f"{name}: namespaces engine {_short(got_ns)}, oracle {_short(list(expected))}"
+            )
             continue
         for ns, want in expected.items():
             got = [(i.key, i.id, i.sum_value) for i in agg.iter(namespace=ns)]
             if got != want:
-                diff = next((j for j, (x, y) in enumerate(zip(got, want, strict=False)) if x != y), min(len(got), len(want)))
+                diff = next(
+                    (j for j, (x, y) in enumerate(zip(got, want, strict=False)) if x != y),
+                    min(len(got), len(want)),
+                )
                 out.append(
                     f"{name} namespace {ns!r}: {len(got)} items vs {len(want)} expected, first difference "
-                    f"at offset {diff}: engine {_short(got[diff:diff + 1])}, oracle {_short(want[diff:diff + 1])}"
+                    f"at offset {diff}: engine {_short(got[diff : diff + 1])}, oracle {_short(want[diff : diff + 1])}"
                 )
     return out
 
@@ -374,7 +383,11 @@ def ensure_broker(bootstrap: str, say: Callable[[str], None]) -> None:
     if broker_answers(bootstrap):
         return
     host_ports = _addresses(bootstrap)
-    default = len(host_ports) == 1 and host_ports[0][1] == 9092 and host_ports[0][0] in ("127.0.0.1", "localhost")
+    default = (
+        len(host_ports) == 1
+        and host_ports[0][1] == 9092
+        and host_ports[0][0] in ("127.0.0.1", "localhost")
+    )
     if not default:
         raise Unreachable(
             f"no Kafka broker answers at {bootstrap}: start it, or drop --bootstrap-servers to use "
@@ -382,11 +395,15 @@ def ensure_broker(bootstrap: str, say: Callable[[str], None]) -> None:
         )
     launcher = [sys.executable, "-m", f"{__package__}.broker"]
     shown = " ".join(launcher[1:])
-    say(f"no Kafka broker at {bootstrap}: starting one with `python {shown} start` (the first time downloads it)")
+    say(
+        f"no Kafka broker at {bootstrap}: starting one with `python {shown} start` (the first time downloads it)"
+    )
     sys.stdout.flush()
     # Its progress lines go straight to the terminal: the first start can take a while.
     env = {**os.environ, "TALLY_BROKER_PROG": f"python {shown}"}
-    res = subprocess.run([*launcher, "start", "--port", "9092"], stdin=subprocess.DEVNULL, check=False, env=env)
+    res = subprocess.run(
+        [*launcher, "start", "--port", "9092"], stdin=subprocess.DEVNULL, check=False, env=env
+    )
     if res.returncode != 0 or not broker_answers(bootstrap, timeout=5.0):
         raise DemoFailed(
             f"`python {shown} start` failed (exit {res.returncode}); see its output above"
@@ -415,7 +432,11 @@ async def ensure_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> int
         while True:
             (meta,) = await admin.describe_topics([topic])
             parts = meta.get("partitions") or []
-            if meta.get("error_code") == 0 and parts and all(p.get("leader", -1) >= 0 for p in parts):
+            if (
+                meta.get("error_code") == 0
+                and parts
+                and all(p.get("leader", -1) >= 0 for p in parts)
+            ):
                 return len(parts)
             if time.monotonic() > deadline:
                 raise DemoFailed(
@@ -426,7 +447,9 @@ async def ensure_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> int
         await admin.close()
 
 
-async def read_topic_rows(consumer: Any, topic: str, tps: list[Any]) -> tuple[dict[Any, dict[str, Any]], int]:
+async def read_topic_rows(
+    consumer: Any, topic: str, tps: list[Any]
+) -> tuple[dict[Any, dict[str, Any]], int]:
     """The rows the topic holds now (latest image per id, deletes applied) and its record count."""
     from tally.consumers.topics import read_to_end
     from tally.schemas import BadRecord, EventDecoder
@@ -535,25 +558,38 @@ class View:
             ("scores on the board", _n(a.total), "leaderboard.count()"),
             ("sum of all scores", _n(a.total_sum), "leaderboard.sum()"),
             ("median / p95 score", f"{_n(a.p50)} / {_n(a.p95)}", "leaderboard.at(ceil(p*n)-1)"),
-            (f"scores above {THRESHOLD}", _n(a.above_threshold), f"count(bounds={{lower: {THRESHOLD}, exclusive}})"),
+            (
+                f"scores above {THRESHOLD}",
+                _n(a.above_threshold),
+                f"count(bounds={{lower: {THRESHOLD}, exclusive}})",
+            ),
             (
                 "lowest / highest",
                 f"{_n(a.minimum and a.minimum[0])} / {_n(a.maximum and a.maximum[0])}",
                 "min() / max()",
             ),
             (
-                f"{TRACKED_PLAYER}'s {TRACKED_GAME} score" + ("" if a.tracked is None else f" ({_n(a.tracked[0])})"),
+                f"{TRACKED_PLAYER}'s {TRACKED_GAME} score"
+                + ("" if a.tracked is None else f" ({_n(a.tracked[0])})"),
                 *tracked,
             ),
-            (f"{TRACKED_GAME} scores >= {THRESHOLD}", _n(a.game_high), f"high_scores.count(prefix=['{TRACKED_GAME}'])"),
+            (
+                f"{TRACKED_GAME} scores >= {THRESHOLD}",
+                _n(a.game_high),
+                f"high_scores.count(prefix=['{TRACKED_GAME}'])",
+            ),
             (f"page {PAGE_NUMBER} of {PAGE_SIZE}", *page),
         ]
         width = max(len(r[0]) for r in rows)
         vwidth = max(len(r[1]) for r in rows)
-        out = [f"{label:<{width}}  {value:>{vwidth}}   {how}".rstrip() for label, value, how in rows]
+        out = [
+            f"{label:<{width}}  {value:>{vwidth}}   {how}".rstrip() for label, value, how in rows
+        ]
         games = sorted(a.per_game.items(), key=lambda kv: -kv[1])
         out.append(f"{'per game':<{width}}  " + " · ".join(f"{g} {_n(c)}" for g, c in games))
-        out.append(f"{'top 10':<{width}}  " + ", ".join(f"{_n(k)} {self.who(i)}" for k, i in a.top10))
+        out.append(
+            f"{'top 10':<{width}}  " + ", ".join(f"{_n(k)} {self.who(i)}" for k, i in a.top10)
+        )
         return out
 
     def panel(self, a: Answers | str, prog: Progress, lag: int | None, applied: int) -> Any:
@@ -565,7 +601,13 @@ class View:
 
         elapsed = time.monotonic() - prog.started
         rate = prog.produced / elapsed if elapsed > 0 else 0.0
-        state = "caught up" if prog.caught_up else "stream done, catching up" if prog.done else "streaming"
+        state = (
+            "caught up"
+            if prog.caught_up
+            else "stream done, catching up"
+            if prog.done
+            else "streaming"
+        )
         head = Text(
             f"{state}: {_n(prog.produced)}/{_n(prog.target)} events ({rate:,.0f}/s) · consumer applied "
             f"{_n(applied)} · lag {_n(lag)} · {elapsed:.1f}s",
@@ -582,9 +624,15 @@ class View:
         facts.add_row("sum of all scores", _n(a.total_sum), "leaderboard.sum()")
         facts.add_row("median (p50) / p95", f"{_n(a.p50)} / {_n(a.p95)}", "leaderboard.at(offset)")
         facts.add_row(
-            f"scores above {THRESHOLD}", _n(a.above_threshold), f"count(bounds={{lower: {THRESHOLD}, exclusive}})"
+            f"scores above {THRESHOLD}",
+            _n(a.above_threshold),
+            f"count(bounds={{lower: {THRESHOLD}, exclusive}})",
         )
-        facts.add_row("lowest / highest", f"{_n(a.minimum and a.minimum[0])} / {_n(a.maximum and a.maximum[0])}", "min() / max()")
+        facts.add_row(
+            "lowest / highest",
+            f"{_n(a.minimum and a.minimum[0])} / {_n(a.maximum and a.maximum[0])}",
+            "min() / max()",
+        )
         if a.tracked is None:
             facts.add_row(f"{TRACKED_PLAYER} in {TRACKED_GAME}", "—", "(no score right now)")
         else:
@@ -593,8 +641,14 @@ class View:
                 f"#{_n(a.tracked[1])} / #{_n(a.tracked[2])}",
                 "index_of(score, id, 'desc') + 1",
             )
-        facts.add_row(f"{TRACKED_GAME} scores ≥ {THRESHOLD}", _n(a.game_high), f"high_scores.count(prefix=['{TRACKED_GAME}'])")
-        top = Table(title="top 10 (paginate desc)", box=box.SIMPLE, title_justify="left", padding=(0, 1))
+        facts.add_row(
+            f"{TRACKED_GAME} scores ≥ {THRESHOLD}",
+            _n(a.game_high),
+            f"high_scores.count(prefix=['{TRACKED_GAME}'])",
+        )
+        top = Table(
+            title="top 10 (paginate desc)", box=box.SIMPLE, title_justify="left", padding=(0, 1)
+        )
         top.add_column("#", justify="right", style="dim")
         top.add_column("score", justify="right")
         top.add_column("player · game")
@@ -609,7 +663,11 @@ class View:
         page.add_column("#", justify="right", style="dim")
         page.add_column("score", justify="right")
         page.add_column("player · game")
-        shown = a.page[:5] + ([] if len(a.page) <= 6 else [("…", None)]) + (a.page[-1:] if len(a.page) > 5 else [])
+        shown = (
+            a.page[:5]
+            + ([] if len(a.page) <= 6 else [("…", None)])
+            + (a.page[-1:] if len(a.page) > 5 else [])
+        )
         for j, (k, rid) in enumerate(shown):
             if k == "…":
                 page.add_row("", "…", "")
@@ -618,7 +676,9 @@ class View:
             page.add_row(str(idx), _n(k), self.who(rid))
         if not a.page:
             page.add_row("", "—", f"fewer than {PAGE_OFFSET + 1} scores")
-        games = Table(title="per game (by_game)", box=box.SIMPLE, title_justify="left", padding=(0, 1))
+        games = Table(
+            title="per game (by_game)", box=box.SIMPLE, title_justify="left", padding=(0, 1)
+        )
         games.add_column("game")
         games.add_column("scores", justify="right")
         for g, c in sorted(a.per_game.items(), key=lambda kv: -kv[1]):
@@ -677,7 +737,9 @@ def _options(args: argparse.Namespace) -> Options:
     elif args.http:
         raise UsageError("give --http or --no-http, not both")
     live = sys.stdout.isatty() and not args.plain
-    interval = args.interval if args.interval is not None else (0.5 if short else (1.0 if live else 2.0))
+    interval = (
+        args.interval if args.interval is not None else (0.5 if short else (1.0 if live else 2.0))
+    )
     if interval <= 0:
         raise UsageError(f"--interval must be positive, got {interval:g}")
     return Options(
@@ -723,7 +785,9 @@ async def _demo(opts: Options) -> int:
     await asyncio.to_thread(ensure_broker, opts.bootstrap, _say)
     nparts = await ensure_topic(opts.bootstrap, opts.topic)
 
-    reader = AIOKafkaConsumer(bootstrap_servers=opts.bootstrap, group_id=None, enable_auto_commit=False)
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=opts.bootstrap, group_id=None, enable_auto_commit=False
+    )
     await reader.start()
     process: ConsumerProcess | None = None
     task: asyncio.Task[int] | None = None
@@ -756,8 +820,7 @@ async def _demo(opts: Options) -> int:
         task = asyncio.create_task(process.run(install_signals=False))
         _say(
             f"tally demo: {opts.events:,} change events → {opts.topic} ({nparts} partitions, compacted) → "
-            f"consumer → {data_dir}"
-            + (f" · HTTP API on http://{opts.http}" if opts.http else "")
+            f"consumer → {data_dir}" + (f" · HTTP API on http://{opts.http}" if opts.http else "")
         )
         # The consumer fails fast on a bad HTTP address (e.g. the port is taken).
         await asyncio.wait([task], timeout=0.3)
@@ -772,7 +835,10 @@ async def _demo(opts: Options) -> int:
             offs = process.stats.offsets
             if not prog.acked_end:
                 return None
-            return sum(max(0, end - offs.get(TopicPartition(opts.topic, p), 0)) for p, end in prog.acked_end.items())
+            return sum(
+                max(0, end - offs.get(TopicPartition(opts.topic, p), 0))
+                for p, end in prog.acked_end.items()
+            )
 
         def snapshot() -> Answers | str:
             """The answers, or what the consumer is doing while they are not ready yet."""
@@ -835,7 +901,11 @@ async def _demo(opts: Options) -> int:
             live_cm = live_obj
         with live_cm:
             while not producer_task.done():
-                await asyncio.wait([producer_task, task], timeout=opts.interval, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    [producer_task, task],
+                    timeout=opts.interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if task.done():
                     break
                 a = snapshot()
@@ -862,7 +932,9 @@ async def _demo(opts: Options) -> int:
             deadline = time.monotonic() + 120
             while True:
                 stored = stored_offsets(store)
-                behind = {tp: end for tp, end in ends.items() if end > 0 and stored.get(tp, 0) < end}
+                behind = {
+                    tp: end for tp, end in ends.items() if end > 0 and stored.get(tp, 0) < end
+                }
                 if not behind and ready():
                     break
                 if task.done():
@@ -870,13 +942,17 @@ async def _demo(opts: Options) -> int:
                 if stop.is_set():
                     raise Interrupted("interrupted")
                 if time.monotonic() > deadline:
-                    detail = ", ".join(f"{tp.partition}: {stored.get(tp, 0)}/{end}" for tp, end in behind.items())
+                    detail = ", ".join(
+                        f"{tp.partition}: {stored.get(tp, 0)}/{end}" for tp, end in behind.items()
+                    )
                     raise DemoFailed(
                         "the consumer did not catch up within 120s "
                         f"(partition: committed/end {detail or 'all done'}; aggregates ready: {ready()})"
                     )
                 if live_obj is not None:
-                    live_obj.update(view.panel(snapshot(), prog, lag_now(), applied()), refresh=True)
+                    live_obj.update(
+                        view.panel(snapshot(), prog, lag_now(), applied()), refresh=True
+                    )
                 await asyncio.sleep(0.1)
             got = snapshot()
             if isinstance(got, str):
@@ -979,9 +1055,15 @@ def _print_next(data_dir: str, opts: Options, stream: ScoreStream) -> None:
     lines.append(f"  tally status {src}")
     if opts.http:
         base = f"http://{opts.http}"
-        body = msgspec.json.encode({"bounds": {"lower": {"key": THRESHOLD, "inclusive": False}}}).decode()
-        page = msgspec.json.encode({"namespace": TRACKED_GAME, "page_size": 10, "order": "desc"}).decode()
-        lines.append("" if opts.serve else "\nwith the HTTP API (`tally demo --serve` keeps it running):")
+        body = msgspec.json.encode(
+            {"bounds": {"lower": {"key": THRESHOLD, "inclusive": False}}}
+        ).decode()
+        page = msgspec.json.encode(
+            {"namespace": TRACKED_GAME, "page_size": 10, "order": "desc"}
+        ).decode()
+        lines.append(
+            "" if opts.serve else "\nwith the HTTP API (`tally demo --serve` keeps it running):"
+        )
         lines += [
             f"  curl -s {base}/v1/aggregates/leaderboard/count -d {q(body)}",
             f"  curl -s {base}/v1/aggregates/by_game/paginate -d {q(page)}",
@@ -1024,12 +1106,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
-    p.add_argument("--events", type=int, metavar="N", help=f"change events to produce (default {DEFAULT_EVENTS:,}; --short {SHORT_EVENTS:,})")
-    p.add_argument("--short", action="store_true", help=f"a quick run: {SHORT_EVENTS:,} events in about {SHORT_SECONDS:g}s")
     p.add_argument(
-        "--rate", type=float, metavar="PER_S", help=f"events per second (default: spread over ~{DEFAULT_SECONDS:g}s; 0 = as fast as possible)"
+        "--events",
+        type=int,
+        metavar="N",
+        help=f"change events to produce (default {DEFAULT_EVENTS:,}; --short {SHORT_EVENTS:,})",
     )
-    p.add_argument("--serve", action="store_true", help="after the stream, keep the consumer and HTTP API running until Ctrl-C")
+    p.add_argument(
+        "--short",
+        action="store_true",
+        help=f"a quick run: {SHORT_EVENTS:,} events in about {SHORT_SECONDS:g}s",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        metavar="PER_S",
+        help=f"events per second (default: spread over ~{DEFAULT_SECONDS:g}s; 0 = as fast as possible)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="after the stream, keep the consumer and HTTP API running until Ctrl-C",
+    )
     add_setting(
         p,
         DemoSettings,
@@ -1038,13 +1136,32 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="Kafka brokers (the default one is started when nothing answers there)",
     )
     add_config(p)
-    p.add_argument("--data-dir", metavar="DIR", help="where the consumer keeps its state (default: a new temp dir)")
-    p.add_argument("--topic", default=DEFAULT_TOPIC, help=f"the compacted topic to use (default {DEFAULT_TOPIC})")
-    p.add_argument("--http", metavar="HOST:PORT", help=f"serve the HTTP API here (default {DEFAULT_HTTP})")
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where the consumer keeps its state (default: a new temp dir)",
+    )
+    p.add_argument(
+        "--topic",
+        default=DEFAULT_TOPIC,
+        help=f"the compacted topic to use (default {DEFAULT_TOPIC})",
+    )
+    p.add_argument(
+        "--http", metavar="HOST:PORT", help=f"serve the HTTP API here (default {DEFAULT_HTTP})"
+    )
     p.add_argument("--no-http", action="store_true", help="do not serve the HTTP API")
-    p.add_argument("--seed", type=int, help="random seed of the stream (default: a new one each run)")
-    p.add_argument("--interval", type=float, metavar="SECONDS", help="seconds between live updates (default 1 on a terminal, 2 otherwise)")
-    p.add_argument("--plain", action="store_true", help="plain lines even on a terminal (no live panel)")
+    p.add_argument(
+        "--seed", type=int, help="random seed of the stream (default: a new one each run)"
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between live updates (default 1 on a terminal, 2 otherwise)",
+    )
+    p.add_argument(
+        "--plain", action="store_true", help="plain lines even on a terminal (no live panel)"
+    )
     p.set_defaults(func=run)
 
 

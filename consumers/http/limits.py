@@ -215,7 +215,10 @@ def _parse_error_message(exc: BaseException | None, limits: tuple[int, int]) -> 
             "as a JSON body with POST instead of GET query parameters",
         )
     detail = exc.message if isinstance(exc, HttpProcessingError) and exc.message else str(exc or "")
-    return "bad_http", f"malformed HTTP request ({detail or 'unparseable'}): send HTTP/1.1 with a Host header"
+    return (
+        "bad_http",
+        f"malformed HTTP request ({detail or 'unparseable'}): send HTTP/1.1 with a Host header",
+    )
 
 
 # ---- one connection ------------------------------------------------------------------------
@@ -270,7 +273,9 @@ class Connection(RequestHandler):
         if data and self._header_timer is None and (self._body is None or self._body.is_eof()):
             # The first bytes of a request: the idle timer stops, the header timer starts.
             self.keep_alive(True)
-            self._header_timer = self._loop.call_later(self._limits.header_timeout, self._headers_late)
+            self._header_timer = self._loop.call_later(
+                self._limits.header_timeout, self._headers_late
+            )
         parsed = self._request_count
         super().data_received(data)
         if self._request_count != parsed:  # headers complete (or rejected) for a new request
@@ -288,7 +293,9 @@ class Connection(RequestHandler):
         if getattr(self, "_request_in_progress", False):
             # A pipelined request's headers are late while the one before it is still being
             # answered: let that answer finish, then judge again.
-            self._header_timer = self._loop.call_later(self._limits.header_timeout, self._headers_late)
+            self._header_timer = self._loop.call_later(
+                self._limits.header_timeout, self._headers_late
+            )
             return
         self._stats.timeouts["headers"] += 1
         peer = self.peername
@@ -329,15 +336,24 @@ class Connection(RequestHandler):
     ) -> web.StreamResponse:
         """aiohttp's own error answers, in the API's envelope (it always closes the connection)."""
         if request.writer.output_size > 0:
-            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+            raise ConnectionError(
+                "Response is sent already, cannot send another response with the error message"
+            )
         log = get_logger(component="http")
         if status >= 500:
-            log.error("http request failed in the server", status=status, error=repr(exc), exc_info=exc)
-            code, text = "internal", f"the server failed answering this request ({type(exc).__name__}); it was logged"
+            log.error(
+                "http request failed in the server", status=status, error=repr(exc), exc_info=exc
+            )
+            code, text = (
+                "internal",
+                f"the server failed answering this request ({type(exc).__name__}); it was logged",
+            )
         else:
             code, text = _parse_error_message(exc, (self.max_line_size, self.max_field_size))
             log.debug("http request rejected", status=status, error=str(exc))
-        resp = web.Response(body=error_body(code, text), status=status, content_type="application/json")
+        resp = web.Response(
+            body=error_body(code, text), status=status, content_type="application/json"
+        )
         resp.force_close()
         return resp
 
@@ -455,7 +471,13 @@ class _Listener:
 
         def factory() -> Connection:
             self._pending -= 1
-            c = Connection(self._server, loop=self._loop, limits=self._limits, stats=self._stats, release=self._gone)
+            c = Connection(
+                self._server,
+                loop=self._loop,
+                limits=self._limits,
+                stats=self._stats,
+                release=self._gone,
+            )
             self._conns.add(c)
             self._stats.open = self.open
             made.append(c)
@@ -519,7 +541,13 @@ class LimitedSite(web.BaseSite):
     BACKLOG = 128
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, *, limits: HttpLimits, stats: ConnectionStats
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        limits: HttpLimits,
+        stats: ConnectionStats,
     ) -> None:
         super().__init__(runner, backlog=self.BACKLOG)
         self._host = host

@@ -110,7 +110,8 @@ def postgres_row_estimate(url: str, table: str, connect_timeout: float = 5.0) ->
 
         with psycopg.connect(url, connect_timeout=int(max(1, connect_timeout))) as conn:
             row = conn.execute(
-                "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)", (_ident(table),)
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+                (_ident(table),),
             ).fetchone()
     except Exception:
         return None

@@ -134,7 +134,9 @@ def dlq_topic_problem(name: str) -> str | None:
         return f"it is {len(name)} characters long (Kafka allows 249)"
     if not _LEGAL_TOPIC.fullmatch(name):
         bad = sorted({c for c in name if not _LEGAL_TOPIC.fullmatch(c)})
-        return f"it contains {''.join(bad)!r} (Kafka allows only ASCII letters, digits, '.', '_', '-')"
+        return (
+            f"it contains {''.join(bad)!r} (Kafka allows only ASCII letters, digits, '.', '_', '-')"
+        )
     return None
 
 
@@ -224,7 +226,11 @@ def build_dead_letter(
         room = 0
     k_keep = min(klen, max(room - vlen, room // 2))
     v_keep = min(vlen, room - k_keep)
-    cut = [part for part, full, kept_n in (("key", klen, k_keep), ("value", vlen, v_keep)) if kept_n < full]
+    cut = [
+        part
+        for part, full, kept_n in (("key", klen, k_keep), ("value", vlen, v_keep))
+        if kept_n < full
+    ]
     if cut:
         headers.append((H_TRUNCATED, ",".join(cut).encode()))
     out_key = None if key is None else key[:k_keep]
@@ -318,7 +324,9 @@ class DeadLetters:
                 ident = current = (stream, tp.topic, tp.partition, r.offset)
                 dlq = topics[ident] = self.topic_for(tp.topic)
                 prev = self._inflight.get(ident)
-                if prev is not None and not (prev.done() and (prev.cancelled() or prev.exception())):
+                if prev is not None and not (
+                    prev.done() and (prev.cancelled() or prev.exception())
+                ):
                     futures[ident] = prev  # in flight or acknowledged already: never twice
                     continue
                 if dlq not in known:
@@ -332,7 +340,14 @@ class DeadLetters:
                     if same:
                         await asyncio.wait(same, timeout=ACK_TIMEOUT)
                 k, v, headers = build_dead_letter(
-                    tp.topic, tp.partition, r.offset, r.key, r.value, why.reason, str(why), limit,
+                    tp.topic,
+                    tp.partition,
+                    r.offset,
+                    r.key,
+                    r.value,
+                    why.reason,
+                    str(why),
+                    limit,
                     keep_payload=ident not in self._headers_only,
                 )
                 fut = await producer.send(dlq, value=v, key=k, headers=headers)
@@ -453,7 +468,9 @@ class DeadLetters:
         task = asyncio.ensure_future(producer.partitions_for(topic))
         stopped = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait({task, stopped}, timeout=ACK_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {task, stopped}, timeout=ACK_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             stopped.cancel()
         if not task.done():
@@ -481,7 +498,9 @@ class DeadLetters:
                 "create it, or point --dlq-topic at a topic that can exist"
             )
         if isinstance(e, TopicAuthorizationFailedError):
-            return f"not authorized to write to {topic!r}: grant this client WRITE and DESCRIBE on it"
+            return (
+                f"not authorized to write to {topic!r}: grant this client WRITE and DESCRIBE on it"
+            )
         if isinstance(e, InvalidTopicError):
             return f"the broker refuses {topic!r} as a topic name: choose another --dlq-topic"
         if isinstance(e, _SIZE_ERRORS):
@@ -494,7 +513,9 @@ class DeadLetters:
         with contextlib.suppress(Exception):
             from aiokafka.admin import AIOKafkaAdminClient
 
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=5000)
+            admin = AIOKafkaAdminClient(
+                bootstrap_servers=self.bootstrap_servers, request_timeout_ms=5000
+            )
             await asyncio.wait_for(admin.start(), 5)
             try:
                 names = await asyncio.wait_for(admin.list_topics(), 5)
@@ -513,12 +534,17 @@ class DeadLetters:
             from aiokafka.admin import AIOKafkaAdminClient
             from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=5000)
+            admin = AIOKafkaAdminClient(
+                bootstrap_servers=self.bootstrap_servers, request_timeout_ms=5000
+            )
             await asyncio.wait_for(admin.start(), 5)
             try:
                 metas = await asyncio.wait_for(admin.describe_topics(topics), 5)
                 resp = await asyncio.wait_for(
-                    admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]), 5
+                    admin.describe_configs(
+                        [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+                    ),
+                    5,
                 )
             finally:
                 await admin.close()
@@ -560,7 +586,9 @@ class DeadLetters:
             from aiokafka.admin import AIOKafkaAdminClient
             from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=5000)
+            admin = AIOKafkaAdminClient(
+                bootstrap_servers=self.bootstrap_servers, request_timeout_ms=5000
+            )
             await asyncio.wait_for(admin.start(), 5)
             try:
                 (resp,) = await asyncio.wait_for(
@@ -575,7 +603,8 @@ class DeadLetters:
                     if cluster.get("brokers"):
                         broker = str(cluster["brokers"][0]["node_id"])
                     (resp,) = await asyncio.wait_for(
-                        admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, broker)]), 5
+                        admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, broker)]),
+                        5,
                     )
                     (res,) = resp.resources
                     b = {e[0]: e[1] for e in res[4]}

@@ -33,7 +33,9 @@ def load_definitions(spec: str) -> list[TableAggregate]:
         try:
             loader_spec.loader.exec_module(module)
         except Exception as e:
-            raise ConfigError(f"definitions file {spec!r} failed to load: {type(e).__name__}: {e}") from e
+            raise ConfigError(
+                f"definitions file {spec!r} failed to load: {type(e).__name__}: {e}"
+            ) from e
     else:
         try:
             module = importlib.import_module(spec)
@@ -57,7 +59,9 @@ def load_definitions(spec: str) -> list[TableAggregate]:
     names: dict[str, TableAggregate] = {}
     for d in found:
         if d.name in names:
-            raise ConfigError(f"two aggregates in {spec!r} are named {d.name!r}: names must be unique")
+            raise ConfigError(
+                f"two aggregates in {spec!r} are named {d.name!r}: names must be unique"
+            )
         names[d.name] = d
     id_fields_by_table(found)
     column_types_by_table(found)

@@ -80,6 +80,7 @@ class PatchHost(Protocol):
     @property
     def log(self) -> Any: ...
 
+
 __all__ = [
     "MAX_SESSIONS",
     "SESSION_TTL",
@@ -94,7 +95,6 @@ SESSION_TTL = 600.0
 MAX_SESSIONS = 8
 CATCH_UP_WAIT = 10.0
 """Seconds a chunk waits for the live stream to reach the session's offsets before a 503."""
-
 
 
 class PatchError(TallyError):
@@ -186,7 +186,11 @@ class PatchSessions:
     def _live_physical(self, name: str) -> str:
         p = self.process
         if name not in p.by_name:
-            raise PatchError(404, "unknown_aggregate", f"no aggregate named {name!r}; known: {', '.join(sorted(p.by_name))}")
+            raise PatchError(
+                404,
+                "unknown_aggregate",
+                f"no aggregate named {name!r}; known: {', '.join(sorted(p.by_name))}",
+            )
         target = p.live.targets.get(name)
         g = p.store.generation(name)
         if target is None or g is None or g.active != target[1]:
@@ -210,11 +214,19 @@ class PatchSessions:
         self._expire()
         physical = self._live_physical(name)
         if len(self.sessions) >= MAX_SESSIONS:
-            raise PatchError(429, "too_many_sessions", f"{MAX_SESSIONS} patch sessions are open; wait for one to end")
+            raise PatchError(
+                429,
+                "too_many_sessions",
+                f"{MAX_SESSIONS} patch sessions are open; wait for one to end",
+            )
         p = self.process
         live = p.live
         if live.consumer is None or not live.tps:
-            raise PatchError(503, "not_ready", "the consumer has not been assigned its partitions yet; retry shortly")
+            raise PatchError(
+                503,
+                "not_ready",
+                "the consumer has not been assigned its partitions yet; retry shortly",
+            )
         d = p.by_name[name]
         sid = secrets.token_hex(8)
         # Register first, then read the end offsets: a live batch committed while we await
@@ -227,7 +239,11 @@ class PatchSessions:
             ends = await asyncio.wait_for(live.consumer.end_offsets(tps), 15)
         except Exception as e:
             self._drop(sid)
-            raise PatchError(503, "broker_unreachable", f"cannot read the topics' end offsets: {e or type(e).__name__}") from None
+            raise PatchError(
+                503,
+                "broker_unreachable",
+                f"cannot read the topics' end offsets: {e or type(e).__name__}",
+            ) from None
         s.wait_for = dict(ends)
         p.log.info("patch session opened", aggregate=name, session=sid, generation=physical)
         return s
@@ -265,9 +281,17 @@ class PatchSessions:
             await asyncio.sleep(0.05)
         s = self.get(name, sid)
         if s.truncated:
-            raise PatchError(409, "truncated", f"table of {name!r} was truncated during the reconcile: run it again")
+            raise PatchError(
+                409,
+                "truncated",
+                f"table of {name!r} was truncated during the reconcile: run it again",
+            )
         if self._live_physical(name) != s.physical:
-            raise PatchError(409, "generation_switched", f"{name!r} switched generations during the reconcile: run it again")
+            raise PatchError(
+                409,
+                "generation_switched",
+                f"{name!r} switched generations during the reconcile: run it again",
+            )
         store = self.process.store
         if store.in_batch:  # never: batches commit without awaiting; guard the invariant anyway
             raise PatchError(503, "busy", "a batch is being committed; send the chunk again")

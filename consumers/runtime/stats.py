@@ -12,7 +12,21 @@ from tally.consumers.runtime.deadletters import DeadLetterHealth
 
 __all__ = ["LATENCY_BUCKETS", "ConsumerStats"]
 
-LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 """Upper bounds (seconds) of the batch-apply latency histogram."""
 
 

@@ -84,7 +84,9 @@ class Stream:
         """
         read_at = dict(self.offsets)
         read_at.update(self.pending_offsets)
-        total = sum(max(0, end - self.start_offsets.get(tp, 0)) for tp, end in self.end_at_start.items())
+        total = sum(
+            max(0, end - self.start_offsets.get(tp, 0)) for tp, end in self.end_at_start.items()
+        )
 
         def done(at: dict[TopicPartition, int]) -> int:
             return sum(

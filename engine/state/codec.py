@@ -95,10 +95,13 @@ def decode_node(raw: bytes) -> Node:
         sums = [Decimal(v) if type(v) is str else v for v in n.sums]
         return Node(n.keys, sums, n.children, n.counts)
 
+
 decode_tree: Final = msgspec.msgpack.Decoder(TreeMeta).decode
 decode_id: Final = msgspec.msgpack.Decoder(IdEntry).decode
 decode_gen: Final = msgspec.msgpack.Decoder(Generation).decode
-decode_log: Final = msgspec.msgpack.Decoder(list[tuple[bytes, IdEntry | None, IdEntry | None]]).decode
+decode_log: Final = msgspec.msgpack.Decoder(
+    list[tuple[bytes, IdEntry | None, IdEntry | None]]
+).decode
 
 
 def same_item(a: IdEntry, ns: bytes, key: bytes, s: int | float | Decimal) -> bool:

@@ -26,7 +26,6 @@ BLOCK_CACHE_BYTES: Final = 64 << 20
 """RocksDB block cache shared by the column families (compressed on-disk blocks)."""
 
 
-
 def _cf_options(cache: Cache) -> Options:
     # Bloom filters make the id index's "is this id new?" probe cheap: most
     # inserts look up an id that is not there.
@@ -68,7 +67,9 @@ class Database:
     follows its commits). Not thread-safe.
     """
 
-    def __init__(self, path: str, *, read_only: bool, sync: bool = False, max_open_files: int = -1) -> None:
+    def __init__(
+        self, path: str, *, read_only: bool, sync: bool = False, max_open_files: int = -1
+    ) -> None:
         self.path = path
         self.read_only = read_only
         # Table files kept open (-1: all of them, RocksDB's default and what a secondary needs).
@@ -110,7 +111,9 @@ class Database:
                         time.sleep(0.1)
             else:
                 os.makedirs(self.path, exist_ok=True)
-                self._db = Rdict(self.path, _db_options(block_cache, self.max_open_files), column_families=cfs)
+                self._db = Rdict(
+                    self.path, _db_options(block_cache, self.max_open_files), column_families=cfs
+                )
         except TallyError:
             raise
         except Exception as e:

@@ -436,7 +436,9 @@ class StateStore:
         else:
             self._logged += changes
 
-    def end_transaction(self, tx: Transaction, *, committed: bool, touched_meta: bool = False) -> None:
+    def end_transaction(
+        self, tx: Transaction, *, committed: bool, touched_meta: bool = False
+    ) -> None:
         """Start a fresh transaction after ``tx`` ended; an aborted one that touched
         metadata invalidates the registries it may have filled."""
         if not committed and touched_meta:

@@ -36,8 +36,11 @@ class TransactionOwner(Protocol):
     def checkpoint_pending(self) -> bool: ...
     def write_checkpoint(self, wb: WriteBatch, seq: int) -> None: ...
     def committed(self, seq: int, checkpoint: bool, changes: int) -> None: ...
-    def end_transaction(self, tx: Transaction, *, committed: bool, touched_meta: bool = False) -> None: ...
+    def end_transaction(
+        self, tx: Transaction, *, committed: bool, touched_meta: bool = False
+    ) -> None: ...
     def recover(self) -> None: ...
+
 
 __all__ = ["Batch", "Transaction", "TransactionOwner"]
 
@@ -171,7 +174,9 @@ class Transaction:
     def commit(self) -> None:
         """Write this batch (and a checkpoint when due) in one WriteBatch; then start afresh."""
         store = self.store
-        checkpoint = self.structural or self.force_checkpoint or store.checkpoint_due(len(self.changes))
+        checkpoint = (
+            self.structural or self.force_checkpoint or store.checkpoint_due(len(self.changes))
+        )
         if self.empty and not (checkpoint and store.checkpoint_pending()):
             store.end_transaction(self, committed=False)
             return

@@ -23,7 +23,12 @@ Record = tuple[bytes | None, bytes, str]
 
 
 def _row(i: int) -> dict[str, Any]:
-    return {"id": i, "player": f"player-{i % 977}", "score": (i * 7919) % 1000 / 10, "level": i % 40}
+    return {
+        "id": i,
+        "player": f"player-{i % 977}",
+        "score": (i * 7919) % 1000 / 10,
+        "level": i % 40,
+    }
 
 
 def _source(i: int) -> dict[str, Any]:
@@ -55,17 +60,36 @@ _VALUE_SCHEMA = {
     "name": "pg.public.scores.Envelope",
     "version": 2,
     "fields": [
-        {"type": "struct", "fields": _FIELD_SCHEMA, "optional": True, "name": "pg.public.scores.Value", "field": f}
+        {
+            "type": "struct",
+            "fields": _FIELD_SCHEMA,
+            "optional": True,
+            "name": "pg.public.scores.Value",
+            "field": f,
+        }
         for f in ("before", "after")
     ]
     + [
-        {"type": "struct", "optional": False, "name": "io.debezium.connector.postgresql.Source", "field": "source",
-         "fields": [{"type": "string", "optional": False, "field": n} for n in ("version", "connector", "name")]},
+        {
+            "type": "struct",
+            "optional": False,
+            "name": "io.debezium.connector.postgresql.Source",
+            "field": "source",
+            "fields": [
+                {"type": "string", "optional": False, "field": n}
+                for n in ("version", "connector", "name")
+            ],
+        },
         {"type": "string", "optional": False, "field": "op"},
         {"type": "int64", "optional": True, "field": "ts_ms"},
     ],
 }
-_KEY_SCHEMA = {"type": "struct", "optional": False, "name": "pg.public.scores.Key", "fields": _FIELD_SCHEMA[:1]}
+_KEY_SCHEMA = {
+    "type": "struct",
+    "optional": False,
+    "name": "pg.public.scores.Key",
+    "fields": _FIELD_SCHEMA[:1],
+}
 
 
 def make_records(n: int) -> dict[str, list[Record]]:
@@ -80,14 +104,33 @@ def make_records(n: int) -> dict[str, list[Record]]:
         "unwrapped (ExtractNewRecordState)": [],
     }
     for i in range(n):
-        event = NativeEvent(table="scores", op="update", id=i, after=_row(i), position=24023128 + i, ts_ms=1_700_000_000_000 + i)
+        event = NativeEvent(
+            table="scores",
+            op="update",
+            id=i,
+            after=_row(i),
+            position=24023128 + i,
+            ts_ms=1_700_000_000_000 + i,
+        )
         key = str(i).encode()
         shapes["native JSON"].append((key, encode_native(event, "json"), "scores"))
         # Another producer's field order misses the fast path and goes through detection.
-        reordered = {"op": "update", "id": i, "after": _row(i), "table": "scores", "ts_ms": 1_700_000_000_000 + i}
+        reordered = {
+            "op": "update",
+            "id": i,
+            "after": _row(i),
+            "table": "scores",
+            "ts_ms": 1_700_000_000_000 + i,
+        }
         shapes["native JSON, other field order"].append((key, enc(reordered), "scores"))
         shapes["native msgpack"].append((key, encode_native(event, "msgpack"), "scores"))
-        envelope = {"before": None, "after": _row(i), "source": _source(i), "op": "u", "ts_ms": 1_700_000_000_100 + i}
+        envelope = {
+            "before": None,
+            "after": _row(i),
+            "source": _source(i),
+            "op": "u",
+            "ts_ms": 1_700_000_000_100 + i,
+        }
         shapes["Debezium envelope"].append((enc({"id": i}), enc(envelope), "pg.public.scores"))
         shapes["Debezium envelope + schema wrapper"].append(
             (
@@ -96,13 +139,23 @@ def make_records(n: int) -> dict[str, list[Record]]:
                 "pg.public.scores",
             )
         )
-        unwrapped = {**_row(i), "__deleted": "false", "__op": "u", "__table": "scores", "__lsn": 24023128 + i,
-                     "__source_ts_ms": 1_700_000_000_000 + i}
-        shapes["unwrapped (ExtractNewRecordState)"].append((enc({"id": i}), enc(unwrapped), "pg.public.scores"))
+        unwrapped = {
+            **_row(i),
+            "__deleted": "false",
+            "__op": "u",
+            "__table": "scores",
+            "__lsn": 24023128 + i,
+            "__source_ts_ms": 1_700_000_000_000 + i,
+        }
+        shapes["unwrapped (ExtractNewRecordState)"].append(
+            (enc({"id": i}), enc(unwrapped), "pg.public.scores")
+        )
     return shapes
 
 
-def rates(fns: dict[str, Callable[[list[Record]], None]], records: list[Record], rounds: int) -> dict[str, float]:
+def rates(
+    fns: dict[str, Callable[[list[Record]], None]], records: list[Record], rounds: int
+) -> dict[str, float]:
     """Best-of-``rounds`` events per second of each function over ``records``.
 
     The functions take turns within every round, so a noisy neighbour slows
@@ -121,8 +174,12 @@ def rates(fns: dict[str, Callable[[list[Record]], None]], records: list[Record],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=50_000, help="distinct records per shape (default 50000)")
-    parser.add_argument("--rounds", type=int, default=7, help="timed passes per measurement, best kept (default 7)")
+    parser.add_argument(
+        "--events", type=int, default=50_000, help="distinct records per shape (default 50000)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=7, help="timed passes per measurement, best kept (default 7)"
+    )
     args = parser.parse_args()
 
     shapes = make_records(args.events)
@@ -131,7 +188,11 @@ def main() -> None:
         "native": EventDecoder(format="native"),
         "debezium": EventDecoder(format="debezium"),
     }
-    explicit = {"native JSON": "native", "native JSON, other field order": "native", "native msgpack": "native"}
+    explicit = {
+        "native JSON": "native",
+        "native JSON, other field order": "native",
+        "native msgpack": "native",
+    }
 
     def reference_json(records: list[Record]) -> None:
         decode = msgspec.json.decode
@@ -151,7 +212,9 @@ def main() -> None:
 
         return run
 
-    print(f"decode throughput, {args.events} distinct records per shape, best of {args.rounds}, one core")
+    print(
+        f"decode throughput, {args.events} distinct records per shape, best of {args.rounds}, one core"
+    )
     header = f"{'shape':36} {'format':9} {'tally ev/s':>12} {'dict ev/s':>12} {'ratio':>7}"
     print(header)
     print("-" * len(header))
@@ -163,7 +226,9 @@ def main() -> None:
         for fmt in formats:
             ratio = result[fmt] / result["dict"]
             print(f"{name:36} {fmt:9} {result[fmt]:12,.0f} {result['dict']:12,.0f} {ratio:7.2f}")
-    print("dict ev/s: plain msgspec.json.decode(value) (msgspec.msgpack.decode for msgpack) into dicts")
+    print(
+        "dict ev/s: plain msgspec.json.decode(value) (msgspec.msgpack.decode for msgpack) into dicts"
+    )
     print("ratio: tally / dict (1.00 = as fast as the untyped decode alone)")
 
 

@@ -32,8 +32,22 @@ TALLY = Path(sys.executable).parent / "tally"
 def run_demo(bootstrap: str, topic: str, data_dir: Path, *extra: str) -> float:
     """Seconds one `tally demo --short` took; fails loudly if it did not verify."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
-    args = [str(TALLY), "demo", "--short", "--no-http", "--plain", "--bootstrap-servers", bootstrap,
-            "--topic", topic, "--seed", "7", "--data-dir", str(data_dir), *extra]
+    args = [
+        str(TALLY),
+        "demo",
+        "--short",
+        "--no-http",
+        "--plain",
+        "--bootstrap-servers",
+        bootstrap,
+        "--topic",
+        topic,
+        "--seed",
+        "7",
+        "--data-dir",
+        str(data_dir),
+        *extra,
+    ]
     t0 = time.perf_counter()
     res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, check=False)
     took = time.perf_counter() - t0
@@ -43,14 +57,19 @@ def run_demo(bootstrap: str, topic: str, data_dir: Path, *extra: str) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     args = ap.parse_args()
     host, _, port = args.bootstrap_servers.rpartition(":")
     if host in ("127.0.0.1", "localhost"):  # a local broker: start it if nothing answers
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "kafka"), "start", "--port", port],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "kafka"), "start", "--port", port],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     first: list[float] = []
     again: list[float] = []
     with tempfile.TemporaryDirectory(prefix="tally-bench-demo-") as tmp:
@@ -59,10 +78,14 @@ def main() -> None:
             data_dir = Path(tmp) / f"run{i}"
             first.append(run_demo(args.bootstrap_servers, topic, data_dir))
             again.append(run_demo(args.bootstrap_servers, topic, data_dir, "--events", "300"))
-            print(f"run {i + 1}: demo --short {first[-1]:.2f}s, resumed with 300 more {again[-1]:.2f}s",
-                  flush=True)
-    print(f"median of {args.runs}: demo --short {statistics.median(first):.2f}s, "
-          f"resumed {statistics.median(again):.2f}s")
+            print(
+                f"run {i + 1}: demo --short {first[-1]:.2f}s, resumed with 300 more {again[-1]:.2f}s",
+                flush=True,
+            )
+    print(
+        f"median of {args.runs}: demo --short {statistics.median(first):.2f}s, "
+        f"resumed {statistics.median(again):.2f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 DEFINITIONS = [
     TableAggregate("leaderboard", table="scores", sort_key="score", sum_value="score"),
-    TableAggregate("by_game", table="scores", namespace="game", sort_key="score", sum_value="score"),
+    TableAggregate(
+        "by_game", table="scores", namespace="game", sort_key="score", sum_value="score"
+    ),
 ]
 
 
@@ -55,7 +57,9 @@ def events(ids: int, n: int, seed: int, held: set[int]) -> list[ChangeEvent]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--ids", type=int, default=200_000)
     ap.add_argument("--events", type=int, default=500_000)
     ap.add_argument("--batch", type=int, default=5000)
@@ -64,7 +68,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tally-bench-drift-"))
     try:
         rnd = random.Random(1)
-        seed_rows = [ChangeEvent("scores", "upsert", i, row(i, rnd), None, None, "c") for i in range(a.ids)]
+        seed_rows = [
+            ChangeEvent("scores", "upsert", i, row(i, rnd), None, None, "c") for i in range(a.ids)
+        ]
         appliers = {}
         for mode in ("off", "on"):
             store = Store.open(tmp / mode)
@@ -77,8 +83,10 @@ def main() -> None:
         for r in range(a.rounds):
             evs = events(a.ids, a.events, 100 + r, held)
             total += len(evs)
-            expected += 2 * sum(1 for e in evs if e.op == "u" and isinstance(e.id, int) and e.id >= a.ids)
-            for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+            expected += 2 * sum(
+                1 for e in evs if e.op == "u" and isinstance(e.id, int) and e.id >= a.ids
+            )
+            for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
                 app = appliers[mode]
                 t = time.perf_counter()
                 for i in range(0, len(evs), a.batch):
@@ -89,7 +97,9 @@ def main() -> None:
         off, on = total / times["off"], total / times["on"]
         print(f"{total} events in batches of {a.batch}, {a.ids} ids, 2 aggregates")
         print(f"drift off: {off:,.0f} events/s")
-        print(f"drift on:  {on:,.0f} events/s   ({drift} drift signals counted, {expected} injected)")
+        print(
+            f"drift on:  {on:,.0f} events/s   ({drift} drift signals counted, {expected} injected)"
+        )
         assert drift == expected, "the drift path counted something that was not injected"
         print(f"ratio on/off: {on / off:.3f}")
         for app in appliers.values():

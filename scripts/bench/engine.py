@@ -76,7 +76,9 @@ def build(n: int, batch: int, node_size: int | None, cache: int | None, seed: in
     return store, agg, sl, path, t_tally, t_sl
 
 
-def time_reads(agg, sl: SortedList, n: int, reads: int, seed: int = 2) -> dict[str, tuple[float, float]]:
+def time_reads(
+    agg, sl: SortedList, n: int, reads: int, seed: int = 2
+) -> dict[str, tuple[float, float]]:
     rnd = random.Random(seed)
     bounds = []
     for _ in range(reads):
@@ -132,7 +134,9 @@ def scale_child(args: argparse.Namespace) -> None:
 
         start = 0
         while start < n:
-            end = min(n, start + max(100_000, start))  # each chunk >= 25% of the tree: a merge rebuild
+            end = min(
+                n, start + max(100_000, start)
+            )  # each chunk >= 25% of the tree: a merge rebuild
             changes = {}
             for i in range(start, end):
                 eid = encode_key(i * 1_000_003 % n)
@@ -174,13 +178,17 @@ def scale_child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--items", type=int, default=1_000_000)
     ap.add_argument("--reads", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--node-size", type=int, default=None)
     ap.add_argument("--cache-nodes", type=int, default=None)
-    ap.add_argument("--scale", default="", help="comma-separated extra sizes for the read-cost scaling table")
+    ap.add_argument(
+        "--scale", default="", help="comma-separated extra sizes for the read-cost scaling table"
+    )
     ap.add_argument("--scale-child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument(
         "--scale-build",
@@ -193,9 +201,13 @@ def main() -> None:
         scale_child(args)
         return
 
-    store, agg, sl, path, t_tally, t_sl = build(args.items, args.batch, args.node_size, args.cache_nodes)
+    store, agg, sl, path, t_tally, t_sl = build(
+        args.items, args.batch, args.node_size, args.cache_nodes
+    )
     n = args.items
-    print(f"items={n:,} batch={args.batch} node_size={store.max_node_size} cache_nodes={store.cache_nodes}")
+    print(
+        f"items={n:,} batch={args.batch} node_size={store.max_node_size} cache_nodes={store.cache_nodes}"
+    )
     print(f"{'op':<10} {'tally ops/s':>14} {'SortedList ops/s':>18} {'ratio':>7}")
     print(f"{'insert':<10} {n / t_tally:>14,.0f} {n / t_sl:>18,.0f} {t_sl / t_tally:>7.2f}")
     for op, (a, b) in time_reads(agg, sl, n, args.reads).items():
@@ -210,13 +222,26 @@ def main() -> None:
         rss_label = "RSS MiB" if args.scale_build == "bulk" else "peak RSS MiB"
         print(f"{'items':>12} {'count':>8} {'at':>8} {'index_of':>9} {rss_label:>13}")
         for size in [int(x) for x in args.scale.split(",")]:
-            cmd = [sys.executable, __file__, "--scale-child", str(size), "--reads", str(args.reads),
-                   "--batch", str(args.batch), "--scale-build", args.scale_build]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--scale-child",
+                str(size),
+                "--reads",
+                str(args.reads),
+                "--batch",
+                str(args.batch),
+                "--scale-build",
+                args.scale_build,
+            ]
             if args.node_size:
                 cmd += ["--node-size", str(args.node_size)]
             if args.cache_nodes:
                 cmd += ["--cache-nodes", str(args.cache_nodes)]
-            print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip(), flush=True)
+            print(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip(),
+                flush=True,
+            )
     print(f"\npeak RSS {rss_mib():,.0f} MiB")
 
 

@@ -67,7 +67,9 @@ def bodies(count: int, seed: int = 2) -> list[bytes]:
     return out
 
 
-async def load(url: str, clients: int, seconds: float, post: list[bytes] | None) -> tuple[float, int]:
+async def load(
+    url: str, clients: int, seconds: float, post: list[bytes] | None
+) -> tuple[float, int]:
     """Requests/s over ``clients`` concurrent tasks for ``seconds``; (rate, errors)."""
     done = 0
     errors = 0
@@ -162,7 +164,9 @@ async def run_inprocess(path: str, args: argparse.Namespace, post: list[bytes]) 
     await web.TCPSite(runner, "127.0.0.1", port).start()
     url = f"http://127.0.0.1:{port}"
     try:
-        await load(url + "/v1/aggregates/bench/count", args.clients, 1.0, post)  # warm the node cache
+        await load(
+            url + "/v1/aggregates/bench/count", args.clients, 1.0, post
+        )  # warm the node cache
         count = await load(url + "/v1/aggregates/bench/count", args.clients, args.seconds, post)
         health = await load(url + "/healthz", args.clients, args.seconds, None)
     finally:
@@ -181,7 +185,9 @@ async def run_subprocess(path: str, args: argparse.Namespace, post: list[bytes])
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_up(url)
-        await load(url + "/v1/aggregates/bench/count", args.clients, 1.0, post)  # warm the node cache
+        await load(
+            url + "/v1/aggregates/bench/count", args.clients, 1.0, post
+        )  # warm the node cache
         count = await load(url + "/v1/aggregates/bench/count", args.clients, args.seconds, post)
         health = await load(url + "/healthz", args.clients, args.seconds, None)
     finally:
@@ -191,7 +197,9 @@ async def run_subprocess(path: str, args: argparse.Namespace, post: list[bytes])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--clients", type=int, default=8, help="concurrent client tasks")
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
@@ -207,7 +215,9 @@ def main() -> None:
     try:
         t = time.perf_counter()
         build(path, args.items)
-        print(f"store: {args.items:,} items built in {time.perf_counter() - t:.1f}s ({os.cpu_count()} CPUs)")
+        print(
+            f"store: {args.items:,} items built in {time.perf_counter() - t:.1f}s ({os.cpu_count()} CPUs)"
+        )
         post = bodies(10_000)
         where = "same process" if args.inprocess else "server subprocess"
         runner = run_inprocess if args.inprocess else run_subprocess

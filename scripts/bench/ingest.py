@@ -40,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 DEFINITIONS = [
     TableAggregate("leaderboard", table="scores", sort_key="score", sum_value="score"),
-    TableAggregate("by_game", table="scores", namespace="game", sort_key="score", sum_value="score"),
+    TableAggregate(
+        "by_game", table="scores", namespace="game", sort_key="score", sum_value="score"
+    ),
 ]
 
 
@@ -65,7 +67,12 @@ async def produce(bootstrap: str, topic: str, n: int, ids: int, partitions: int)
         if rnd.random() < 0.1:
             v = enc.encode({"table": "scores", "op": "delete", "id": rid})
         else:
-            row = {"id": rid, "player": f"p{rid}", "game": f"g{rid % 20}", "score": int(rnd.paretovariate(1.5) * 100)}
+            row = {
+                "id": rid,
+                "player": f"p{rid}",
+                "game": f"g{rid % 20}",
+                "score": int(rnd.paretovariate(1.5) * 100),
+            }
             v = enc.encode({"table": "scores", "op": "update", "id": rid, "after": row})
         pending.append(await p.send(topic, v, key=key))
         if len(pending) >= 20000:
@@ -106,7 +113,11 @@ async def tally(bootstrap: str, topic: str, batch: int) -> tuple[float, int]:
     data = tempfile.mkdtemp(prefix="tally-bench-ingest-")
     store = Store.open(data)
     settings = ConsumerSettings(
-        bootstrap_servers=bootstrap, data_dir=data, topics={"scores": topic}, batch_size=batch, http=None,
+        bootstrap_servers=bootstrap,
+        data_dir=data,
+        topics={"scores": topic},
+        batch_size=batch,
+        http=None,
         progress_interval=3600,
     )
     proc = ConsumerProcess(settings, DEFINITIONS, store)
@@ -120,16 +131,22 @@ async def tally(bootstrap: str, topic: str, batch: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--ids", type=int, default=200_000)
     ap.add_argument("--partitions", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=5000)
-    ap.add_argument("--rounds", type=int, default=1, help="alternate null-sink/tally this many times")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="alternate null-sink/tally this many times"
+    )
     ap.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     args = ap.parse_args()
     if args.bootstrap_servers == "127.0.0.1:9092":
-        subprocess.run([str(ROOT / "scripts" / "kafka"), "start"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [str(ROOT / "scripts" / "kafka"), "start"], check=True, stdout=subprocess.DEVNULL
+        )
     from tally.consumers.logs import configure_logging
 
     configure_logging("warning", "console")
@@ -138,7 +155,10 @@ def main() -> None:
     print(f"produced {args.events:,} events to {topic} ({args.partitions} partitions) in {dt:.1f}s")
     best_null = best_tally = float("inf")
     for _ in range(args.rounds):
-        best_null = min(best_null, asyncio.run(null_sink(args.bootstrap_servers, topic, args.events, args.batch_size)))
+        best_null = min(
+            best_null,
+            asyncio.run(null_sink(args.bootstrap_servers, topic, args.events, args.batch_size)),
+        )
         t, n = asyncio.run(tally(args.bootstrap_servers, topic, args.batch_size))
         assert n == args.events, f"tally consumed {n} events, expected {args.events}"
         best_tally = min(best_tally, t)

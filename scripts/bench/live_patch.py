@@ -88,9 +88,23 @@ def drift(pg: str, n: int, share: float, round_: int) -> int:
 def reconcile(tmp: Path, pg: str, *extra: str) -> tuple[float, dict]:
     t = time.perf_counter()
     r = subprocess.run(
-        [TALLY, "reconcile", "scores", "--source", pg, "--definitions", str(tmp / "defs.py"),
-         "--data-dir", str(tmp / "data"), "--json", "--progress", "none", *extra],
-        capture_output=True, text=True,
+        [
+            TALLY,
+            "reconcile",
+            "scores",
+            "--source",
+            pg,
+            "--definitions",
+            str(tmp / "defs.py"),
+            "--data-dir",
+            str(tmp / "data"),
+            "--json",
+            "--progress",
+            "none",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
     )
     dt = time.perf_counter() - t
     if r.returncode != 0:
@@ -99,7 +113,9 @@ def reconcile(tmp: Path, pg: str, *extra: str) -> tuple[float, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--drift", type=float, default=0.01)
     ap.add_argument("--pg-port", type=int, default=25432)
@@ -113,7 +129,9 @@ def main() -> None:
     n = a.rows
     with psycopg.connect(pg, autocommit=True) as c:
         c.execute(f"DROP TABLE IF EXISTS {TABLE}")
-        c.execute(f"CREATE TABLE {TABLE} (id bigint PRIMARY KEY, game text NOT NULL, score integer NOT NULL)")
+        c.execute(
+            f"CREATE TABLE {TABLE} (id bigint PRIMARY KEY, game text NOT NULL, score integer NOT NULL)"
+        )
         c.execute(
             f"INSERT INTO {TABLE} SELECT g, 'g' || (g %% 10), (g::bigint * 7919) %% 1000003 "
             "FROM generate_series(1, %s) g",
@@ -130,10 +148,25 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     with open(tmp / "consume.log", "wb") as log:
         proc = subprocess.Popen(
-            [TALLY, "consume", str(tmp / "defs.py"), "--topic", f"{TABLE}={topic}", "--data-dir", str(tmp / "data"),
-             "--http", f"127.0.0.1:{port}", "--token", TOKEN, "--bootstrap-servers", a.bootstrap_servers,
-             "--log-format", "json"],
-            stderr=log, stdout=subprocess.DEVNULL,
+            [
+                TALLY,
+                "consume",
+                str(tmp / "defs.py"),
+                "--topic",
+                f"{TABLE}={topic}",
+                "--data-dir",
+                str(tmp / "data"),
+                "--http",
+                f"127.0.0.1:{port}",
+                "--token",
+                TOKEN,
+                "--bootstrap-servers",
+                a.bootstrap_servers,
+                "--log-format",
+                "json",
+            ],
+            stderr=log,
+            stdout=subprocess.DEVNULL,
         )
         try:
             deadline = time.monotonic() + 600
@@ -152,7 +185,9 @@ def main() -> None:
             k = drift(pg, n, a.drift, 0)
             t_live, rep = reconcile(tmp, pg, "--patch", "--url", url, "--token", TOKEN)
             assert rep["patched"] == k, rep
-            print(f"live    (--patch --url): {k} fixes, {t_live:.2f} s, {rep['rows_scanned'] / t_live:,.0f} rows/s")
+            print(
+                f"live    (--patch --url): {k} fixes, {t_live:.2f} s, {rep['rows_scanned'] / t_live:,.0f} rows/s"
+            )
             _, check = reconcile(tmp, pg)
             assert check["missing"] + check["extra"] + check["wrong"] == 0, check
         finally:
@@ -162,7 +197,9 @@ def main() -> None:
         k = drift(pg, n, a.drift, 1)
         t_off, rep = reconcile(tmp, pg, "--patch")
         assert rep["patched"] == k, rep
-        print(f"offline (--patch):       {k} fixes, {t_off:.2f} s, {rep['rows_scanned'] / t_off:,.0f} rows/s")
+        print(
+            f"offline (--patch):       {k} fixes, {t_off:.2f} s, {rep['rows_scanned'] / t_off:,.0f} rows/s"
+        )
         _, check = reconcile(tmp, pg)
         assert check["missing"] + check["extra"] + check["wrong"] == 0, check
         print(f"ratio live/offline (rows/s): {t_off / t_live:.2f}")

@@ -39,9 +39,23 @@ def free_port() -> int:
 def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
     exe = shutil.which("redis-server")
     if exe is None:
-        sys.exit("redis-server not found: install it with `apt-get install -y redis-server` (Debian)")
+        sys.exit(
+            "redis-server not found: install it with `apt-get install -y redis-server` (Debian)"
+        )
     proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -56,7 +70,9 @@ def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--items", type=int, default=1_000_000)
     ap.add_argument("--ops", type=int, default=20_000)
     args = ap.parse_args()

@@ -40,7 +40,11 @@ async def replay(bootstrap: str, topic: str) -> tuple[float, int]:
     data = tempfile.mkdtemp(prefix="tally-bench-replay-")
     store = Store.open(data)
     settings = ConsumerSettings(
-        bootstrap_servers=bootstrap, data_dir=data, topics={"scores": topic}, http=None, progress_interval=3600
+        bootstrap_servers=bootstrap,
+        data_dir=data,
+        topics={"scores": topic},
+        http=None,
+        progress_interval=3600,
     )
     proc = ConsumerProcess(settings, [LEADERBOARD], store)
     t = time.perf_counter()
@@ -63,7 +67,12 @@ def build_compare(n_ids: int) -> tuple[float, float]:
         t = time.perf_counter()
         if mode == "bulk":
             with store.batch():
-                agg.apply_many({encode_key(i): prepare_encoded_id(k, encode_key(i), k, None) for i, k in items.items()})
+                agg.apply_many(
+                    {
+                        encode_key(i): prepare_encoded_id(k, encode_key(i), k, None)
+                        for i, k in items.items()
+                    }
+                )
         else:
             keys = list(items)
             for start in range(0, len(keys), 5000):
@@ -79,13 +88,17 @@ def build_compare(n_ids: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--ids", type=int, default=200_000)
     ap.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     args = ap.parse_args()
     if args.bootstrap_servers == "127.0.0.1:9092":
-        subprocess.run([str(ROOT / "scripts" / "kafka"), "start"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [str(ROOT / "scripts" / "kafka"), "start"], check=True, stdout=subprocess.DEVNULL
+        )
     from tally.consumers.logs import configure_logging
 
     configure_logging("error", "console")
@@ -100,7 +113,9 @@ def main() -> None:
     print(f"{'(b) replay of a new aggregate':<28} {b:>12,.0f} events/s")
     print(f"ratio (b)/(a) = {b / a:.2f}   peak RSS {rss_mib():,.0f} MiB")
     bulk, inc = build_compare(args.ids)
-    print(f"build {args.ids:,} items: bulk {bulk:.2f}s, incremental {inc:.2f}s ({inc / bulk:.1f}x slower)")
+    print(
+        f"build {args.ids:,} items: bulk {bulk:.2f}s, incremental {inc:.2f}s ({inc / bulk:.1f}x slower)"
+    )
 
 
 if __name__ == "__main__":

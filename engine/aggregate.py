@@ -16,7 +16,7 @@ import math
 import random as _random
 from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from .btree import Sum, Tree, mixed_sums
 from .decimals import check_decimal
@@ -61,10 +61,10 @@ def _check_sum(v: Any) -> Sum:
     t = type(v)
     if t is int:
         if -_INT64 <= v < _INT64:
-            return v
+            return cast(int, v)
     elif t is float:
         if math.isfinite(v):
-            return v
+            return cast(float, v)
     elif t is Decimal:
         if v.is_finite():
             return check_decimal(v, "sum_value")

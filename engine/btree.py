@@ -32,7 +32,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from decimal import Decimal
 from operator import itemgetter
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, cast
 
 import msgspec
 
@@ -220,7 +220,7 @@ class Tree:
         # Any: a tree never mixes float and Decimal (see the notes), which mypy cannot see.
         left: Any = self._range_sum(node.children[i], lo, None) if lo is not None else node.sums[i]
         right: Any = self._range_sum(node.children[j], None, hi) if hi is not None else node.sums[j]
-        return left + sum(node.sums[i + 1 : j]) + right
+        return cast(Sum, left + sum(node.sums[i + 1 : j]) + right)
 
     def items(
         self, lo: bytes | None, hi: bytes | None, reverse: bool = False

@@ -263,9 +263,9 @@ def encode_key(value: Key) -> bytes:
             # Inlined _encode_magnitude for the commonest keys: positive ints.
             # Left-aligning the fraction into bytes and dropping trailing zero
             # bytes equals stripping trailing zero bits first.
-            nbits = value.bit_length() - 1
+            nbits: int = value.bit_length() - 1
             nbytes = (nbits + 7) >> 3
-            frac = (
+            frac: bytes = (
                 ((value ^ (1 << nbits)) << ((nbytes << 3) - nbits))
                 .to_bytes(nbytes, "big")
                 .rstrip(b"\x00")
@@ -289,7 +289,7 @@ def encode_key(value: Key) -> bytes:
 
 _SMALL_INTS.extend(_encode_number(i) for i in range(1024))
 _2_63 = 1 << 63
-_POS_EXP = [b"\x05" + _encode_exp(e) for e in range(64)]
+_POS_EXP: list[bytes] = [b"\x05" + _encode_exp(e) for e in range(64)]
 
 
 # ---- Decimals ------------------------------------------------------------------------

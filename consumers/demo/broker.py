@@ -50,8 +50,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 KAFKA_VERSION = "3.9.1"
 SCALA_VERSION = "2.13"
@@ -106,7 +107,7 @@ class Paths:
 
 
 @contextlib.contextmanager
-def port_lock(paths: Paths):
+def port_lock(paths: Paths) -> Iterator[None]:
     """Serialise start/stop/restart on one port across processes."""
     paths.lock.parent.mkdir(parents=True, exist_ok=True)
     with open(paths.lock, "a+") as fh:
@@ -159,7 +160,7 @@ class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data, self.pos = data, 0
 
-    def take(self, fmt: str):
+    def take(self, fmt: str) -> Any:
         vals = struct.unpack_from(fmt, self.data, self.pos)
         self.pos += struct.calcsize(fmt)
         return vals if len(vals) > 1 else vals[0]
@@ -173,7 +174,7 @@ class _Reader:
         return s
 
 
-def probe(port: int, timeout: float = 3.0) -> dict:
+def probe(port: int, timeout: float = 3.0) -> dict[str, Any]:
     """Talk Kafka to HOST:port. Returns {"ok": bool, "reason": str, "brokers": [...]}.
 
     ok means: ApiVersions answers without error AND Metadata lists at least one
@@ -231,7 +232,7 @@ def port_open(port: int, host: str = HOST) -> bool:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------- processes
@@ -388,9 +389,10 @@ def ensure_libs() -> Path:
 # ---------------------------------------------------------------- config
 
 
-def load_state(paths: Paths) -> dict:
+def load_state(paths: Paths) -> dict[str, Any]:
     try:
-        return json.loads(paths.state.read_text())
+        state = json.loads(paths.state.read_text())
+        return state if isinstance(state, dict) else {}
     except (OSError, ValueError):
         return {}
 

@@ -67,7 +67,7 @@ import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar, cast
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
@@ -308,7 +308,7 @@ class ChangeProducer:
                 f"cannot enqueue an event for topic {topic!r}: {_describe(exc)}"
             ) from exc
         fut.add_done_callback(self._on_delivery)
-        return fut
+        return cast("asyncio.Future[Any]", fut)
 
     async def send(
         self, topic: str, event: NativeEvent, *, id_field: IdField = "id"

@@ -90,7 +90,14 @@ class PartitionStatus(msgspec.Struct, frozen=True):
     partition: int
     offset: Annotated[int | None, _doc("Next offset to read (committed).")]
     end_offset: int | None
-    lag: int | None
+    lag: Annotated[int | None, _doc("None when unknown (broker unreachable, or a problem).")]
+    problem: Annotated[
+        str | None,
+        _doc(
+            "Why this partition's offsets cannot be trusted, and what to do: e.g. a stored "
+            "offset past the partition's end (the topic was deleted and recreated)."
+        ),
+    ] = None
 
 
 class DeadLetterStatus(msgspec.Struct, frozen=True):

@@ -20,6 +20,7 @@ import select
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -680,3 +681,82 @@ def test_settings_out_of_range_are_refused_from_any_layer(
     with pytest.raises(ConfigError, match=rf"invalid setting: .*\$\.{field}"):
         load_settings(cli, None, env)
     assert load_settings({}, None, {}).batch_size == 5000  # the defaults themselves are valid
+
+
+async def _delete_topic(bootstrap: str, topic: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+        for _ in range(300):  # deletion is asynchronous on the broker
+            if topic not in await admin.list_topics():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"topic {topic} still listed after deletion")
+    finally:
+        await admin.close()
+
+
+@pytest.mark.kafka
+def test_status_flags_a_stored_offset_past_the_partition_end(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A topic deleted and recreated (with fewer records) leaves stored offsets past the new
+    end: `tally status` says so and what to do instead of reporting lag 0, and a consumer
+    started on that data dir flags it in its log, /status and /readyz."""
+    topic = unique_topic("recreated")
+    create_topic(kafka_bootstrap, topic, partitions=1, compacted=True)
+    events, _ = expected_rows()
+    asyncio.run(_produce(kafka_bootstrap, topic, events))
+    data_dir = tmp_path / "data"
+    consume = ["consume", DEFINITIONS, "--topic", f"scores={topic}", "--data-dir", str(data_dir),
+               "--bootstrap-servers", kafka_bootstrap]  # fmt: skip
+    tally(*consume, "--until-caught-up", "--log-level", "warning", timeout=180, check=True)
+    stored = asyncio.run(_end_offsets(kafka_bootstrap, topic))[0]
+    assert stored > 3  # (deletes add tombstones: more records than events)
+
+    asyncio.run(_delete_topic(kafka_bootstrap, topic))
+    create_topic(kafka_bootstrap, topic, partitions=1, compacted=True)
+    asyncio.run(_produce(kafka_bootstrap, topic, events[:3]))
+
+    status = ["status", "--data-dir", str(data_dir), "--bootstrap-servers", kafka_bootstrap]
+    res = tally(*status, "--json", check=True)
+    (part,) = json.loads(res.stdout)["partitions"]
+    assert (part["offset"], part["end_offset"], part["lag"]) == (stored, 3, None)
+    assert "past the partition's end" in part["problem"] and "tally rebuild" in part["problem"]
+    assert json.loads(res.stdout)["lag"] is None
+    text = tally(*status, check=True).stdout
+    assert "problem:" in text and "recreated" in text
+
+    port = free_port()
+    log = tmp_path / "consume.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [TALLY, *consume, "--http", f"127.0.0.1:{port}", "--log-format", "json"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=_env(),
+        )
+    try:
+
+        def flagged() -> Any:
+            assert proc.poll() is None, tail(log)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as r:
+                doc = json.loads(r.read())
+            parts = doc.get("partitions") or []
+            return parts and parts[0].get("problem") and doc
+
+        doc = wait_for(flagged, "/status to flag the partition", timeout=60, swallow=(OSError,))
+        assert doc["partitions"][0]["lag"] is None
+        assert any("past the partition's end" in w for w in doc["warnings"])
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2)
+            raise AssertionError("/readyz answered ready with a recreated topic under it")
+        except urllib.error.HTTPError as e:
+            assert e.code == 503 and "past the partition's end" in e.read().decode()
+        assert "stored offset beyond the partition's end" in log.read_text()
+    finally:
+        proc.terminate()
+        wait_exit(proc, "the consumer", 30, log)

@@ -47,6 +47,7 @@ from tally.consumers.cli.parser import add_setting, given_settings
 from tally.consumers.cli.settings import Loaded, load
 from tally.consumers.cli.stores import open_store
 from tally.consumers.logs import quiet_kafka_logs
+from tally.consumers.runtime.stats import beyond_end_problem
 from tally.consumers.signals import on_stop_signals
 from tally.engine import (
     AggregateNotReady,
@@ -765,7 +766,8 @@ def _local_status(store: Store, broker_ends: dict[Any, int] | None) -> dict[str,
         total_lag = None
     for tp, off in sorted(stored.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
         end = None if broker_ends is None else broker_ends.get(tp)
-        lag = None if end is None else max(0, end - off)
+        problem = None if end is None or off <= end else beyond_end_problem(tp, off, end)
+        lag = None if end is None or problem else max(0, end - off)
         if lag is None:
             total_lag = None
         elif total_lag is not None:
@@ -777,6 +779,7 @@ def _local_status(store: Store, broker_ends: dict[Any, int] | None) -> dict[str,
                 "offset": off,
                 "end_offset": end,
                 "lag": lag,
+                "problem": problem,
             }
         )
     return {
@@ -875,6 +878,9 @@ def _render_status(
         )
     if doc.get("partitions"):
         parts.append(parts_t)
+        for p in doc.get("partitions") or []:
+            if p.get("problem"):
+                parts.append(Text(f"problem: {p['problem']}", style="bold red"))
     else:
         parts.append(Text("no partitions consumed yet"))
     if remote:

@@ -61,6 +61,8 @@ class Stats(Protocol):
     latency_sum: float
     offsets: dict[TopicPartition, int]
     end_offsets: dict[TopicPartition, int]
+    beyond_end: dict[TopicPartition, tuple[int, int]]
+    """Partitions whose stored offset was past the partition's end: (stored, end)."""
     broker_ok: bool
 
     def lag(self) -> dict[TopicPartition, int]: ...

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from tally.consumers.http.common import PROCESS, Served, Stats, json_response
 from tally.consumers.runtime.deadletters import DeadLetterHealth
+from tally.consumers.runtime.stats import beyond_end_problem
 from tally.engine import AggregateNotReady
 from tally.engine.triggers import DRIFT_KINDS
 
@@ -72,6 +73,9 @@ def _partitions(process: Served) -> list[dict[str, Any]]:
             "offset": st.offsets.get(tp),
             "end_offset": st.end_offsets.get(tp),
             "lag": lag.get(tp),
+            "problem": (
+                beyond_end_problem(tp, *st.beyond_end[tp]) if tp in st.beyond_end else None
+            ),
         }
         for tp in tps
     ]
@@ -123,6 +127,9 @@ def readiness(process: Served) -> tuple[bool, str, int]:
             "broker unreachable (the last end-offset refresh failed); reads serve the last committed state",
             lag,
         )
+    if st.beyond_end:
+        tp = min(st.beyond_end, key=lambda tp: (tp.topic, tp.partition))
+        return False, beyond_end_problem(tp, *st.beyond_end[tp]), lag
     if lag > max_lag:
         return (
             False,

@@ -46,7 +46,7 @@ from tally.consumers.runtime.deadletters import (
 from tally.consumers.runtime.definitions import column_types_by_table, id_fields_by_table
 from tally.consumers.runtime.drift import DriftLog
 from tally.consumers.runtime.patches import PatchSessions
-from tally.consumers.runtime.stats import ConsumerStats
+from tally.consumers.runtime.stats import ConsumerStats, beyond_end_problem
 from tally.consumers.runtime.streams import LIVE, Stream, offset_key, stored_offsets
 from tally.consumers.runtime.topicmap import mapping_hint
 from tally.consumers.signals import on_stop_signals
@@ -354,10 +354,14 @@ class ConsumerProcess:
         consumer = stream.consumer
         consumer.assign(tps)
         begin = await consumer.beginning_offsets(tps)
+        # Fetched after the stored offsets were read: an end below one is not a stale answer.
+        ends = await consumer.end_offsets(tps)
         for tp in tps:
             off = stored.get(tp)
             if off is None:
                 off = begin.get(tp, 0)
+            elif off > ends.get(tp, off):
+                self._beyond_end(tp, off, ends[tp])
             elif off < begin.get(tp, 0):
                 self.log.warning(
                     "stored offset is below the topic's first offset: events were deleted "
@@ -374,7 +378,6 @@ class ConsumerProcess:
         stream.start_offsets = (
             dict(stream.offsets) if stream.is_live else {tp: begin.get(tp, 0) for tp in tps}
         )
-        ends = await consumer.end_offsets(tps)
         stream.end_at_start = dict(ends)
         if stream.is_live:
             self.stats.offsets.update(stream.offsets)
@@ -430,6 +433,19 @@ class ConsumerProcess:
                         "events expire, so a replay is a backfill only while the topic still holds every "
                         f"row. {KEEP_HISTORY} Or reconcile after a replay."
                     )
+
+    def _beyond_end(self, tp: TopicPartition, stored: int, end: int) -> None:
+        """A stored offset past the partition's end: flag it (/status, /readyz, the log).
+
+        The consumer goes on from the partition's beginning (auto_offset_reset=earliest), on
+        top of the old state: only a rebuild makes the aggregates exact again."""
+        self.stats.beyond_end[tp] = (stored, end)
+        self._warn(
+            beyond_end_problem(tp, stored, end),
+            event="stored offset beyond the partition's end",
+            topic=tp.topic,
+            partition=tp.partition,
+        )
 
     def _warn(self, message: str, event: str = "history", **fields: Any) -> None:
         """Log a warning once and keep it for /status ``warnings``."""
@@ -647,6 +663,7 @@ class ConsumerProcess:
         consumer = self.live.consumer
         if consumer is None or not self.live.tps:
             return
+        committed = dict(self.live.offsets)  # before the request: an end below is not stale
         try:
             ends = await asyncio.wait_for(consumer.end_offsets(self.live.tps), timeout)
         except (TimeoutError, KafkaError) as e:
@@ -661,6 +678,10 @@ class ConsumerProcess:
             self.log.info("broker reachable again; resuming")
         self.stats.broker_ok = True
         self.stats.end_offsets.update(ends)
+        for tp, end in ends.items():
+            off = committed.get(tp)
+            if off is not None and off > end and tp not in self.stats.beyond_end:
+                self._beyond_end(tp, off, end)
 
     async def _process(
         self,

@@ -58,5 +58,27 @@ class ConsumerStats:
                 return
         self.latency_buckets[-1] += 1
 
+    beyond_end: dict[TopicPartition, tuple[int, int]] = field(default_factory=dict)
+    """Partitions whose stored offset was past the partition's end: (stored, end)."""
+
     def lag(self) -> dict[TopicPartition, int]:
-        return {tp: max(0, end - self.offsets.get(tp, 0)) for tp, end in self.end_offsets.items()}
+        """Per-partition lag; a partition in ``beyond_end`` has none to speak of (left out)."""
+        return {
+            tp: max(0, end - self.offsets.get(tp, 0))
+            for tp, end in self.end_offsets.items()
+            if tp not in self.beyond_end
+        }
+
+
+def beyond_end_problem(tp: TopicPartition, stored: int, end: int) -> str:
+    """What a stored offset past the partition's end means, and what to do.
+
+    The broker's end offset only grows, so a stored offset beyond it means the topic was
+    deleted and recreated (or the broker lost records): the state holds rows from the old
+    topic, and lag computed from it would read 0."""
+    return (
+        f"{tp.topic}[{tp.partition}]: stored offset {stored:,} is past the partition's end "
+        f"{end:,}; the topic was probably deleted and recreated, so the state holds rows of the "
+        "old topic and lag is unknown. Rebuild it (`tally rebuild --url URL AGGREGATE`, or "
+        "consume into a fresh --data-dir)"
+    )

@@ -158,12 +158,14 @@ def debezium(
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Tests that use the broker get the `kafka` marker: `pytest -m "not kafka"`
-    # skips them; tests that use Kafka Connect also get `debezium`.
-    # (If another section needs this hook too, merge it here.)
+    # Markers follow the fixtures a test uses, so they cannot drift from what it needs:
+    # the broker → `kafka`, PostgreSQL → `postgres`, Kafka Connect → `debezium` (and the
+    # other two). `pytest -m "not kafka and not postgres"` is the no-services loop.
     for item in items:
         names = getattr(item, "fixturenames", ())
         if "kafka_bootstrap" in names:
             item.add_marker(pytest.mark.kafka)
+        if "pg_url" in names:
+            item.add_marker(pytest.mark.postgres)
         if "connect_url" in names:
             item.add_marker(pytest.mark.debezium)

@@ -88,7 +88,8 @@ TYPES_ROW_EDGE = """(
 
 def noise(n: int, seed: str) -> str:
     """n hex characters that pglz cannot compress (so the value is TOASTed out of line)."""
-    out, h = [], seed.encode()
+    out: list[str] = []
+    h = seed.encode()
     while sum(map(len, out)) < n:
         h = hashlib.sha256(h).digest()
         out.append(h.hex())
@@ -615,7 +616,7 @@ def restart_outcome(conn: Connector) -> dict[str, Any]:
 
     rest(f"{conn.owner.connect_url}/connectors/{conn.name}/restart?includeTasks=true", "POST")
     deadline = time.monotonic() + 30
-    seen = []
+    seen: list[str | None] = []
     while time.monotonic() < deadline:
         state = conn.task_state()
         if not seen or seen[-1] != state:

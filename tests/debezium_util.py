@@ -117,7 +117,8 @@ class DbzRecord:
         env = self.envelope
         if env is None:
             return "tombstone"
-        return env.get("op", env.get("__op"))
+        op: str | None = env.get("op", env.get("__op"))
+        return op
 
     def header(self, name: str) -> bytes | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -191,7 +192,8 @@ class Connector:
             st = self.status()
             tasks = st.get("tasks") or []
             if tasks and tasks[0].get("state") == state:
-                return tasks[0]
+                task: dict[str, Any] = tasks[0]
+                return task
             if time.monotonic() > deadline:
                 raise ConnectError(f"{self.name}: task not {state} after {timeout:.0f}s: {st}")
             time.sleep(0.2)
@@ -222,14 +224,14 @@ class Debezium:
     def sql(self, statement: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         """Run one statement in its own transaction (autocommit); the rows it returned."""
         with self.db.cursor() as cur:
-            cur.execute(statement, params)  # type: ignore[arg-type]
+            cur.execute(statement, params)
             return cur.fetchall() if cur.description else []
 
     def transaction(self, statements: Iterable[str]) -> None:
         """Run statements in ONE transaction (they share a txId and commit LSN)."""
         with self.db.transaction(), self.db.cursor() as cur:
             for s in statements:
-                cur.execute(s)  # type: ignore[arg-type]
+                cur.execute(s)
 
     def create_table(
         self, stem: str, columns: str, replica_identity: str | None = None, exact: bool = False

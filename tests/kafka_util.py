@@ -28,7 +28,10 @@ TOPIC_ALREADY_EXISTS = 36
 KAFKA_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "kafka"
 
 # (key, value) or (key, value, headers); headers: [(str, bytes), ...]
-Record = tuple[bytes | None, bytes | None] | tuple[bytes | None, bytes | None, Sequence]
+Record = (
+    tuple[bytes | None, bytes | None]
+    | tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes]]]
+)
 # (partition, offset, key, value, headers)
 ReadRecord = tuple[int, int, bytes | None, bytes | None, list[tuple[str, bytes]]]
 

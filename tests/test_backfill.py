@@ -448,11 +448,12 @@ def test_sigkill_during_replay_resumes_from_the_replay_offsets(
                 os.kill(pid, signal.SIGCONT)
                 return False
 
+            def passed(log: Path = log, target: float = target) -> str:
+                return f"the replay to pass {target:.0%} {note}\n{tail(log)}"
+
             wait_for(
                 stopped_far_enough,
-                lambda log=log, target=target: (
-                    f"the replay to pass {target:.0%} {note}\n{tail(log)}"
-                ),
+                passed,
                 timeout=60,
                 every=0.01,
             )
@@ -493,6 +494,7 @@ def test_sigkill_during_replay_resumes_from_the_replay_offsets(
         assert store.generation("B").active == "B#1" and store.generation("B").state == "ready"
         assert_store_matches(store, defs, want)
         assert offsets_of(store, topic) == ends
+        assert stream_key is not None
         assert stored_offsets(store, stream_key) == {}
 
 
@@ -526,10 +528,11 @@ def test_replay_progress_does_not_go_back_after_a_restart(
             ),
         )
         with running(proc):
-            wait_for(
-                lambda log=log: bool(log_events(log.read_text(), "consuming")),
-                "the consumer to start",
-            )
+
+            def consuming(log: Path = log) -> bool:
+                return bool(log_events(log.read_text(), "consuming"))
+
+            wait_for(consuming, "the consumer to start")
             with open_store(data) as store:
 
                 def look(
@@ -561,9 +564,12 @@ def test_replay_progress_does_not_go_back_after_a_restart(
                         os.kill(proc.pid, signal.SIGCONT)
                     return stop
 
+                def replay_of_run(log: Path = log, run: int = run) -> str:
+                    return f"the replay of run {run}\n{tail(log)}"
+
                 wait_for(
                     look,
-                    lambda log=log, run=run: f"the replay of run {run}\n{tail(log)}",
+                    replay_of_run,
                     timeout=60,
                     every=0.01,
                 )

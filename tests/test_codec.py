@@ -51,6 +51,7 @@ def test_id_entries_and_log_records_keep_decimal_sums() -> None:
     assert type(decode_id(encode(IdEntry(b"", b"", 7.0))).sum) is float
     log = decode_log(encode([(b"id", None, e), (b"id", e, IdEntry(b"", b"", 0.5))]))
     assert log[0][2] == e and str(log[0][2].sum) == "99999999999.99"
+    assert log[1][2] is not None
     assert log[1][1] == e and type(log[1][2].sum) is float
 
 

@@ -324,9 +324,14 @@ def broker_restart_run(private_broker: str, tmp_path_factory: pytest.TempPathFac
         port = bootstrap.rsplit(":", 1)[1]
         res = kafka_script("stop", "--port", port)
         assert res.returncode == 0, f"broker stop failed: {res.stdout}{res.stderr}"
+
         # The outage lasts until the consumer has noticed it, however fast the restart.
+        def noticed() -> bool:
+            alive()
+            return "unreachable" in log.read_text()
+
         wait_for(
-            lambda: alive() or "unreachable" in log.read_text(),
+            noticed,
             lambda: f"the consumer to log that the broker is unreachable\n{tail(log)}",
             timeout=60,
             every=0.1,

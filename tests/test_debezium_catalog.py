@@ -210,7 +210,8 @@ def test_unwrap_delete_modes() -> None:
 def test_decimal_encodings() -> None:
     def row(config: str, rid: int) -> dict[str, Any]:
         (r,) = [r for r in of(config, "types", "snapshot") if r.value["after"]["id"] == rid]
-        return r.value["after"]
+        after: dict[str, Any] = r.value["after"]
+        return after
 
     precise = row("defaults", 1)
     unscaled = int.from_bytes(base64.b64decode(precise["c_numeric"]), "big", signed=True)

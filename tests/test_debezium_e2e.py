@@ -234,7 +234,8 @@ def _matrix() -> list[Any]:
 
 def noise(n: int, seed: str) -> str:
     """n hex characters pglz cannot compress: a value this long is TOASTed out of line."""
-    out, h = [], seed.encode()
+    out: list[str] = []
+    h = seed.encode()
     while sum(map(len, out)) < n:
         h = hashlib.sha256(h).digest()
         out.append(h.hex())

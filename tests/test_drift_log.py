@@ -21,7 +21,8 @@ def _drift_log(clock: Clock, totals: dict[tuple[str, str], int]) -> DriftLog:
 
 
 def test_first_signal_logs_at_once_then_at_most_every_interval_summed() -> None:
-    clock, totals = Clock(), {}
+    clock = Clock()
+    totals: dict[tuple[str, str], int] = {}
     dl = _drift_log(clock, totals)
     with capture_logs() as logs:
         dl.report({("scores", "update_unknown"): 2}, {("scores", "update_unknown"): [7, 8]})

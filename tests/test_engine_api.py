@@ -845,7 +845,8 @@ def test_read_only_store_in_second_process(tmp_path: Path) -> None:
                 child.stdin.flush()
             line = child.stdout.readline()
             assert line, child.stderr.read() if child.stderr else ""
-            return json.loads(line)
+            answer: dict[str, Any] = json.loads(line)
+            return answer
 
         first = ask(None)
         assert first == {"count": 10, "sum": 45, "meta": "", "keys": list(range(10))}

@@ -19,7 +19,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -40,6 +40,7 @@ from tally.engine import (
     ItemExists,
     ItemNotFound,
     OffsetOutOfRange,
+    Order,
     Query,
     Store,
     decode_key,
@@ -187,7 +188,7 @@ def canonical_type_ok(value: Any, enc: bytes) -> bool:
             return False
         if isinstance(a, tuple):
             return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-        return a == b
+        return cast(bool, a == b)  # same built-in type: == is a bool
 
     return same(value, canon)
 
@@ -284,11 +285,12 @@ def bounds_st(draw: st.DrawFn) -> tuple[Any, Pred | None, str]:
 
     if as_dict:
         full = draw(st.booleans())
-        arg: Any = {}
+        spec: dict[str, Any] = {}
         if lower is not None:
-            arg["lower"] = _to_dict_bound(lower, full)
+            spec["lower"] = _to_dict_bound(lower, full)
         if upper is not None:
-            arg["upper"] = _to_dict_bound(upper, full)
+            spec["upper"] = _to_dict_bound(upper, full)
+        arg = spec
     else:
         arg = Bounds(lower=lower, upper=upper)
     return arg, pred, f"lower={lower!r} upper={upper!r}"
@@ -397,6 +399,7 @@ class EngineModel(RuleBasedStateMachine):
         """Open the store, maybe with many items already, so the trees start several levels deep."""
         self.cache_nodes = cache_nodes
         self._open()
+        assert self.store is not None
         rng = random.Random(seed)
         with self.store.batch():
             for i in range(prefill):
@@ -583,14 +586,14 @@ class EngineModel(RuleBasedStateMachine):
             assert close_sum(agg.sum(namespace=ns), [e[2] for e in expect])
         for id_ in [*IDS, *range(1000 + len(IDS), 1000 + 210, 7)]:
             eid = E(id_)
-            got = agg.get(id_)
+            found = agg.get(id_)
             if eid in o.by_id:
                 ens, ek, s = o.by_id[eid]
-                assert got is not None, id_
-                assert E(got.key) == ek and E(got.id) == eid and same_number(got.sum_value, s)
-                assert E(got.namespace) == ens
+                assert found is not None, id_
+                assert E(found.key) == ek and E(found.id) == eid and same_number(found.sum_value, s)
+                assert E(found.namespace) == ens
             else:
-                assert got is None, (id_, got)
+                assert found is None, (id_, found)
         other = sorted((ek, eid, s) for eid, (ek, s) in self.other.items())
         got2 = [(E(i.key), E(i.id), i.sum_value) for i in self.agg2.iter()]
         assert got2 == other
@@ -642,7 +645,7 @@ class EngineModel(RuleBasedStateMachine):
         id_=bound_ids,
         order=st.sampled_from(["asc", "desc"]),
     )
-    def read_index_of(self, ns: Any, b: Any, key: Any, id_: Any, order: str) -> None:
+    def read_index_of(self, ns: Any, b: Any, key: Any, id_: Any, order: Order) -> None:
         bounds, pred, _ = b
         _, expect = self._range(ns, pred)
         ek = E(key)
@@ -666,7 +669,7 @@ class EngineModel(RuleBasedStateMachine):
         sizes=st.lists(st.integers(1, 7), min_size=1, max_size=4),
         order=st.sampled_from(["asc", "desc"]),
     )
-    def read_paginate_and_iter(self, ns: Any, b: Any, sizes: list[int], order: str) -> None:
+    def read_paginate_and_iter(self, ns: Any, b: Any, sizes: list[int], order: Order) -> None:
         bounds, pred, _ = b
         ens, expect = self._range(ns, pred)
         if order == "desc":
@@ -734,8 +737,8 @@ class EngineModel(RuleBasedStateMachine):
                 at_queries.append(Query(namespace=ns, bounds=bounds, offset=off))
         got_items = self.agg.at_batch(at_queries)
         assert len(got_items) == len(at_expect)
-        for item, (e, ens) in zip(got_items, at_expect, strict=True):
-            check_item(item, e, ens)
+        for item, (want, ens) in zip(got_items, at_expect, strict=True):
+            check_item(item, want, ens)
 
 
 # ---------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from tally.engine import (
     InvalidKey,
     Item,
     OffsetOutOfRange,
+    Order,
     Page,
     Query,
     Store,
@@ -61,7 +62,7 @@ from tally.engine import (
     TallyError,
 )
 from tally.engine.triggers import DRIFT_KINDS
-from tally.schemas import ConfigError, NativeEvent, encode_native
+from tally.schemas import ConfigError, NativeEvent, NativeOp, encode_native
 from tally.schemas.config import ConsumerSettings
 from tally.schemas.reads import READ_OPS
 from tally.schemas.status import (
@@ -106,7 +107,7 @@ def row(i: int, bump: int = 0) -> dict[str, Any]:
     }
 
 
-def event(op: str, i: int, after: dict[str, Any] | None = None) -> tuple[bytes, bytes]:
+def event(op: NativeOp, i: int, after: dict[str, Any] | None = None) -> tuple[bytes, bytes]:
     return str(i).encode(), encode_native(NativeEvent(table=TABLE, op=op, id=i, after=after))
 
 
@@ -230,7 +231,7 @@ def served(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
 # ---------------------------------------------------------------- ops vs the engine
 
-_CODES = {
+_CODES: dict[type[TallyError], str] = {
     OffsetOutOfRange: "offset_out_of_range",
     InvalidKey: "invalid_key",
     InvalidArgument: "invalid_argument",
@@ -371,23 +372,32 @@ def test_paginate_walk_matches_the_engine(served: Served) -> None:
         ("pairs", None, {"prefix": ["shogi"]}),
         ("ratings", ("go", 0), None),
     ]:
-        for order in ("asc", "desc"):
-            want = served.on_loop(
-                lambda a=agg, n=ns, b=bounds, o=order: list(
-                    served.proc.store.aggregate(a).iter(n, b, o)
-                )
-            )
+        orders: tuple[Order, ...] = ("asc", "desc")
+        for order in orders:
+
+            def engine_items(
+                a: str = agg, n: Any = ns, b: Any = bounds, o: Order = order
+            ) -> list[Item]:
+                return list(served.proc.store.aggregate(a).iter(n, b, o))
+
+            want = served.on_loop(engine_items)
             got: list[Any] = []
             cursor = None
             while True:
                 page = served.client.paginate(
                     agg, cursor=cursor, page_size=13, order=order, namespace=ns, bounds=bounds
                 )
-                engine_page = served.on_loop(
-                    lambda a=agg, c=cursor, n=ns, b=bounds, o=order: served.proc.store.aggregate(
-                        a
-                    ).paginate(c, 13, o, n, b)
-                )
+
+                def engine_page_of(
+                    a: str = agg,
+                    c: str | None = cursor,
+                    n: Any = ns,
+                    b: Any = bounds,
+                    o: Order = order,
+                ) -> Page:
+                    return served.proc.store.aggregate(a).paginate(c, 13, o, n, b)
+
+                engine_page = served.on_loop(engine_page_of)
                 assert page == engine_page
                 got += page.items
                 cursor = page.cursor
@@ -402,13 +412,16 @@ def test_random_returns_an_item_in_range(served: Served) -> None:
         ("go", {"lower": {"key": 300}, "upper": {"key": 1200}}),
         ("go", {"eq": 185}),
     ]:
-        pool = served.on_loop(
-            lambda n=ns, b=bounds: list(served.proc.store.aggregate("by_game").iter(n, b))
-        )
+
+        def engine_pool(n: str = ns, b: Any = bounds) -> list[Item]:
+            return list(served.proc.store.aggregate("by_game").iter(n, b))
+
+        pool = served.on_loop(engine_pool)
         seen = set()
         for _ in range(30):
             it = served.client.random("by_game", namespace=ns, bounds=bounds)
             assert it in pool
+            assert it is not None
             seen.add(it.id)
         assert len(seen) > 1 or len(pool) == 1
     assert served.client.random("by_game", namespace="nope") is None

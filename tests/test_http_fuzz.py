@@ -311,7 +311,11 @@ def test_protected_routes_document_every_status_they_answer(store: Store) -> Non
 
     for status in sorted(raised):
         proc = _stand_in(store, patches=_RefusingPatches(status), request_rebuild=lambda name: None)
-        _serve(create_app(proc, "t"), lambda c, status=status: steps(c, status))
+
+        def refused_steps(c: TestClient[Any, Any], status: int = status) -> Awaitable[None]:
+            return steps(c, status)
+
+        _serve(create_app(proc, "t"), refused_steps)
 
     async def own(c: TestClient[Any, Any]) -> None:  # answers of the routes themselves
         doc = await (await c.get("/openapi.json")).json()

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import time
 import types
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ def serve(
 
 
 def limits(**kw: Any) -> HttpLimits:
-    base = {
+    base: dict[str, Any] = {
         "max_connections": 64,
         "idle_timeout": 60.0,
         "header_timeout": 60.0,
@@ -397,9 +397,8 @@ def test_http_address_needs_a_host_and_beyond_loopback_is_a_warning(store: Store
     assert warning["addresses"] == ["http://0.0.0.0:8750", "http://10.1.2.3:1", "http://[::]:5"]
     assert "state-changing routes need the token" in warning["note"]
 
-    async def main() -> list[
-        dict[str, Any]
-    ]:  # loopback: no warning (we bind nothing wider in tests)
+    # Loopback: no warning (we bind nothing wider in tests).
+    async def main() -> list[MutableMapping[str, Any]]:
         with structlog.testing.capture_logs() as logs:
             runner = await start_http(stand_in(store), "127.0.0.1:0", None, limits=limits())
             await runner.cleanup()
@@ -570,7 +569,8 @@ def test_connection_flood_under_a_low_file_limit_leaves_the_consumer_alive_and_s
             )
             peak_fds = max(peak_fds, _open_fds(proc.pid))
             with open_store(tmp_path / "data") as ro:
-                return ro.aggregate("scores").count() == expected
+                count: int = ro.aggregate("scores").count()
+                return count == expected
 
         wait_for(
             applied, "the events produced during the flood to be applied", swallow=(TallyError,)

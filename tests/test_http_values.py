@@ -90,7 +90,7 @@ async def post(c: TestClient[Any, Any], path: str, body: bytes) -> tuple[int, by
 
 
 def test_answers_carry_exact_decimal_digits_and_utc_datetimes(store: Store) -> None:
-    async def check(c: TestClient[Any, Any], _: str) -> None:
+    async def check(c: TestClient[Any, Any], _url: str) -> None:
         status, raw = await post(c, "/v1/aggregates/amounts/sum", b"{}")
         assert status == 200 and raw == b'{"result":100000000013.40}'
         _, raw = await post(c, "/v1/aggregates/amounts/min", b"{}")

@@ -60,7 +60,8 @@ def test_explicit_partition_and_compacted_topic(kafka_bootstrap: str) -> None:
                 [ConfigResource(ConfigResourceType.TOPIC, topic)]
             )
             entries = resp.resources[0][4]
-            return {e[0]: e[1] for e in entries}["cleanup.policy"]
+            policy: str = {e[0]: e[1] for e in entries}["cleanup.policy"]
+            return policy
         finally:
             await admin.close()
 

@@ -25,7 +25,7 @@ import sys
 import uuid
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import example, given, settings
@@ -90,7 +90,7 @@ def _time_point(v: dt.time) -> tuple[int, bool]:
     return us - (off.days * 86400 + off.seconds) * 10**6, True
 
 
-def _sign(x: Any) -> int:
+def _sign(x: int) -> int:
     return (x > 0) - (x < 0)
 
 
@@ -108,8 +108,8 @@ def cmp(a: Any, b: Any) -> int:
         a, b = _instant(a), _instant(b)
     elif ra == 8:
         a, b = _time_point(a), _time_point(b)
-    if ra != 5:
-        return (a > b) - (a < b)
+    if ra != 5:  # keys of one rank: built-in values whose comparisons are bools
+        return cast(int, (a > b) - (a < b))
     for x, y in zip(a, b, strict=False):
         c = cmp(x, y)
         if c:
@@ -153,7 +153,7 @@ def same_value_and_type(a: Any, b: Any) -> bool:
             and (a.utcoffset() is None) == (b.utcoffset() is None)
             and (isinstance(a, dt.time) or a.utcoffset() == b.utcoffset())
         )
-    return a == b
+    return cast(bool, a == b)  # same built-in type: == is a bool
 
 
 # ---------------------------------------------------------------------------

@@ -470,7 +470,8 @@ def test_cli_csv_composite_ids_and_inference(
         "note": "true",
         "ratio": "+1",
     }
-    assert rows[(12345678901234567890123, 2024)]["score"] == 1.0
+    big = rows[(12345678901234567890123, 2024)]
+    assert big is not None and big["score"] == 1.0
 
 
 def test_cli_csv_no_infer_and_stdin(
@@ -545,8 +546,12 @@ def test_cli_publishes_a_slow_pipe_as_lines_arrive(kafka_bootstrap: str) -> None
         for i in range(2):
             proc.stdin.write(f'{{"id": {i}}}\n'.encode())
             proc.stdin.flush()
+
+            def published(n: int = i + 1) -> bool:
+                return len(read_all(kafka_bootstrap, topic)) >= n
+
             wait_for(  # published while stdin stays open
-                lambda n=i + 1: len(read_all(kafka_bootstrap, topic)) >= n,
+                published,
                 f"event {i} to be published while the pipe is open",
                 timeout=20,
                 every=0.1,

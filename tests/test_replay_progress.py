@@ -67,6 +67,7 @@ def test_not_ready_says_how_much_is_read() -> None:
     s.pending = types.SimpleNamespace(events=400)
     s.pending_offsets = {s.tps[0]: 400}
     e = not_ready("scores", s.progress())
+    assert isinstance(e.progress, dict)
     assert "400 of 1,000 events read, 40.0%" in str(e) and e.progress["read"] == 400
     # The catalog's own error (what a reader of the data dir sees) uses the same words.
     g = Generation(building="scores#1", progress=s.progress())

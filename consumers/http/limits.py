@@ -315,7 +315,24 @@ class Connection(RequestHandler):
                 ),
             )
         )
-        self.force_close()
+        self._linger_close(transport)
+
+    def _linger_close(self, transport: asyncio.Transport) -> None:
+        """Close after an answer to a client that may still be sending: half-close first.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy
+        the answer before the client reads it (seen under load as ECONNRESET instead of the
+        408). So: FIN after the answer, discard what still arrives (``_force_close``), and
+        close when the client does or after `LINGER_SECONDS`."""
+        self._force_close = True
+        if self._waiter:
+            self._waiter.cancel()
+        self.transport = None
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._loop.call_later(LINGER_SECONDS, transport.close)
+        else:
+            transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
@@ -360,6 +377,8 @@ class Connection(RequestHandler):
 
 # ---- the listening side --------------------------------------------------------------------
 
+LINGER_SECONDS = 2.0
+"""How long a connection cut off mid-request may still send (discarded) before it is closed."""
 ACCEPT_BATCH = 64
 """Connections accepted per readiness event, so an accept flood cannot hog the loop."""
 EMFILE_PAUSE = 1.0

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from budget import examples, steps
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -287,8 +288,8 @@ class DecimalSums(RuleBasedStateMachine):
 
 TestDecimalSums = DecimalSums.TestCase
 TestDecimalSums.settings = settings(
-    max_examples=60,
-    stateful_step_count=40,
+    max_examples=examples(60),
+    stateful_step_count=steps(40),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

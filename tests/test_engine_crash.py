@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import budget
+
 from tally.engine import Store, encode_key
 
 HERE = Path(__file__).resolve().parent
@@ -47,9 +49,7 @@ assert _spec is not None and _spec.loader is not None
 crash_child = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(crash_child)
 
-STRESS = int(os.environ.get("TALLY_STRESS", "0") or 0)
-FACTOR = 1 if STRESS <= 0 else (10 if STRESS == 1 else STRESS)
-QUOTA = {"open": 8 * FACTOR, "ops": 16 * FACTOR, "commit": 16 * FACTOR}
+QUOTA = {"open": budget.rounds(8), "ops": budget.rounds(16), "commit": budget.rounds(16)}
 """Kills that must land inside each phase: the store's open, a batch's writes, its commit."""
 MAX_ATTEMPTS = 4 * sum(QUOTA.values())
 """A kill can land after the phase it aimed at (the parent reacts late): it still counts

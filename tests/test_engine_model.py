@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any, cast
 
+import budget
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -46,9 +47,6 @@ from tally.engine import (
     decode_key,
     encode_key,
 )
-
-STRESS = int(os.environ.get("TALLY_STRESS", "0") or 0)
-FACTOR = 1 if STRESS <= 0 else (20 if STRESS == 1 else STRESS)
 
 # ---------------------------------------------------------------------------
 # Value pools: few keys (many ties), more ids, three namespaces.
@@ -747,8 +745,8 @@ class EngineModel(RuleBasedStateMachine):
 
 def _settings(examples: int, steps: int) -> settings:
     return settings(
-        max_examples=examples * FACTOR,
-        stateful_step_count=steps * (2 if FACTOR > 1 else 1),
+        max_examples=budget.examples(examples),
+        stateful_step_count=budget.steps(steps),
         deadline=None,
         suppress_health_check=[
             HealthCheck.too_slow,

@@ -28,6 +28,7 @@ from fractions import Fraction
 from typing import Any, cast
 
 import pytest
+from budget import examples
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -406,7 +407,7 @@ def _check_pair(a: Any, b: Any) -> None:
     assert (ea > eb) == (c > 0), (a, b, ea, eb)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=examples(1500), deadline=None)
 @given(any_key, any_key)
 @example(2**53 + 1, float(2**53))
 @example(float(2**53), 2**53 + 1)
@@ -439,13 +440,13 @@ def test_encoding_order_matches_oracle(a: Any, b: Any) -> None:
     _check_pair(a, b)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=examples(1000), deadline=None)
 @given(numbers, numbers)
 def test_number_order_is_exact(a: int | float, b: int | float) -> None:
     _check_pair(a, b)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.lists(any_key, min_size=2, max_size=12))
 def test_sorting_by_encoding_sorts_by_oracle(values: list[Any]) -> None:
     by_encoding = sorted(values, key=encode_key)
@@ -537,7 +538,7 @@ def test_subnormals_are_ordered() -> None:
 # Prefix-freedom: encode(a) + encode(x) orders like the pair (a, x)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=examples(1500), deadline=None)
 @given(any_key, any_key, any_key, any_key)
 @example("a", "b", "a\x00", "a")
 @example(b"a", b"\xff", b"a\x00", b"")
@@ -555,7 +556,7 @@ def test_concatenation_orders_like_pairs(a: Any, x: Any, b: Any, y: Any) -> None
     assert (left == right) == (c == 0), (a, x, b, y)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(any_key, any_key)
 def test_no_encoding_is_a_proper_prefix_of_another(a: Any, b: Any) -> None:
     ea, eb = encode_key(a), encode_key(b)
@@ -568,7 +569,7 @@ def test_no_encoding_is_a_proper_prefix_of_another(a: Any, b: Any) -> None:
 # Round trip
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=examples(1500), deadline=None)
 @given(any_key)
 @example(1.0)
 @example(-0.0)
@@ -594,7 +595,7 @@ def test_decode_inverts_encode(v: Any) -> None:
     assert encode_key(back) == enc
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.lists(any_key, max_size=4))
 def test_decode_of_lists_gives_tuples(v: list[Any]) -> None:
     back = decode_key(encode_key(v))
@@ -653,7 +654,7 @@ def test_unsupported_types_are_rejected_naming_the_value(bad: Any, nest: str) ->
     assert repr(bad) in str(exc_info.value)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(any_key, st.sampled_from([float("nan"), {"k": 1}, {1}]))
 def test_bad_value_anywhere_in_a_tuple_is_rejected(good: Any, bad: Any) -> None:
     with pytest.raises(InvalidKey):
@@ -715,7 +716,7 @@ def test_forged_deep_encodings_are_corrupt_not_a_recursion_error() -> None:
 # Decimals: one number line with ints and floats
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000), deadline=None)
 @given(all_numbers, all_numbers)
 @example(Decimal("12.10"), 12.1)
 @example(Decimal("0.1"), 0.1)
@@ -738,7 +739,7 @@ def test_numbers_order_like_python_across_int_float_decimal(a: Any, b: Any) -> N
     assert not ea.startswith(eb) or ea == eb  # prefix-free
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(all_numbers, min_size=2, max_size=20))
 def test_sorting_numbers_by_encoding_is_python_sort(values: list[Any]) -> None:
     by_python = sorted(values)
@@ -746,14 +747,14 @@ def test_sorting_numbers_by_encoding_is_python_sort(values: list[Any]) -> None:
     assert all(x == y for x, y in zip(by_python, by_encoding, strict=True))
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=examples(1000), deadline=None)
 @given(st.one_of(ints, floats.filter(math.isfinite)))
 def test_a_decimal_equal_to_an_int_or_float_has_its_bytes(x: int | float) -> None:
     assert encode_key(Decimal(x)) == encode_key(x)
     assert encode_key(Decimal(-x)) == encode_key(-x)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=examples(1000), deadline=None)
 @given(decimals)
 def test_decimal_reads_back_as_int_float_or_exact_decimal(d: Decimal) -> None:
     back = decode_key(encode_key(d))
@@ -822,7 +823,7 @@ def _native_pair(a: Any, b: Any) -> None:
     assert (ea == eb) == (a == b), (a, b)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     st.one_of(
         st.tuples(naive_datetimes, naive_datetimes),
@@ -838,7 +839,7 @@ def test_each_type_orders_like_python(pair: tuple[Any, Any]) -> None:
     _native_pair(*pair)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(aware_datetimes, _offsets)
 def test_equal_instants_are_one_key_and_read_back_in_utc(v: dt.datetime, tz: dt.tzinfo) -> None:
     other = v.astimezone(tz)
@@ -847,7 +848,7 @@ def test_equal_instants_are_one_key_and_read_back_in_utc(v: dt.datetime, tz: dt.
     assert back == v and back.tzinfo is dt.UTC
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.datetimes(min_value=dt.datetime(2, 1, 1), max_value=dt.datetime(9998, 12, 31)))
 def test_naive_and_aware_twins_are_adjacent_naive_first(v: dt.datetime) -> None:
     """Naive is UTC wall time: the aware datetime of the same instant follows it directly."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from budget import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -940,7 +941,9 @@ def check(decoder: EventDecoder, k: bytes | None, value: bytes | None, topic: st
         assert out.row is None
 
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @FUZZ

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from budget import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -120,7 +121,9 @@ def histories(draw: st.DrawFn) -> tuple[list[Step], int, int, list[int]]:
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(histories())
 def test_any_interleaving_of_partitions_gives_the_source_order_state(

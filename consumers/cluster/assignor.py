@@ -42,6 +42,7 @@ without a map and with the reason, so reads answer "unknown" instead of from a s
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -113,29 +114,30 @@ def plan_assignment(
         readable = [m for m in subscribed if members[m].readable]
         if subscribed:
             eligible[tp] = readable or subscribed
-    owned: dict[str, set[TopicPartition]] = {m: set() for m in order}
+    owned: dict[str, list[TopicPartition]] = {m: [] for m in order}  # each kept sorted
 
     # 1. sticky claims: the first holder by member id
     for tp, cands in eligible.items():
         holder = next((m for m in cands if tp in members[m].held), None)
         if holder is not None:
-            owned[holder].add(tp)
+            owned[holder].append(tp)  # partition order: stays sorted
     # 2. unheld partitions: the least-loaded member, ties by member id
     taken = {tp for ps in owned.values() for tp in ps}
     for tp, cands in eligible.items():
         if tp not in taken:
-            owned[min(cands, key=lambda m: (len(owned[m]), rank[m]))].add(tp)
+            insort(owned[min(cands, key=lambda m: (len(owned[m]), rank[m]))], tp)
     # 3. balance: move the surplus only (each move lowers the sum of squared loads: it ends)
-    while (move := _next_move(owned, eligible, members, rank)) is not None:
+    allowed = {tp: frozenset(cands) for tp, cands in eligible.items()}
+    while (move := _next_move(owned, allowed, members, rank)) is not None:
         tp, src, dst = move
-        owned[src].remove(tp)
-        owned[dst].add(tp)
+        del owned[src][bisect_left(owned[src], tp)]
+        insort(owned[dst], tp)
     return {m: frozenset(ps) for m, ps in owned.items()}
 
 
 def _next_move(
-    owned: dict[str, set[TopicPartition]],
-    eligible: Mapping[TopicPartition, list[str]],
+    owned: dict[str, list[TopicPartition]],
+    allowed: Mapping[TopicPartition, frozenset[str]],
     members: Mapping[str, Candidate],
     rank: Mapping[str, int],
 ) -> tuple[TopicPartition, str, str] | None:
@@ -146,10 +148,14 @@ def _next_move(
         for dst in targets:
             if len(owned[src]) - len(owned[dst]) < 2:
                 break
-            movable = [tp for tp in owned[src] if dst in eligible[tp]]
-            if movable:
-                held = members[dst].held
-                return min(movable, key=lambda tp: (tp not in held, tp)), src, dst
+            # a partition the receiver holds (a resume), else the lowest it may take
+            held = members[dst].held
+            resumable = (tp for tp in owned[src] if tp in held and dst in allowed[tp])
+            best = next(resumable, None) if held else None
+            if best is None:
+                best = next((tp for tp in owned[src] if dst in allowed[tp]), None)
+            if best is not None:
+                return best, src, dst
     return None
 
 

@@ -25,14 +25,26 @@ from .errors import (
     InvalidKey,
     ItemExists,
     ItemNotFound,
-    OffsetOutOfRange,
     StoreCorrupted,
 )
 from .keys import decode_key, decode_keys, encode_key, key_repr
 from .state import IdEntry, check_node_size
 from .state.codec import same_item
 from .state.metadata import P_TREE, tree_key, watermark_key
-from .types import Bounds, Item, Order, Page, Query, decode_cursor, encode_cursor, normalize_bounds
+from .types import (
+    Bounds,
+    Item,
+    Order,
+    Page,
+    Query,
+    as_queries,
+    decode_cursor,
+    decode_item,
+    encode_cursor,
+    normalize_bounds,
+    offset_out_of_range,
+    parse_order,
+)
 
 if TYPE_CHECKING:
     from .state import StateStore
@@ -111,14 +123,6 @@ def _first(entry: tuple[bytes, Sum]) -> bytes:
     return entry[0]
 
 
-def _order(order: Any) -> bool:
-    if order == "asc":
-        return False
-    if order == "desc":
-        return True
-    raise InvalidArgument(f"order must be 'asc' or 'desc', got {key_repr(order)}")
-
-
 def _unchanged(old: IdEntry, ens: bytes, ek: bytes, s: Sum) -> bool:
     """The id already holds exactly this item (see `same_item`)."""
     return same_item(old, ens, ek, s)
@@ -127,12 +131,6 @@ def _unchanged(old: IdEntry, ens: bytes, ek: bytes, s: Sum) -> bool:
 def _drops_when_empty(store: StateStore, max_node_size: int) -> bool:
     """An emptied namespace disappears, unless it carries its own node size (`Aggregate.clear`)."""
     return max_node_size == store.max_node_size
-
-
-def _item(ek: bytes, s: Sum, namespace: Any) -> Item:
-    key, j = decode_keys(ek, 0)
-    id_, _ = decode_keys(ek, j)
-    return Item(key, id_, s, namespace)
 
 
 class Aggregate:
@@ -551,6 +549,10 @@ class Aggregate:
 
     def namespaces(self) -> list[Any]:
         """Namespaces holding at least one item, in key order. O(namespaces)."""
+        return [decode_key(ens) for ens in self.namespace_keys()]
+
+    def namespace_keys(self) -> list[bytes]:
+        """`namespaces`, encoded (``encode_key(namespace)``), in key order. O(namespaces)."""
         store = self.store
         aid = store.agg_id(self.physical, False)
         if aid is None:
@@ -560,7 +562,7 @@ class Aggregate:
         for tk in store.tree_keys(aid):
             meta = store.tree_meta(tk)
             if meta is not None and Tree(store.nodes, meta).count():
-                out.append(decode_key(tk[n:]))
+                out.append(tk[n:])
         return out
 
     # ---- reads -----------------------------------------------------------------
@@ -590,23 +592,81 @@ class Aggregate:
         self, offset: int, namespace: Any = None, bounds: Bounds | Mapping[str, Any] | None = None
     ) -> Item:
         """The item at ``offset`` in (key, id) order; negative counts from the end. O(log n)."""
+        # `select_entries` for one offset, inlined: `at` is a hot path (no list, one check).
         if not isinstance(offset, int) or isinstance(offset, bool):
             raise InvalidArgument(f"offset must be an int, got {key_repr(offset)}")
         tree, lo, hi = self._range(namespace, bounds)
         if tree is None:
-            raise OffsetOutOfRange(f"offset {offset} is out of range: the range holds 0 items")
+            raise offset_out_of_range(offset, 0)
         base = tree.rank(lo) if lo is not None else 0
         n = tree.rank(hi) - base
         k = offset + n if offset < 0 else offset
         if not 0 <= k < n:
-            raise OffsetOutOfRange(
-                f"offset {offset} is out of range: the range holds {n} items "
-                f"(valid offsets are {-n}..{n - 1})"
-                if n
-                else f"offset {offset} is out of range: the range holds 0 items"
-            )
+            raise offset_out_of_range(offset, n)
         ek, s = tree.select(base + k)
-        return _item(ek, s, namespace)
+        return decode_item(ek, s, namespace)
+
+    def select_entries(
+        self,
+        offsets: Iterable[int],
+        namespace: Any = None,
+        bounds: Bounds | Mapping[str, Any] | None = None,
+    ) -> list[tuple[bytes, Sum]]:
+        """The items at ``offsets`` in range as `at` finds them (negative counts from the end;
+        `OffsetOutOfRange` the same), encoded: ``(encode_key(key) + encode_key(id), sum)``.
+        O(log n) each, the range resolved once.
+
+        Why encoded: a deployment's members compare and rank each other's items by these
+        bytes (`tally.consumers.cluster`), never by decoded values.
+        """
+        offs = list(offsets)
+        for offset in offs:
+            if not isinstance(offset, int) or isinstance(offset, bool):
+                raise InvalidArgument(f"offset must be an int, got {key_repr(offset)}")
+        tree, lo, hi = self._range(namespace, bounds)
+        if tree is None:
+            if offs:
+                raise offset_out_of_range(offs[0], 0)
+            return []
+        base = tree.rank(lo) if lo is not None else 0
+        n = tree.rank(hi) - base
+        out = []
+        for offset in offs:
+            k = offset + n if offset < 0 else offset
+            if not 0 <= k < n:
+                raise offset_out_of_range(offset, n)
+            out.append(tree.select(base + k))
+        return out
+
+    def ranks(
+        self,
+        item_keys: Iterable[bytes],
+        namespace: Any = None,
+        bounds: Bounds | Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """For each encoded item key (``encode_key(key) + encode_key(id)``, as `select_entries`
+        and `page_entries` give them), the number of items in range ordered before it.
+        O(log n) each, the range resolved once.
+
+        Why: a deployment's members rank another member's item among their own (the select
+        across members in `tally.consumers.cluster`); `index_of` takes decoded keys.
+        """
+        xs = list(item_keys)
+        for x in xs:
+            if type(x) is not bytes:
+                raise InvalidArgument(
+                    f"an item key must be bytes (encode_key(key) + encode_key(id)), "
+                    f"got {key_repr(x)}"
+                )
+        tree, lo, hi = self._range(namespace, bounds)
+        if tree is None:
+            return [0] * len(xs)
+        base = tree.rank(lo) if lo is not None else 0
+        end = tree.rank(hi)
+        if end <= base:
+            return [0] * len(xs)
+        rank = tree.rank
+        return [min(max(rank(x), base), end) - base for x in xs]
 
     def index_of(
         self,
@@ -621,7 +681,7 @@ class Aggregate:
         Without ``id`` the whole tie group of ``key`` counts as (key): asc gives
         the index of its first item, desc the rank from the top of its last.
         """
-        reverse = _order(order)
+        reverse = parse_order(order)
         ek = encode_key(key)
         tree, lo, hi = self._range(namespace, bounds)
         if tree is None:
@@ -646,7 +706,7 @@ class Aggregate:
         if tree is None:
             return None
         for ek, s in tree.items(lo, hi):
-            return _item(ek, s, namespace)
+            return decode_item(ek, s, namespace)
         return None
 
     def max(
@@ -657,7 +717,7 @@ class Aggregate:
         if tree is None:
             return None
         for ek, s in tree.items(lo, hi, reverse=True):
-            return _item(ek, s, namespace)
+            return decode_item(ek, s, namespace)
         return None
 
     def random(
@@ -668,7 +728,7 @@ class Aggregate:
         if tree is None:
             return None
         got = tree.random_in(lo, hi, self._rng)
-        return None if got is None else _item(got[0], got[1], namespace)
+        return None if got is None else decode_item(got[0], got[1], namespace)
 
     def paginate(
         self,
@@ -682,29 +742,44 @@ class Aggregate:
 
         ``is_done`` is exact: True only when no item follows this page.
         """
+        after = None if cursor is None else decode_cursor(cursor)
+        entries, done = self.page_entries(after, page_size, order, namespace, bounds)
+        if not entries:
+            return Page([], cursor, done)
+        items = [decode_item(ek, s, namespace) for ek, s in entries]
+        return Page(items, encode_cursor(entries[-1][0]), done)
+
+    def page_entries(
+        self,
+        after: bytes | None = None,
+        page_size: int = 100,
+        order: Order = "asc",
+        namespace: Any = None,
+        bounds: Bounds | Mapping[str, Any] | None = None,
+    ) -> tuple[list[tuple[bytes, Sum]], bool]:
+        """Up to ``page_size`` items in range strictly after the encoded item key ``after``
+        in ``order`` (None: from the first), encoded as in `select_entries`, and whether no
+        item follows them (exact). `paginate` is this with ``after`` from its cursor.
+        O(log n + page_size).
+        """
         if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size <= 0:
             raise InvalidArgument(f"page_size must be a positive int, got {key_repr(page_size)}")
-        reverse = _order(order)
+        reverse = parse_order(order)
         tree, lo, hi = self._range(namespace, bounds)
-        if cursor is not None:
-            c = decode_cursor(cursor)
+        if after is not None:
             if reverse:
-                hi = c if hi is None else min(hi, c)
+                hi = after if hi is None else min(hi, after)
             else:
-                c = c + b"\x00"
+                c = after + b"\x00"
                 lo = c if lo is None else max(lo, c)
         if tree is None or (lo is not None and hi is not None and lo >= hi):
-            return Page([], cursor, True)
-        items: list[Item] = []
-        last = None
-        done = True
-        for ek, s in tree.items(lo, hi, reverse):
-            if len(items) == page_size:
-                done = False
-                break
-            items.append(_item(ek, s, namespace))
-            last = ek
-        return Page(items, encode_cursor(last) if last is not None else cursor, done)
+            return [], True
+        out: list[tuple[bytes, Sum]] = []
+        for entry in tree.items(lo, hi, reverse):
+            if len(out) == page_size:
+                return out, False
+            out.append(entry)
+        return out, True
 
     def iter(
         self,
@@ -717,45 +792,23 @@ class Aggregate:
         Writing to the aggregate while iterating gives undefined results; use
         `paginate` for long walks interleaved with writes.
         """
-        reverse = _order(order)
+        reverse = parse_order(order)
         tree, lo, hi = self._range(namespace, bounds)
         if tree is None:
             return iter(())
-        return (_item(ek, s, namespace) for ek, s in tree.items(lo, hi, reverse))
-
-    def _queries(self, queries: Iterable[Any]) -> list[Query]:
-        out = []
-        for q in queries:
-            if isinstance(q, Query):
-                out.append(q)
-            elif isinstance(q, Mapping):
-                unknown = set(q) - {"namespace", "bounds", "offset"}
-                if unknown:
-                    raise InvalidArgument(
-                        f"query has unknown field(s) {sorted(unknown)}; use namespace, bounds, offset"
-                    )
-                offset = q.get("offset", 0)
-                if not isinstance(offset, int) or isinstance(offset, bool):
-                    # count_batch/sum_batch do not use it, but a wrong one is a mistake to report
-                    raise InvalidArgument(
-                        f"a query's offset must be an int, got {key_repr(offset)}"
-                    )
-                out.append(Query(q.get("namespace"), q.get("bounds"), offset))
-            else:
-                raise InvalidArgument(f"each query must be a Query or a dict, got {key_repr(q)}")
-        return out
+        return (decode_item(ek, s, namespace) for ek, s in tree.items(lo, hi, reverse))
 
     def count_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[int]:
         """`count` for each query, in input order."""
-        return [self.count(q.namespace, q.bounds) for q in self._queries(queries)]
+        return [self.count(q.namespace, q.bounds) for q in as_queries(queries)]
 
     def sum_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[Sum]:
         """`sum` for each query, in input order."""
-        return [self.sum(q.namespace, q.bounds) for q in self._queries(queries)]
+        return [self.sum(q.namespace, q.bounds) for q in as_queries(queries)]
 
     def at_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[Item]:
         """`at` for each query (its ``offset``), in input order."""
-        return [self.at(q.offset, q.namespace, q.bounds) for q in self._queries(queries)]
+        return [self.at(q.offset, q.namespace, q.bounds) for q in as_queries(queries)]
 
     # ---- checks -----------------------------------------------------------------
 

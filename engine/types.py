@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
 
 from tally.schemas.reads import Bound, Bounds, Item, Order, Page, Query
 
-from .errors import InvalidArgument, InvalidKey
+from .btree import Sum
+from .errors import InvalidArgument, InvalidKey, OffsetOutOfRange
 from .keys import decode_keys, encode_key, key_repr
 
 __all__ = [
@@ -28,9 +29,13 @@ __all__ = [
     "Order",
     "Page",
     "Query",
+    "as_queries",
     "decode_cursor",
+    "decode_item",
     "encode_cursor",
     "normalize_bounds",
+    "offset_out_of_range",
+    "parse_order",
 ]
 
 _MAX = b"\xff"
@@ -143,3 +148,54 @@ def decode_cursor(cursor: Any) -> bytes:
             f"malformed cursor {key_repr(cursor)}: pass the cursor of a previous page, or None to start"
         ) from None
     return raw
+
+
+def decode_item(item_key: bytes, sum_value: Sum, namespace: Any) -> Item:
+    """The `Item` of an encoded item key (``encode_key(key) + encode_key(id)``), as reads
+    return it: ``namespace`` is passed through as the caller gave it. O(size of the key)."""
+    key, j = decode_keys(item_key, 0)
+    id_, _ = decode_keys(item_key, j)
+    return Item(key, id_, sum_value, namespace)
+
+
+def parse_order(order: Any) -> bool:
+    """``order`` as a reverse flag: False for "asc", True for "desc"; else `InvalidArgument`."""
+    if order == "asc":
+        return False
+    if order == "desc":
+        return True
+    raise InvalidArgument(f"order must be 'asc' or 'desc', got {key_repr(order)}")
+
+
+def offset_out_of_range(offset: int, n: int) -> OffsetOutOfRange:
+    """The error of `at(offset)` on a range holding ``n`` items (the message names the count
+    and the valid offsets)."""
+    return OffsetOutOfRange(
+        f"offset {offset} is out of range: the range holds {n} items "
+        f"(valid offsets are {-n}..{n - 1})"
+        if n
+        else f"offset {offset} is out of range: the range holds 0 items"
+    )
+
+
+def as_queries(queries: Iterable[Any]) -> list[Query]:
+    """Batch queries (`Query` or dicts with namespace/bounds/offset) as `Query` values;
+    `InvalidArgument` for anything else or a wrong offset."""
+    out = []
+    for q in queries:
+        if isinstance(q, Query):
+            out.append(q)
+        elif isinstance(q, Mapping):
+            unknown = set(q) - {"namespace", "bounds", "offset"}
+            if unknown:
+                raise InvalidArgument(
+                    f"query has unknown field(s) {sorted(unknown)}; use namespace, bounds, offset"
+                )
+            offset = q.get("offset", 0)
+            if not isinstance(offset, int) or isinstance(offset, bool):
+                # count_batch/sum_batch do not use it, but a wrong one is a mistake to report
+                raise InvalidArgument(f"a query's offset must be an int, got {key_repr(offset)}")
+            out.append(Query(q.get("namespace"), q.get("bounds"), offset))
+        else:
+            raise InvalidArgument(f"each query must be a Query or a dict, got {key_repr(q)}")
+    return out

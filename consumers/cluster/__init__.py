@@ -1,7 +1,13 @@
-"""Group membership for scale-out: tally's sticky assignor and what it tells each member.
+"""Scale-out groundwork (issue 13): group membership and merged answers across members.
 
-`make_assignor` gives a process its aiokafka assignor class (advertised URL, held
-partitions); the ownership map the leader computes reaches every member's `Membership`.
+- `assignor`, `membership`: tally's sticky assignor gives each process its aiokafka
+  assignor class (advertised URL, held partitions); the ownership map the group leader
+  computes reaches every member's `Membership`.
+- `merge`: partial answers of members holding disjoint parts, merged into the exact whole
+  answer, and the coverage check of their partition claims. Transport-free: the HTTP layer
+  implements `Member` for remote members.
+
+Not wired into `tally consume` yet: see the README's "Scaling out (not yet)" note.
 """
 
 from tally.consumers.cluster.assignor import (
@@ -20,18 +26,56 @@ from tally.consumers.cluster.membership import (
     by_topic,
     tps,
 )
+from tally.consumers.cluster.merge import (
+    BadMemberAnswer,
+    BoundsArg,
+    Claim,
+    Coverage,
+    CoverageError,
+    Entry,
+    LocalMember,
+    Member,
+    MergedReads,
+    Partition,
+    RandomSource,
+    StateMoved,
+    best_entry,
+    check_coverage,
+    elementwise,
+    merge_pages,
+    pick_weighted,
+    union_namespaces,
+)
 
 __all__ = [
     "ASSIGNOR_NAME",
+    "BadMemberAnswer",
+    "BoundsArg",
     "Candidate",
+    "Claim",
+    "Coverage",
+    "CoverageError",
+    "Entry",
+    "LocalMember",
+    "Member",
     "MemberInfo",
+    "MergedReads",
     "Membership",
     "MembershipUnknown",
     "OwnershipView",
+    "Partition",
+    "RandomSource",
+    "StateMoved",
     "TallyAssignor",
+    "best_entry",
     "by_topic",
     "check_advertise_url",
+    "check_coverage",
+    "elementwise",
     "make_assignor",
+    "merge_pages",
+    "pick_weighted",
     "plan_assignment",
     "tps",
+    "union_namespaces",
 ]

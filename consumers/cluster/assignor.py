@@ -176,7 +176,7 @@ def check_advertise_url(url: str) -> str:
     return url.rstrip("/")
 
 
-class TallyAssignor(AbstractPartitionAssignor):
+class TallyAssignor(AbstractPartitionAssignor):  # type: ignore[misc]  # aiokafka ships no stubs for it
     """The assignor; use a subclass from `make_assignor` (its class attributes are set)."""
 
     name = ASSIGNOR_NAME

@@ -5,6 +5,7 @@ on_assignment) wired through a stand-in for the cluster metadata (a partition co
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 
 import msgspec
@@ -260,7 +261,8 @@ def _deliver(
 def test_every_member_receives_the_same_map_with_everyones_url() -> None:
     held = {"m1": {TP("t", 0), TP("t", 1)}, "m2": set(), "m3": {TP("t", 5), TP("gone", 0)}}
     assignors = {
-        mid: make_assignor(f"http://{mid}:8750", lambda mid=mid: held[mid]) for mid in held
+        mid: make_assignor(f"http://{mid}:8750", functools.partial(held.__getitem__, mid))
+        for mid in held
     }
     metadata = _join(assignors, {"t"})
     leader = assignors["m2"]
@@ -297,9 +299,17 @@ def test_the_map_version_climbs_above_what_any_member_saw() -> None:
     assert assignors["a"].membership.view().version == 43
 
 
+def _one_partition(member: str) -> set[TP]:
+    return {TP("t", ord(member) % 4)}
+
+
+def _held_of(candidate: Candidate) -> frozenset[TP]:
+    return candidate.held
+
+
 def test_assign_gives_the_same_bytes_whatever_the_member_order() -> None:
     assignors = {
-        m: make_assignor(f"http://{m}:1", lambda m=m: {TP("t", ord(m) % 4)}) for m in "qwer"
+        m: make_assignor(f"http://{m}:1", functools.partial(_one_partition, m)) for m in "qwer"
     }
     metadata = _join(assignors, {"t"})
     reversed_md = dict(reversed(list(metadata.items())))
@@ -390,7 +400,10 @@ def test_assign_through_the_api_matches_the_plan(
     counts: dict[str, int] = {}
     for tp in parts:
         counts[tp.topic] = max(counts.get(tp.topic, 0), tp.partition + 1)
-    assignors = {m: make_assignor(f"http://{m}:1", lambda c=c: c.held) for m, c in members.items()}
+    assignors = {
+        m: make_assignor(f"http://{m}:1", functools.partial(_held_of, c))
+        for m, c in members.items()
+    }
     result = next(iter(assignors.values())).assign(
         _Partitions(counts), _join(assignors, set(counts))
     )

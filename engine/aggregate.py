@@ -272,13 +272,13 @@ class Aggregate:
             aid = store.agg_id(self.physical, True)
             assert aid is not None
             self._check_sum_types(aid, changes)
-            get_id, set_id = tx.get_id, tx.set_id
+            set_id = tx.set_id
             dels: dict[bytes, list[bytes]] = {}
             ins: dict[bytes, list[tuple[bytes, Sum]]] = {}
             changed = 0
-            for eid, new in changes.items():
-                idk = aid + eid
-                old = get_id(idk)
+            idks = [aid + eid for eid in changes]
+            olds = tx.get_ids(idks)  # one multi-get for the ids not in memory
+            for idk, (eid, new), old in zip(idks, changes.items(), olds, strict=True):
                 if before is not None:
                     before[eid] = old
                 if new is None:

@@ -9,7 +9,7 @@ between two checkpoints is written once.
 
 Clean entries read from RocksDB (and entries a checkpoint wrote) are kept in a bounded
 cache, absent ids included, so a stream of updates to the same ids does not read them
-again. The cache forgets its older half when full (insertion order): O(1) amortized.
+again. When full, the cache keeps its newest half (insertion order): O(1) amortized.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ class IdIndex:
 
     def _trim(self) -> None:
         clean = self.clean
-        if len(clean) > self.capacity:
-            self.clean = dict(islice(clean.items(), len(clean) // 2, None))
+        if len(clean) > self.capacity:  # keep the newest half of the capacity
+            self.clean = dict(islice(clean.items(), len(clean) - self.capacity // 2, None))
 
     def committed(self, ids: dict[bytes, IdEntry | None]) -> None:
         """A commit without a checkpoint made these entries durable (in its log record)."""

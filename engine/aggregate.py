@@ -16,9 +16,10 @@ import math
 import random as _random
 from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from .btree import Sum, Tree, mixed_sums
+from .btree import DELETE, INSERT, REPLACE, Sum, Tree, mixed_sums
 from .decimals import check_decimal
 from .errors import (
     InvalidArgument,
@@ -269,13 +270,13 @@ class Aggregate:
             aid = store.agg_id(self.physical, True)
             assert aid is not None
             self._check_sum_types(aid, changes)
-            get_id, set_id = tx.get_id, tx.set_id
+            set_id = tx.set_id
             dels: dict[bytes, list[bytes]] = {}
             ins: dict[bytes, list[tuple[bytes, Sum]]] = {}
             changed = 0
-            for eid, new in changes.items():
-                idk = aid + eid
-                old = get_id(idk)
+            idks = [aid + eid for eid in changes]
+            olds = tx.get_ids(idks)  # one multi-get for the ids not in memory
+            for idk, (eid, new), old in zip(idks, changes.items(), olds, strict=True):
                 if before is not None:
                     before[eid] = old
                 if new is None:
@@ -336,11 +337,11 @@ class Aggregate:
             # Incremental: few changes, or a namespace that fits one leaf (a new or tiny one).
             # A rebuild is structural and forces a checkpoint; this only logs the changes.
             tree = self._tree_at(tk, m)
-            for ek in sorted(dels):
-                tree.delete(ek)
-            ins.sort(key=_first)
+            # One merge pass over the tree: each touched node is visited and fixed up once.
+            merged: dict[bytes, tuple[bytes, int, Sum]] = {ek: (ek, DELETE, 0) for ek in dels}
             for ek, v in ins:
-                tree.insert(ek, v)
+                merged[ek] = (ek, REPLACE if ek in merged else INSERT, v)
+            tree.apply_sorted(sorted(merged.values(), key=itemgetter(0)))
             store.touch_tree(tk)
             self._maybe_drop(tk, tree)
             return

@@ -42,7 +42,18 @@ from .errors import InvalidArgument, StoreCorrupted
 Sum: TypeAlias = "int | float | Decimal"
 """An item's or a subtree's sum value."""
 
-__all__ = ["Node", "NodeStore", "Sum", "Tree", "TreeMeta", "add_sums", "mixed_sums"]
+__all__ = [
+    "DELETE",
+    "INSERT",
+    "REPLACE",
+    "Node",
+    "NodeStore",
+    "Sum",
+    "Tree",
+    "TreeMeta",
+    "add_sums",
+    "mixed_sums",
+]
 
 
 class Node(msgspec.Struct, array_like=True, gc=False):
@@ -93,6 +104,16 @@ class NodeStore(Protocol):
     def put_node(self, gid: int, node: Node) -> None: ...
     def add_node(self, gid: int, node: Node) -> None: ...
     def free_node(self, gid: int) -> None: ...
+
+
+INSERT = 0
+DELETE = 1
+REPLACE = 2
+"""Ops of `Tree.apply_sorted`."""
+
+
+def _first(change: tuple[bytes, int, Sum]) -> bytes:
+    return change[0]
 
 
 def _count(n: Node) -> int:
@@ -484,6 +505,202 @@ class Tree:
     def _refresh(parent: Node, c: int, child: Node) -> None:
         parent.counts[c] = _count(child)
         parent.sums[c] = _sum(child)
+
+    # ---- batch merge -----------------------------------------------------------
+
+    def apply_sorted(self, changes: list[tuple[bytes, int, Sum]]) -> None:
+        """Apply many changes at once: ``(key, op, value)`` sorted by key, keys unique, op
+        `INSERT` (absent key), `DELETE` (present key; value ignored) or `REPLACE` (present
+        key, new value). O(k log n) but each touched node is visited and fixed up once, so a
+        batch of k changes costs far less than k `insert`/`delete` calls.
+
+        The caller admits the batch's sum types first (as `apply_many` does: no float and
+        Decimal in one tree); a change the tree does not allow (an insert of a present key,
+        a delete of an absent one) raises `StoreCorrupted` midway, like `insert`/`delete`.
+        """
+        if not changes:
+            return
+        for t in {type(v) for _, op, v in changes if op != DELETE} - {int}:
+            if t is Decimal or self.meta.decimal:
+                self.admit(t)
+        if self.meta.decimal:
+            with exact():
+                self._apply_root(changes)
+        else:
+            self._apply_root(changes)
+
+    def _apply_root(self, changes: list[tuple[bytes, int, Sum]]) -> None:
+        meta = self.meta
+        get = self.ns.get_node
+        ref = meta.root
+        node = get(self.base | ref)
+        self._apply_node(ref, node, changes, 0, len(changes))
+        mi = internal_max(meta.max_node_size)
+        while True:
+            if not node.children and not node.keys:
+                node.sums.clear()  # everything is gone: the root is an empty leaf
+                node.counts.clear()
+                meta.height = 1
+                return
+            if node.children and len(node.children) == 1:
+                self.ns.free_node(self.base | ref)
+                ref = meta.root = node.children[0]
+                meta.height -= 1
+                node = get(self.base | ref)
+                continue
+            size = len(node.children) if node.children else len(node.keys)
+            if size <= (mi if node.children else meta.max_node_size):
+                return
+            root = Node([], [_sum(node)], [ref], [_count(node)])
+            self._regroup(root, 0, 1)
+            ref = meta.root = self.new_node(root)
+            meta.height += 1
+            node = root
+
+    def _apply_node(
+        self, ref: int, node: Node, changes: list[tuple[bytes, int, Sum]], lo: int, hi: int
+    ) -> None:
+        """Apply ``changes[lo:hi]`` (all within this node's key range) below ``node``; its
+        children come back within their size bounds, the node itself may not."""
+        keys = node.keys
+        if not node.children:
+            sums = node.sums
+            pos = 0
+            for i in range(lo, hi):
+                key, op, value = changes[i]
+                pos = bisect_left(keys, key, pos)
+                found = pos < len(keys) and keys[pos] == key
+                if op == INSERT:
+                    if found:
+                        raise StoreCorrupted(
+                            f"tree already holds item key {key!r}: the id index is out of step"
+                        )
+                    keys.insert(pos, key)
+                    sums.insert(pos, value)
+                    continue
+                if not found:
+                    raise StoreCorrupted(
+                        f"tree lacks item key {key!r}: the id index is out of step"
+                    )
+                if op == DELETE:
+                    del keys[pos], sums[pos]
+                else:
+                    sums[pos] = value
+            self.ns.put_node(self.base | ref, node)
+            return
+        get = self.ns.get_node
+        base = self.base
+        touched: list[int] = []
+        i = lo
+        c = 0
+        nk = len(keys)
+        while i < hi:
+            c = bisect_right(keys, changes[i][0], c)
+            j = hi if c == nk else bisect_left(changes, keys[c], i, hi, key=_first)
+            cref = node.children[c]
+            self._apply_node(cref, get(base | cref), changes, i, j)
+            touched.append(c)
+            i = j
+        for c in reversed(touched):
+            self._normalize(node, c)
+        self.ns.put_node(base | ref, node)
+
+    def _normalize(self, parent: Node, c: int) -> None:
+        """Bring child ``c`` back within its size bounds (split, or merge with a sibling)
+        and refresh its count and sum in ``parent``."""
+        get = self.ns.get_node
+        base = self.base
+        m = self.meta.max_node_size
+        while True:
+            if not parent.children:
+                return  # every child emptied and gone
+            c = min(c, len(parent.children) - 1)  # a merge to the left took this index
+            child = get(base | parent.children[c])
+            internal = bool(child.children)
+            size = len(child.children) if internal else len(child.keys)
+            mx = internal_max(m) if internal else m
+            if size > mx:
+                self._regroup(parent, c, 1)
+                return
+            if size >= mx // 2 or len(parent.children) == 1:
+                parent.counts[c] = _count(child)
+                parent.sums[c] = _sum(child)
+                return
+            # Underfull: merge with the right sibling (already within bounds), else the left.
+            if c + 1 == len(parent.children):
+                c -= 1
+            self._regroup(parent, c, 2)
+            # The merge may still be underfull (two underfull siblings), or empty and gone.
+
+    def _regroup(self, parent: Node, c: int, k: int) -> None:
+        """Replace children ``c .. c+k-1`` of ``parent`` by the same items cut into runs
+        within the size bounds (one run when they fit one node), reusing their node ids."""
+        ns = self.ns
+        base = self.base
+        refs = parent.children[c : c + k]
+        nodes = [ns.get_node(base | r) for r in refs]
+        internal = any(n.children for n in nodes)  # an emptied internal node has none
+        m = self.meta.max_node_size
+        keys: list[bytes] = []
+        sums: list[Sum] = []
+        children: list[int] = []
+        counts: list[int] = []
+        only: list[int] = []
+        for i, n in enumerate(nodes):
+            if internal:
+                if children and n.children:
+                    keys.append(parent.keys[c + i - 1])  # any separator between them holds
+                if len(n.children) == 1:
+                    only.append(len(children))
+                children.extend(n.children)
+                counts.extend(n.counts)
+            keys.extend(n.keys)
+            sums.extend(n.sums)
+        if only and len(children) > 1:
+            # An only child may be underfull (it had no sibling to merge with): now it has.
+            tmp = Node(keys, sums, children, counts)
+            for j in reversed(only):
+                self._normalize(tmp, j)
+        size = len(children) if internal else len(keys)
+        runs = _chunks(size, internal_max(m) if internal else m)
+        pieces: list[Node] = []
+        seps: list[bytes] = []
+        for a, b in runs:
+            if internal:
+                if a:
+                    seps.append(keys[a - 1])
+                pieces.append(Node(keys[a : b - 1], sums[a:b], children[a:b], counts[a:b]))
+            else:
+                if a:
+                    seps.append(_separator(keys[a - 1], keys[a]))
+                pieces.append(Node(keys[a:b], sums[a:b]))
+        new_refs: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i < len(refs):
+                # Reuse the node objects in place: the node cache holds them by identity.
+                n = nodes[i]
+                n.keys, n.sums, n.children, n.counts = (
+                    piece.keys,
+                    piece.sums,
+                    piece.children,
+                    piece.counts,
+                )
+                ns.put_node(base | refs[i], n)
+                new_refs.append(refs[i])
+                pieces[i] = n
+            else:
+                new_refs.append(self.new_node(piece))
+        for r in refs[len(pieces) :]:
+            ns.free_node(base | r)
+        if pieces:
+            parent.keys[c : c + k - 1] = seps
+        elif c:  # all of it is gone: so is a separator next to it
+            del parent.keys[c - 1 : c + k - 1]
+        else:
+            del parent.keys[0:k]
+        parent.children[c : c + k] = new_refs
+        parent.counts[c : c + k] = [_count(p) for p in pieces]
+        parent.sums[c : c + k] = [_sum(p) for p in pieces]
 
     # ---- bulk build ------------------------------------------------------------
 

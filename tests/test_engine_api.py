@@ -1007,3 +1007,19 @@ def test_a_second_writer_gets_store_locked(tmp_path: Path) -> None:
             Store.open(tmp_path / "s")
         with Store.open(tmp_path / "s", read_only=True) as reader:  # readers are never locked out
             assert reader.aggregate("a").count() == 1
+
+
+def test_id_cache_is_bounded_and_a_bad_size_is_refused(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s", cache_ids=1000) as store:
+        agg = store.aggregate("a")
+        with store.batch():
+            for i in range(5000):
+                agg.upsert(i, i, i)
+        store.checkpoint()  # the 5,000 entries move from dirty to the (bounded) clean cache
+        assert store.stats()["dirty_ids"] == 0
+        assert store.stats()["cached_ids"] <= 1000
+        for i in range(0, 6000, 3):  # misses read RocksDB and are cached, absent ids too
+            assert (agg.get(i) is None) is (i >= 5000)
+        assert store.stats()["cached_ids"] <= 1000
+    with pytest.raises(InvalidArgument, match="cache_ids must be an int >= 0"):
+        Store.open(tmp_path / "t", cache_ids=-1)

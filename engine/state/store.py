@@ -12,10 +12,11 @@ This module ties them together: the registries (aggregate ids, tree metas, the
 generations catalog), checkpoints and recovery.
 
 **Commits and checkpoints.** Every change goes through a transaction. Committing one
-writes, in ONE RocksDB WriteBatch, the id-index entries it changed, a log record of its
-item changes and its metadata (consumers keep their source offsets there). Tree nodes are
-mutated in memory and stay dirty across commits; a *checkpoint* writes every dirty node
-and tree root in that same WriteBatch and drops the log records it covers. A checkpoint
+writes, in ONE RocksDB WriteBatch, a log record of its item changes (id, old entry, new
+entry) and its metadata (consumers keep their source offsets there). Tree nodes and
+id-index entries are changed in memory and stay dirty across commits; a *checkpoint* writes
+every dirty node, id-index entry and tree root in that same WriteBatch and drops the log
+records it covers. A checkpoint
 happens when the dirty set reaches ``checkpoint_nodes``, the log reaches
 ``checkpoint_changes`` item changes, on structural changes (clear, drop, rebuild, an
 emptied namespace) and on `close()`. Opening a store (or `refresh()` in a reader) replays
@@ -39,6 +40,7 @@ from ..errors import InvalidArgument, ReadOnlyStore, StoreCorrupted, TallyError
 from .cache import NodeCache
 from .codec import IdEntry, decode_gen, decode_log, decode_tree, encode, same_item
 from .db import Database
+from .ids import DEFAULT_CACHE_IDS, IdIndex
 from .metadata import (
     FORMAT_VERSION,
     K_CKPT,
@@ -107,6 +109,7 @@ class StateStore:
         checkpoint_changes: int | None = None,
         sync: bool = False,
         max_open_files: int | None = None,
+        cache_ids: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
@@ -136,6 +139,11 @@ class StateStore:
         )
         self.nodes = NodeCache(self.db, cache_nodes)
         """The node layer: trees read and write their nodes here (`Tree(store.nodes, meta)`)."""
+        cache_ids = DEFAULT_CACHE_IDS if cache_ids is None else cache_ids
+        if not isinstance(cache_ids, int) or isinstance(cache_ids, bool) or cache_ids < 0:
+            raise InvalidArgument(f"cache_ids must be an int >= 0, got {cache_ids!r}")
+        self.id_index = IdIndex(self.db, cache_ids)
+        """The id layer: committed id-index entries (dirty until a checkpoint, and cached)."""
         self._trees: dict[bytes, TreeMeta | None] = {}
         self._trees_dirty: set[bytes] = set()
         self._agg_ids: dict[str, bytes] = {}
@@ -173,6 +181,7 @@ class StateStore:
         checkpoint_changes: int | None = None,
         sync: bool = False,
         max_open_files: int | None = None,
+        cache_ids: int | None = None,
     ) -> Self:
         """Open (or create) a store directory.
 
@@ -185,6 +194,7 @@ class StateStore:
         process's file use predictable (the consumer derives it from its
         open-file limit) at the cost of reopening files when the store has more.
         Readers (secondary instances) always keep all open, as RocksDB requires.
+        ``cache_ids`` bounds the clean id-index entries kept in memory (default 131,072).
         """
         return cls(
             os.fspath(path),
@@ -194,6 +204,7 @@ class StateStore:
             checkpoint_changes=checkpoint_changes,
             sync=sync,
             max_open_files=max_open_files,
+            cache_ids=cache_ids,
         )
 
     # ---- lifecycle -------------------------------------------------------------
@@ -239,6 +250,7 @@ class StateStore:
         self.epoch += 1
         self._gens.clear()
         self.nodes.clear()
+        self.id_index.clear()
         self._trees.clear()
         self._trees_dirty.clear()
         self._agg_ids.clear()
@@ -269,7 +281,9 @@ class StateStore:
         self.tx = Transaction(self)
 
     def _redo(self, idk: bytes, old: IdEntry | None, new: IdEntry | None) -> None:
-        """Redo one logged change on the trees (the id index already has it)."""
+        """Redo one logged change on the id index (in memory, dirty until the next
+        checkpoint writes it) and on the trees."""
+        self.id_index.dirty[idk] = new
         aid, eid = idk[:4], idk[4:]
         if old is not None and new is not None and same_item(old, new.ns, new.key, new.sum):
             return  # only the source position moved: the trees hold the same item
@@ -405,7 +419,7 @@ class StateStore:
 
     def checkpoint_pending(self) -> bool:
         """A checkpoint would write anything."""
-        return self.nodes.pending or bool(self._trees_dirty)
+        return self.nodes.pending or bool(self._trees_dirty) or bool(self.id_index.dirty)
 
     def write_checkpoint(self, wb: WriteBatch, seq: int) -> None:
         """Put every dirty node and tree meta, the counters, and the log trim into ``wb``."""
@@ -507,6 +521,8 @@ class StateStore:
             "cached_nodes": len(self.nodes),
             "cache_nodes": self.cache_nodes,
             "dirty_nodes": len(self.nodes.dirty),
+            "dirty_ids": len(self.id_index.dirty),
+            "cached_ids": len(self.id_index.clean),
             "logged_changes": self._logged,
             "seq": self.seq,
             "checkpoint_seq": self._ckpt,

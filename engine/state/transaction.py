@@ -20,6 +20,7 @@ from rocksdict import WriteBatch
 from .cache import NodeCache
 from .codec import Change, IdEntry, decode_id, encode
 from .db import Database
+from .ids import IdIndex
 from .metadata import K_NEXT_AGG, K_SEQ, counter, prefix_end, seq_key, user_key
 
 
@@ -28,6 +29,7 @@ class TransactionOwner(Protocol):
 
     db: Database
     nodes: NodeCache
+    id_index: IdIndex
     seq: int
     next_agg: int
     saved_agg: int
@@ -43,6 +45,8 @@ class TransactionOwner(Protocol):
 
 
 __all__ = ["Batch", "Transaction", "TransactionOwner"]
+
+_ABSENT = object()
 
 
 class Transaction:
@@ -93,14 +97,19 @@ class Transaction:
 
     def get_id(self, idk: bytes) -> IdEntry | None:
         """The id-index entry of ``agg_id + encoded id`` as this batch sees it. O(1)."""
-        try:
-            return self.ids[idk]
-        except KeyError:
-            pass
+        e = self.ids.get(idk, _ABSENT)
+        if e is not _ABSENT:
+            return e  # type: ignore[return-value]
         if self.ids_cleared and any(idk.startswith(p) for p in self.ids_cleared):
             return None
-        raw = self.store.db.ids.get(idk)
-        return None if raw is None else decode_id(raw)
+        return self.store.id_index.get(idk)
+
+    def get_ids(self, idks: list[bytes]) -> list[IdEntry | None]:
+        """`get_id` of many keys (the committed ones read in one RocksDB multi-get)."""
+        ids = self.ids
+        if self.ids_cleared or any(k in ids for k in idks):
+            return [self.get_id(k) for k in idks]
+        return self.store.id_index.get_many(idks)
 
     def get_meta(self, key: bytes) -> bytes | None:
         try:
@@ -128,19 +137,30 @@ class Transaction:
         committed while a scan runs do not disturb it.
         """
         db = self.store.db
-        if not self.ids and not self.ids_cleared:
-            for k, raw in db.scan(db.ids, agg_id):
-                yield k, decode_id(raw)
-            return
-        over = {k: v for k, v in self.ids.items() if k.startswith(agg_id)}
         cleared = any(agg_id.startswith(p) for p in self.ids_cleared)
-        merged: dict[bytes, IdEntry | None] = {}
+        over: dict[bytes, IdEntry | None] = {}
         if not cleared:
+            over.update(kv for kv in self.store.id_index.dirty.items() if kv[0].startswith(agg_id))
+        over.update(kv for kv in self.ids.items() if kv[0].startswith(agg_id))
+        keys = sorted(over)
+        i, n = 0, len(keys)
+        if not cleared:
+            # A merge of the column family's stream with the entries it does not hold yet.
             for k, raw in db.scan(db.ids, agg_id):
-                merged[k] = decode_id(raw)
-        merged.update(over)
-        for k in sorted(merged):
-            v = merged[k]
+                while i < n and keys[i] < k:
+                    v = over[keys[i]]
+                    if v is not None:
+                        yield keys[i], v
+                    i += 1
+                if i < n and keys[i] == k:
+                    v = over[k]
+                    i += 1
+                    if v is not None:
+                        yield k, v
+                    continue
+                yield k, decode_id(raw)
+        for k in keys[i:]:
+            v = over[k]
             if v is not None:
                 yield k, v
 
@@ -152,14 +172,17 @@ class Transaction:
         self.changes.append((idk, old, new))
 
     def forget_id(self, idk: bytes) -> None:
-        """Drop an id from the index without logging (its tree is dropped whole)."""
+        """Drop an id from the index without logging (its tree is dropped whole): the
+        commit checkpoints, since the log would not redo it."""
         self.ids[idk] = None
+        self.structural = True
 
     def clear_ids(self, agg_id: bytes) -> None:
         """Drop the whole id index of an aggregate (its trees are dropped whole)."""
         for k in [k for k in self.ids if k.startswith(agg_id)]:
             del self.ids[k]
         self.ids_cleared.append(agg_id)
+        self.structural = True  # not logged: the commit checkpoints
 
     def put_meta(self, key: bytes, value: bytes | None) -> None:
         """Set (or, with None, delete) a metadata key at commit."""
@@ -183,13 +206,15 @@ class Transaction:
         db = store.db
         wb = WriteBatch(raw_mode=True)
         h_ids, h_meta = db.h_ids, db.h_meta
-        for prefix in self.ids_cleared:
-            wb.delete_range(prefix, prefix_end(prefix), h_ids)
-        for k, e in self.ids.items():
-            if e is None:
-                wb.delete(k, h_ids)
-            else:
-                wb.put(k, encode(e), h_ids)
+        index = store.id_index
+        if checkpoint:
+            # The id index is written at checkpoints only (`tally.engine.state.ids`): the
+            # entries committed since the last one, then this batch's own. A commit without
+            # a checkpoint logs its changes, which is all a recovery needs to redo them.
+            index.forget_prefixes(self.ids_cleared)
+            for prefix in self.ids_cleared:
+                wb.delete_range(prefix, prefix_end(prefix), h_ids)
+            index.write_checkpoint(wb, self.ids)
         for k, v in self.meta.items():
             if v is None:
                 wb.delete(k, h_meta)
@@ -210,6 +235,10 @@ class Transaction:
         except Exception:
             store.recover()
             raise
+        if checkpoint:
+            index.checkpointed(self.ids)
+        else:
+            index.committed(self.ids)
         store.committed(seq, checkpoint, len(self.changes))
         store.end_transaction(self, committed=True)
 

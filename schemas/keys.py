@@ -39,6 +39,8 @@ __all__ = [
     "encode_event",
     "id_fields",
     "key_for_id",
+    "murmur2",
+    "partition_for_id",
     "row_id",
     "truncate_key",
 ]
@@ -90,6 +92,45 @@ def key_for_id(id: Any) -> bytes:
             f"the row id is {problem}; an id must be a string, number, bool, or an array of those"
         )
     return _KEY_ENCODER.encode(id)
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash of ``data`` (the default partitioner's), as an unsigned 32-bit
+    int. O(len(data)). The Java client and aiokafka hash keys with it."""
+    m, mask = 0x5BD1E995, 0xFFFFFFFF
+    n = len(data)
+    h = (0x9747B28C ^ n) & mask
+    end = n - n % 4
+    for i in range(0, end, 4):
+        k = int.from_bytes(data[i : i + 4], "little")
+        k = (k * m) & mask
+        k ^= k >> 24
+        k = (k * m) & mask
+        h = ((h * m) & mask) ^ k
+    extra = n % 4
+    if extra == 3:
+        h ^= data[end + 2] << 16
+    if extra >= 2:
+        h ^= data[end + 1] << 8
+    if extra >= 1:
+        h ^= data[end]
+        h = (h * m) & mask
+    h ^= h >> 13
+    h = (h * m) & mask
+    h ^= h >> 15
+    return h
+
+
+def partition_for_id(id: Any, partitions: int) -> int:
+    """The partition tally's producer puts a row's events in, on a topic of ``partitions``
+    partitions: the default partitioner (aiokafka's and the Java client's) over the key
+    `key_for_id` makes — murmur2, made positive, modulo the count. O(size of the id).
+
+    Debezium keys records with its own key struct, so there the partition is
+    ``(murmur2(record_key) & 0x7FFFFFFF) % partitions`` of the key bytes as written."""
+    if not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1:
+        raise ValueError(f"partitions must be a positive int, got {partitions!r}")
+    return (murmur2(key_for_id(id)) & 0x7FFFFFFF) % partitions
 
 
 def truncate_key(table: str) -> bytes:

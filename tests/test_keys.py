@@ -33,6 +33,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tally.engine import InvalidKey, TallyError, decode_key, encode_key
+from tally.schemas.keys import key_for_id, murmur2, partition_for_id
 
 # ---------------------------------------------------------------------------
 # Oracle
@@ -889,3 +890,30 @@ def test_truncated_fixed_width_encoding_is_corrupt() -> None:
     enc = encode_key(dt.datetime(2024, 1, 1))
     with pytest.raises(InvalidKey, match="truncated"):
         decode_key(enc[:-2])
+
+
+@settings(max_examples=examples(2000), deadline=None)
+@given(st.binary(max_size=64))
+def test_murmur2_is_kafkas(data: bytes) -> None:
+    from aiokafka.partitioner import murmur2 as kafka_murmur2
+
+    assert murmur2(data) & 0x7FFFFFFF == kafka_murmur2(data) & 0x7FFFFFFF
+
+
+@settings(max_examples=examples(500), deadline=None)
+@given(
+    st.one_of(st.integers(), st.text(max_size=20), st.tuples(st.integers(), st.text(max_size=5))),
+    st.integers(min_value=1, max_value=64),
+)
+def test_partition_for_id_is_where_the_default_partitioner_puts_the_key(
+    rid: Any, partitions: int
+) -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    parts = list(range(partitions))
+    assert partition_for_id(rid, partitions) == DefaultPartitioner()(key_for_id(rid), parts, parts)
+
+
+def test_partition_for_id_refuses_a_partition_count_that_is_not_positive() -> None:
+    with pytest.raises(ValueError, match="positive int"):
+        partition_for_id(1, 0)

@@ -306,18 +306,23 @@ os.kill(os.getpid(), 9)                # crash: no close()
 """
 
 
-def test_metadata_only_batch_after_writes_survives_a_crash(tmp_path: Path) -> None:
-    path = tmp_path / "store"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _run_killed_child(code: str, path: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` on the store at ``path`` in a child that kills itself with SIGKILL."""
     r = subprocess.run(
-        [sys.executable, "-c", METADATA_ONLY_CHILD, str(path)],
+        [sys.executable, "-c", code, str(path)],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         cwd=str(REPO),
         timeout=60,
     )
     assert r.returncode == -signal.SIGKILL, r.stderr
+    return r
+
+
+def test_metadata_only_batch_after_writes_survives_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    r = _run_killed_child(METADATA_ONLY_CHILD, path)
     assert r.stdout.strip() == "committed"
     with Store.open(path) as store:
         agg = store.aggregate("agg")
@@ -349,16 +354,7 @@ os.kill(os.getpid(), 9)                # crash: no close(), no checkpoint
 
 def test_id_index_entries_committed_between_checkpoints_survive_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "store"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run(
-        [sys.executable, "-c", UNCHECKPOINTED_CHILD, str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=str(REPO),
-        timeout=60,
-    )
-    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = _run_killed_child(UNCHECKPOINTED_CHILD, path)
     assert int(r.stdout) == 160  # the child's id index held them in memory only
     expect: dict[int, tuple[int, int]] = {i: (i, i) for i in range(50)}
     for b in range(5):

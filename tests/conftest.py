@@ -10,8 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import budget
 import pytest
+from hypothesis import settings
 from kafka_util import kafka_script
+
+# The Hypothesis side of tests/budget.py: tests that set no example count of their own get a
+# tenth of Hypothesis' default under TALLY_TEST_BUDGET=dev (scripts/test-fast).
+settings.register_profile("dev", max_examples=10)
+if budget.DEV:
+    settings.load_profile("dev")
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -58,7 +59,7 @@ def _check(agg: Any, oracle: dict[int, tuple[Any, Any]]) -> None:
     assert agg.sum() == sum(s for _, s in oracle.values())
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     seed=st.integers(0, 2**32),
     node=st.sampled_from([4, 5, 6, 16]),

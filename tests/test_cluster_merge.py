@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from budget import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -211,7 +212,9 @@ def error_of(call: Any) -> str:
 
 
 EXAMPLES = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 
@@ -534,6 +537,7 @@ def _chi_square(draws: list[Any], cells: int) -> float:
     return sum((seen.get(c, 0) - expect) ** 2 / expect for c in range(cells))
 
 
+@pytest.mark.slow  # 20,000 draws per case: statistical, so not in the fast loop
 def test_random_is_uniform_over_the_whole(tmp_path: Path) -> None:
     """100 items on 3 members holding 5, 20 and 75 of them; 20,000 draws with fixed seeds.
     Chi-square over 100 cells (99 degrees of freedom: mean 99, sd 14) stays under a loose

@@ -1023,3 +1023,49 @@ def test_id_cache_is_bounded_and_a_bad_size_is_refused(tmp_path: Path) -> None:
         assert store.stats()["cached_ids"] <= 1000
     with pytest.raises(InvalidArgument, match="cache_ids must be an int >= 0"):
         Store.open(tmp_path / "t", cache_ids=-1)
+
+
+def _set_format(path: Path, version: bytes) -> None:
+    from tally.engine.state.db import Database
+    from tally.engine.state.metadata import K_VERSION
+
+    db = Database(str(path), read_only=False)
+    try:
+        db.meta[K_VERSION] = version
+    finally:
+        db.close()
+
+
+def test_a_format_2_store_is_upgraded_in_place_by_a_writer(tmp_path: Path) -> None:
+    """Format 2 wrote every id-index entry at commit: format 3 reads it as it is, and a
+    writer marks it 3 so that a format-2 writer refuses it from then on."""
+    from tally.engine.state.db import Database
+    from tally.engine.state.metadata import FORMAT_VERSION, K_VERSION
+
+    path = tmp_path / "s"
+    with Store.open(path) as s:
+        agg = s.aggregate("a")
+        with s.batch():
+            for i in range(20):
+                agg.upsert(i, i, i)
+    _set_format(path, b"2")
+    with Store.open(path, read_only=True) as r:  # a reader reads it as it is
+        assert r.aggregate("a").count() == 20
+    with Store.open(path) as s:
+        assert s.aggregate("a").get(7) is not None and s.aggregate("a").count() == 20
+    db = Database(str(path), read_only=True)
+    try:
+        assert db.meta.get(K_VERSION) == FORMAT_VERSION == b"3"
+    finally:
+        db.close()
+
+
+def test_a_store_of_an_unknown_format_is_refused_by_writers_and_readers(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    Store.open(path).close()
+    _set_format(path, b"9")
+    for read_only in (False, True):
+        with pytest.raises(TallyError, match=r"has format b'9'.*rebuild it"):
+            Store.open(path, read_only=read_only)
+    _set_format(path, b"3")
+    Store.open(path).close()  # the refusal left nothing locked behind

@@ -34,6 +34,7 @@ __all__ = [
     "P_TREE",
     "P_USER",
     "P_WATERMARK",
+    "UPGRADES_FROM",
     "agg_key",
     "counter",
     "gen_key",
@@ -52,8 +53,16 @@ CF_LOG: Final = "log"
 CF_META: Final = "meta"
 COLUMN_FAMILIES: Final = (CF_NODES, CF_IDS, CF_LOG, CF_META)
 
-FORMAT_VERSION: Final = b"2"
-"""On-disk format; a store of another format is refused with a hint to rebuild it."""
+FORMAT_VERSION: Final = b"3"
+"""On-disk format; a store of another format is refused with a hint to rebuild it.
+
+3: id-index entries are written at checkpoints; a commit only logs them, and opening a store
+redoes the log after the last checkpoint into the id index too (`tally.engine.state.ids`).
+A tally that reads format 2 would take such a store's ids column family for complete."""
+UPGRADES_FROM: Final = (b"2",)
+"""Formats a writer opens and marks as `FORMAT_VERSION` in place. Format 2 always wrote its
+id-index entries at commit, so its ids column family is complete: format 3 reads it as a
+store whose log holds nothing the id index lacks."""
 
 K_VERSION: Final = b"Vformat"
 K_NEXT_TREE: Final = b"Ctree"

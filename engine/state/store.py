@@ -51,6 +51,7 @@ from .metadata import (
     P_GEN,
     P_TREE,
     P_USER,
+    UPGRADES_FROM,
     agg_key,
     counter,
     gen_key,
@@ -159,15 +160,18 @@ class StateStore:
         self._next_tree = self._saved_tree = 1
         self.tx = Transaction(self)
         """The open transaction (empty between batches). Engine-internal."""
-        if not read_only:
-            version = self.db.meta.get(K_VERSION)
-            if version is None:
-                self.db.meta[K_VERSION] = FORMAT_VERSION
-            elif version != FORMAT_VERSION:
-                raise TallyError(
-                    f"store at {self.path!r} has format {version!r}, this tally reads "
-                    f"{FORMAT_VERSION!r}: rebuild it by replaying the topics into a new --data-dir"
-                )
+        version = self.db.meta.get(K_VERSION)
+        known = version is None or version == FORMAT_VERSION or version in UPGRADES_FROM
+        if not known:  # readers too: a format this code does not know would read wrong
+            self.db.close()
+            raise TallyError(
+                f"store at {self.path!r} has format {version!r}, this tally reads "
+                f"{FORMAT_VERSION!r} (and upgrades {b', '.join(UPGRADES_FROM)!r}): open it with "
+                "the tally that wrote it, or rebuild it by replaying the topics into a new "
+                "--data-dir"
+            )
+        if not read_only and version != FORMAT_VERSION:
+            self.db.meta[K_VERSION] = FORMAT_VERSION
         self.recover()
 
     @classmethod

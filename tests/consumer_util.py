@@ -367,7 +367,9 @@ def consume_args(
     bootstrap: str,
     *extra: str,
     until_caught_up: bool = True,
+    http: str | None = None,
 ) -> list[str]:
+    """The `tally consume` command line of the tests (JSON logs; no HTTP unless ``http``)."""
     args = [
         TALLY,
         "consume",
@@ -380,7 +382,7 @@ def consume_args(
         bootstrap,
         "--log-format",
         "json",
-        "--no-http",
+        *(("--http", http) if http else ("--no-http",)),
         *extra,
     ]
     if until_caught_up:

@@ -36,10 +36,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from consumer_util import (
-    TABLE,
-    TALLY,
     RowStream,
     child_env,
+    consume_args,
     free_port,
     json_logs,
     native_records,
@@ -80,23 +79,16 @@ def test_http_fuzzer_finds_no_server_error_and_no_response_off_the_documented_sc
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "consumer.log"
-    args = [
-        TALLY,
-        "consume",
+    args = consume_args(
         defs,
-        "--topic",
-        f"{TABLE}={topic}",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--bootstrap-servers",
+        topic,
+        tmp_path / "data",
         kafka_bootstrap,
-        "--log-format",
-        "json",
         "--group-id",
         unique_topic("g"),
-        "--http",
-        f"127.0.0.1:{port}",
-    ]
+        until_caught_up=False,
+        http=f"127.0.0.1:{port}",
+    )
     with open(log, "ab") as f:
         proc = subprocess.Popen(
             args,

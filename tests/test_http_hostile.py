@@ -37,6 +37,7 @@ from consumer_util import (
     TALLY,
     RowStream,
     child_env,
+    consume_args,
     dlq_records,
     free_port,
     json_logs,
@@ -489,29 +490,22 @@ def test_connection_flood_under_a_low_file_limit_leaves_the_consumer_alive_and_s
     produce(kafka_bootstrap, topic, native_records(stream.take(300), seed=41))
     port = free_port()
     log = tmp_path / "consumer.log"
-    args = [
-        TALLY,
-        "consume",
+    args = consume_args(
         defs,
-        "--topic",
-        f"{TABLE}={topic}",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--bootstrap-servers",
+        topic,
+        tmp_path / "data",
         kafka_bootstrap,
-        "--log-format",
-        "json",
         "--group-id",
         unique_topic("g"),
-        "--http",
-        f"127.0.0.1:{port}",
         "--http-idle-timeout",
         "5",
         "--http-header-timeout",
         "5",
         "--http-body-timeout",
         "5",
-    ]
+        until_caught_up=False,
+        http=f"127.0.0.1:{port}",
+    )
 
     def limit_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (FLOOD_NOFILE, FLOOD_NOFILE))

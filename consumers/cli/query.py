@@ -445,30 +445,25 @@ def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument(
         "--namespace", default=d, metavar="NS", help="namespace to read (default: the default one)"
     )
-    g.add_argument(
-        "--lower",
-        default=d,
-        metavar="KEY",
-        help="lower bound key (inclusive unless --lower-exclusive)",
-    )
-    g.add_argument(
-        "--lower-exclusive", action="store_true", default=flag, help="exclude --lower itself"
-    )
-    g.add_argument(
-        "--lower-id", default=d, metavar="ID", help="cut the tie group of --lower at this id"
-    )
-    g.add_argument(
-        "--upper",
-        default=d,
-        metavar="KEY",
-        help="upper bound key (inclusive unless --upper-exclusive)",
-    )
-    g.add_argument(
-        "--upper-exclusive", action="store_true", default=flag, help="exclude --upper itself"
-    )
-    g.add_argument(
-        "--upper-id", default=d, metavar="ID", help="cut the tie group of --upper at this id"
-    )
+    for side in ("lower", "upper"):
+        g.add_argument(
+            f"--{side}",
+            default=d,
+            metavar="KEY",
+            help=f"{side} bound key (inclusive unless --{side}-exclusive)",
+        )
+        g.add_argument(
+            f"--{side}-exclusive",
+            action="store_true",
+            default=flag,
+            help=f"exclude --{side} itself",
+        )
+        g.add_argument(
+            f"--{side}-id",
+            default=d,
+            metavar="ID",
+            help=f"cut the tie group of --{side} at this id",
+        )
     g.add_argument("--eq", default=d, metavar="KEY", help="only items whose key equals KEY")
     g.add_argument(
         "--prefix",

@@ -104,8 +104,17 @@ class ConsumerSettings(Settings):
     unchanged TOASTed column. It never becomes data (see `tally.schemas.typed`)."""
     dlq_topic: str = "{topic}.dlq"
     """Dead-letter topic; ``{topic}`` is replaced by the source topic."""
-    group_id: str = "tally"
-    """Consumer group under which offsets are committed to Kafka, for lag monitoring only."""
+    group_id: str | None = None
+    """The deployment this process is a member of (Kafka consumer group): every process started
+    with the same group id shares the topics' partitions, each keeping the state of the
+    partitions it owns under `data_dir` (`tally.consumers.cluster.member`). None (default): one
+    process owns every partition; its offsets go to Kafka under ``tally``, for lag tools only."""
+    advertise: str | None = None
+    """Where the other members reach this member's HTTP API (its URL), when it differs from
+    ``http://`` + `http` (a container, NAT, a proxy). Members only."""
+    session_timeout_ms: Annotated[int, msgspec.Meta(ge=1000)] = 10_000
+    """How long the group waits for a member that stopped heartbeating (killed, frozen, cut
+    off) before its partitions move to the others: the failover time. Members only."""
     batch_size: Positive = 5000
     """Max records per getmany batch = per RocksDB commit. Bigger: faster, longer commits."""
     replay_batch_size: Positive = 50_000

@@ -117,7 +117,33 @@ def _consume_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         metavar="NAME",
         help="dead-letter topic; {topic} = source topic (default {topic}.dlq)",
     )
-    p.add_argument("--group-id", help="consumer group for lag monitoring (default tally)")
+    p.add_argument(
+        "--group-id",
+        metavar="G",
+        help="be a member of deployment G: every process started with the same group id "
+        "(and definitions) shares the topics' partitions and answers reads for the whole "
+        "aggregate (default: none, this process owns every partition)",
+    )
+    p.add_argument(
+        "--advertise",
+        metavar="URL",
+        help="a member's URL for the other members, when it is not http://<--http> "
+        "(a container, NAT or proxy)",
+    )
+    p.add_argument(
+        "--session-timeout-ms",
+        type=int,
+        metavar="MS",
+        help="a member that stops heartbeating loses its partitions after this long: the "
+        "failover time (default 10000; the broker allows 6000 to 300000 by default)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="start N members of --group-id on this machine (one core each): member k uses "
+        "DATA_DIR/member-k and the --http port + k",
+    )
     p.add_argument(
         "--batch-size",
         type=int,
@@ -208,9 +234,24 @@ def _run_consume(args: argparse.Namespace) -> int:
         from tally.consumers.http import parse_address
 
         parse_address(settings.http)  # a bad --http fails here, before the store opens
+    if args.processes is not None:
+        from tally.consumers.cluster.processes import run_processes
+
+        return run_processes(settings, args.processes, sys.argv[1:])
     configure_logging(settings.log_level, settings.log_format)
     budget = _file_budget()
     defs = load_definitions(settings.definitions)
+    if settings.group_id:
+        from tally.consumers.cluster.member import MemberProcess
+
+        if args.until_caught_up:
+            raise UsageError("--until-caught-up is for a lone consumer; leave out --group-id")
+        if settings.advertise:
+            from tally.consumers.cluster.assignor import check_advertise_url
+
+            check_advertise_url(settings.advertise)
+        member = MemberProcess(settings, defs, max_open_files=budget.rocksdb_files)
+        return asyncio.run(member.run())
     store = Store.open(
         settings.data_dir,
         cache_nodes=settings.cache_nodes,

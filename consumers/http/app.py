@@ -51,7 +51,10 @@ import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from tally.consumers.http import metrics, reads, status
+from tally.consumers.cluster.membership import MembershipUnknown
+from tally.consumers.cluster.merge import CoverageError, StateMoved
+from tally.consumers.cluster.transport import MemberUnreachable, PartitionMoving
+from tally.consumers.http import internal, metrics, reads, status
 from tally.consumers.http.common import (
     BODY_TIMEOUT,
     CONNECTIONS,
@@ -128,6 +131,7 @@ def create_app(
     reads.add_routes(r)
     status.add_routes(r)
     metrics.add_routes(r)
+    internal.add_routes(r)
     r.add_get("/openapi.json", _openapi, allow_head=False)
 
     served: list[ProtectedRoute] = []
@@ -358,6 +362,17 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             f"{live}; it answers once it has caught up (GET /status shows its progress)",
             progress=live.progress,
         ).response()
+    except PartitionMoving as e:
+        return ApiError(503, "partitions_moving", str(e), moving=e.moving).response()
+    except (MemberUnreachable, MembershipUnknown, StateMoved, CoverageError) as e:
+        code = {
+            MemberUnreachable: "member_unreachable",
+            MembershipUnknown: "membership_unknown",
+            StateMoved: "state_moved",
+        }.get(type(e), "partitions_moving")
+        err = ApiError(503, code, str(e))
+        err.headers["Retry-After"] = "1"
+        return err.response()
     except OffsetOutOfRange as e:
         return ApiError(400, "offset_out_of_range", str(e)).response()
     except InvalidKey as e:

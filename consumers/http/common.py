@@ -72,7 +72,10 @@ class Served(Protocol):
     """What the HTTP API needs of a process (`ConsumerProcess` provides it)."""
 
     @property
-    def store(self) -> Store: ...
+    def store(self) -> Store | None: ...
+
+    """None for a member of a deployment, which reads through its ``read`` method."""
+
     @property
     def definitions(self) -> list[TableAggregate]: ...
     @property

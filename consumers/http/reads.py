@@ -98,6 +98,8 @@ def query_args(request: web.Request) -> bytes:
         return b"{}"
     parts = []
     for k in dict.fromkeys(q.keys()):
+        if k == PARTIAL:
+            continue
         values = q.getall(k)
         if len(values) > 1:
             raise ApiError(
@@ -120,6 +122,27 @@ def query_args(request: web.Request) -> bytes:
     return b"{" + b",".join(parts) + b"}"
 
 
+PARTIAL = "partial"
+"""The query parameter (``?partial=true``) asking a member of a deployment for what the
+available partitions hold while others move, labelled ``"partial": [moving partitions]``."""
+
+
+def _partial(request: web.Request) -> bool:
+    value = request.query.get(PARTIAL)
+    if value is None:
+        return False
+    if value in ("true", "1"):
+        return True
+    if value in ("false", "0"):
+        return False
+    raise ApiError(
+        400,
+        "bad_request",
+        f"?partial={short(value)}: write ?partial=true (answer from the partitions available "
+        "now, labelled) or leave it out",
+    )
+
+
 def _handler(op: ReadOp) -> Handler:
     # Numbers keep their digits (float_hook) so {"$decimal": 12.10} is exact; `typed_args`
     # turns plain numbers back into floats and {"$type": ...} objects into values.
@@ -131,14 +154,26 @@ def _handler(op: ReadOp) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         check_aggregate(request, name)
+        partial = _partial(request)
         if request.method == "POST":
             raw = await read_body(request)
             args = decode_args(op, decoder, raw if raw.strip() else b"{}")
         else:
             args = decode_args(op, decoder, query_args(request))
+        process = request.app[PROCESS]
+        cluster_read = getattr(process, "read", None)
+        if cluster_read is not None:
+            # A member: the whole aggregate, merged from every partition's owner.
+            result, skipped = await cluster_read(name, method, asdict(args), partial)
+            out: Any = answer(result)
+            if skipped:
+                out = {"result": out.result, "partial": skipped}
+            return web.Response(body=encoder.encode(out), content_type="application/json")
         # From here on: synchronous reads only (no await), so one committed state. The
         # handle is taken here too, after the last await, in case the process swaps it.
-        aggregate = request.app[PROCESS].store.aggregate(name)
+        store = process.store
+        assert store is not None  # only a member has none, and it reads above
+        aggregate = store.aggregate(name)
         result = getattr(aggregate, method)(**asdict(args))
         return web.Response(body=encoder.encode(answer(result)), content_type="application/json")
 

@@ -46,7 +46,16 @@ def aggregate_statuses(process: Served) -> list[dict[str, Any]]:
             "fingerprint": d.fingerprint,
             "drift": {k: drift.get((d.name, k), 0) for k in DRIFT_KINDS},
         }
-        agg = process.store.aggregate(d.name)
+        counts = getattr(process, "item_counts", None)
+        if counts is not None:  # a member: its own partitions' items
+            own = counts(d.name)
+            if own is not None:
+                entry["items"], entry["namespaces"] = own
+            out.append(entry)
+            continue
+        store = process.store
+        assert store is not None  # only a member has none, and it counts above
+        agg = store.aggregate(d.name)
         try:
             namespaces = agg.namespaces()
             entry["items"] = sum(agg.count(ns) for ns in namespaces)
@@ -99,6 +108,7 @@ def status(process: Served) -> dict[str, Any]:
         "broker_reachable": st.broker_ok,
         "dead_letter": _dead_letter(st).status(),
         "warnings": list(getattr(process, "warnings", ())),
+        **({"member": member()} if (member := getattr(process, "member_status", None)) else {}),
     }
 
 
@@ -121,6 +131,17 @@ def readiness(process: Served) -> tuple[bool, str, int]:
             f"or for topics {', '.join(process.topics)} to exist",
             lag,
         )
+    moving = getattr(process, "aggregate_states", None)
+    if moving is not None and getattr(process, "member_status", None) is not None:
+        for name, info in moving().items():
+            if info.get("state") != "ready":
+                p = info.get("progress") or {}
+                return (
+                    False,
+                    f"partition {p.get('topic')}[{p.get('partition')}] of {name} is "
+                    f"{p.get('state', 'moving')} on this member (see /status member.tasks)",
+                    lag,
+                )
     if not st.broker_ok:
         return (
             False,

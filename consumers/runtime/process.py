@@ -5,7 +5,9 @@ process owns every partition of its topics (manual assignment, no group
 rebalancing), applies each ``getmany`` batch inside one `Store.batch()` and
 writes the next offset of every partition it consumed into the same
 WriteBatch. On start it seeks to those stored offsets (or the beginning).
-Offsets committed to Kafka under ``group_id`` are only for lag monitoring.
+Offsets committed to Kafka under ``tally`` are only for lag monitoring. A member of a
+deployment (``--group-id``) runs one such process per partition it owns, each on its own
+store (`tally.consumers.cluster.member`).
 
 Aggregates that have no ready generation for their current definition
 (new ones, changed ones, rebuilds) are built by a replay stream from the
@@ -28,7 +30,7 @@ import contextlib
 import gc
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -65,6 +67,8 @@ KEEP_HISTORY = (
     "that never is."
 )
 """What the history warnings recommend (README, Debezium: compaction and truncate)."""
+LAG_GROUP = "tally"
+"""The consumer group a lone process commits its offsets under, for lag tools only."""
 HEALTH_INTERVAL = 1.0
 """Seconds between broker probes (end offsets); an outage is logged within about twice this."""
 
@@ -77,7 +81,12 @@ class ConsumerProcess:
         settings: ConsumerSettings,
         definitions: Sequence[TableAggregate],
         store: Store,
+        *,
+        partitions: Collection[TopicPartition] | None = None,
     ) -> None:
+        """``partitions``: consume only these (a member's task, `tally.consumers.cluster`);
+        None: every partition of the definitions' topics, offsets committed to Kafka for lag
+        tools under ``tally``. A task commits nothing to Kafka: its member does."""
         stale = settings.stale
         if stale not in ("serve", "drop"):
             raise ConfigError(f"stale policy must be 'serve' or 'drop', got {stale!r}")
@@ -85,6 +94,7 @@ class ConsumerProcess:
         self.definitions = list(definitions)
         self.by_name = {d.name: d for d in self.definitions}
         self.store = store
+        self.only = None if partitions is None else frozenset(partitions)
         self.stale_policy = stale
         settings.check_topic_pattern()
         self.table_topics = {d.table: settings.topic_for(d.table) for d in self.definitions}
@@ -249,7 +259,7 @@ class ConsumerProcess:
         s = self.settings
         return AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
-            group_id=s.group_id,
+            group_id=LAG_GROUP if self.only is None else None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=8 << 20,
@@ -319,7 +329,11 @@ class ConsumerProcess:
             for topic in self.topics:
                 parts = cluster.partitions_for_topic(topic)
                 if parts:
-                    found[topic] = [TopicPartition(topic, p) for p in sorted(parts)]
+                    found[topic] = [
+                        tp
+                        for tp in (TopicPartition(topic, p) for p in sorted(parts))
+                        if self.only is None or tp in self.only
+                    ]
                 else:
                     missing.append(topic)
             if not missing:
@@ -827,7 +841,7 @@ class ConsumerProcess:
     async def _commit_kafka(self) -> None:
         """Live offsets to Kafka under group_id: lag monitoring only, best effort."""
         consumer = self.live.consumer
-        if consumer is None or not self.live.offsets:
+        if consumer is None or not self.live.offsets or self.only is not None:
             return
         try:
             await asyncio.wait_for(consumer.commit(dict(self.live.offsets)), 5)

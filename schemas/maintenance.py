@@ -12,6 +12,7 @@ import msgspec
 from msgspec import Meta
 
 __all__ = [
+    "MemberRebuild",
     "PatchChunkAnswer",
     "PatchChunkApplied",
     "PatchSession",
@@ -23,11 +24,29 @@ __all__ = [
 ]
 
 
+class MemberRebuild(msgspec.Struct, frozen=True):
+    """One member's outcome of a deployment-wide rebuild."""
+
+    url: str
+    status: Literal["rebuild requested", "failed"]
+    error: str | None = None
+
+
 class RebuildRequested(msgspec.Struct, frozen=True):
     """A rebuild by replay was requested; /status shows its progress."""
 
     aggregate: str
     status: Literal["rebuild requested"]
+    members: (
+        Annotated[
+            list[MemberRebuild],
+            Meta(
+                description="A member of a deployment asks every member to rebuild its "
+                "partitions: each one's outcome."
+            ),
+        ]
+        | None
+    ) = None
 
 
 class RebuildAnswer(msgspec.Struct, frozen=True):

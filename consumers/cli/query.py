@@ -878,6 +878,9 @@ def _render_status(
                 parts.append(Text(f"problem: {p['problem']}", style="bold red"))
     else:
         parts.append(Text("no partitions consumed yet"))
+    member = doc.get("member")
+    if isinstance(member, dict):
+        parts.append(_render_members(member))
     if remote:
         lag = doc.get("lag")
         if lag is None:
@@ -900,6 +903,40 @@ def _render_status(
     else:
         parts.append(Text(f"lag unknown: broker unreachable at {broker}", style="yellow"))
     return Group(*parts)
+
+
+def _task_cell(t: dict[str, Any]) -> str:
+    cell = f"{t.get('partition')} {t.get('state', '?')}"
+    prog = t.get("progress")
+    if isinstance(prog, dict) and isinstance(prog.get("percent"), (int, float)):
+        cell += f" {prog['percent']:.0f}%"
+    elif t.get("lag"):
+        cell += f" lag {_fmt_count(t.get('lag'))}"
+    return cell
+
+
+def _render_members(member: dict[str, Any]) -> Any:
+    """The deployment: each member, its URL and its partitions' state and lag."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    version = member.get("map_version")
+    title = f"members of {member.get('group')} (map v{version})" if version else "members"
+    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("member", "partitions"):
+        t.add_column(col)
+    for m in member.get("members") or []:
+        who = str(m.get("url")) + (" (this one)" if m.get("you") else "")
+        if m.get("reachable") is False:
+            cell = Text(f"unreachable: {m.get('error')}", style="red")
+        else:
+            tasks = m.get("tasks") or m.get("partitions") or []
+            cell = Text(", ".join(_task_cell(x) for x in tasks) or "-")
+        t.add_row(Text(who), cell)
+    if not member.get("members"):
+        return Text(f"not in a group yet: {member.get('membership_error')}", style="yellow")
+    return t
 
 
 async def _status_async(args: argparse.Namespace, loaded: Loaded[StatusSettings]) -> int:

@@ -317,6 +317,51 @@ class MemberProcess:
             "held": [{"topic": tp.topic, "partition": tp.partition} for tp in self.held()],
         }
 
+    async def cluster_status(self) -> dict[str, Any]:
+        """`member_status` with every other member's partitions (state, lag, progress) asked
+        of it (``GET /status?scope=member``, a short timeout: a member down says so)."""
+        doc = self.member_status()
+        me = {t["partition"]: t for t in doc["tasks"]}
+
+        async def ask(entry: dict[str, Any]) -> None:
+            if entry["you"]:
+                entry["reachable"] = True
+                entry["tasks"] = [me.get(p["partition"], p) for p in entry["partitions"]]
+                return
+            try:
+                other = await self.peers.get_json(f"{entry['url']}/status?scope=member", 2.0)
+                entry["reachable"] = True
+                entry["tasks"] = other.get("member", {}).get("tasks", [])
+            except Exception as e:
+                entry["reachable"] = False
+                entry["error"] = str(e) or type(e).__name__
+
+        await asyncio.gather(*(ask(e) for e in doc["members"] if e["url"]))
+        return doc
+
+    async def rebuild_all(self, name: str, forwarded: bool) -> list[dict[str, Any]]:
+        """Rebuild ``name`` on this member's partitions and, unless ``forwarded``, ask every
+        other member to do the same; each member's outcome."""
+        self.request_rebuild(name)
+        out: list[dict[str, Any]] = [{"url": self.url, "status": "rebuild requested"}]
+        view = self.membership.current()
+        if forwarded or view is None:
+            return out
+        token = self.settings.token
+
+        async def ask(url: str) -> dict[str, Any]:
+            try:
+                await self.peers.post_json(
+                    f"{url}/v1/aggregates/{name}/rebuild?scope=member", token, 5.0
+                )
+                return {"url": url, "status": "rebuild requested"}
+            except Exception as e:
+                return {"url": url, "status": "failed", "error": str(e) or type(e).__name__}
+
+        urls = sorted({i.url for i in view.owners.values() if i.url and i.url != self.url})
+        out += await asyncio.gather(*(ask(u) for u in urls))
+        return out
+
     # ---- answering reads ------------------------------------------------------------------
 
     def _unanswerable(self, tp: TopicPartition, name: str) -> dict[str, Any] | None:

@@ -195,6 +195,9 @@ class LocalMember:
     state, as the HTTP read routes do. ``rng`` draws `sample`'s item (tests fix its seed).
     """
 
+    synchronous = True
+    """Its calls never suspend: `MergedReads` calls them in turn rather than as tasks."""
+
     def __init__(self, aggregate: Aggregate, rng: RandomSource | None = None) -> None:
         self.aggregate = aggregate
         self.rng: RandomSource = _random.Random() if rng is None else rng
@@ -477,15 +480,40 @@ class MergedReads:
         self.rng: RandomSource = _random.Random() if rng is None else rng
         self.pivots = pivots
         self.final_window = final_window
+        self._local = [getattr(m, "synchronous", False) is True for m in self.members]
+
+    async def _map(self, indices: Iterable[int], fn: Callable[[int], Awaitable[T]]) -> list[T]:
+        """``fn(i)`` for each member index, in order: the calls of members that answer without
+        suspending (`LocalMember`) one after the other (no task each: for a member owning many
+        partitions that is most of a read's cost), the others concurrently meanwhile."""
+        idx = list(indices)
+        local = self._local
+        if all(local[i] for i in idx):
+            return [await fn(i) for i in idx]
+        remote = {i: asyncio.ensure_future(fn(i)) for i in idx if not local[i]}
+        try:
+            near = {i: await fn(i) for i in idx if local[i]}
+            far = dict(zip(remote, await asyncio.gather(*remote.values()), strict=True))
+        except BaseException:
+            for t in remote.values():
+                t.cancel()
+            await asyncio.gather(*remote.values(), return_exceptions=True)
+            raise
+        return [near[i] if i in near else far[i] for i in idx]
+
+    async def _every(self, fn: Callable[[Member], Awaitable[T]]) -> list[T]:
+        """``fn(member)`` for every member, in order (see `_map`)."""
+        members = self.members
+        return await self._map(range(len(members)), lambda i: fn(members[i]))
 
     async def count(self, namespace: Any = None, bounds: BoundsArg = None) -> int:
         """Number of items in range: the sum of the members' counts."""
-        return sum(await _all(m.count(namespace, bounds) for m in self.members))
+        return sum(await self._every(lambda m: m.count(namespace, bounds)))
 
     async def sum(self, namespace: Any = None, bounds: BoundsArg = None) -> Sum:
         """Sum of the items' sum values in range: the members' sums added as a tree adds
         them (ints exact, Decimals exact with the most places, floats as floats)."""
-        return add_sums(await _all(m.sum(namespace, bounds) for m in self.members))
+        return add_sums(await self._every(lambda m: m.sum(namespace, bounds)))
 
     async def index_of(
         self,
@@ -497,7 +525,7 @@ class MergedReads:
     ) -> int:
         """Asc: items in range before (key, id); desc: after it. The sum of the members'."""
         parse_order(order)
-        return sum(await _all(m.index_of(key, id, order, namespace, bounds) for m in self.members))
+        return sum(await self._every(lambda m: m.index_of(key, id, order, namespace, bounds)))
 
     async def min(self, namespace: Any = None, bounds: BoundsArg = None) -> Item | None:
         """The first item in range (by encoded key and id), or None."""
@@ -509,14 +537,14 @@ class MergedReads:
 
     async def _end(self, reverse: bool, namespace: Any, bounds: BoundsArg) -> Item | None:
         order: Order = "desc" if reverse else "asc"
-        pages = await _all(m.page(None, 1, order, namespace, bounds) for m in self.members)
+        pages = await self._every(lambda m: m.page(None, 1, order, namespace, bounds))
         best = best_entry((p[0][0] if p[0] else None for p in pages), reverse)
         return None if best is None else decode_item(best[0], best[1], namespace)
 
     async def random(self, namespace: Any = None, bounds: BoundsArg = None) -> Item | None:
         """A uniformly random item in range, or None: one round, each member's count and
         random item; a member is picked with probability count / total."""
-        samples = await _all(m.sample(namespace, bounds) for m in self.members)
+        samples = await self._every(lambda m: m.sample(namespace, bounds))
         i = pick_weighted([c for c, _ in samples], self.rng)
         if i is None:
             return None
@@ -539,7 +567,7 @@ class MergedReads:
         single aggregate's cursor continues here."""
         reverse = parse_order(order)
         after = None if cursor is None else decode_cursor(cursor)
-        pages = await _all(m.page(after, page_size, order, namespace, bounds) for m in self.members)
+        pages = await self._every(lambda m: m.page(after, page_size, order, namespace, bounds))
         entries, done = merge_pages(pages, page_size, reverse)
         if not entries:
             return Page([], cursor, done)
@@ -549,20 +577,20 @@ class MergedReads:
     async def count_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[int]:
         """`count` of each query, in order: the members' batches added elementwise."""
         qs = as_queries(queries)
-        parts = await _all(m.count_batch(qs) for m in self.members)
+        parts = await self._every(lambda m: m.count_batch(qs))
         return elementwise(parts, sum, len(qs))
 
     async def sum_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[Sum]:
         """`sum` of each query, in order: the members' batches added elementwise."""
         qs = as_queries(queries)
-        parts = await _all(m.sum_batch(qs) for m in self.members)
+        parts = await self._every(lambda m: m.sum_batch(qs))
         return elementwise(parts, add_sums, len(qs))
 
     async def at_batch(self, queries: Iterable[Query | Mapping[str, Any]]) -> list[Item]:
         """`at` of each query (its offset), in order: one count_batch per member, then the
         selects of all queries concurrently."""
         qs = as_queries(queries)
-        parts = await _all(m.count_batch(qs) for m in self.members)
+        parts = await self._every(lambda m: m.count_batch(qs))
         _check_lengths(parts, len(qs))
         entries = await _all(
             self._select(q.offset, [p[i] for p in parts], q.namespace, q.bounds)
@@ -572,7 +600,7 @@ class MergedReads:
 
     async def namespaces(self) -> list[Any]:
         """Namespaces holding at least one item anywhere, in key order."""
-        parts = await _all(m.namespaces() for m in self.members)
+        parts = await self._every(lambda m: m.namespaces())
         return [decode_key(ens) for ens in union_namespaces(parts)]
 
     async def at(self, offset: int, namespace: Any = None, bounds: BoundsArg = None) -> Item:
@@ -589,7 +617,7 @@ class MergedReads:
         two calls per member of O(k * pivots) keys.
         """
         _check_offset(offset)
-        counts = await _all(m.count(namespace, bounds) for m in self.members)
+        counts = await self._every(lambda m: m.count(namespace, bounds))
         entry = await self._select(offset, counts, namespace, bounds)
         return decode_item(entry[0], entry[1], namespace)
 
@@ -605,6 +633,16 @@ class MergedReads:
         if len(got) != len(offsets):
             raise BadMemberAnswer(f"member {i} gave {len(got)} items for {len(offsets)} offsets")
         return got
+
+    def _selects(
+        self, offsets: Mapping[int, Sequence[int]], namespace: Any, bounds: BoundsArg
+    ) -> Callable[[int], Awaitable[list[Entry]]]:
+        return lambda i: self._member_select(i, offsets[i], namespace, bounds)
+
+    def _ranks(
+        self, keys: Sequence[bytes], namespace: Any, bounds: BoundsArg
+    ) -> Callable[[int], Awaitable[list[int]]]:
+        return lambda i: self._member_ranks(i, keys, namespace, bounds)
 
     async def _member_ranks(
         self, i: int, keys: Sequence[bytes], namespace: Any, bounds: BoundsArg
@@ -643,16 +681,18 @@ class MergedReads:
             open_ = [i for i in live if hi[i] > lo[i]]
             window = sum(hi[i] - lo[i] for i in open_)
             if window <= self.final_window:
-                parts = await _all(
-                    self._member_select(i, list(range(lo[i], hi[i])), namespace, bounds)
-                    for i in open_
+                parts = await self._map(
+                    open_,
+                    self._selects({i: list(range(lo[i], hi[i])) for i in open_}, namespace, bounds),
                 )
                 merged = sorted((e for p in parts for e in p), key=_first)
                 if not all(inside(e[0]) for e in merged):
                     raise moved("an item fell outside the range found so far")
                 return merged[k - sum(lo.values())]
-            offsets = {i: _spread(lo[i], hi[i], self.pivots) for i in open_}
-            parts = await _all(self._member_select(i, offsets[i], namespace, bounds) for i in open_)
+            # Ranking costs every member a query per proposal: with many members, fewer each.
+            per = max(1, min(self.pivots, 4 * self.pivots // len(open_)))
+            offsets = {i: _spread(lo[i], hi[i], per) for i in open_}
+            parts = await self._map(open_, self._selects(offsets, namespace, bounds))
             # (item key, sum, proposing member, its offset there)
             pivots: list[tuple[bytes, Sum, int, int]] = []
             for i, got in zip(open_, parts, strict=True):
@@ -667,7 +707,7 @@ class MergedReads:
             ranks.update(
                 zip(
                     open_,
-                    await _all(self._member_ranks(i, keys, namespace, bounds) for i in open_),
+                    await self._map(open_, self._ranks(keys, namespace, bounds)),
                     strict=True,
                 )
             )

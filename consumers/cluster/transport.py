@@ -311,14 +311,10 @@ class Peers:
                 fut.set_exception(e)
 
     async def _post(self, url: str, calls: list[Call]) -> list[Outcome]:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                connector=aiohttp.TCPConnector(limit_per_host=8),
-            )
+        session = self._client()
         self.requests += 1
         try:
-            async with self._session.post(
+            async with session.post(
                 url.rstrip("/") + INTERNAL_PATH,
                 data=_encoder.encode(Calls(calls)),
                 headers={"Content-Type": "application/msgpack"},
@@ -337,6 +333,35 @@ class Peers:
                 f"member {url} answered {len(answer.results)} of {len(calls)} calls"
             )
         return answer.results
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(limit_per_host=8),
+            )
+        return self._session
+
+    async def get_json(self, url: str, timeout: float) -> dict[str, Any]:
+        """``GET url`` of another member, its JSON object (e.g. its /status)."""
+        async with self._client().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            r.raise_for_status()
+            doc = await r.json()
+        if not isinstance(doc, dict):
+            raise BadMemberAnswer(f"{url} answered {doc!r}")
+        return doc
+
+    async def post_json(self, url: str, token: str | None, timeout: float) -> dict[str, Any]:
+        """``POST url`` of another member (with the deployment's token), its JSON answer."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self._client().post(
+            url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as r:
+            doc = await r.json(content_type=None)
+            if r.status >= 300:
+                message = (doc.get("error") or {}).get("message") if isinstance(doc, dict) else doc
+                raise BadMemberAnswer(f"HTTP {r.status}: {message}")
+        return doc if isinstance(doc, dict) else {}
 
     async def close(self) -> None:
         if self._session is not None:

@@ -182,6 +182,11 @@ async def rebuild(request: web.Request) -> web.StreamResponse:
     process = request.app[PROCESS]
     name = request.match_info["name"]
     check_aggregate(request, name)
+    rebuild_all = getattr(process, "rebuild_all", None)
+    if rebuild_all is not None:  # a member: every member rebuilds its partitions
+        members = await rebuild_all(name, forwarded=request.query.get("scope") == "member")
+        result = {"aggregate": name, "status": "rebuild requested", "members": members}
+        return json_response({"result": result}, 202)
     request_rebuild = getattr(process, "request_rebuild", None)
     if request_rebuild is None:
         raise ApiError(501, "not_supported", "this process cannot rebuild aggregates")

@@ -161,7 +161,12 @@ def readiness(process: Served) -> tuple[bool, str, int]:
 
 
 async def _status(request: web.Request) -> web.StreamResponse:
-    return json_response(status(request.app[PROCESS]))
+    process = request.app[PROCESS]
+    doc = status(process)
+    cluster = getattr(process, "cluster_status", None)
+    if cluster is not None and request.query.get("scope") != "member":
+        doc["member"] = await cluster()  # with every member's partitions
+    return json_response(doc)
 
 
 async def _healthz(request: web.Request) -> web.StreamResponse:

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import urllib.error
@@ -304,3 +305,61 @@ def test_members_answer_exactly_through_kills_joins_and_leaves(deployment: Deplo
     assert "resume from stored offset" in tail(d.members["b"].log, 200_000), logs
     assert "replay from the beginning" in tail(d.members["d"].log, 200_000), logs
     assert os.path.isdir(d.members["c"].data_dir / "partitions"), "c's parked stores stay on disk"
+
+
+def test_processes_starts_members_that_share_the_partitions(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """`--processes 2`: two members on ports P and P+1 under DATA_DIR/member-k, which split
+    the partitions and answer for the whole; SIGTERM to the parent stops both cleanly."""
+    defs, definitions = write_definitions(tmp_path)
+    topic = unique_topic("procs")
+    create_topic(kafka_bootstrap, topic, partitions=PARTITIONS)
+    events = RowStream(seed=21, n_ids=200).take(600)
+    produce(kafka_bootstrap, topic, native_records(events, seed=22))
+    port = free_port()
+    while True:  # P+1 must be free too
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            break
+        except OSError:
+            port = free_port()
+    root = tmp_path / "data"
+    group = unique_topic("procs-group")
+    args = consume_args(
+        defs,
+        topic,
+        root,
+        kafka_bootstrap,
+        "--group-id",
+        group,
+        "--processes",
+        "2",
+        until_caught_up=False,
+        http=f"127.0.0.1:{port}",
+    )
+    log = tmp_path / "processes.log"
+    with open(log, "ab") as f:
+        parent = subprocess.Popen(args, stdout=f, stderr=f, env=child_env(), cwd=str(tmp_path))
+    d = Deployment(defs, topic, group, kafka_bootstrap, root)
+    try:
+        for k in range(2):  # the members the parent started, seen through their HTTP API
+            m = Member(f"member-{k}", port + k, root / f"member-{k}", log)
+            m.proc = parent  # alive while the parent is (settled() checks it)
+            d.members[m.name] = m
+        d.wait_settled("the two members of --processes 2")
+        owned = [
+            sorted(p["partition"] for p in x["partitions"])
+            for x in d.members["member-0"].status()["member"]["members"]
+        ]
+        assert sorted(len(o) for o in owned) == [PARTITIONS // 2] * 2, owned
+        for k in range(2):
+            assert (root / f"member-{k}" / "partitions").is_dir()
+            check_answers(f"http://127.0.0.1:{port + k}", definitions, events, seed=k)
+        parent.send_signal(signal.SIGTERM)
+        assert wait_exit(parent, "--processes after SIGTERM", timeout=60, log=log) == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(30)

@@ -237,7 +237,7 @@ def _run_consume(args: argparse.Namespace) -> int:
     if args.processes is not None:
         from tally.consumers.cluster.processes import run_processes
 
-        return run_processes(settings, args.processes, sys.argv[1:])
+        return run_processes(settings, args.processes, args.argv)
     configure_logging(settings.log_level, settings.log_format)
     budget = _file_budget()
     defs = load_definitions(settings.definitions)
@@ -380,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``tally ARGV``; returns the exit status (see `tally.schemas.errors.EXIT_CODES`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return run_command(f"tally {args.command}", args.func, args)
 
 

@@ -195,7 +195,16 @@ async def rebuild(request: web.Request) -> web.StreamResponse:
 
 
 def _patch_sessions(request: web.Request) -> Any:
-    sessions = getattr(request.app[PROCESS], "patches", None)
+    process = request.app[PROCESS]
+    sessions = getattr(process, "patches", None)
+    if sessions is None and getattr(process, "member_status", None) is not None:
+        raise ApiError(
+            501,
+            "not_supported",
+            "a member of a deployment does not take live patches yet: `tally reconcile --url` "
+            "(without --patch) shows the drift through any member; `tally rebuild --url` "
+            "rebuilds the aggregate on every member by replay",
+        )
     if sessions is None:
         raise ApiError(501, "not_supported", "this process cannot patch aggregates")
     return sessions

@@ -21,9 +21,10 @@ answered only by the member the current map gives it to, once its task has caugh
 moves (a rebalance, a replay, a resume still catching up) the read answers 503 with each
 moving partition and its progress, or, with ``partial=true``, what the others hold, labelled.
 
-The group consumer here only keeps the membership (its partitions stay paused); each task reads
-its partition with a consumer of its own, and the member commits the tasks' offsets to Kafka
-under the group id, so lag tools see the deployment as one group.
+The group consumer only keeps the membership, in a thread of its own so that heartbeats never
+wait for a bulk build (`tally.consumers.cluster.group`); its partitions stay paused. Each task
+reads its partition with a consumer of its own, and the member commits the tasks' offsets to
+Kafka under the group id, so lag tools see the deployment as one group.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from tally.consumers.cluster.assignor import make_assignor
+from tally.consumers.cluster.group import GroupThread
 from tally.consumers.cluster.membership import Membership, MembershipUnknown
 from tally.consumers.cluster.merge import LocalMember, Member, MergedReads
 from tally.consumers.cluster.transport import (
@@ -126,8 +127,11 @@ class Task:
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no stubs
-    def __init__(self, member: MemberProcess) -> None:
+    """Runs in the group thread (`GroupThread`): hands the assignment to the member's loop."""
+
+    def __init__(self, member: MemberProcess, loop: asyncio.AbstractEventLoop) -> None:
         self.member = member
+        self.loop = loop
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         # Eager protocol: everything is revoked before the group re-forms; stop answering at
@@ -137,11 +141,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka sh
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         m = self.member
-        if m.group is not None and assigned:
-            m.group.pause(*assigned)  # the tasks read; this consumer only keeps the membership
-        m.owned = frozenset(assigned)
+        group = m.group.consumer if m.group is not None else None
+        if group is not None and assigned:
+            group.pause(*assigned)  # the tasks read; this consumer only keeps the membership
         m.wanted = frozenset(assigned)
-        m.settle.set()  # start and stop tasks in the member's own task: heartbeats go on
+        m.owned = frozenset(assigned)
+        self.loop.call_soon_threadsafe(m.settle.set)  # tasks start and stop in the member's loop
 
 
 class MemberProcess:
@@ -174,7 +179,7 @@ class MemberProcess:
         self.membership = Membership()
         self.assignor = make_assignor(self.url, self.held, membership=self.membership)
         self.peers = Peers()
-        self.group: AIOKafkaConsumer | None = None
+        self.group: GroupThread | None = None
         self.tasks: dict[TopicPartition, Task] = {}
         self.owned: frozenset[TopicPartition] = frozenset()
         """What the latest assignment gives this member (empty during a rebalance)."""
@@ -485,16 +490,18 @@ class MemberProcess:
         assert self.settings.http is not None
         http = await start_http(self, self.settings.http, self.settings.token)
         settler = asyncio.ensure_future(self._settle_loop())
+        self.group = self._group(loop)
         try:
-            if not await self._join():
-                return 0
+            self.group.start()
+            self.log.info("joining the group", topics=self.topics, held=len(self.held()))
             last_commit = time.monotonic()
-            assert self.group is not None
             while not self._stop.is_set():
-                # Partitions stay paused: this keeps the member within max_poll_interval.
-                await self.group.getmany(timeout_ms=200)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 0.2)
                 for task in list(self.tasks.values()):
                     self._check_task(task)
+                if self.group.error is not None:
+                    raise self.group.error
                 if time.monotonic() - last_commit >= COMMIT_INTERVAL:
                     await self._commit_offsets()
                     last_commit = time.monotonic()
@@ -504,21 +511,20 @@ class MemberProcess:
             with contextlib.suppress(asyncio.CancelledError):
                 await settler
             await self._stop_tasks(list(self.tasks))
-            if self.group is not None:
-                with contextlib.suppress(Exception):
-                    await self._commit_offsets()
-                with contextlib.suppress(Exception):
-                    await self.group.stop()  # LeaveGroup: the others take over at once
+            with contextlib.suppress(Exception):
+                await self._commit_offsets()
+            await self.group.stop()  # LeaveGroup: the others take over at once
             await self.peers.close()
             await http.cleanup()
             if remove is not None:
                 remove()
 
-    async def _join(self) -> bool:
+    def _group(self, loop: asyncio.AbstractEventLoop) -> GroupThread:
         s = self.settings
-        delay, warned = 1.0, False
-        while not self._stop.is_set():
-            consumer = AIOKafkaConsumer(
+        warned: list[str] = []
+
+        def make() -> AIOKafkaConsumer:
+            return AIOKafkaConsumer(
                 bootstrap_servers=s.bootstrap_servers,
                 group_id=s.group_id,
                 enable_auto_commit=False,
@@ -527,27 +533,17 @@ class MemberProcess:
                 heartbeat_interval_ms=max(100, s.session_timeout_ms // HEARTBEAT_FRACTION),
                 request_timeout_ms=max(15000, s.session_timeout_ms + 5000),
             )
-            try:
-                await consumer.start()
-            except KafkaError as e:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
-                if not warned:
-                    self.log.warning(
-                        "broker unreachable, waiting",
-                        error=str(e),
-                        hint="start one with `scripts/kafka start` or check --bootstrap-servers",
-                    )
-                    warned = True
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                delay = min(delay * 2, 15.0)
-                continue
-            consumer.subscribe(self.topics, listener=_Listener(self))
-            self.group = consumer
-            self.log.info("joining the group", topics=self.topics, held=len(self.held()))
-            return True
-        return False
+
+        def unreachable(error: str) -> None:
+            if not warned:
+                warned.append(error)
+                self.log.warning(
+                    "broker unreachable, waiting",
+                    error=error,
+                    hint="start one with `scripts/kafka start` or check --bootstrap-servers",
+                )
+
+        return GroupThread(make, self.topics, _Listener(self, loop), unreachable)
 
     async def _settle_loop(self) -> None:
         """Start the tasks of newly owned partitions and stop (park) the others."""
@@ -556,10 +552,13 @@ class MemberProcess:
             self.settle.clear()
             wanted = self.wanted
             gone = [tp for tp in self.tasks if tp not in wanted]
-            await self._stop_tasks(gone)
+            # New partitions first: a task handed away may take a while to stop (it commits
+            # the replay chunk it gathered, so a later resume need not redo it).
+            stopping = [self.tasks.pop(tp) for tp in gone]
             for tp in sorted(wanted):
                 if tp not in self.tasks:
                     self._start_task(tp)
+            await self._finish(stopping)
             self.log.info(
                 "partitions settled",
                 owned=[f"{tp.topic}[{tp.partition}]" for tp in sorted(wanted)],
@@ -618,13 +617,15 @@ class MemberProcess:
         )
 
     async def _stop_tasks(self, tps: list[TopicPartition]) -> None:
-        tasks = [self.tasks.pop(tp) for tp in tps if tp in self.tasks]
+        await self._finish([self.tasks.pop(tp) for tp in tps if tp in self.tasks])
+
+    async def _finish(self, tasks: list[Task]) -> None:
+        """Stop tasks (each after its current batch, committed) and close their stores."""
         for t in tasks:
             t.process.request_stop()
+        runners = [t.runner for t in tasks if t.runner is not None]
+        await asyncio.gather(*runners, return_exceptions=True)
         for t in tasks:
-            if t.runner is not None:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await t.runner
             t.store.close()
 
     async def _commit_offsets(self) -> None:
@@ -639,7 +640,7 @@ class MemberProcess:
         if not offsets:
             return
         try:
-            await asyncio.wait_for(self.group.commit(offsets), 5)
+            await self.group.commit(offsets)
         except Exception as e:  # monitoring only
             self.log.debug("kafka offset commit failed", error=str(e) or type(e).__name__)
 

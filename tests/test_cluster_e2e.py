@@ -363,3 +363,48 @@ def test_processes_starts_members_that_share_the_partitions(
         if parent.poll() is None:
             parent.kill()
             parent.wait(30)
+
+
+def test_a_partition_whose_store_cannot_open_answers_503_and_recovers(
+    deployment: Deployment,
+) -> None:
+    """A partition's store that does not open (here: junk where RocksDB's CURRENT file goes)
+    makes reads answer 503 naming the partition and the error, never an answer without it;
+    once the store can open (the junk removed), the member retries, replays the partition and
+    answers exactly."""
+    d = deployment
+    _, definitions = write_definitions(d.root)
+    events = RowStream(seed=31, n_ids=200).take(500)
+    produce(d.bootstrap, d.topic, native_records(events, seed=32))
+    broken = d.root / "a" / "partitions" / d.topic / "2"
+    broken.mkdir(parents=True)
+    (broken / "CURRENT").write_text("not a rocksdb manifest name\n")
+    a = d.start("a")
+    client = TallyClient(a.url, timeout=30)
+
+    def refused() -> dict[str, Any] | None:
+        try:
+            client.read("count", "scores")
+        except Exception as e:
+            details = getattr(e, "details", {})
+            moving = details.get("moving") or []
+            if getattr(e, "status", None) == 503 and any(
+                m.get("state") == "failed" for m in moving
+            ):
+                return {"error": str(e), "moving": moving}
+            return None
+        raise AssertionError("answered without partition 2, whose store cannot open")
+
+    got = wait_for(
+        refused,
+        lambda: f"a 503 naming the failed partition\n{d.logs()}",
+        timeout=60,
+        swallow=(OSError,),
+    )
+    (failed,) = [m for m in got["moving"] if m.get("state") == "failed"]
+    assert failed["partition"] == 2 and failed.get("error"), got
+    for p in broken.iterdir():
+        p.unlink()
+    broken.rmdir()
+    d.wait_settled("the member retries partition 2 and replays it")
+    check_answers(a.url, definitions, events, seed=4)

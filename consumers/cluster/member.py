@@ -70,6 +70,9 @@ HEARTBEAT_FRACTION = 6
 """Heartbeats per session timeout (Kafka's guidance is at most a third)."""
 COMMIT_INTERVAL = 5.0
 """Seconds between commits of the tasks' offsets to Kafka (lag tools only)."""
+RESTART_DELAYS = (1.0, 5.0, 30.0, 120.0)
+"""Seconds before a failed task is started again (then the last, for ever): its partition
+answers 503 meanwhile, with the error in /status."""
 
 
 def partition_dir(root: str, tp: TopicPartition) -> str:
@@ -89,6 +92,9 @@ class Task:
     ready: bool = False
     """Caught up at least once since it started: from then on it answers for its partition."""
     failed: str | None = None
+    failed_at: float = 0.0
+    attempts: int = 0
+    """Starts of this partition's task that ended in a failure, in a row."""
 
     def refresh(self) -> bool:
         if not self.ready and self.process.caught_up.is_set():
@@ -186,6 +192,8 @@ class MemberProcess:
         self.wanted: frozenset[TopicPartition] = frozenset()
         self.settle = asyncio.Event()
         self.rebalances = 0
+        self.broken: dict[TopicPartition, tuple[str, float, int]] = {}
+        """Owned partitions whose task could not start: the error, when, attempts."""
         self.store: Store | None = None
         """A member has no one store (one per partition: `tasks`); the HTTP API asks `read`."""
         self.warnings: list[str] = []
@@ -376,6 +384,9 @@ class MemberProcess:
             return {**base, "state": "rebalancing" if not self.owned else "not_owned"}
         task = self.tasks.get(tp)
         if task is None:
+            broken = self.broken.get(tp)
+            if broken is not None:
+                return {**base, "state": "failed", "error": broken[0]}
             return {**base, "state": "starting"}
         if task.failed is not None or not task.refresh():
             return {**base, **task.progress(), "member": self.url}
@@ -500,6 +511,7 @@ class MemberProcess:
                     await asyncio.wait_for(self._stop.wait(), 0.2)
                 for task in list(self.tasks.values()):
                     self._check_task(task)
+                self._retry_broken()
                 if self.group.error is not None:
                     raise self.group.error
                 if time.monotonic() - last_commit >= COMMIT_INTERVAL:
@@ -565,7 +577,29 @@ class MemberProcess:
                 parked=[f"{tp.topic}[{tp.partition}]" for tp in gone],
             )
 
-    def _start_task(self, tp: TopicPartition) -> None:
+    def _start_task(self, tp: TopicPartition, attempts: int = 0) -> None:
+        """Start the task of ``tp``; a store that cannot be opened is retried later (the
+        partition answers 503 with the error meanwhile)."""
+        try:
+            self._open_task(tp, attempts)
+        except Exception as e:
+            self.broken[tp] = (f"{type(e).__name__}: {e}", time.monotonic(), attempts + 1)
+            self.log.error(
+                "partition task cannot start", topic=tp.topic, partition=tp.partition, error=str(e)
+            )
+        else:
+            self.broken.pop(tp, None)
+
+    def _retry_broken(self) -> None:
+        for tp, (_, since, attempts) in list(self.broken.items()):
+            if tp not in self.wanted or tp in self.tasks:
+                self.broken.pop(tp, None)
+                continue
+            delay = RESTART_DELAYS[min(attempts, len(RESTART_DELAYS)) - 1]
+            if time.monotonic() - since >= delay:
+                self._start_task(tp, attempts)
+
+    def _open_task(self, tp: TopicPartition, attempts: int) -> None:
         path = partition_dir(self.root, tp)
         resumed = os.path.exists(os.path.join(path, "CURRENT"))
         os.makedirs(path, exist_ok=True)
@@ -583,7 +617,7 @@ class MemberProcess:
         settings = msgspec.structs.replace(s, data_dir=path, http=None)
         defs = [d for d in self.definitions if self.table_topics[d.table] == tp.topic]
         proc = ConsumerProcess(settings, defs, store, partitions={tp})
-        task = Task(tp, store, proc)
+        task = Task(tp, store, proc, attempts=attempts)
         task.runner = asyncio.ensure_future(proc.run(install_signals=False))
         self.tasks[tp] = task
         self.log.info(
@@ -600,8 +634,17 @@ class MemberProcess:
 
     def _check_task(self, task: Task) -> None:
         runner = task.runner
-        if runner is None or not runner.done() or task.failed is not None:
+        if task.failed is not None:
+            delay = RESTART_DELAYS[min(task.attempts, len(RESTART_DELAYS)) - 1]
+            if task.tp in self.wanted and time.monotonic() - task.failed_at >= delay:
+                self.tasks.pop(task.tp)
+                task.store.close()
+                self._start_task(task.tp, attempts=task.attempts)
             return
+        if runner is None or not runner.done():
+            return
+        task.failed_at = time.monotonic()
+        task.attempts += 1
         if runner.cancelled():
             task.failed = "cancelled"
         elif runner.exception() is not None:
@@ -614,6 +657,7 @@ class MemberProcess:
             topic=task.tp.topic,
             partition=task.tp.partition,
             error=task.failed,
+            restart_in_s=RESTART_DELAYS[min(task.attempts, len(RESTART_DELAYS)) - 1],
         )
 
     async def _stop_tasks(self, tps: list[TopicPartition]) -> None:

@@ -201,9 +201,9 @@ def _patch_sessions(request: web.Request) -> Any:
         raise ApiError(
             501,
             "not_supported",
-            "a member of a deployment does not take live patches yet: `tally reconcile --url` "
-            "(without --patch) shows the drift through any member; `tally rebuild --url` "
-            "rebuilds the aggregate on every member by replay",
+            "a member of a deployment does not take live patches yet (the fixes would have to "
+            "reach each row's partition on its member): repair the aggregate with `tally "
+            "rebuild AGGREGATE --url` (every member replays its partitions)",
         )
     if sessions is None:
         raise ApiError(501, "not_supported", "this process cannot patch aggregates")

@@ -149,13 +149,6 @@ def test_an_abbreviated_data_dir_is_overridden_by_the_members_own(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="argparse accepts abbreviations (--proc 3, --process=3 are --processes), but "
-    "_strip only removes the exact spellings: each member gets --proc 3, starts 3 members "
-    "of its own (DIR/member-k/member-j, ports PORT+k+j), and so on: an explosion of "
-    "processes. Expected: no member command carries --processes in any spelling",
-)
 @pytest.mark.parametrize("spelling", [["--proc", "2"], ["--process=2"]])
 def test_an_abbreviated_processes_flag_is_not_passed_to_the_members(
     monkeypatch: pytest.MonkeyPatch, spelling: list[str]

@@ -47,13 +47,15 @@ from tally.consumers.cluster.transport import (
     Calls,
     MemberUnreachable,
     Outcome,
-    Outcomes,
     PartitionMoving,
     Peers,
     RemoteTask,
     call_args,
     decode_calls,
+    decode_outcomes,
     decode_result,
+    encode_args,
+    encode_calls,
     encode_outcomes,
     encode_result,
     error_outcome,
@@ -79,11 +81,6 @@ from tally.schemas.values import to_json
 
 TOPIC = "scores"
 PARTITIONS = 6
-
-
-def bug(reason: str) -> pytest.MarkDecorator:
-    """A known bug of the code under test: the test says what should happen."""
-    return pytest.mark.xfail(strict=True, reason=reason)
 
 
 def shape(v: Any) -> Any:
@@ -131,7 +128,7 @@ def result_over_the_wire(method: str, value: Any) -> Any:
     """``value`` as the calling member gets it: encoded by the callee into its answer's
     msgpack body, decoded by the caller."""
     body = encode_outcomes("http://callee", [Outcome(ok=encode_result(method, value))])
-    (out,) = msgspec.msgpack.decode(body, type=Outcomes).results
+    (out,) = decode_outcomes(body).results
     assert out.error is None
     return decode_result(method, out.ok)
 
@@ -182,11 +179,6 @@ def test_result_examples_cross_the_wire(method: str, value: Any) -> None:
         pytest.param(4 * (2**63 - 1), id="four-max-items"),
     ],
 )
-@bug(
-    "a partition's int sum beyond msgpack's range (-2**63 .. 2**64-1) cannot be encoded: "
-    "items hold int64 sums, but a range of them adds up to any int (4 items of 2**62 "
-    "sum to 2**64); msgspec raises OverflowError in encode_outcomes"
-)
 def test_int_sums_beyond_64_bits_cross_the_wire(value: int) -> None:
     assert shape(result_over_the_wire("sum", value)) == shape(value)
     assert shape(result_over_the_wire("sum_batch", [value, 1])) == shape([value, 1])
@@ -206,19 +198,11 @@ MALFORMED: list[Any] = [
     pytest.param(
         "sum",
         "twelve",
-        marks=bug(
-            "decode_result('sum', 'twelve') raises decimal.InvalidOperation, not "
-            "BadMemberAnswer (_sum_in calls Decimal(v) unguarded)"
-        ),
         id="sum-not-a-decimal",
     ),
     pytest.param(
         "sum",
         "NaN",
-        marks=bug(
-            "decode_result('sum', 'NaN') returns Decimal('NaN'): no sum is NaN (the engine "
-            "keeps finite sums), so it should be BadMemberAnswer"
-        ),
         id="sum-nan",
     ),
     ("count_batch", 5),
@@ -229,7 +213,6 @@ MALFORMED: list[Any] = [
     pytest.param(
         "sum_batch",
         5,
-        marks=bug("decode_result('sum_batch', 5) raises TypeError, not BadMemberAnswer"),
         id="sum_batch-not-a-list",
     ),
     ("select", [["k", 1]]),  # str as bytes
@@ -240,60 +223,48 @@ MALFORMED: list[Any] = [
     pytest.param(
         "select",
         7,
-        marks=bug("decode_result('select', 7) raises TypeError, not BadMemberAnswer"),
         id="select-not-a-list",
     ),
     ("page", [[["k", 1]], True]),
     pytest.param(
         "page",
         [[[b"k", 1]], True, 3],
-        marks=bug("decode_result('page', [[[b'k', 1]], True, 3]) raises ValueError (unpack)"),
         id="page-three-elements",
     ),
     pytest.param(
         "page",
         5,
-        marks=bug("decode_result('page', 5) raises TypeError, not BadMemberAnswer"),
         id="page-not-a-list",
     ),
     pytest.param(
         "page",
         [[[b"k", 1]]],
-        marks=bug(
-            "decode_result('page', [[[b'k', 1]]]) (no is_done) raises ValueError (unpack), "
-            "not BadMemberAnswer"
-        ),
         id="page-without-done",
     ),
     pytest.param(
         "page",
         [[], "yes"],
-        marks=bug("decode_result('page', [[], 'yes']) returns ([], True): bool('yes')"),
         id="page-done-not-a-bool",
     ),
     ("sample", [1, ["k", 1]]),
     pytest.param(
         "sample",
         None,
-        marks=bug("decode_result('sample', None) raises TypeError, not BadMemberAnswer"),
         id="sample-none",
     ),
     pytest.param(
         "sample",
         [1],
-        marks=bug("decode_result('sample', [1]) raises ValueError, not BadMemberAnswer"),
         id="sample-one-element",
     ),
     pytest.param(
         "sample",
         [1.5, None],
-        marks=bug("decode_result('sample', [1.5, None]) returns (1, None): int(1.5)"),
         id="sample-float-count",
     ),
     pytest.param(
         "sample",
         ["3", None],
-        marks=bug("decode_result('sample', ['3', None]) returns (3, None): int('3')"),
         id="sample-str-count",
     ),
     ("namespaces", ["a"]),
@@ -366,9 +337,10 @@ ORDERS: tuple[Order, ...] = ("asc", "desc")
 def args_over_the_wire(method: str, args: Sequence[Any]) -> list[Any]:
     """``args`` as the callee's engine gets them: written as `RemoteTask` writes them, one
     call of a msgpack request body, decoded by `decode_calls`, read by `call_args`."""
-    call = Call("agg", TOPIC, 3, method, [to_json(a) for a in args])
-    (got,) = decode_calls(msgspec.msgpack.encode(Calls([call])))
-    assert got == call
+    call = Call("agg", TOPIC, 3, method, encode_args(args))
+    (got,) = decode_calls(encode_calls([call]))
+    assert got.args == [to_json(a) for a in args]  # big ints decoded back from extensions
+    assert (got.aggregate, got.topic, got.partition, got.method) == ("agg", TOPIC, 3, method)
     return call_args(got)
 
 
@@ -461,11 +433,6 @@ def test_arguments_cross_the_wire_as_the_engine_reads_them(
                 assert shape(have) == shape(want), (method, want, have)
 
 
-@bug(
-    "an int key, id or namespace beyond msgpack's range (e.g. 2**70, which the engine "
-    "stores and orders exactly) cannot be sent: msgspec raises OverflowError encoding the "
-    "call (Peers._post turns it into MemberUnreachable)"
-)
 @pytest.mark.parametrize("value", [2**64, 2**70, -(2**63) - 1])
 def test_big_int_arguments_cross_the_wire(value: int) -> None:
     (got,) = args_over_the_wire("count", [value])
@@ -784,7 +751,7 @@ def closed_port() -> int:
 # ============================================================== over HTTP: every read op
 
 # Sums by namespace: one kind per namespace (ints mix with either), as a table's rows give;
-# small enough that no partition's sum leaves int64 (see the xfail above).
+# (sums past 64 bits have tests of their own above).
 E2E_SUMS: dict[Any, list[Any]] = {
     None: [0, 1, -3, 2**53 + 1, 0.5, 0.1, -2.25],
     (1, "a"): [0, 2, Decimal("1.10"), Decimal("-0.005"), Decimal("12.5")],
@@ -1004,22 +971,12 @@ def big_int_read(
     asyncio.run(check())
 
 
-@bug(
-    "a read whose arguments hold an int beyond msgpack's range fails with MemberUnreachable "
-    '("member ... did not answer (can\'t serialize ints < -2**63 or > 2**64 - 1)", a 503 '
-    "over HTTP) although every member is up; expected the oracle's count, 4"
-)
 def test_a_big_int_key_reads_over_http(partitions: Partitions) -> None:
     big_int_read(
         partitions, lambda m: m.count(None, {"eq": 2**70}), lambda w: w.count(None, {"eq": 2**70})
     )
 
 
-@bug(
-    "a partition whose sum is beyond msgpack's range (4 items of 2**62: 2**64) makes the "
-    "callee's encode_outcomes raise OverflowError, answered 500, which the caller reports "
-    'as MemberUnreachable ("HTTP 500 ..."); expected the oracle\'s sum, 2**64 + 5'
-)
 def test_a_partition_sum_beyond_64_bits_reads_over_http(partitions: Partitions) -> None:
     big_int_read(partitions, lambda m: m.sum(), lambda w: w.sum())
 
@@ -1174,14 +1131,13 @@ def test_a_stalled_member_is_member_unreachable_after_the_timeout() -> None:
     asyncio.run(check())
 
 
-def test_a_consumer_that_is_not_a_member_is_refused_with_its_404() -> None:
+def test_a_consumer_that_is_not_a_member_is_named_as_such() -> None:
     async def check() -> None:
         async with serve(NotAMember()) as url:
             peers = Peers()
-            with pytest.raises(MemberUnreachable) as e:
+            with pytest.raises(BadMemberAnswer) as e:
                 await remote_parts(peers, url, "a").count()
-            assert e.value.url == url
-            assert "HTTP 404" in str(e.value) and "not_a_member" in str(e.value)
+            assert url in str(e.value) and "not a member of this deployment" in str(e.value)
             await peers.close()
 
     asyncio.run(check())
@@ -1224,12 +1180,6 @@ def test_a_member_answering_garbage_is_a_bad_member_answer(
     asyncio.run(check())
 
 
-@bug(
-    "a member answering a page call with ok=5 (any result decode_result fails on with a "
-    "TypeError/ValueError, see the MALFORMED xfails) leaves the read awaiting forever: "
-    "Peers._send only catches TallyError around decode_result, so the exception ends the "
-    "send task and the call's future is never resolved (expected BadMemberAnswer)"
-)
 def test_a_garbage_result_fails_the_read_instead_of_hanging_it() -> None:
     async def check() -> None:
         async with serve(

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from types import FrameType
 
 from tally.schemas.config import ConsumerSettings
@@ -23,8 +23,11 @@ from tally.schemas.errors import UsageError
 __all__ = ["member_args", "run_processes"]
 
 
-def _strip(argv: Sequence[str], flags: set[str]) -> list[str]:
-    """``argv`` without the given flags (``--flag V`` and ``--flag=V``)."""
+def _strip(
+    argv: Sequence[str], flags: Collection[str], switches: Collection[str] = ()
+) -> list[str]:
+    """``argv`` without the given flags (``--flag V``, ``--flag=V`` and any abbreviation
+    argparse would take for them, ``--proc 2``) and switches (no value)."""
     out: list[str] = []
     skip = False
     for a in argv:
@@ -32,9 +35,12 @@ def _strip(argv: Sequence[str], flags: set[str]) -> list[str]:
             skip = False
             continue
         name = a.split("=", 1)[0]
-        if name in flags:
-            skip = "=" not in a
-            continue
+        if len(name) > 2 and name.startswith("--"):
+            if any(f.startswith(name) for f in flags):
+                skip = "=" not in a
+                continue
+            if any(f.startswith(name) for f in switches):
+                continue
         out.append(a)
     return out
 
@@ -62,7 +68,7 @@ def member_args(settings: ConsumerSettings, n: int, argv: Sequence[str]) -> list
         raise UsageError(
             f"--processes {n} needs ports {port}..{port + n - 1}: choose another --http port"
         )
-    base = _strip(argv, {"--processes", "--data-dir", "--http", "--no-http"})
+    base = _strip(argv, {"--processes", "--data-dir", "--http"}, {"--no-http"})
     hostpart = f"[{host}]" if ":" in host else host
     return [
         [

@@ -44,10 +44,14 @@ __all__ = [
     "Peers",
     "RemoteTask",
     "decode_calls",
+    "decode_outcomes",
     "decode_result",
+    "encode_args",
+    "encode_calls",
     "encode_outcomes",
     "encode_result",
     "error_outcome",
+    "wire",
 ]
 
 INTERNAL_PATH = "/internal/v1/calls"
@@ -121,8 +125,32 @@ class Outcomes(msgspec.Struct, frozen=True):
     results: list[Outcome]
 
 
-_calls_decoder = msgspec.msgpack.Decoder(Calls)
-_outcomes_decoder = msgspec.msgpack.Decoder(Outcomes)
+BIG_INT = 1
+"""The msgpack extension code of an int beyond msgpack's 64 bits (its decimal digits): keys
+and bounds are ints of any size, and a range's sum of 64-bit sums can leave 64 bits."""
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def _ext(code: int, data: memoryview) -> Any:
+    if code == BIG_INT:
+        return int(bytes(data))
+    raise msgspec.DecodeError(f"unknown msgpack extension {code}")
+
+
+def wire(v: Any) -> Any:
+    """``v`` with every int msgpack cannot carry as an extension (lists and dicts walked)."""
+    t = type(v)
+    if t is int:
+        return v if _INT_MIN <= v <= _INT_MAX else msgspec.msgpack.Ext(BIG_INT, str(v).encode())
+    if t is list or t is tuple:
+        return [wire(x) for x in v]
+    if t is dict:
+        return {k: wire(x) for k, x in v.items()}
+    return v
+
+
+_calls_decoder = msgspec.msgpack.Decoder(Calls, ext_hook=_ext)
+_outcomes_decoder = msgspec.msgpack.Decoder(Outcomes, ext_hook=_ext)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -144,17 +172,38 @@ def call_args(call: Call) -> list[Any]:
 
 
 def encode_outcomes(member: str, outcomes: list[Outcome]) -> bytes:
+    """A member's answer to one request of calls (the callee side)."""
     return _encoder.encode(Outcomes(member, outcomes))
 
 
+def decode_outcomes(body: bytes) -> Outcomes:
+    """A member's answer as the caller reads it; msgspec's errors on anything else."""
+    return _outcomes_decoder.decode(body)
+
+
+def encode_args(args: Sequence[Any]) -> list[Any]:
+    """A call's arguments as they travel (`to_json`, ints past 64 bits as extensions)."""
+    return [wire(to_json(a)) for a in args]
+
+
+def encode_calls(calls: list[Call]) -> bytes:
+    """One request's body."""
+    return _encoder.encode(Calls(calls))
+
+
 def _sum_out(s: Sum) -> Any:
-    return str(s) if type(s) is Decimal else s
+    return str(s) if type(s) is Decimal else wire(s)
 
 
 def _sum_in(v: Any) -> Sum:
     if type(v) is str:
-        return Decimal(v)
-    if type(v) in (int, float):
+        try:
+            d = Decimal(v)
+        except ArithmeticError:
+            raise BadMemberAnswer(f"a member sent {v!r} as a sum") from None
+        if d.is_finite():
+            return d
+    elif type(v) in (int, float):
         return v  # type: ignore[no-any-return]
     raise BadMemberAnswer(f"a member sent {v!r} as a sum")
 
@@ -192,6 +241,18 @@ def _ints(v: Any) -> list[int]:
     raise BadMemberAnswer(f"a member sent {v!r} where counts belong")
 
 
+def _pair(v: Any, what: str) -> tuple[Any, Any]:
+    if isinstance(v, list) and len(v) == 2:
+        return v[0], v[1]
+    raise BadMemberAnswer(f"a member sent {v!r} as {what}")
+
+
+def _list(v: Any, what: str) -> list[Any]:
+    if isinstance(v, list):
+        return v
+    raise BadMemberAnswer(f"a member sent {v!r} as {what}")
+
+
 def decode_result(method: str, v: Any) -> Any:
     """A primitive's result as `Member` returns it; `BadMemberAnswer` if it cannot be one."""
     if method in ("count", "index_of"):
@@ -203,15 +264,19 @@ def decode_result(method: str, v: Any) -> Any:
     if method in ("count_batch", "ranks"):
         return _ints(v)
     if method == "sum_batch":
-        return [_sum_in(s) for s in v]
+        return [_sum_in(s) for s in _list(v, "sums")]
     if method == "select":
-        return [_entry_in(e) for e in v]
+        return [_entry_in(e) for e in _list(v, "items")]
     if method == "page":
-        entries, done = v
-        return [_entry_in(e) for e in entries], bool(done)
+        entries, done = _pair(v, "a page")
+        if type(done) is not bool:
+            raise BadMemberAnswer(f"a member sent {done!r} as a page's is_done")
+        return [_entry_in(e) for e in _list(entries, "items")], done
     if method == "sample":
-        n, e = v
-        return int(n), None if e is None else _entry_in(e)
+        n, e = _pair(v, "a sample")
+        if type(n) is not int or n < 0 or (e is None) != (n == 0):
+            raise BadMemberAnswer(f"a member sent {v!r} as a sample (count, item)")
+        return n, None if e is None else _entry_in(e)
     if method == "namespaces":
         if isinstance(v, list) and all(type(x) is bytes for x in v):
             return v
@@ -309,6 +374,10 @@ class Peers:
                 fut.set_result(decode_result(call.method, out.ok))
             except TallyError as e:
                 fut.set_exception(e)
+            except Exception as e:  # whatever a member sends, the read ends (never hangs)
+                fut.set_exception(
+                    BadMemberAnswer(f"member {url} sent an unreadable {call.method} answer ({e})")
+                )
 
     async def _post(self, url: str, calls: list[Call]) -> list[Outcome]:
         session = self._client()
@@ -316,16 +385,26 @@ class Peers:
         try:
             async with session.post(
                 url.rstrip("/") + INTERNAL_PATH,
-                data=_encoder.encode(Calls(calls)),
+                data=encode_calls(calls),
                 headers={"Content-Type": "application/msgpack"},
             ) as resp:
                 body = await resp.read()
+                if resp.status == 404 and b"not_a_member" in body:
+                    raise BadMemberAnswer(
+                        f"{url} is not a member of this deployment (a consumer started without "
+                        "--group-id?): check the members' --advertise URLs"
+                    )
+                if 400 <= resp.status < 500:
+                    raise BadMemberAnswer(
+                        f"member {url} refused the call with HTTP {resp.status}: {body[:300]!r} "
+                        "(do all members run the same tally version?)"
+                    )
                 if resp.status != 200:
                     raise MemberUnreachable(url, f"HTTP {resp.status}: {body[:200]!r}")
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise MemberUnreachable(url, str(e) or type(e).__name__) from None
         try:
-            answer = _outcomes_decoder.decode(body)
+            answer = decode_outcomes(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise BadMemberAnswer(f"member {url} sent an unreadable answer ({e})") from None
         if len(answer.results) != len(calls):
@@ -384,7 +463,11 @@ class RemoteTask:
 
     async def _call(self, method: str, *args: Any) -> Any:
         call = Call(
-            self.aggregate, self.tp.topic, self.tp.partition, method, [to_json(a) for a in args]
+            self.aggregate,
+            self.tp.topic,
+            self.tp.partition,
+            method,
+            [wire(to_json(a)) for a in args],
         )
         return await self.peers.call(self.url, call)
 

@@ -105,6 +105,9 @@ class Report(msgspec.Struct, kw_only=True):
     skipped_live: int | None = None
     """Live patch only: fixes not applied because a live event wrote the id after the
     reconcile began (the live stream is authoritative for those ids)."""
+    unplaced: int | None = None
+    """Patch of a deployment only: fixes of missing rows left out because the partition their
+    events would land in is not known (`tally.consumers.cluster.reconcile`)."""
     elapsed_s: float = 0.0
 
     @property

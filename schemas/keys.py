@@ -35,6 +35,8 @@ from .events import NATIVE_OPS, NativeEvent, encode_native
 
 __all__ = [
     "IdField",
+    "KeyShape",
+    "learn_key_shape",
     "ProduceFormat",
     "encode_event",
     "id_fields",
@@ -131,6 +133,78 @@ def partition_for_id(id: Any, partitions: int) -> int:
     if not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1:
         raise ValueError(f"partitions must be a positive int, got {partitions!r}")
     return (murmur2(key_for_id(id)) & 0x7FFFFFFF) % partitions
+
+
+class KeyShape:
+    """How a topic's records are keyed, learned from one record: the key bytes any row id
+    gets, so the partition of a row no event has brought yet is known (a reconcile's fix for a
+    missing row must land in the partition its future events will).
+
+    ``kind``: ``"tally"`` (`key_for_id`, tally's producer), ``"fields"`` (a JSON object of the
+    id fields: Debezium's key with ``schemas.enable=false``) or ``"schema"`` (Debezium's key
+    with its schema: the learned key's bytes around its ``payload``).
+    """
+
+    def __init__(
+        self, kind: str, fields: tuple[str, ...] = (), prefix: bytes = b"", suffix: bytes = b""
+    ) -> None:
+        self.kind = kind
+        self.fields = fields
+        self.prefix = prefix
+        self.suffix = suffix
+
+    def __repr__(self) -> str:
+        return f"KeyShape({self.kind!r}, fields={self.fields!r})"
+
+    def key(self, id: Any, id_fields: Sequence[str]) -> bytes:
+        """The record key of the row ``id`` (its fields named by ``id_fields``). O(size)."""
+        if self.kind == "tally":
+            return key_for_id(id)
+        values = id if isinstance(id, tuple) else (id,)
+        if len(values) != len(id_fields):
+            raise ValueError(f"id {id!r} does not have the {len(id_fields)} fields {id_fields}")
+        by_name = dict(zip(id_fields, values, strict=True))
+        return self.prefix + _KEY_ENCODER.encode({f: by_name[f] for f in self.fields}) + self.suffix
+
+    def partition(self, id: Any, id_fields: Sequence[str], partitions: int) -> int:
+        """The partition Kafka's default partitioner gives the row's key. O(size)."""
+        return (murmur2(self.key(id, id_fields)) & 0x7FFFFFFF) % partitions
+
+
+_PAYLOAD = b'"payload":'
+
+
+def learn_key_shape(key: bytes | None, id: Any, id_fields: Sequence[str]) -> KeyShape | None:
+    """The `KeyShape` that gives the record key ``key`` to the row ``id``, or None when none
+    of the known shapes reproduces it byte for byte (then tally cannot place a row no event
+    has brought: it says so rather than guess). O(len(key))."""
+    if key is None or id is None:
+        return None
+    fields = tuple(id_fields)
+    try:
+        if key_for_id(id) == key:
+            return KeyShape("tally")
+    except InvalidEvent:
+        pass
+    try:
+        doc = msgspec.json.decode(key)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    prefix = suffix = b""
+    if set(doc) == {"schema", "payload"} and isinstance(doc["payload"], dict) and key.endswith(b"}"):
+        at = key.rfind(_PAYLOAD)
+        if at < 0:
+            return None
+        prefix, suffix, doc = key[: at + len(_PAYLOAD)], b"}", doc["payload"]
+    if set(doc) != set(fields):
+        return None
+    shape = KeyShape("fields" if not prefix else "schema", tuple(doc), prefix, suffix)
+    try:
+        return shape if shape.key(id, fields) == key else None
+    except (ValueError, TypeError, msgspec.EncodeError):
+        return None
 
 
 def truncate_key(table: str) -> bytes:

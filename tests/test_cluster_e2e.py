@@ -73,6 +73,7 @@ class Deployment:
     bootstrap: str
     root: Path
     members: dict[str, Member] = field(default_factory=dict)
+    partitions: int = PARTITIONS
 
     def start(self, name: str) -> Member:
         m = self.members.get(name)
@@ -132,7 +133,7 @@ class Deployment:
             if set(owners) != urls or doc["map_version"] is None:
                 return False
             owned = sorted(p["partition"] for ps in owners.values() for p in ps)
-            if owned != list(range(PARTITIONS)):
+            if owned != list(range(self.partitions)):
                 return False
             mine = sorted(p["partition"] for p in owners[m.url])
             tasks = {t["partition"]: t for t in doc["tasks"]}

@@ -43,6 +43,7 @@ from tally.consumers.cluster.merge import BadMemberAnswer, LocalMember, Member, 
 from tally.consumers.cluster.transport import (
     INTERNAL_PATH,
     METHODS,
+    READ_METHODS,
     Call,
     Calls,
     MemberUnreachable,
@@ -120,8 +121,26 @@ RESULTS: dict[str, st.SearchStrategy[Any]] = {
     "page": st.tuples(st.lists(ENTRIES, max_size=5), st.booleans()),
     "sample": st.one_of(st.just((0, None)), st.tuples(st.integers(1, 2**63 - 1), ENTRIES)),
     "namespaces": st.lists(st.binary(max_size=20), max_size=5),
+    # a reconcile's partition calls: a page of the id index, the patch session's answers
+    "ids": st.tuples(
+        st.text(max_size=16),
+        st.lists(
+            st.tuples(st.binary(max_size=20), st.binary(max_size=20), st.binary(max_size=20), SUMS),
+            max_size=5,
+        ),
+        st.booleans(),
+    ),
+    **{
+        m: st.dictionaries(
+            st.text(max_size=10),
+            st.one_of(st.none(), INT64, st.text(max_size=10), st.binary(max_size=10)),
+            max_size=4,
+        )
+        for m in ("patch_begin", "patch_apply", "patch_end")
+    },
 }
-"""What each primitive of a `Member` (`LocalMember` on an engine aggregate) returns."""
+"""What each primitive of a `Member` (`LocalMember` on an engine aggregate) returns, and each
+partition call of a deployment's reconcile."""
 
 
 def result_over_the_wire(method: str, value: Any) -> Any:
@@ -415,6 +434,12 @@ def test_arguments_cross_the_wire_as_the_engine_reads_them(
         "page": (("=", after), ("=", page_size), ("=", order), (k, ns), (b, bounds)),
         "sample": ((k, ns), (b, bounds)),
         "namespaces": (),
+        # a reconcile's partition calls: a scan id or None and a page size; a session id
+        # and a chunk of fixes (msgpack bytes)
+        "ids": (("=", None), ("=", page_size)),
+        "patch_begin": (),
+        "patch_apply": (("=", "0123abcd"), ("=", after or b"")),
+        "patch_end": (("=", "0123abcd"),),
     }
     assert set(calls) == METHODS
     for method, typed in calls.items():
@@ -601,7 +626,7 @@ def test_wire_arguments_select_the_same_items_of_a_real_aggregate(
         "sample": [ns, bounds],
         "namespaces": [],
     }
-    assert set(calls) == METHODS
+    assert set(calls) == READ_METHODS
 
     async def run_all(args_of: Callable[[str, list[Any]], list[Any]]) -> dict[str, Any]:
         out = {}

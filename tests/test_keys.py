@@ -917,3 +917,68 @@ def test_partition_for_id_is_where_the_default_partitioner_puts_the_key(
 def test_partition_for_id_refuses_a_partition_count_that_is_not_positive() -> None:
     with pytest.raises(ValueError, match="positive int"):
         partition_for_id(1, 0)
+
+
+# ---- key shapes: where a row no event has brought yet belongs ---------------------------
+
+
+def _catalog_keys() -> list[tuple[bytes, Any, tuple[str, ...]]]:
+    """Every record key the real Debezium connector wrote in tests/data/debezium, with the
+    row id tally reads for it (the key's fields, in their order)."""
+    import glob
+    import json
+    import os
+
+    out = []
+    here = os.path.join(os.path.dirname(__file__), "data", "debezium", "*.jsonl")
+    for path in sorted(glob.glob(here)):
+        with open(path) as f:
+            for line in f:
+                key = json.loads(line).get("key")
+                if not key:
+                    continue
+                doc = json.loads(key)
+                payload = doc.get("payload", doc) if isinstance(doc, dict) else None
+                if not isinstance(payload, dict) or not payload:
+                    continue
+                fields = tuple(payload)
+                values = tuple(payload[f] for f in fields)
+                out.append((key.encode(), values[0] if len(values) == 1 else values, fields))
+    return out
+
+
+def test_key_shapes_reproduce_every_key_the_connector_wrote() -> None:
+    """Learned from one key of a topic, the shape rebuilds the keys of other rows byte for
+    byte: Debezium's keys with and without their schema, and tally's producer's."""
+    from tally.schemas.keys import key_for_id, learn_key_shape, partition_for_id
+
+    keys = _catalog_keys()
+    assert len(keys) > 100
+    by_shape: dict[tuple[bytes, tuple[str, ...]], list[tuple[bytes, Any, tuple[str, ...]]]] = {}
+    for key, rid, fields in keys:
+        shape = learn_key_shape(key, rid, fields)
+        assert shape is not None, key
+        assert shape.kind in ("fields", "schema")
+        assert shape.key(rid, fields) == key
+        by_shape.setdefault((shape.prefix, shape.fields), []).append((key, rid, fields))
+    for group in by_shape.values():  # one topic's keys: learn from the first, build the rest
+        first = learn_key_shape(*group[0])
+        assert first is not None
+        for key, rid, fields in group[1:]:
+            assert first.key(rid, fields) == key
+    for rid in (5, "x", (1, "a"), -(2**40)):
+        shape = learn_key_shape(
+            key_for_id(rid), rid, ("a", "b") if isinstance(rid, tuple) else ("id",)
+        )
+        assert shape is not None and shape.kind == "tally"
+        assert shape.partition(rid, ("id",), 6) == partition_for_id(rid, 6)
+
+
+def test_a_key_no_shape_reproduces_is_not_guessed() -> None:
+    from tally.schemas.keys import learn_key_shape
+
+    assert learn_key_shape(b"7", 8, ("id",)) is None  # not this row's key
+    assert learn_key_shape(b'{"id": 7}', 7, ("id",)) is None  # spacing tally cannot rebuild
+    assert learn_key_shape(b'{"other":7}', 7, ("id",)) is None  # not the id fields
+    assert learn_key_shape(b"\xff\x00", 7, ("id",)) is None  # not JSON
+    assert learn_key_shape(None, 7, ("id",)) is None

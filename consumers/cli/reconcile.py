@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -228,6 +228,23 @@ def run_reconcile(args: argparse.Namespace) -> int:
         )
     data_dir = settings.data_dir
     url = settings.url
+    deployment = (
+        _deployment_status(url, settings.token)
+        if url and (args.patch or loaded.origin.get("url") == "flag")
+        else None
+    )
+    if deployment is not None:
+        if args.patch and not _reads_at_run_time(args.source):
+            raise UsageError(
+                "a snapshot file cannot patch a running deployment: its moment is unknown, so "
+                "fixes could undo newer live changes. Reconcile against the table "
+                "(postgresql://...) or topic (kafka:...)"
+            )
+        source = _open_source(args, settings, definition)
+        report = _deployment_reconcile(
+            args, settings, definition, source, deployment, _estimate(args, definition)
+        )
+        return _finish(args, report)
     if loaded.origin.get("url") == "flag" and not args.patch:
         raise UsageError(
             "--url is for --patch through a running consumer; a dry run reads --data-dir directly"
@@ -273,6 +290,10 @@ def run_reconcile(args: argparse.Namespace) -> int:
                 )
         finally:
             store.close()
+    return _finish(args, report)
+
+
+def _finish(args: argparse.Namespace, report: Any) -> int:
     if args.json:
         # Decimal keys and sums as exact JSON numbers, like the HTTP API's answers.
         out = msgspec.json.Encoder(decimal_format="number").encode(report)
@@ -287,6 +308,74 @@ def run_reconcile(args: argparse.Namespace) -> int:
             hint="see the report above; --patch fixes them",
         )
     return 0
+
+
+def _deployment_status(url: str, token: str | None) -> dict[str, Any] | None:
+    """The /status of the consumer at ``url`` if it is a member of a deployment, else None."""
+    from tally.consumers.client import TallyClient
+    from tally.consumers.cluster.reconcile import is_member
+
+    status = TallyClient(url, timeout=30.0, token=token).status()
+    return status if is_member(status) else None
+
+
+def _deployment_reconcile(
+    args: argparse.Namespace,
+    settings: ReconcileSettings,
+    definition: Any,
+    source: Any,
+    status: dict[str, Any],
+    estimate: int | None,
+) -> Any:
+    """Diff a deployment's aggregate, read from its members; with --patch, each fix goes to
+    its row's partition on the member owning it (`tally.consumers.cluster.reconcile`)."""
+    from tally.consumers.cluster.reconcile import DeploymentReconcile
+    from tally.engine.reconcile import diff
+
+    name = args.aggregate
+    dep = DeploymentReconcile(
+        status, name, definition.id_fields, batch_size=min(args.batch_size, 5_000)
+    )
+    try:
+        if args.patch:
+            dep.begin()  # before the source is read: see tally.consumers.runtime.patches
+            if dep.fingerprints != {definition.fingerprint}:
+                raise UsageError(
+                    f"the deployment runs another definition of {name!r} (fingerprint "
+                    f"{', '.join(sorted(dep.fingerprints))} vs {definition.fingerprint} in "
+                    f"{settings.definitions}): reconcile with the definitions file it runs"
+                )
+        t0 = time.perf_counter()
+        with _progress(settings, estimate) as on_progress:
+            report = diff(
+                cast(Any, dep),
+                definition,
+                source,
+                examples=args.examples,
+                on_change=dep if args.patch else None,
+                progress=on_progress,
+            )
+        if args.patch:
+            report.patched = dep.close()
+            report.skipped_live = dep.skipped_live
+            report.unplaced = dep.unplaced
+        report.physical = dep.physical
+        report.elapsed_s = round(time.perf_counter() - t0, 3)
+    except BaseException:
+        dep.abort()
+        raise
+    finally:
+        dep.shutdown()
+    if dep.unplaced:
+        print(
+            f"tally: {dep.unplaced} missing row(s) were not added (e.g. ids "
+            f"{', '.join(map(repr, dep.unplaced_examples))}): the partition their events would "
+            "land in is not known yet (no partition has consumed a record since its member "
+            "started, or the topic's record keys are not tally's nor Debezium's). Run the "
+            "reconcile again once events flow, or `tally rebuild` the aggregate",
+            file=sys.stderr,
+        )
+    return report
 
 
 def _reads_at_run_time(src: str) -> bool:

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import secrets
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,9 +49,11 @@ from tally.consumers.cluster.group import GroupThread
 from tally.consumers.cluster.membership import Membership, MembershipUnknown
 from tally.consumers.cluster.merge import LocalMember, Member, MergedReads
 from tally.consumers.cluster.transport import (
+    PARTITION_CALLS,
     Call,
     Outcome,
     PartitionMoving,
+    PartitionRefused,
     Peers,
     RemoteTask,
     call_args,
@@ -57,17 +61,22 @@ from tally.consumers.cluster.transport import (
     error_outcome,
 )
 from tally.consumers.logs import get_logger
+from tally.consumers.runtime.definitions import id_fields_by_table
 from tally.consumers.runtime.process import ConsumerProcess
 from tally.consumers.runtime.stats import ConsumerStats
 from tally.consumers.signals import on_stop_signals
 from tally.engine import AggregateNotReady, Store, TableAggregate
+from tally.engine.reconcile import decode_fixes
 from tally.schemas import ConfigError
 from tally.schemas.config import ConsumerSettings
+from tally.schemas.keys import learn_key_shape
 
 __all__ = ["MemberProcess", "Task", "partition_dir"]
 
 HEARTBEAT_FRACTION = 6
 """Heartbeats per session timeout (Kafka's guidance is at most a third)."""
+SCAN_TTL = 300.0
+"""Seconds an id scan of a reconcile may sit unread before it is dropped."""
 COMMIT_INTERVAL = 5.0
 """Seconds between commits of the tasks' offsets to Kafka (lag tools only)."""
 RESTART_DELAYS = (1.0, 5.0, 30.0, 120.0)
@@ -193,6 +202,9 @@ class MemberProcess:
         self.settle = asyncio.Event()
         self.rebalances = 0
         self.broken: dict[TopicPartition, tuple[str, float, int]] = {}
+        self.scans: dict[str, tuple[TopicPartition, Iterator[Any], float]] = {}
+        """A reconcile's open id scans: partition, the store's iterator, last used."""
+        self._id_fields = id_fields_by_table(self.definitions)
         """Owned partitions whose task could not start: the error, when, attempts."""
         self.store: Store | None = None
         """A member has no one store (one per partition: `tasks`); the HTTP API asks `read`."""
@@ -468,12 +480,70 @@ class MemberProcess:
             try:
                 if c.aggregate not in self.by_name:
                     raise PartitionMoving(f"no aggregate {c.aggregate!r} on this member", [])
-                part = self.local_part(c.aggregate, TopicPartition(c.topic, c.partition))
-                value = await getattr(part, c.method)(*call_args(c))
+                tp = TopicPartition(c.topic, c.partition)
+                part = self.local_part(c.aggregate, tp)
+                if c.method in PARTITION_CALLS:
+                    value = await self._maintain(self.tasks[tp], c.aggregate, c.method, c)
+                else:
+                    value = await getattr(part, c.method)(*call_args(c))
                 out.append(Outcome(ok=encode_result(c.method, value)))
             except Exception as e:
                 out.append(error_outcome(e))
         return out
+
+    async def _maintain(self, task: Task, name: str, method: str, call: Call) -> Any:
+        """A reconcile's call on one partition: page its id index, or drive its patch
+        session (`tally.consumers.cluster.reconcile`)."""
+        args = call_args(call)
+        if method == "ids":
+            scan, limit = args
+            now = time.monotonic()
+            for sid, (_, _, used) in list(self.scans.items()):
+                if now - used > SCAN_TTL:
+                    del self.scans[sid]
+            if scan is None:
+                scan = secrets.token_hex(8)
+                self.scans[scan] = (task.tp, task.store.aggregate(name).id_entries(), now)
+            entry = self.scans.get(scan)
+            if entry is None or entry[0] != task.tp:
+                raise PartitionRefused(
+                    f"id scan {scan} of {task.tp.topic}[{task.tp.partition}] expired or moved: "
+                    "run the reconcile again",
+                    409,
+                    "scan_expired",
+                )
+            tp, it, _ = entry
+            page = [
+                (eid, e.ns, e.key, e.sum)
+                for eid, e in itertools.islice(it, max(1, min(int(limit), 50_000)))
+            ]
+            done = len(page) < limit
+            if done:
+                del self.scans[scan]
+            else:
+                self.scans[scan] = (tp, it, now)
+            return scan, page, done
+        sessions = task.process.patches
+        if method == "patch_begin":
+            s = await sessions.begin(name)
+            table = self.by_name[name].table
+            shape = None
+            last = task.process.last_keyed
+            if last is not None:
+                shape = learn_key_shape(last[0], last[1], self._id_fields[table])
+            return {
+                "session": s.id,
+                "generation": s.physical,
+                "fingerprint": s.fingerprint,
+                "shape": None
+                if shape is None
+                else [shape.kind, list(shape.fields), shape.prefix, shape.suffix],
+            }
+        if method == "patch_apply":
+            session, chunk = args
+            return await sessions.apply(name, session, decode_fixes(chunk))
+        (session,) = args
+        return sessions.end(name, session)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -665,6 +735,10 @@ class MemberProcess:
 
     async def _finish(self, tasks: list[Task]) -> None:
         """Stop tasks (each after its current batch, committed) and close their stores."""
+        gone = {t.tp for t in tasks}
+        for sid, (tp, _, _) in list(self.scans.items()):
+            if tp in gone:  # no iterator may outlive its store
+                del self.scans[sid]
         for t in tasks:
             t.process.request_stop()
         runners = [t.runner for t in tasks if t.runner is not None]

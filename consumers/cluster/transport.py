@@ -35,12 +35,15 @@ from tally.schemas.values import from_json, to_json
 __all__ = [
     "INTERNAL_PATH",
     "METHODS",
+    "PARTITION_CALLS",
+    "READ_METHODS",
     "Call",
     "Calls",
     "MemberUnreachable",
     "Outcome",
     "Outcomes",
     "PartitionMoving",
+    "PartitionRefused",
     "Peers",
     "RemoteTask",
     "decode_calls",
@@ -57,7 +60,7 @@ __all__ = [
 INTERNAL_PATH = "/internal/v1/calls"
 """The route members answer each other's calls on."""
 
-METHODS = frozenset(
+READ_METHODS = frozenset(
     {
         "count",
         "sum",
@@ -71,7 +74,13 @@ METHODS = frozenset(
         "namespaces",
     }
 )
-"""The `Member` primitives a call may name."""
+"""The `Member` primitives a call may name (what a merged read asks of a partition)."""
+PARTITION_CALLS = frozenset({"ids", "patch_begin", "patch_apply", "patch_end"})
+"""The partition calls of a deployment's reconcile (`tally.consumers.cluster.reconcile`):
+``ids`` pages one partition's id index in id order (a scan its member holds open),
+``patch_*`` drive one partition's live patch session (`tally.consumers.runtime.patches`)."""
+METHODS = READ_METHODS | PARTITION_CALLS
+"""Everything a call may name."""
 
 
 class PartitionMoving(TallyError):
@@ -220,6 +229,11 @@ def _entry_in(v: Any) -> Entry:
 
 def encode_result(method: str, value: Any) -> Any:
     """A primitive's result as it travels."""
+    if method == "ids":
+        scan, entries, done = value
+        return [scan, [[eid, ns, key, _sum_out(sv)] for eid, ns, key, sv in entries], bool(done)]
+    if method.startswith("patch_"):
+        return wire(value)
     if method == "sum":
         return _sum_out(value)
     if method == "sum_batch":
@@ -281,6 +295,20 @@ def decode_result(method: str, v: Any) -> Any:
         if isinstance(v, list) and all(type(x) is bytes for x in v):
             return v
         raise BadMemberAnswer(f"a member sent {v!r} as namespaces")
+    if method == "ids":
+        scan, entries, done = v if isinstance(v, list) and len(v) == 3 else (None, None, None)
+        if type(scan) is not str or type(done) is not bool or not isinstance(entries, list):
+            raise BadMemberAnswer(f"a member sent {v!r} as a page of ids")
+        out = []
+        for e in entries:
+            if not (isinstance(e, list) and len(e) == 4 and all(type(x) is bytes for x in e[:3])):
+                raise BadMemberAnswer(f"a member sent {e!r} as an id entry")
+            out.append((e[0], e[1], e[2], _sum_in(e[3])))
+        return scan, out, done
+    if method.startswith("patch_"):
+        if isinstance(v, dict):
+            return v
+        raise BadMemberAnswer(f"a member sent {v!r} as a {method} answer")
     raise BadMemberAnswer(f"unknown member call {method!r}")
 
 
@@ -291,8 +319,21 @@ _ERRORS: Mapping[str, type[TallyError]] = {
 }
 
 
+class PartitionRefused(TallyError):
+    """A partition's patch session refused a call (``status``, ``code`` as its HTTP answer
+    would say: e.g. 503 ``catching_up``, 409 ``truncated``)."""
+
+    def __init__(self, message: str, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
 def error_outcome(e: Exception) -> Outcome:
     """The outcome of a call that raised ``e`` (the callee side)."""
+    status, code = getattr(e, "status", None), getattr(e, "code", None)
+    if type(status) is int and type(code) is str and not isinstance(e, PartitionMoving):
+        return Outcome(error="refused", message=str(e), moving={"status": status, "code": code})
     if isinstance(e, PartitionMoving):
         return Outcome(error="moving", message=str(e), moving=e.moving[0] if e.moving else None)
     if isinstance(e, AggregateNotReady):
@@ -310,6 +351,9 @@ def _raise_outcome(url: str, call: Call, out: Outcome) -> None:
         raise PartitionMoving(message, [out.moving or {}])
     if code == "not_ready":
         raise AggregateNotReady(message, out.moving)
+    if code == "refused":
+        info = out.moving or {}
+        raise PartitionRefused(message, int(info.get("status", 500)), str(info.get("code", "")))
     cls = _ERRORS.get(code or "")
     if cls is not None:
         raise cls(message)

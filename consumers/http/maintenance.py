@@ -201,9 +201,9 @@ def _patch_sessions(request: web.Request) -> Any:
         raise ApiError(
             501,
             "not_supported",
-            "a member of a deployment does not take live patches yet (the fixes would have to "
-            "reach each row's partition on its member): repair the aggregate with `tally "
-            "rebuild AGGREGATE --url` (every member replays its partitions)",
+            "a member of a deployment takes patches per partition: run `tally reconcile "
+            "AGGREGATE --patch --url URL` (it sends each fix to its row's partition on the "
+            "member owning it)",
         )
     if sessions is None:
         raise ApiError(501, "not_supported", "this process cannot patch aggregates")

@@ -121,6 +121,8 @@ class ConsumerProcess:
         self.log = get_logger(bootstrap=settings.bootstrap_servers, data_dir=settings.data_dir)
         self.warnings: list[str] = []
         """Warnings about the configuration, each logged once; /status ``warnings``."""
+        self.last_keyed: tuple[bytes | None, Any] | None = None
+        """(record key, row id) of the last row event consumed: how the topic keys rows."""
         self._unwrapped_warned = 0
         self._stop = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
@@ -728,6 +730,9 @@ class ConsumerProcess:
                 refs.append((tp, r))
         if reached:
             next_offsets.update(reached)
+        if events and events[-1].id is not None:
+            # One sample of how this topic keys its rows (reconcile places missing rows by it).
+            self.last_keyed = (refs[-1][1].key, events[-1].id)
         self._check_unwrapped()
         if bad and not stream.is_live:
             # Undecodable records below the live position were dead-lettered by the live stream

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from consumer_util import (
+    TALLY,
     Feeder,
     RowStream,
     child_env,
@@ -358,6 +359,20 @@ def test_processes_starts_members_that_share_the_partitions(
         for k in range(2):
             assert (root / f"member-{k}" / "partitions").is_dir()
             check_answers(f"http://127.0.0.1:{port + k}", definitions, events, seed=k)
+        shown = subprocess.run(
+            [TALLY, "status", "--url", f"http://127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**child_env(), "COLUMNS": "200"},
+            check=True,
+        ).stdout
+        assert f"members of {group}" in shown, shown
+        for k in range(2):  # each member with its partitions' state
+            url = f"http://127.0.0.1:{port + k}"
+            line = next(x for x in shown.splitlines() if x.strip().startswith(url))
+            assert line.count(" live") == PARTITIONS // 2, shown
+        assert "uptime ?" not in shown, shown
         parent.send_signal(signal.SIGTERM)
         assert wait_exit(parent, "--processes after SIGTERM", timeout=60, log=log) == 0
     finally:

@@ -39,6 +39,7 @@ import sys
 import typing
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
@@ -788,7 +789,8 @@ def _local_status(store: Store, broker_ends: dict[Any, int] | None) -> dict[str,
 
 
 def _fmt_uptime(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)):
+    # The client reads numbers with a fraction as Decimals (exact keys and sums).
+    if not isinstance(seconds, (int, float, Decimal)) or isinstance(seconds, bool):
         return "?"
     s = int(seconds)
     h, rem = divmod(s, 3600)

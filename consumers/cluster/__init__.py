@@ -1,13 +1,17 @@
-"""Scale-out groundwork (issue 13): group membership and merged answers across members.
+"""Members of a deployment (issue 13): `tally consume --group-id G`.
 
-- `assignor`, `membership`: tally's sticky assignor gives each process its aiokafka
-  assignor class (advertised URL, held partitions); the ownership map the group leader
-  computes reaches every member's `Membership`.
+- `member`: `MemberProcess`, one per process: the group membership (`group`: in a thread of
+  its own), one task per owned partition (a `ConsumerProcess` on its own store), and the reads
+  of the whole aggregate merged from every partition's owner.
+- `assignor`, `membership`: tally's sticky assignor gives each process its aiokafka assignor
+  class (advertised URL, held partitions); the ownership map the group leader computes
+  reaches every member's `Membership`.
 - `merge`: partial answers of members holding disjoint parts, merged into the exact whole
-  answer, and the coverage check of their partition claims. Transport-free: the HTTP layer
-  implements `Member` for remote members.
-
-Not wired into `tally consume` yet: see the README's "Scaling out (not yet)" note.
+  answer, and the coverage check of their partition claims. Transport-free.
+- `transport`: the `Member` primitives of another member's partition over HTTP, one request
+  per member per merge round (`Peers`, `RemoteTask`).
+- `reconcile`: `tally reconcile --url` of a deployment, partition by partition.
+- `processes`: ``--processes N``, N members on one machine.
 """
 
 from tally.consumers.cluster.assignor import (

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from tally.consumers.cli.settings import load_settings
     from tally.consumers.client.client import ClientError, TallyClient
     from tally.consumers.client.patcher import RemotePatcher
+    from tally.consumers.cluster.member import MemberProcess
     from tally.consumers.producer.producer import ChangeProducer, SyncChangeProducer
     from tally.consumers.runtime.definitions import load_definitions
     from tally.consumers.runtime.patches import PatchSessions
@@ -24,6 +25,7 @@ _WHERE = {
     "ClientError": ".client",
     "ConsumerProcess": ".runtime",
     "ConsumerStats": ".runtime",
+    "MemberProcess": ".cluster.member",
     "SyncChangeProducer": ".producer",
     "TallyClient": ".client",
     "PatchSessions": ".runtime.patches",
@@ -39,6 +41,7 @@ __all__ = [
     "ClientError",
     "ConsumerProcess",
     "ConsumerStats",
+    "MemberProcess",
     "PatchSessions",
     "RemotePatcher",
     "SyncChangeProducer",

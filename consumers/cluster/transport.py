@@ -433,7 +433,7 @@ class Peers:
                 headers={"Content-Type": "application/msgpack"},
             ) as resp:
                 body = await resp.read()
-                if resp.status == 404 and b"not_a_member" in body:
+                if resp.status == 404:  # no internal route: not a member (or another version)
                     raise BadMemberAnswer(
                         f"{url} is not a member of this deployment (a consumer started without "
                         "--group-id?): check the members' --advertise URLs"

@@ -131,7 +131,8 @@ def create_app(
     reads.add_routes(r)
     status.add_routes(r)
     metrics.add_routes(r)
-    internal.add_routes(r)
+    if getattr(process, "answer", None) is not None:  # members only; not in the OpenAPI
+        internal.add_routes(r)
     r.add_get("/openapi.json", _openapi, allow_head=False)
 
     served: list[ProtectedRoute] = []

@@ -1,9 +1,9 @@
 """The members' own route: ``POST /internal/v1/calls`` (`tally.consumers.cluster.transport`).
 
-Served only by a member of a deployment (a process with an ``answer`` method): the calls of
-one round of another member's merge, answered from this member's partitions, msgpack both
-ways. Not part of the public API (not in the OpenAPI document); it changes with tally's
-version, and members of one deployment run the same one.
+Registered only for a member of a deployment (a process with an ``answer`` method): the calls
+of one round of another member's merge (or a reconcile's partition calls), answered from this
+member's partitions, msgpack both ways. Not part of the public API, so not in the OpenAPI
+document; it changes with tally's version, and members of one deployment run the same one.
 """
 
 from __future__ import annotations

@@ -424,3 +424,80 @@ def test_a_partition_whose_store_cannot_open_answers_503_and_recovers(
     broken.rmdir()
     d.wait_settled("the member retries partition 2 and replays it")
     check_answers(a.url, definitions, events, seed=4)
+
+
+DEFS_V1 = """
+from tally.engine import TableAggregate
+scores = TableAggregate("scores", table="players", sort_key="score", sum_value="score")
+"""
+DEFS_V2 = DEFS_V1.replace('sum_value="score"', 'sum_value="level"')
+
+
+def test_a_rolling_definition_change_never_mixes_two_definitions(
+    deployment: Deployment,
+) -> None:
+    """Members restarted one by one with a changed definition: while partitions of the two
+    definitions coexist, a read answers from one definition only — every 200 is the old
+    oracle's or the new one's, never a sum of both — else a 503 naming what rebuilds or runs
+    another definition; once all members run the new one, every answer is the new oracle's."""
+    from tally.consumers.runtime.definitions import load_definitions
+
+    d = deployment
+    defs = d.root / "defs_rolling.py"
+    defs.write_text(DEFS_V1)
+    d.defs = str(defs)
+    events = RowStream(seed=41, n_ids=300).take(1200)
+    produce(d.bootstrap, d.topic, native_records(events, seed=42))
+    (v1,) = load_definitions(str(defs))
+    (v2,) = load_definitions_text(d.root, DEFS_V2)
+    old = sum(i.sum_value for i in next(iter(expected_items(events, [v1])["scores"].values())))
+    new = sum(i.sum_value for i in next(iter(expected_items(events, [v2])["scores"].values())))
+    assert old != new
+    d.start("a"), d.start("b")
+    d.wait_settled("two members on the first definition")
+    seen: Counter[str] = Counter()
+
+    def sums(phase: str) -> None:
+        for m in d.running():
+            try:
+                got = TallyClient(m.url, timeout=30).read("sum", "scores")
+            except Exception as e:
+                status, code = getattr(e, "status", None), getattr(e, "code", None)
+                assert status in (503, None), e
+                seen[f"{phase} {code}"] += 1
+                for moving in getattr(e, "details", {}).get("moving") or []:
+                    seen[f"{phase} {m.name} sees {moving.get('state')}"] += 1
+                continue
+            assert got in (old, new), f"{phase}: {m.name} answered {got}: neither {old} nor {new}"
+            seen[f"{phase} {'new' if got == new else 'old'}"] += 1
+
+    defs.write_text(DEFS_V2)  # the file both members read on their next start
+    d.stop("a")
+    d.start("a")
+    # Until a's partitions have rebuilt, b reads them from their old generation (stale); once
+    # they switched, they serve another definition than b's: b must refuse them.
+    wait_for(
+        lambda: (sums("half"), seen["half b sees other_definition"] > 0)[1],
+        lambda: f"b refusing a's rebuilt partitions ({seen})\n{d.logs()}",
+        timeout=90,
+        every=0.1,
+    )
+    assert seen["half a sees other_definition"] > 0, seen  # and a refuses b's old ones
+    d.stop("b")
+    d.start("b")
+    d.wait_settled("both members on the new definition")
+    wait_for(
+        lambda: (sums("after"), seen["after new"] >= 2 * len(d.running()))[1],
+        lambda: f"every member answering the new definition ({seen})\n{d.logs()}",
+        timeout=90,
+        every=0.1,
+    )
+    assert not seen["after old"], seen
+
+
+def load_definitions_text(root: Path, text: str) -> list[Any]:
+    from tally.consumers.runtime.definitions import load_definitions
+
+    path = root / "defs_rolling_v2_copy.py"
+    path.write_text(text)
+    return list(load_definitions(str(path)))

@@ -334,7 +334,11 @@ def _deployment_reconcile(
 
     name = args.aggregate
     dep = DeploymentReconcile(
-        status, name, definition.id_fields, batch_size=min(args.batch_size, 5_000)
+        status,
+        name,
+        definition.id_fields,
+        fingerprint=definition.fingerprint,
+        batch_size=min(args.batch_size, 5_000),
     )
     try:
         if args.patch:

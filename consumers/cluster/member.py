@@ -389,8 +389,15 @@ class MemberProcess:
 
     # ---- answering reads ------------------------------------------------------------------
 
-    def _unanswerable(self, tp: TopicPartition, name: str) -> dict[str, Any] | None:
-        """Why this member cannot answer for ``tp`` now (its state and progress), or None."""
+    def _unanswerable(
+        self, tp: TopicPartition, name: str, fingerprint: str | None = None
+    ) -> dict[str, Any] | None:
+        """Why this member cannot answer for ``tp`` now (its state and progress), or None.
+
+        ``fingerprint``: the definition the reading member runs (default: this member's).
+        A partition serves only a generation of that definition: while a changed definition
+        is rebuilt the partitions switch one by one, and an answer adding up partitions of
+        two definitions would be wrong."""
         base = {"topic": tp.topic, "partition": tp.partition, "member": self.url}
         if tp not in self.owned:
             return {**base, "state": "rebalancing" if not self.owned else "not_owned"}
@@ -402,11 +409,23 @@ class MemberProcess:
             return {**base, "state": "starting"}
         if task.failed is not None or not task.refresh():
             return {**base, **task.progress(), "member": self.url}
+        want = fingerprint or self.by_name[name].fingerprint
+        g = task.store.generation(name)
+        serving = None if g is None else g.active_fingerprint
+        if g is None or g.active is None or (serving is not None and serving != want):
+            state = "rebuilding" if want == self.by_name[name].fingerprint else "other_definition"
+            out = {**base, "state": state, "serving": serving, "wanted": want}
+            if g is not None and g.progress:
+                out["progress"] = g.progress
+            return out
         return None
 
-    def local_part(self, name: str, tp: TopicPartition) -> LocalMember:
-        """The `Member` of an owned, caught-up partition; `PartitionMoving` otherwise."""
-        why = self._unanswerable(tp, name)
+    def local_part(
+        self, name: str, tp: TopicPartition, fingerprint: str | None = None
+    ) -> LocalMember:
+        """The `Member` of an owned, caught-up partition serving the definition
+        ``fingerprint`` (default: this member's); `PartitionMoving` otherwise."""
+        why = self._unanswerable(tp, name, fingerprint)
         if why is not None:
             raise PartitionMoving(_moving_message([why]), [why])
         return LocalMember(self.tasks[tp].store.aggregate(name))
@@ -448,7 +467,7 @@ class MemberProcess:
                 else:
                     moving.append(why)
             else:
-                parts.append(RemoteTask(self.peers, url, name, tp))
+                parts.append(RemoteTask(self.peers, url, name, tp, self.by_name[name].fingerprint))
         if moving and not partial:
             raise PartitionMoving(_moving_message(moving), moving)
         return parts, moving
@@ -481,7 +500,7 @@ class MemberProcess:
                 if c.aggregate not in self.by_name:
                     raise PartitionMoving(f"no aggregate {c.aggregate!r} on this member", [])
                 tp = TopicPartition(c.topic, c.partition)
-                part = self.local_part(c.aggregate, tp)
+                part = self.local_part(c.aggregate, tp, c.fingerprint or None)
                 if c.method in PARTITION_CALLS:
                     value = await self._maintain(self.tasks[tp], c.aggregate, c.method, c)
                 else:

@@ -65,6 +65,7 @@ class DeploymentReconcile:
         name: str,
         id_fields: Sequence[str],
         *,
+        fingerprint: str = "",
         timeout: float = 60.0,
         batch_size: int = CHUNK,
     ) -> None:
@@ -74,6 +75,8 @@ class DeploymentReconcile:
         if entry is None:
             raise TallyError(f"the deployment has no aggregate {name!r}")
         self.name = name
+        self.fingerprint = fingerprint
+        """The definition the reconcile runs: partitions serving another one refuse."""
         self.topic = str(entry["topic"])
         self.id_fields = tuple(id_fields)
         self.batch_size = max(1, batch_size)
@@ -105,14 +108,15 @@ class DeploymentReconcile:
     # ---- plumbing ------------------------------------------------------------------------
 
     def _call(self, p: int, method: str, *args: Any) -> Any:
-        call = Call(self.name, self.topic, p, method, encode_args(args))
+        call = Call(self.name, self.topic, p, method, encode_args(args), self.fingerprint)
         return self.loop.run_until_complete(self.peers.call(self.owners[p], call))
 
     def _all(self, method: str, args: dict[int, tuple[Any, ...]]) -> dict[int, Any]:
         async def every() -> list[Any]:
             calls = [
                 self.peers.call(
-                    self.owners[p], Call(self.name, self.topic, p, method, encode_args(a))
+                    self.owners[p],
+                    Call(self.name, self.topic, p, method, encode_args(a), self.fingerprint),
                 )
                 for p, a in args.items()
             ]

@@ -113,6 +113,9 @@ class Call(msgspec.Struct, array_like=True, frozen=True):
     partition: int
     method: str
     args: list[Any]
+    fingerprint: str = ""
+    """The definition the caller runs: the partition answers only from a generation of it
+    ("": whatever it serves)."""
 
 
 class Calls(msgspec.Struct, frozen=True):
@@ -496,11 +499,14 @@ class RemoteTask:
     """`Member` for one partition another member owns: each primitive is a `Call` through
     `Peers` (coalesced with the round's other calls to that member)."""
 
-    def __init__(self, peers: Peers, url: str, aggregate: str, tp: TopicPartition) -> None:
+    def __init__(
+        self, peers: Peers, url: str, aggregate: str, tp: TopicPartition, fingerprint: str = ""
+    ) -> None:
         self.peers = peers
         self.url = url
         self.aggregate = aggregate
         self.tp = tp
+        self.fingerprint = fingerprint
 
     def __repr__(self) -> str:
         return f"<RemoteTask {self.aggregate} {self.tp.topic}[{self.tp.partition}] at {self.url}>"
@@ -511,7 +517,8 @@ class RemoteTask:
             self.tp.topic,
             self.tp.partition,
             method,
-            [wire(to_json(a)) for a in args],
+            encode_args(args),
+            self.fingerprint,
         )
         return await self.peers.call(self.url, call)
 

@@ -457,7 +457,9 @@ def test_a_rolling_definition_change_never_mixes_two_definitions(
     d.wait_settled("two members on the first definition")
     seen: Counter[str] = Counter()
 
-    def sums(phase: str) -> None:
+    def sums(phase: str, until: str) -> bool:
+        """Read the sum through every member, counting what each answer was; whether
+        ``until`` has been seen."""
         for m in d.running():
             try:
                 got = TallyClient(m.url, timeout=30).read("sum", "scores")
@@ -470,6 +472,7 @@ def test_a_rolling_definition_change_never_mixes_two_definitions(
                 continue
             assert got in (old, new), f"{phase}: {m.name} answered {got}: neither {old} nor {new}"
             seen[f"{phase} {'new' if got == new else 'old'}"] += 1
+        return seen[until] > 0
 
     defs.write_text(DEFS_V2)  # the file both members read on their next start
     d.stop("a")
@@ -477,7 +480,7 @@ def test_a_rolling_definition_change_never_mixes_two_definitions(
     # Until a's partitions have rebuilt, b reads them from their old generation (stale); once
     # they switched, they serve another definition than b's: b must refuse them.
     wait_for(
-        lambda: (sums("half"), seen["half b sees other_definition"] > 0)[1],
+        lambda: sums("half", "half b sees other_definition"),
         lambda: f"b refusing a's rebuilt partitions ({seen})\n{d.logs()}",
         timeout=90,
         every=0.1,
@@ -487,7 +490,7 @@ def test_a_rolling_definition_change_never_mixes_two_definitions(
     d.start("b")
     d.wait_settled("both members on the new definition")
     wait_for(
-        lambda: (sums("after"), seen["after new"] >= 2 * len(d.running()))[1],
+        lambda: sums("after", "after new") and seen["after new"] >= 2 * len(d.running()),
         lambda: f"every member answering the new definition ({seen})\n{d.logs()}",
         timeout=90,
         every=0.1,

@@ -41,6 +41,7 @@ from kafka_util import create_topic, produce, unique_topic
 from oracle import Event, ExpectedItem, canon, expected_items
 
 from tally.consumers import TallyClient
+from tally.schemas.keys import partition_for_id
 
 pytestmark = pytest.mark.slow
 
@@ -419,6 +420,26 @@ def test_a_partition_whose_store_cannot_open_answers_503_and_recovers(
     )
     (failed,) = [m for m in got["moving"] if m.get("state") == "failed"]
     assert failed["partition"] == 2 and failed.get("error"), got
+    # ?partial=true: what the other partitions hold, labelled with the one left out
+    items = next(iter(expected_items(events, definitions)["scores"].values()))
+    others = [i for i in items if partition_for_id(i.id, PARTITIONS) != 2]
+    assert 0 < len(others) < len(items)
+
+    def partial() -> dict[str, Any] | None:
+        req = urllib.request.Request(
+            a.url + "/v1/aggregates/scores/count?partial=true", data=b"{}", method="POST"
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                doc: dict[str, Any] = json.load(r)
+                return doc
+        except urllib.error.HTTPError as e:  # 503 while every partition still replays
+            assert e.code == 503, e.read()
+            return None
+
+    body = wait_for(partial, "a partial answer once the other partitions are live", timeout=60)
+    assert body["result"] == len(others), body
+    assert [(m["partition"], m["state"]) for m in body["partial"]] == [(2, "failed")], body
     for p in broken.iterdir():
         p.unlink()
     broken.rmdir()

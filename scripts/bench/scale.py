@@ -20,17 +20,23 @@ BY_GAME (per-game count and sum of scores over one row per id, the latest row wi
   task on its owner is live with its offset at the partition's end offset (known from the
   producer): so it is exact to about one poll interval, and counts neither starting,
   joining, replaying the rows, nor producing (which would share the 2 cores).
-* *replay* (a backfill: fresh members building the state from the beginning of the topic;
-  skipped with ``--no-replay``): the 1-member case's topic (rows + updates) read by fresh
-  members. Clock: from the first poll round in which the final ownership is in effect (every
-  partition has a task on the member the final map gives it to) to the round in which every
-  partition is live at its end; the events counted are those applied in between (the end
-  offsets less each task's position at the start: a task's live offset, or its replay's
-  ``read`` position). So a member's start-up and the rebalance when the second one joins are
-  left out, and so is the work the first member did on partitions then handed to the second.
+* *replay* (a backfill: fresh members building the state by replaying the topic from its
+  beginning; skipped with ``--no-replay``): the 1-member case's topic (rows and updates) read
+  by fresh members. The first member to join a group gets every partition, so it is paused
+  (SIGSTOP) at the first poll that shows its tasks; with 2, the second one is started and
+  the bench waits until the broker describes the group as PreparingRebalance (its join
+  waiting for the paused member). Clock: from just before the first member's SIGCONT to the
+  first poll round in which every partition is live at its end on the member the final map
+  gives it to; the events counted are the topic's less what the first member's tasks had
+  read when it was paused (next to nothing). So the 2-member clock includes the rebalance
+  (the first member rejoining and parking half its tasks, the second starting its own) and
+  the first member's work on the partitions it then hands over: what starting 2 costs.
 
-Prints events/s of each and the ratios (issue 13 aims at >= 1.6x on 2 members). After each case
-the members' per-game counts and sums are read back and must equal every other case's.
+Prints events/s of each and the ratios (issue 13 aims at >= 1.6x on 2 members); next to them
+the cores the members used (their CPU seconds over the clock's seconds), the cores the whole
+machine was busy meanwhile (the broker, this bench and anything else running included), and
+for the replay cases when the final map was in effect. After each case the members' per-game
+counts and sums are read back and must equal every other case's.
 
 **2. Read latency** of ``count`` and ``at`` (offset in the middle), POSTed ``--reads`` times each
 in sequence over one keep-alive aiohttp session, a namespace (game) per request in turn, on:
@@ -69,6 +75,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+from aiokafka.admin import AIOKafkaAdminClient
 from live import GAMES, create_topic, end_offsets, produce
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,6 +91,8 @@ by_game = TableAggregate(
 '''
 MAX_SESSION_TIMEOUT_MS = 300_000
 """The broker's default group.max.session.timeout.ms."""
+REPLAY_SESSION_MS = 30_000
+"""The replay cases' session timeout: longer than the first member stays paused."""
 START_TIMEOUT = 300.0
 """Seconds a case may take to settle or to finish before the run fails."""
 
@@ -276,12 +285,17 @@ def owned_tasks(
     return out
 
 
-def position(task: dict[str, Any]) -> int:
-    """How far a task has applied its partition: its live offset, else its replay's read."""
+def position(task: dict[str, Any], end: int) -> int:
+    """How far a task that has just started has read its partition (``end``: the partition's
+    end, which its replay took as its end): the live offset, else where its replay is (the
+    replay's progress counts from where it started), else nothing yet (also while the
+    replay has not captured its end yet: a total of 0)."""
     if task.get("offset") is not None:
         return int(task["offset"])
     prog = task.get("progress") or {}
-    return int(prog.get("read", 0))
+    if prog.get("total"):
+        return end - int(prog["total"]) + int(prog["read"])
+    return 0
 
 
 def at_end(tasks: dict[int, dict[str, Any]], ends: dict[int, int]) -> bool:
@@ -358,6 +372,49 @@ async def totals(session: aiohttp.ClientSession, url: str) -> Totals:
     return Totals(out)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(all, idle) CPU ticks of the machine so far (Linux /proc/stat; zeros elsewhere)."""
+    try:
+        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(cpu), cpu[3] + (cpu[4] if len(cpu) > 4 else 0)
+
+
+class CpuMeter:
+    """Cores the members used, and cores the whole machine was busy (broker, bench and any
+    other load included), between `start` and `stop`."""
+
+    def __init__(self, members: Sequence[Member]) -> None:
+        self.members = list(members)
+        self.cpu0 = 0.0
+        self.ticks0 = (0, 0)
+        self.wall0 = 0.0
+        self.members_cores = self.busy_cores = 0.0
+
+    def start(self) -> None:
+        self.cpu0 = sum(cpu_seconds(m.proc.pid) for m in self.members)
+        self.ticks0 = machine_ticks()
+        self.wall0 = time.perf_counter()
+
+    def stop(self) -> None:
+        wall = max(1e-9, time.perf_counter() - self.wall0)
+        cpu = sum(cpu_seconds(m.proc.pid) for m in self.members) - self.cpu0
+        total, idle = machine_ticks()
+        d_all, d_idle = total - self.ticks0[0], idle - self.ticks0[1]
+        self.members_cores = cpu / wall
+        self.busy_cores = (os.cpu_count() or 1) * (d_all - d_idle) / d_all if d_all else 0.0
+
+
 @dataclass
 class Run:
     """One throughput case: events applied in ``seconds`` (and what the members answered)."""
@@ -366,7 +423,9 @@ class Run:
     events: int
     seconds: float
     totals: Totals
-    note: str = ""
+    cpu: CpuMeter
+    settled_after: float | None = None
+    """Replay cases: seconds from the clock's start until the final map was in effect."""
 
     @property
     def rate(self) -> float:
@@ -407,6 +466,8 @@ async def live_case(fleet: Fleet, args: argparse.Namespace, topic: str, n: int, 
         if (time.perf_counter() - paused) * 1000 > session_ms * 0.8:
             raise BenchError(f"{label}: producing took nearly the session timeout; rerun")
         events = sum(ends.values()) - sum(seed_ends.values())
+        cpu = CpuMeter(members)
+        cpu.start()
         t0 = time.perf_counter()
         resume(members)
         t1, docs = await poll_until(
@@ -416,11 +477,37 @@ async def live_case(fleet: Fleet, args: argparse.Namespace, topic: str, n: int, 
             f"{label}: applying the updates",
             args.poll,
         )
+        cpu.stop()
         if map_versions(docs) != versions:
             raise BenchError(f"{label}: the group rebalanced during the measurement; rerun")
         got = await totals(session, members[0].url)
     fleet.stop(members)
-    return Run(label, events, t1 - t0, got)
+    return Run(label, events, t1 - t0, got, cpu)
+
+
+async def wait_group_state(
+    bootstrap: str, group: str, state: str, members: Sequence[Member], what: str
+) -> None:
+    """Until the broker describes ``group`` in ``state`` (e.g. a join is waiting for the
+    others: PreparingRebalance)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.perf_counter() + START_TIMEOUT
+        while True:
+            for m in members:
+                if m.proc.poll() is not None:
+                    raise BenchError(
+                        f"member {m.name} exited with {m.proc.returncode}; log: {m.log}"
+                    )
+            described = await admin.describe_consumer_groups([group])
+            if described[0].groups[0][2] == state:
+                return
+            if time.perf_counter() > deadline:
+                raise BenchError(f"{what}: group {group} never got to {state}")
+            await asyncio.sleep(0.02)
+    finally:
+        await admin.close()
 
 
 async def replay_case(
@@ -428,34 +515,39 @@ async def replay_case(
 ) -> Run:
     ends = partition_ends(await end_offsets(fleet.bootstrap, topic))
     group = f"{topic}-replay{n}-g"
-    launched = time.perf_counter()
-    members = [fleet.start(f"{topic}-replay{n}-m{i}", topic, group) for i in range(n)]
+    parts = args.partitions
+    first = fleet.start(f"{topic}-replay{n}-m0", topic, group, REPLAY_SESSION_MS)
+    members = [first]
     async with aiohttp.ClientSession() as session:
-        t0, docs = await poll_until(
-            session,
-            members,
-            settled(topic, args.partitions, n, None),
-            f"{label}: {n} member(s) joining",
-            args.poll,
+        # The first member to join gets every partition: it is paused as soon as its tasks
+        # exist, so it cannot replay alone while the second one starts and joins.
+        _, docs = await poll_until(
+            session, [first], settled(topic, parts, 1, None), f"{label}: joining", args.poll
         )
-        start = owned_tasks(docs, topic, args.partitions, n)
+        pause([first])
+        start = owned_tasks(docs, topic, parts, 1)
         assert start is not None
-        versions = map_versions(docs)
-        done0 = sum(min(position(t), ends[p]) for p, t in start.items())
-        t1, docs = await poll_until(
-            session,
-            members,
-            settled(topic, args.partitions, n, ends),
-            f"{label}: replaying",
-            args.poll,
+        done = sum(min(position(t, ends[p]), ends[p]) for p, t in start.items())
+        if n == 2:
+            members.append(fleet.start(f"{topic}-replay{n}-m1", topic, group, REPLAY_SESSION_MS))
+            # Its JoinGroup waits at the coordinator for the paused member to rejoin.
+            await wait_group_state(
+                fleet.bootstrap, group, "PreparingRebalance", members, f"{label}: joining"
+            )
+        cpu = CpuMeter(members)
+        cpu.start()
+        t0 = time.perf_counter()
+        resume([first])
+        tm, _ = await poll_until(
+            session, members, settled(topic, parts, n, None), f"{label}: rejoining", args.poll
         )
-        if map_versions(docs) != versions:
-            raise BenchError(f"{label}: the group rebalanced during the measurement; rerun")
-        got = await totals(session, members[0].url)
+        t1, _ = await poll_until(
+            session, members, settled(topic, parts, n, ends), f"{label}: replaying", args.poll
+        )
+        cpu.stop()
+        got = await totals(session, first.url)
     fleet.stop(members)
-    total = sum(ends.values())
-    note = f"{total / (t1 - launched):,.0f}/s from launch"
-    return Run(label, total - done0, t1 - t0, got, note)
+    return Run(label, sum(ends.values()) - done, t1 - t0, got, cpu, tm - t0)
 
 
 # ---- the read cases -----------------------------------------------------------------------------
@@ -604,16 +696,26 @@ async def throughput(fleet: Fleet, args: argparse.Namespace, prefix: str) -> lis
             runs.append(r)
     check_totals(runs)
     out = [
-        f"{'throughput (same topic content)':<40} {'events':>10} {'seconds':>8} {'events/s':>10}"
+        f"{'throughput (same topic content)':<26} {'events':>8} {'seconds':>8} {'events/s':>9} "
+        f"{'members cores':>13} {'machine busy':>12} {'map final at':>12}"
     ]
     for r in runs:
-        extra = f"   ({r.note})" if r.note else ""
-        out.append(f"{r.label:<40} {r.events:>10,} {r.seconds:>8.2f} {r.rate:>10,.0f}{extra}")
+        at = "" if r.settled_after is None else f"+{r.settled_after:.2f}s"
+        out.append(
+            f"{r.label:<26} {r.events:>8,} {r.seconds:>8.2f} {r.rate:>9,.0f} "
+            f"{r.cpu.members_cores:>13.2f} {r.cpu.busy_cores:>12.2f} {at:>12}"
+        )
     out.append(
         f"ratio live   (b)/(a) = {live2.rate / live1.rate:.2f}x   (issue 13 aims at >= 1.6x)"
     )
     if args.replay:
-        out.append(f"ratio replay (d)/(c) = {runs[3].rate / runs[2].rate:.2f}x")
+        out.append(
+            f"ratio replay (d)/(c) = {runs[3].rate / runs[2].rate:.2f}x   (with the rebalance)"
+        )
+    out.append(
+        f"cores: CPU seconds / wall seconds of the members, and of the whole machine "
+        f"({os.cpu_count()} cores: broker, bench and other load included)"
+    )
     return out
 
 

@@ -8,6 +8,7 @@ no partition missing or counted twice; otherwise a 503 that says what is moving)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -344,7 +345,9 @@ def test_processes_starts_members_that_share_the_partitions(
     )
     log = tmp_path / "processes.log"
     with open(log, "ab") as f:
-        parent = subprocess.Popen(args, stdout=f, stderr=f, env=child_env(), cwd=str(tmp_path))
+        parent = subprocess.Popen(
+            args, stdout=f, stderr=f, env=child_env(), cwd=str(tmp_path), start_new_session=True
+        )
     d = Deployment(defs, topic, group, kafka_bootstrap, root)
     try:
         for k in range(2):  # the members the parent started, seen through their HTTP API
@@ -377,9 +380,9 @@ def test_processes_starts_members_that_share_the_partitions(
         parent.send_signal(signal.SIGTERM)
         assert wait_exit(parent, "--processes after SIGTERM", timeout=60, log=log) == 0
     finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait(30)
+        with contextlib.suppress(ProcessLookupError):  # the parent and its members
+            os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(30)
 
 
 def test_a_partition_whose_store_cannot_open_answers_503_and_recovers(

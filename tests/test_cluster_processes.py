@@ -270,9 +270,13 @@ def parent_group() -> Iterator[list[subprocess.Popen[bytes]]]:
         p.wait(10)
 
 
-def test_sigterm_to_the_parent_stops_every_member_and_it_exits_0(
+def start_waiting_members(
     tmp_path: Path, parent_group: list[subprocess.Popen[bytes]]
-) -> None:
+) -> tuple[subprocess.Popen[bytes], list[bytes], threading.Thread, set[str]]:
+    """`tally consume --processes 2` against a broker address nothing answers; returns once
+    both members said they wait for it (their signal handlers are set): the parent, its
+    stderr lines, the thread reading them (done once every process closed stderr) and the
+    members' URLs."""
     defs = tmp_path / "defs.py"
     defs.write_text(DEFINITIONS)
     port = free_ports(2)
@@ -315,14 +319,44 @@ def test_sigterm_to_the_parent_stops_every_member_and_it_exits_0(
         assert parent.poll() is None, b"".join(lines).decode()
         assert time.monotonic() < deadline, b"".join(lines).decode()
         time.sleep(0.05)
+    return parent, lines, reader, want
+
+
+def stopping(lines: list[bytes]) -> set[str]:
+    return {
+        json.loads(line)["member"]
+        for line in list(lines)
+        if line.startswith(b"{") and json.loads(line).get("event") == "stopping"
+    }
+
+
+def test_sigterm_to_the_parent_stops_every_member_and_it_exits_0(
+    tmp_path: Path, parent_group: list[subprocess.Popen[bytes]]
+) -> None:
+    parent, lines, reader, want = start_waiting_members(tmp_path, parent_group)
     parent.send_signal(signal.SIGTERM)  # to the parent only: it forwards
     assert parent.wait(60) == 0, b"".join(lines).decode()
     reader.join(10)
-    stopping = {
-        json.loads(line)["member"]
-        for line in lines
-        if line.startswith(b"{") and json.loads(line).get("event") == "stopping"
-    }
-    assert stopping == want
+    assert stopping(lines) == want
     with pytest.raises(ProcessLookupError):  # no member outlives the parent
         os.killpg(parent.pid, 0)
+
+
+def test_a_kill_9_of_the_parent_stops_every_member(
+    tmp_path: Path, parent_group: list[subprocess.Popen[bytes]]
+) -> None:
+    """The parent cannot forward a SIGKILL: each member is told by the kernel instead
+    (PR_SET_PDEATHSIG) and stops cleanly rather than running on, unseen."""
+    parent, lines, reader, want = start_waiting_members(tmp_path, parent_group)
+    parent.kill()
+    assert parent.wait(30) == -signal.SIGKILL
+    deadline = time.monotonic() + 60
+    while True:  # the members are in the parent's process group until they exit
+        try:
+            os.killpg(parent.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, b"".join(lines).decode()
+        time.sleep(0.05)
+    reader.join(10)
+    assert stopping(lines) == want, b"".join(lines).decode()

@@ -1306,8 +1306,6 @@ def test_cli_consume_serves_http_and_reports_a_taken_port(
         f"{TABLE}={topic}",
         "--log-format",
         "json",
-        "--group-id",
-        unique_topic("g"),
     ]
     log = tmp_path / "consumer.log"
     log_file = log.open("w")

@@ -84,8 +84,6 @@ def test_http_fuzzer_finds_no_server_error_and_no_response_off_the_documented_sc
         topic,
         tmp_path / "data",
         kafka_bootstrap,
-        "--group-id",
-        unique_topic("g"),
         until_caught_up=False,
         http=f"127.0.0.1:{port}",
     )

@@ -495,8 +495,6 @@ def test_connection_flood_under_a_low_file_limit_leaves_the_consumer_alive_and_s
         topic,
         tmp_path / "data",
         kafka_bootstrap,
-        "--group-id",
-        unique_topic("g"),
         "--http-idle-timeout",
         "5",
         "--http-header-timeout",

@@ -4,7 +4,8 @@ Member k runs as its own process (``python -m tally.consumers consume ...``, the
 with ``--data-dir DATA_DIR/member-k`` and ``--http HOST:PORT+k``, so N members use N cores (one
 Python process applies on one). The parent forwards SIGINT and SIGTERM to every member and
 exits when all have, with the worst exit status; a member that dies is reported and not
-restarted (the others take over its partitions, as in any deployment).
+restarted (the others take over its partitions, as in any deployment). A member gets SIGTERM
+when the parent dies, even by kill -9 (Linux: ``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -85,10 +86,21 @@ def member_args(settings: ConsumerSettings, n: int, argv: Sequence[str]) -> list
     ]
 
 
+def _die_with_parent() -> None:
+    """In a member, before it runs: SIGTERM when the parent dies, however it dies (a kill -9
+    of the parent must not leave members running unseen). Linux only; elsewhere a no-op."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def run_processes(settings: ConsumerSettings, n: int, argv: Sequence[str]) -> int:
     """Run the members until they all exit; returns the worst exit status."""
     commands = member_args(settings, n, argv)
-    children = [subprocess.Popen(cmd) for cmd in commands]
+    children = [subprocess.Popen(cmd, preexec_fn=_die_with_parent) for cmd in commands]
 
     def forward(sig: int, frame: FrameType | None) -> None:
         for c in children:

@@ -73,8 +73,10 @@ from tally.schemas.keys import learn_key_shape
 
 __all__ = ["MemberProcess", "Task", "partition_dir"]
 
-HEARTBEAT_FRACTION = 6
-"""Heartbeats per session timeout (Kafka's guidance is at most a third)."""
+HEARTBEAT_MS = 1000
+"""Most milliseconds between heartbeats (fewer with a session timeout under 6 s: six per
+session at least). A member learns of a rebalance at its next heartbeat, so a long interval
+(a sixth of a 60 s session timeout) held every hand-off up for seconds."""
 SCAN_TTL = 300.0
 """Seconds an id scan of a reconcile may sit unread before it is dropped."""
 COMMIT_INTERVAL = 5.0
@@ -631,7 +633,7 @@ class MemberProcess:
                 enable_auto_commit=False,
                 partition_assignment_strategy=(self.assignor,),
                 session_timeout_ms=s.session_timeout_ms,
-                heartbeat_interval_ms=max(100, s.session_timeout_ms // HEARTBEAT_FRACTION),
+                heartbeat_interval_ms=max(100, min(HEARTBEAT_MS, s.session_timeout_ms // 6)),
                 request_timeout_ms=max(15000, s.session_timeout_ms + 5000),
             )
 

@@ -443,8 +443,8 @@ async def live_case(fleet: Fleet, args: argparse.Namespace, topic: str, n: int, 
     seconds = await produce(boot, topic, list(range(args.ids)), seed=1)
     seed_ends = partition_ends(await end_offsets(boot, topic))
     # The members stay in the group while paused: a session timeout well over the time the
-    # updates take to produce (at the rows' rate), not much more (a member that joins waits
-    # for the others' next heartbeat, a sixth of it).
+    # updates take to produce (at the rows' rate); members heartbeat every second whatever it
+    # is, so a join does not wait longer for it.
     pause_s = args.events * seconds / max(1, args.ids)
     session_ms = min(MAX_SESSION_TIMEOUT_MS, max(30_000, int(4000 * pause_s) + 10_000))
     group = f"{topic}-g"

@@ -36,11 +36,11 @@ from .events import NATIVE_OPS, NativeEvent, encode_native
 __all__ = [
     "IdField",
     "KeyShape",
-    "learn_key_shape",
     "ProduceFormat",
     "encode_event",
     "id_fields",
     "key_for_id",
+    "learn_key_shape",
     "murmur2",
     "partition_for_id",
     "row_id",
@@ -193,7 +193,11 @@ def learn_key_shape(key: bytes | None, id: Any, id_fields: Sequence[str]) -> Key
     if not isinstance(doc, dict):
         return None
     prefix = suffix = b""
-    if set(doc) == {"schema", "payload"} and isinstance(doc["payload"], dict) and key.endswith(b"}"):
+    if (
+        set(doc) == {"schema", "payload"}
+        and isinstance(doc["payload"], dict)
+        and key.endswith(b"}")
+    ):
         at = key.rfind(_PAYLOAD)
         if at < 0:
             return None

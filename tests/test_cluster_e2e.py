@@ -503,13 +503,16 @@ def test_a_rolling_definition_change_never_mixes_two_definitions(
     d.start("a")
     # Until a's partitions have rebuilt, b reads them from their old generation (stale); once
     # they switched, they serve another definition than b's: b must refuse them.
+    # And a, once its own partitions are live, refuses b's old ones.
     wait_for(
-        lambda: sums("half", "half b sees other_definition"),
-        lambda: f"b refusing a's rebuilt partitions ({seen})\n{d.logs()}",
+        lambda: (
+            sums("half", "half b sees other_definition")
+            and seen["half a sees other_definition"] > 0
+        ),
+        lambda: f"b refusing a's rebuilt partitions and a b's ({seen})\n{d.logs()}",
         timeout=90,
         every=0.1,
     )
-    assert seen["half a sees other_definition"] > 0, seen  # and a refuses b's old ones
     d.stop("b")
     d.start("b")
     d.wait_settled("both members on the new definition")

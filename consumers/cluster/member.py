@@ -686,8 +686,7 @@ class MemberProcess:
             if tp not in self.wanted or tp in self.tasks:
                 self.broken.pop(tp, None)
                 continue
-            delay = RESTART_DELAYS[min(attempts, len(RESTART_DELAYS)) - 1]
-            if time.monotonic() - since >= delay:
+            if time.monotonic() - since >= _restart_delay(attempts):
                 self._start_task(tp, attempts)
 
     def _open_task(self, tp: TopicPartition, attempts: int) -> None:
@@ -726,7 +725,7 @@ class MemberProcess:
     def _check_task(self, task: Task) -> None:
         runner = task.runner
         if task.failed is not None:
-            delay = RESTART_DELAYS[min(task.attempts, len(RESTART_DELAYS)) - 1]
+            delay = _restart_delay(task.attempts)
             if task.tp in self.wanted and time.monotonic() - task.failed_at >= delay:
                 self.tasks.pop(task.tp)
                 task.store.close()
@@ -748,7 +747,7 @@ class MemberProcess:
             topic=task.tp.topic,
             partition=task.tp.partition,
             error=task.failed,
-            restart_in_s=RESTART_DELAYS[min(task.attempts, len(RESTART_DELAYS)) - 1],
+            restart_in_s=_restart_delay(task.attempts),
         )
 
     async def _stop_tasks(self, tps: list[TopicPartition]) -> None:
@@ -782,6 +781,11 @@ class MemberProcess:
             await self.group.commit(offsets)
         except Exception as e:  # monitoring only
             self.log.debug("kafka offset commit failed", error=str(e) or type(e).__name__)
+
+
+def _restart_delay(attempts: int) -> float:
+    """Seconds before the next start of a partition that failed ``attempts`` times in a row."""
+    return RESTART_DELAYS[min(max(attempts, 1), len(RESTART_DELAYS)) - 1]
 
 
 def _moving_message(moving: list[dict[str, Any]]) -> str:

@@ -19,7 +19,8 @@ import pytest
 from consumer_util import TALLY, child_env, free_port, wait_for
 from kafka_util import create_topic, unique_topic
 from test_cluster_e2e import Deployment, Member
-from test_live_reconcile import TOKEN, App, psycopg
+from test_live_reconcile import TOKEN, App
+from test_live_reconcile import table as table  # the same throwaway Postgres table fixture
 
 from tally.consumers import TallyClient
 
@@ -68,18 +69,6 @@ class Members(Deployment):
                 args, stdout=subprocess.DEVNULL, stderr=f, env=child_env(), cwd=str(self.root)
             )
         return m
-
-
-@pytest.fixture
-def table(pg_url: str) -> Iterator[str]:
-    name = f"cr_{random.Random().getrandbits(40):010x}"
-    with psycopg.connect(pg_url, autocommit=True) as c:
-        c.execute(
-            f'CREATE TABLE "{name}" (id bigint PRIMARY KEY, game text NOT NULL, score integer NOT NULL)'
-        )
-    yield name
-    with psycopg.connect(pg_url, autocommit=True) as c:
-        c.execute(f'DROP TABLE IF EXISTS "{name}"')
 
 
 @pytest.fixture
